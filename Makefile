@@ -1,0 +1,38 @@
+# The README's two commands: `make run` and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+RUNDIR := .run
+
+.PHONY: run test lint typecheck unit venv clean bench fuzz
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+# A local server on 127.0.0.1:3478 with loopback peers allowed, a generated shared
+# secret (kept in .run/secret), and a ready-to-use credential printed at start.
+run: $(STAMP)
+	@mkdir -p $(RUNDIR)
+	@test -s $(RUNDIR)/secret || $(BIN)/python -c "import secrets; print(secrets.token_urlsafe(24))" > $(RUNDIR)/secret
+	$(BIN)/turnserver serve --config config/dev.yaml --secret "$$(cat $(RUNDIR)/secret)" --show-credential dev
+
+lint: $(STAMP)
+	$(BIN)/ruff check turnserver tests benchmarks
+	$(BIN)/ruff format --check turnserver
+
+typecheck: $(STAMP)
+	$(BIN)/mypy --strict turnserver
+
+unit: $(STAMP)
+	$(BIN)/pytest -q
+
+test: lint typecheck unit
+
+clean:
+	rm -rf $(VENV) $(RUNDIR) .mypy_cache .ruff_cache .pytest_cache .hypothesis

@@ -1,0 +1,115 @@
+"""Command line: argument parsing only; the work is done in ops/."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from turnserver import __version__
+from turnserver.io.loop import LOOP_CHOICES
+from turnserver.ops.config import (
+    LOG_FORMATS,
+    LOG_LEVELS,
+    ConfigError,
+    build_settings,
+    load_file,
+    parse_listen,
+    parse_user,
+)
+
+
+def _serve_parser(sub: Any) -> None:
+    p = sub.add_parser("serve", help="run the TURN/STUN server",
+                       description="Run the TURN/STUN server. Flags override the config file.")
+    p.add_argument("--config", metavar="FILE", help="YAML config file (see config/turnserver.yaml)")
+    p.add_argument("--realm", metavar="R", help="long-term credential realm")
+    p.add_argument("--secret", metavar="S", action="append",
+                   help="TURN REST API shared secret (repeatable; the first mints)")
+    p.add_argument("--user", metavar="NAME:PASSWORD", action="append",
+                   help="static long-term user (repeatable)")
+    p.add_argument("--listen", metavar="URI", action="append",
+                   help="listener, e.g. udp://0.0.0.0:3478 (repeatable)")
+    p.add_argument("--relay-ip", metavar="IP", action="append",
+                   help="address relay sockets bind to (one per family)")
+    p.add_argument("--external-ip", metavar="IP", action="append",
+                   help="relay address advertised to clients, behind NAT (one per family)")
+    p.add_argument("--min-port", metavar="N", type=int, help="lowest relay port")
+    p.add_argument("--max-port", metavar="N", type=int, help="highest relay port")
+    p.add_argument("--allow-loopback-peers", action="store_true", default=None,
+                   help="let clients relay to 127.0.0.0/8 and ::1 (local development only)")
+    p.add_argument("--allow-peer", metavar="CIDR", action="append",
+                   help="peer network to allow even if denied by default (repeatable)")
+    p.add_argument("--deny-peer", metavar="CIDR", action="append",
+                   help="peer network to deny in addition to the defaults (repeatable)")
+    p.add_argument("--log-level", choices=LOG_LEVELS, help="log level (default info)")
+    p.add_argument("--log-format", choices=LOG_FORMATS, help="log format (default text)")
+    p.add_argument("--loop", choices=LOOP_CHOICES, help="event loop (default auto: uvloop)")
+    p.add_argument("--show-credential", metavar="USER",
+                   help="print a ready-to-use credential for USER at start (development)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="turnserver",
+        description="A self-hosted TURN/STUN relay with health monitoring.",
+    )
+    parser.add_argument("--version", action="version", version=f"turnserver {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _serve_parser(sub)
+    return parser
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    o: dict[str, Any] = {}
+    if args.realm is not None:
+        o["realm"] = args.realm
+    if args.secret:
+        o["secrets"] = tuple(args.secret)
+    if args.user:
+        o["users"] = tuple(parse_user(u, "--user") for u in args.user)
+    if args.listen:
+        o["listen"] = tuple(parse_listen(u, "--listen") for u in args.listen)
+    simple = {
+        "relay_ip": "relay_ips", "external_ip": "external_ips", "min_port": "min_port",
+        "max_port": "max_port", "allow_loopback_peers": "allow_loopback_peers",
+        "allow_peer": "allow_peers", "deny_peer": "deny_peers", "log_level": "log_level",
+        "log_format": "log_format", "loop": "loop",
+    }
+    for arg, attr in simple.items():
+        value = getattr(args, arg)
+        if value is not None:
+            o[attr] = tuple(value) if isinstance(value, list) else value
+    return o
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    if args.command == "serve":
+        from turnserver.ops.app import serve
+        from turnserver.ops.config import _cidr_list, _ip_list
+
+        try:
+            file_values = load_file(args.config) if args.config else {}
+            overrides = _overrides(args)
+            for key, check, flag in (("relay_ips", _ip_list, "--relay-ip"),
+                                     ("external_ips", _ip_list, "--external-ip"),
+                                     ("allow_peers", _cidr_list, "--allow-peer"),
+                                     ("deny_peers", _cidr_list, "--deny-peer")):
+                if key in overrides:
+                    overrides[key] = check(list(overrides[key]), flag)
+            settings = build_settings(file_values, overrides, args.config or "flags")
+        except ConfigError as exc:
+            print(f"turnserver: configuration error: {exc}", file=sys.stderr)
+            return 2
+        return serve(settings, args.show_credential)
+    parser.print_help()
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,144 @@
+"""Allocation state: relayed transport addresses, permissions and channels (RFC 8656 §5).
+
+The relay fast path in `io/` reads `channel_routes` and `peer_channels` directly and
+bumps the plain-int counters; everything else changes only through `core.server`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol
+
+from turnserver.core.five_tuple import FiveTuple
+from turnserver.stun.attributes import Address
+
+SendTo = Callable[[bytes, Address], None]
+
+
+class RelayEndpoint(Protocol):
+    """A bound relay socket, provided by the I/O layer."""
+
+    @property
+    def address(self) -> Address: ...
+
+    @property
+    def sendto(self) -> SendTo: ...
+
+    def close(self) -> None: ...
+
+
+class RelayOpener(Protocol):
+    """Binds relay sockets for the core; returns None when the port is taken."""
+
+    def open_relay(
+        self, allocation: Allocation, host: str, port: int, *, dont_fragment: bool
+    ) -> RelayEndpoint | None: ...
+
+
+class Relay:
+    """One relayed transport address of an allocation (one per address family)."""
+
+    __slots__ = ("advertised", "endpoint", "family", "port")
+
+    def __init__(self, endpoint: RelayEndpoint, advertised: Address, family: int) -> None:
+        self.endpoint = endpoint
+        self.advertised = advertised
+        self.family = family  # 4 or 6
+        self.port = advertised[1]
+
+
+class ChannelBinding:
+    """A channel number bound to a peer transport address (RFC 8656 §12)."""
+
+    __slots__ = ("expires", "number", "peer")
+
+    def __init__(self, number: int, peer: Address, expires: float) -> None:
+        self.number = number
+        self.peer = peer
+        self.expires = expires
+
+
+class Allocation:
+    """One allocation, keyed by its 5-tuple."""
+
+    __slots__ = (
+        "allocate_response",
+        "allocate_transaction_id",
+        "bindings",
+        "bindings_by_peer",
+        "bytes_to_client",
+        "bytes_to_peer",
+        "channel_routes",
+        "created",
+        "credential_expires",
+        "dont_fragment",
+        "expires",
+        "five_tuple",
+        "key",
+        "live",
+        "packets_to_client",
+        "packets_to_peer",
+        "peer_channels",
+        "permissions",
+        "relays",
+        "sink",
+        "user",
+        "username",
+    )
+
+    def __init__(
+        self,
+        five_tuple: FiveTuple,
+        username: str,
+        user: str,
+        key: bytes,
+        now: float,
+        lifetime: float,
+        credential_expires: float | None,
+    ) -> None:
+        self.five_tuple = five_tuple
+        self.username = username
+        self.user = user
+        self.key = key
+        self.created = now
+        self.expires = now + lifetime
+        self.credential_expires = credential_expires
+        self.relays: dict[int, Relay] = {}
+        self.permissions: dict[str, float] = {}  # peer IP -> expiry (RFC 8656 §9)
+        self.bindings: dict[int, ChannelBinding] = {}
+        self.bindings_by_peer: dict[Address, ChannelBinding] = {}
+        # Fast-path routes: only bindings whose peer also has a live permission.
+        self.channel_routes: dict[int, tuple[SendTo, Address]] = {}
+        self.peer_channels: dict[Address, int] = {}
+        self.allocate_transaction_id = b""
+        self.allocate_response = b""
+        self.dont_fragment = False
+        self.live = True
+        # Opaque to the core: the I/O layer's way back to the client.
+        self.sink: object = None
+        self.packets_to_peer = 0
+        self.bytes_to_peer = 0
+        self.packets_to_client = 0
+        self.bytes_to_client = 0
+
+    @property
+    def relayed_addresses(self) -> tuple[Address, ...]:
+        return tuple(r.advertised for r in self.relays.values())
+
+    def relay_for(self, ip_version: int) -> Relay | None:
+        """The relay of the peer's address family, if this allocation has one."""
+        return self.relays.get(ip_version)
+
+    def update_routes(self, peer_ip: str) -> None:
+        """Recompute fast-path routes for one peer IP after a permission or channel change."""
+        allowed = peer_ip in self.permissions
+        for binding in self.bindings.values():
+            if binding.peer[0] != peer_ip:
+                continue
+            relay = self.relays.get(6 if ":" in peer_ip else 4)
+            if allowed and relay is not None:
+                self.channel_routes[binding.number] = (relay.endpoint.sendto, binding.peer)
+                self.peer_channels[binding.peer] = binding.number
+            else:
+                self.channel_routes.pop(binding.number, None)
+                self.peer_channels.pop(binding.peer, None)

@@ -1,0 +1,39 @@
+"""Settings the core needs, as a frozen dataclass (built by ops/config.py)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from turnserver.stun.attributes import Address
+
+
+@dataclass(frozen=True, slots=True)
+class RelayAddress:
+    """Where relay sockets bind, and the address advertised to clients (NAT'd deployments)."""
+
+    bind_ip: str
+    advertised_ip: str
+    family: int  # 4 or 6
+
+
+@dataclass(frozen=True, slots=True)
+class CoreConfig:
+    """Protocol limits and relay layout for the TURN core."""
+
+    relay_addresses: tuple[RelayAddress, ...]
+    min_port: int = 49152
+    max_port: int = 65535
+    software: str | None = None
+    default_lifetime: int = 600  # RFC 8656 §7.2
+    max_lifetime: int = 3600
+    permission_lifetime: int = 300  # RFC 8656 §9
+    channel_lifetime: int = 600  # RFC 8656 §12
+    reservation_lifetime: int = 30  # RFC 8656 §7.2 (EVEN-PORT R bit)
+    max_allocations: int = 0  # 0: unlimited
+    max_allocations_per_user: int = 0
+    max_permissions_per_allocation: int = 0
+    max_channels_per_allocation: int = 0
+    strict_expiry: bool = False
+    tcp_relay: bool = False
+    # Transport addresses that are never valid peers (our own listeners).
+    reserved_peers: frozenset[Address] = field(default_factory=frozenset)

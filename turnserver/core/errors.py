@@ -1,0 +1,98 @@
+"""TURN request failures: each class carries its STUN error code (RFC 8656 §18.10).
+
+A handler raises one of these; the server turns it into an ERROR-CODE response at
+exactly one place. `reason` is the bounded label used for metrics and logs.
+"""
+
+from __future__ import annotations
+
+from turnserver.stun.constants import ERROR_REASONS, ErrorCode
+
+
+class TurnError(Exception):
+    """A request that must be answered with an error response."""
+
+    code: int = ErrorCode.SERVER_ERROR
+    reason: str = "server_error"
+
+    def __init__(self, detail: str = "", *, reason: str | None = None) -> None:
+        super().__init__(detail or ERROR_REASONS.get(self.code, "Error"))
+        self.detail = detail or ERROR_REASONS.get(self.code, "Error")
+        if reason is not None:
+            self.reason = reason
+
+    @property
+    def phrase(self) -> str:
+        """The reason phrase sent in ERROR-CODE."""
+        return ERROR_REASONS.get(self.code, "Error")
+
+
+class TryAlternate(TurnError):
+    code = ErrorCode.TRY_ALTERNATE
+    reason = "try_alternate"
+
+
+class BadRequest(TurnError):
+    code = ErrorCode.BAD_REQUEST
+    reason = "bad_request"
+
+
+class Unauthorized(TurnError):
+    code = ErrorCode.UNAUTHORIZED
+    reason = "unauthenticated"
+
+
+class Forbidden(TurnError):
+    code = ErrorCode.FORBIDDEN
+    reason = "peer_denied"
+
+
+class UnknownAttribute(TurnError):
+    code = ErrorCode.UNKNOWN_ATTRIBUTE
+    reason = "unknown_attribute"
+
+    def __init__(self, attributes: list[int]) -> None:
+        super().__init__("unknown comprehension-required attributes: " + ", ".join(
+            f"0x{a:04x}" for a in attributes
+        ))
+        self.attributes = attributes
+
+
+class AllocationMismatch(TurnError):
+    code = ErrorCode.ALLOCATION_MISMATCH
+    reason = "allocation_mismatch"
+
+
+class StaleNonce(TurnError):
+    code = ErrorCode.STALE_NONCE
+    reason = "stale_nonce"
+
+
+class AddressFamilyNotSupported(TurnError):
+    code = ErrorCode.ADDRESS_FAMILY_NOT_SUPPORTED
+    reason = "address_family_not_supported"
+
+
+class WrongCredentials(TurnError):
+    code = ErrorCode.WRONG_CREDENTIALS
+    reason = "wrong_credentials"
+
+
+class UnsupportedTransport(TurnError):
+    code = ErrorCode.UNSUPPORTED_TRANSPORT_PROTOCOL
+    reason = "unsupported_transport"
+
+
+class PeerAddressFamilyMismatch(TurnError):
+    code = ErrorCode.PEER_ADDRESS_FAMILY_MISMATCH
+    reason = "peer_address_family_mismatch"
+
+
+class AllocationQuotaReached(TurnError):
+    code = ErrorCode.ALLOCATION_QUOTA_REACHED
+    reason = "quota_user"
+
+
+class InsufficientCapacity(TurnError):
+    code = ErrorCode.INSUFFICIENT_CAPACITY
+    reason = "no_relay_port"

@@ -1,0 +1,119 @@
+"""Events the core reports; metrics and logs consume these, handlers never log.
+
+Past tense, frozen and slotted. Nothing here is emitted per relayed packet.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from turnserver.core.five_tuple import FiveTuple
+from turnserver.stun.attributes import Address
+
+
+@dataclass(frozen=True, slots=True)
+class AllocationCreated:
+    five_tuple: FiveTuple
+    username: str
+    relayed: tuple[Address, ...]
+    lifetime: int
+
+
+@dataclass(frozen=True, slots=True)
+class AllocationRefused:
+    five_tuple: FiveTuple
+    username: str
+    code: int
+    reason: str
+    detail: str
+
+
+@dataclass(frozen=True, slots=True)
+class AllocationRefreshed:
+    five_tuple: FiveTuple
+    lifetime: int
+
+
+@dataclass(frozen=True, slots=True)
+class AllocationEnded:
+    five_tuple: FiveTuple
+    username: str
+    relayed: tuple[Address, ...]
+    cause: str  # "deleted", "expired", "connection_closed", "credential_expired"
+    duration: float
+    packets_to_peer: int
+    bytes_to_peer: int
+    packets_to_client: int
+    bytes_to_client: int
+
+
+@dataclass(frozen=True, slots=True)
+class RequestHandled:
+    five_tuple: FiveTuple
+    method: str
+    code: int  # 0 for success
+    reason: str  # "" for success, else the failure label
+
+
+@dataclass(frozen=True, slots=True)
+class AuthFailed:
+    five_tuple: FiveTuple
+    username: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class PermissionInstalled:
+    five_tuple: FiveTuple
+    peer_ip: str
+
+
+@dataclass(frozen=True, slots=True)
+class PermissionExpired:
+    five_tuple: FiveTuple
+    peer_ip: str
+
+
+@dataclass(frozen=True, slots=True)
+class ChannelBound:
+    five_tuple: FiveTuple
+    number: int
+    peer: Address
+
+
+@dataclass(frozen=True, slots=True)
+class ChannelExpired:
+    five_tuple: FiveTuple
+    number: int
+    peer: Address
+
+
+@dataclass(frozen=True, slots=True)
+class PeerDenied:
+    five_tuple: FiveTuple
+    peer_ip: str
+
+
+@dataclass(frozen=True, slots=True)
+class MessageDiscarded:
+    """A datagram or message from a client that was dropped (malformed, no allocation...)."""
+
+    five_tuple: FiveTuple
+    reason: str
+    detail: str
+
+
+Event = (
+    AllocationCreated
+    | AllocationRefused
+    | AllocationRefreshed
+    | AllocationEnded
+    | RequestHandled
+    | AuthFailed
+    | PermissionInstalled
+    | PermissionExpired
+    | ChannelBound
+    | ChannelExpired
+    | PeerDenied
+    | MessageDiscarded
+)

@@ -1,0 +1,709 @@
+"""The TURN server state machine, sans I/O (RFC 8656, RFC 8489).
+
+Callers feed it client messages with the 5-tuple and the time, and get back the
+response bytes; relay sockets come from an injected RelayOpener. It owns all
+allocations, answers "when is the next expiry?" for one adapter timer, and reports
+what happened as events.
+"""
+
+from __future__ import annotations
+
+import heapq
+import ipaddress
+import random
+import secrets
+from collections.abc import Callable
+from enum import IntEnum
+from typing import Any
+
+from turnserver.core import events as ev
+from turnserver.core.allocation import Allocation, ChannelBinding, Relay, RelayOpener
+from turnserver.core.auth import Authenticator, Identity
+from turnserver.core.config import CoreConfig, RelayAddress
+from turnserver.core.errors import (
+    AddressFamilyNotSupported,
+    AllocationMismatch,
+    AllocationQuotaReached,
+    BadRequest,
+    Forbidden,
+    InsufficientCapacity,
+    PeerAddressFamilyMismatch,
+    StaleNonce,
+    TurnError,
+    Unauthorized,
+    UnknownAttribute,
+    UnsupportedTransport,
+    WrongCredentials,
+)
+from turnserver.core.five_tuple import FiveTuple
+from turnserver.core.policy import PeerPolicy
+from turnserver.core.ports import RelayPortPool
+from turnserver.stun.attributes import Address
+from turnserver.stun.channeldata import is_valid_channel_number
+from turnserver.stun.constants import (
+    AddressFamily,
+    Attr,
+    MessageClass,
+    Method,
+    TransportProtocol,
+)
+from turnserver.stun.errors import StunDecodeError
+from turnserver.stun.message import StunMessage, decode_message, encode_message
+
+Attributes = list[tuple[int, Any]]
+Handler = Callable[[StunMessage, FiveTuple, Identity, float], Attributes]
+
+_FAMILY_VERSION = {AddressFamily.IPV4: 4, AddressFamily.IPV6: 6}
+_VERSION_FAMILY = {4: AddressFamily.IPV4, 6: AddressFamily.IPV6}
+_BIND_ATTEMPTS = 16
+
+
+class TimerKind(IntEnum):
+    ALLOCATION = 0
+    PERMISSION = 1
+    CHANNEL = 2
+    RESERVATION = 3
+    CREDENTIAL = 4
+
+
+class Reservation:
+    """A port held by an EVEN-PORT R-bit allocation for a later RESERVATION-TOKEN."""
+
+    __slots__ = ("expires", "family", "port")
+
+    def __init__(self, family: int, port: int, expires: float) -> None:
+        self.family = family
+        self.port = port
+        self.expires = expires
+
+
+class RelayStats:
+    """Plain-int counters the relay path bumps; folded into metrics on scrape."""
+
+    __slots__ = (
+        "dropped_malformed",
+        "dropped_no_allocation",
+        "dropped_no_permission",
+        "dropped_peer_denied",
+        "dropped_rate_limited",
+        "dropped_unknown_channel",
+        "ended_bytes_to_client",
+        "ended_bytes_to_peer",
+        "ended_packets_to_client",
+        "ended_packets_to_peer",
+    )
+
+    def __init__(self) -> None:
+        for name in self.__slots__:
+            setattr(self, name, 0)
+
+
+class TurnServer:
+    """All allocations of one process and the rules that change them."""
+
+    def __init__(
+        self,
+        config: CoreConfig,
+        authenticator: Authenticator,
+        relay_opener: RelayOpener,
+        peer_policy: PeerPolicy,
+    ) -> None:
+        self.config = config
+        self.auth = authenticator
+        self.relay_opener = relay_opener
+        self.peer_policy = peer_policy
+        self.allocations: dict[FiveTuple, Allocation] = {}
+        self.user_allocations: dict[str, int] = {}
+        self.reservations: dict[bytes, Reservation] = {}
+        self.relay_addresses: dict[int, RelayAddress] = {
+            r.family: r for r in config.relay_addresses
+        }
+        self.port_pools: dict[int, RelayPortPool] = {
+            r.family: RelayPortPool(config.min_port, config.max_port)
+            for r in config.relay_addresses
+        }
+        self.stats = RelayStats()
+        self.events: list[ev.Event] = []
+        self.accepting = True
+        self._timers: list[tuple[float, int, TimerKind, Any, Any]] = []
+        self._seq = 0
+        self._handlers: dict[int, Handler] = {
+            Method.ALLOCATE: self._allocate,
+            Method.REFRESH: self._refresh,
+            Method.CREATE_PERMISSION: self._create_permission,
+            Method.CHANNEL_BIND: self._channel_bind,
+        }
+
+    # ---- entry points -------------------------------------------------------------
+
+    def handle_message(self, data: bytes, five_tuple: FiveTuple, now: float) -> bytes | None:
+        """A STUN message from a client; returns the response to send back, if any."""
+        try:
+            msg = decode_message(data)
+        except StunDecodeError as exc:
+            self.stats.dropped_malformed += 1
+            self.events.append(ev.MessageDiscarded(five_tuple, "malformed", str(exc)))
+            return None
+        if msg.message_class == MessageClass.REQUEST:
+            return self._handle_request(msg, five_tuple, now)
+        if msg.message_class == MessageClass.INDICATION and msg.method == Method.SEND:
+            self._handle_send(msg, five_tuple)
+        return None
+
+    def handle_channel_data(
+        self, number: int, payload: bytes, five_tuple: FiveTuple
+    ) -> None:
+        """ChannelData from a client when the I/O fast path did not take it (RFC 8656 §12.6)."""
+        alloc = self.allocations.get(five_tuple)
+        if alloc is None:
+            self.stats.dropped_no_allocation += 1
+            return
+        route = alloc.channel_routes.get(number)
+        if route is None:
+            self.stats.dropped_unknown_channel += 1
+            return
+        route[0](payload, route[1])
+        alloc.packets_to_peer += 1
+        alloc.bytes_to_peer += len(payload)
+
+    def data_indication(self, alloc: Allocation, payload: bytes, peer: Address) -> bytes | None:
+        """Wrap peer data in a Data indication when a permission exists (RFC 8656 §11.3)."""
+        if peer[0] not in alloc.permissions:
+            self.stats.dropped_no_permission += 1
+            return None
+        alloc.packets_to_client += 1
+        alloc.bytes_to_client += len(payload)
+        return encode_message(
+            Method.DATA,
+            MessageClass.INDICATION,
+            random.randbytes(12),
+            [(Attr.XOR_PEER_ADDRESS, peer), (Attr.DATA, payload)],
+        )
+
+    def close_five_tuple(self, five_tuple: FiveTuple, now: float) -> None:
+        """The client's connection closed: its allocation goes with it (RFC 6062 §2)."""
+        alloc = self.allocations.get(five_tuple)
+        if alloc is not None:
+            self._delete(alloc, now, "connection_closed")
+
+    def next_timer(self) -> float | None:
+        """When the earliest expiry is due, for the adapter's one timer."""
+        return self._timers[0][0] if self._timers else None
+
+    def handle_timer(self, now: float) -> None:
+        """Expire allocations, permissions, channels and reservations that are due."""
+        timers = self._timers
+        while timers and timers[0][0] <= now:
+            _, _, kind, owner, key = heapq.heappop(timers)
+            if kind == TimerKind.ALLOCATION:
+                if owner.live and owner.expires <= now:
+                    self._delete(owner, now, "expired")
+            elif kind == TimerKind.CREDENTIAL:
+                if owner.live:
+                    self._delete(owner, now, "credential_expired")
+            elif kind == TimerKind.PERMISSION:
+                self._expire_permission(owner, key, now)
+            elif kind == TimerKind.CHANNEL:
+                self._expire_channel(owner, key, now)
+            elif kind == TimerKind.RESERVATION:
+                res = self.reservations.get(key)
+                if res is not None and res.expires <= now:
+                    del self.reservations[key]
+                    self.port_pools[res.family].give_back(res.port)
+
+    def drain_events(self) -> list[ev.Event]:
+        """Events since the last call, oldest first."""
+        out, self.events = self.events, []
+        return out
+
+    def relay_ports_free(self) -> int:
+        """Free relay ports summed over address families."""
+        return sum(len(p) for p in self.port_pools.values())
+
+    # ---- requests -------------------------------------------------------------------
+
+    def _handle_request(self, msg: StunMessage, ft: FiveTuple, now: float) -> bytes | None:
+        method = msg.method
+        if not msg.magic_cookie and method != Method.BINDING:
+            self.stats.dropped_malformed += 1
+            return None
+        if method == Method.BINDING:
+            return self._binding(msg, ft)
+        if method == Method.ALLOCATE:
+            existing = self.allocations.get(ft)
+            if existing is not None and existing.allocate_transaction_id == msg.transaction_id:
+                return existing.allocate_response  # retransmission (RFC 8656 §7.2)
+        handler = self._handlers.get(method)
+        method_name = _method_name(method)
+        identity: Identity | None = None
+        try:
+            if handler is None:
+                raise BadRequest(f"unsupported method 0x{method:03x}")
+            identity = self.auth.authenticate(msg, ft.client[0], now)
+            unknown = msg.unknown_required_attributes()
+            if unknown:
+                raise UnknownAttribute(unknown)
+            attrs = handler(msg, ft, identity, now)
+        except TurnError as err:
+            self._report_failure(msg, ft, identity, err, method_name)
+            return self._error_response(msg, ft, err, identity, now)
+        except StunDecodeError as exc:  # a malformed attribute value
+            err = BadRequest(str(exc))
+            self._report_failure(msg, ft, identity, err, method_name)
+            return self._error_response(msg, ft, err, identity, now)
+        if self.config.software:
+            attrs.append((Attr.SOFTWARE, self.config.software))
+        response = encode_message(
+            method,
+            MessageClass.SUCCESS,
+            msg.transaction_id,
+            attrs,
+            integrity_key=identity.key,
+            fingerprint=msg.fingerprint_offset >= 0,
+        )
+        if method == Method.ALLOCATE:
+            alloc = self.allocations[ft]
+            alloc.allocate_response = response
+        self.events.append(ev.RequestHandled(ft, method_name, 0, ""))
+        return response
+
+    def _report_failure(
+        self,
+        msg: StunMessage,
+        ft: FiveTuple,
+        identity: Identity | None,
+        err: TurnError,
+        method_name: str,
+    ) -> None:
+        username = identity.username if identity else (_safe_username(msg))
+        self.events.append(ev.RequestHandled(ft, method_name, err.code, err.reason))
+        if isinstance(err, Unauthorized | StaleNonce) and err.reason != "unauthenticated":
+            self.events.append(ev.AuthFailed(ft, username, err.reason))
+        if msg.method == Method.ALLOCATE:
+            self.events.append(
+                ev.AllocationRefused(ft, username, err.code, err.reason, err.detail)
+            )
+
+    def _error_response(
+        self,
+        msg: StunMessage,
+        ft: FiveTuple,
+        err: TurnError,
+        identity: Identity | None,
+        now: float,
+    ) -> bytes:
+        attrs: Attributes = [(Attr.ERROR_CODE, (err.code, err.phrase))]
+        if isinstance(err, Unauthorized | StaleNonce):
+            # RFC 8489 §9.2.4: 401/438 carry REALM and a fresh NONCE, never integrity
+            attrs.append((Attr.REALM, self.auth.realm))
+            attrs.append((Attr.NONCE, self.auth.nonces.issue(ft.client[0], now)))
+            identity = None
+        if isinstance(err, UnknownAttribute):
+            attrs.append((Attr.UNKNOWN_ATTRIBUTES, err.attributes))
+        if self.config.software and identity is not None:
+            attrs.append((Attr.SOFTWARE, self.config.software))
+        return encode_message(
+            msg.method,
+            MessageClass.ERROR,
+            msg.transaction_id,
+            attrs,
+            integrity_key=identity.key if identity else None,
+            fingerprint=msg.fingerprint_offset >= 0,
+        )
+
+    def _binding(self, msg: StunMessage, ft: FiveTuple) -> bytes:
+        """RFC 8489 §6.3: reflect the source address; no authentication."""
+        unknown = msg.unknown_required_attributes()
+        if unknown:
+            attrs: Attributes = [
+                (Attr.ERROR_CODE, (420, "Unknown Attribute")),
+                (Attr.UNKNOWN_ATTRIBUTES, unknown),
+            ]
+            klass = MessageClass.ERROR
+        elif msg.magic_cookie:
+            attrs = [(Attr.XOR_MAPPED_ADDRESS, ft.client)]
+            klass = MessageClass.SUCCESS
+        else:  # RFC 3489 client: MAPPED-ADDRESS, echo its 16-byte transaction id
+            attrs = [(Attr.MAPPED_ADDRESS, ft.client)]
+            klass = MessageClass.SUCCESS
+        if self.config.software:
+            attrs.append((Attr.SOFTWARE, self.config.software))
+        cookie = int.from_bytes(msg.raw[4:8], "big")
+        self.events.append(ev.RequestHandled(ft, "binding", 0 if klass == 2 else 420, ""))
+        return encode_message(
+            Method.BINDING,
+            klass,
+            msg.transaction_id,
+            attrs,
+            fingerprint=msg.fingerprint_offset >= 0,
+            magic_cookie=cookie,
+        )
+
+    def _allocation_of(self, ft: FiveTuple, identity: Identity) -> Allocation:
+        alloc = self.allocations.get(ft)
+        if alloc is None:
+            raise AllocationMismatch("no allocation for this 5-tuple")
+        if identity.username != alloc.username:
+            raise WrongCredentials("username differs from the allocation's")  # RFC 8656 §5
+        return alloc
+
+    def _lifetime(self, requested: int | None) -> int:
+        """RFC 8656 §7.2/§7.4: min(requested, max), but never below the default."""
+        cfg = self.config
+        if requested is None:
+            return min(cfg.default_lifetime, cfg.max_lifetime)
+        return max(min(requested, cfg.max_lifetime), min(cfg.default_lifetime, cfg.max_lifetime))
+
+    def _allocate(self, msg: StunMessage, ft: FiveTuple, ident: Identity, now: float) -> Attributes:
+        """RFC 8656 §7.2."""
+        cfg = self.config
+        if ft in self.allocations:
+            raise AllocationMismatch("5-tuple already has an allocation")
+        if not self.accepting:
+            raise InsufficientCapacity("server is draining", reason="draining")
+        transport = msg.get(Attr.REQUESTED_TRANSPORT)
+        if transport is None:
+            raise BadRequest("missing REQUESTED-TRANSPORT")
+        if transport != TransportProtocol.UDP:
+            raise UnsupportedTransport(f"REQUESTED-TRANSPORT {transport} is not supported")
+        token: bytes | None = msg.get(Attr.RESERVATION_TOKEN)
+        even_port: bool | None = msg.get(Attr.EVEN_PORT)
+        requested_family = msg.get(Attr.REQUESTED_ADDRESS_FAMILY)
+        additional_family = msg.get(Attr.ADDITIONAL_ADDRESS_FAMILY)
+        if token is not None and even_port is not None:
+            raise BadRequest("RESERVATION-TOKEN together with EVEN-PORT")
+        if token is not None and (requested_family is not None or additional_family is not None):
+            raise BadRequest("RESERVATION-TOKEN together with an address family")
+        if requested_family is not None and additional_family is not None:
+            raise BadRequest("REQUESTED- and ADDITIONAL-ADDRESS-FAMILY together")
+        if additional_family is not None and additional_family != AddressFamily.IPV6:
+            raise BadRequest("ADDITIONAL-ADDRESS-FAMILY must be IPv6")
+        if requested_family is not None and requested_family not in _FAMILY_VERSION:
+            raise AddressFamilyNotSupported(f"unknown address family {requested_family}")
+        if cfg.max_allocations and len(self.allocations) >= cfg.max_allocations:
+            raise AllocationQuotaReached("server allocation limit reached", reason="quota_total")
+        if (
+            cfg.max_allocations_per_user
+            and self.user_allocations.get(ident.user, 0) >= cfg.max_allocations_per_user
+        ):
+            raise AllocationQuotaReached(f"user {ident.user!r} has too many allocations")
+
+        reservation: Reservation | None = None
+        if token is not None:
+            reservation = self.reservations.pop(token, None)
+            if reservation is None:
+                raise InsufficientCapacity("unknown or expired RESERVATION-TOKEN",
+                                           reason="bad_reservation")
+            families = [reservation.family]
+        elif requested_family is not None:
+            families = [_FAMILY_VERSION[AddressFamily(requested_family)]]
+        elif additional_family is not None:
+            families = [4, 6]
+        else:
+            families = [4]
+        address_error: int | None = None
+        if families[0] not in self.relay_addresses:
+            raise AddressFamilyNotSupported(f"no IPv{families[0]} relay address configured")
+        if len(families) == 2 and 6 not in self.relay_addresses:
+            families = [4]
+            address_error = 6  # RFC 8656 §7.2: ADDRESS-ERROR-CODE for the missing family
+
+        lifetime = self._lifetime(msg.get(Attr.LIFETIME))
+        alloc = Allocation(ft, ident.username, ident.user, ident.key, now, lifetime,
+                           ident.expires)
+        alloc.allocate_transaction_id = msg.transaction_id
+        alloc.dont_fragment = msg.has(Attr.DONT_FRAGMENT)
+        new_token: bytes | None = None
+        try:
+            for i, version in enumerate(families):
+                if reservation is not None:
+                    relay = self._open_relay(alloc, version, port=reservation.port)
+                elif i == 0 and even_port is not None:
+                    relay, reserved = self._open_even_relay(alloc, version, even_port)
+                    if reserved is not None:
+                        new_token = secrets.token_bytes(8)
+                        self.reservations[new_token] = Reservation(
+                            version, reserved, now + cfg.reservation_lifetime
+                        )
+                        self._push(now + cfg.reservation_lifetime, TimerKind.RESERVATION,
+                                   None, new_token)
+                else:
+                    relay = self._open_relay(alloc, version)
+                alloc.relays[version] = relay
+        except InsufficientCapacity:
+            self._close_relays(alloc)
+            raise
+
+        self.allocations[ft] = alloc
+        self.user_allocations[ident.user] = self.user_allocations.get(ident.user, 0) + 1
+        self._push(alloc.expires, TimerKind.ALLOCATION, alloc, None)
+        if cfg.strict_expiry and ident.expires is not None:
+            self._push(ident.expires, TimerKind.CREDENTIAL, alloc, None)
+        attrs: Attributes = [(Attr.XOR_RELAYED_ADDRESS, r.advertised) for r in alloc.relays.values()]
+        attrs.append((Attr.LIFETIME, lifetime))
+        if new_token is not None:
+            attrs.append((Attr.RESERVATION_TOKEN, new_token))
+        attrs.append((Attr.XOR_MAPPED_ADDRESS, ft.client))
+        if address_error is not None:
+            attrs.append((Attr.ADDRESS_ERROR_CODE,
+                          (_VERSION_FAMILY[address_error], 440, "Address Family not Supported")))
+        self.events.append(
+            ev.AllocationCreated(ft, ident.username, alloc.relayed_addresses, lifetime)
+        )
+        return attrs
+
+    def _open_relay(self, alloc: Allocation, version: int, port: int | None = None) -> Relay:
+        addr = self.relay_addresses[version]
+        pool = self.port_pools[version]
+        if port is not None:  # a reserved port: already out of the pool
+            endpoint = self.relay_opener.open_relay(
+                alloc, addr.bind_ip, port, dont_fragment=alloc.dont_fragment
+            )
+            if endpoint is None:
+                pool.give_back(port)
+                raise InsufficientCapacity("reserved relay port could not be bound")
+            return Relay(endpoint, (addr.advertised_ip, port), version)
+        busy: list[int] = []
+        try:
+            for _ in range(_BIND_ATTEMPTS):
+                candidate = pool.take_random()
+                if candidate is None:
+                    break
+                endpoint = self.relay_opener.open_relay(
+                    alloc, addr.bind_ip, candidate, dont_fragment=alloc.dont_fragment
+                )
+                if endpoint is not None:
+                    return Relay(endpoint, (addr.advertised_ip, candidate), version)
+                busy.append(candidate)
+        finally:
+            for p in busy:
+                pool.give_back(p)
+        raise InsufficientCapacity(f"no free relay port for IPv{version}")
+
+    def _open_even_relay(
+        self, alloc: Allocation, version: int, reserve_next: bool
+    ) -> tuple[Relay, int | None]:
+        """RFC 8656 §7.2 EVEN-PORT: an even port, and port+1 held when R is set."""
+        addr = self.relay_addresses[version]
+        pool = self.port_pools[version]
+        for _ in range(_BIND_ATTEMPTS):
+            port = pool.take_even(reserve_next)
+            if port is None:
+                break
+            endpoint = self.relay_opener.open_relay(
+                alloc, addr.bind_ip, port, dont_fragment=alloc.dont_fragment
+            )
+            if endpoint is not None:
+                return Relay(endpoint, (addr.advertised_ip, port), version), (
+                    port + 1 if reserve_next else None
+                )
+            pool.give_back(port)
+            if reserve_next:
+                pool.give_back(port + 1)
+        raise InsufficientCapacity("no free even relay port")
+
+    def _close_relays(self, alloc: Allocation) -> None:
+        for version, relay in alloc.relays.items():
+            relay.endpoint.close()
+            self.port_pools[version].give_back(relay.port)
+        alloc.relays.clear()
+
+    def _refresh(self, msg: StunMessage, ft: FiveTuple, ident: Identity, now: float) -> Attributes:
+        """RFC 8656 §7.4; LIFETIME 0 deletes the allocation."""
+        alloc = self._allocation_of(ft, ident)
+        family = msg.get(Attr.REQUESTED_ADDRESS_FAMILY)
+        if family is not None and _FAMILY_VERSION.get(family) not in alloc.relays:
+            raise PeerAddressFamilyMismatch("REQUESTED-ADDRESS-FAMILY not in this allocation")
+        requested = msg.get(Attr.LIFETIME)
+        if requested == 0:
+            self._delete(alloc, now, "deleted")
+            return [(Attr.LIFETIME, 0)]
+        lifetime = self._lifetime(requested)
+        alloc.expires = now + lifetime
+        self._push(alloc.expires, TimerKind.ALLOCATION, alloc, None)
+        self.events.append(ev.AllocationRefreshed(ft, lifetime))
+        return [(Attr.LIFETIME, lifetime)]
+
+    def _check_peer(self, alloc: Allocation, peer: Address, ft: FiveTuple) -> str:
+        """Family and policy checks shared by CreatePermission and ChannelBind."""
+        ip = ipaddress.ip_address(peer[0])
+        if ip.version not in alloc.relays:
+            raise PeerAddressFamilyMismatch(f"peer {peer[0]} has no relay of its family")
+        if not self.peer_policy.is_allowed(ip) or peer in self.config.reserved_peers:
+            self.events.append(ev.PeerDenied(ft, peer[0]))
+            raise Forbidden(f"peer {peer[0]} is not allowed by the peer policy")
+        return str(ip)
+
+    def _install_permission(self, alloc: Allocation, ip: str, now: float) -> None:
+        new = ip not in alloc.permissions
+        expires = now + self.config.permission_lifetime
+        alloc.permissions[ip] = max(expires, alloc.permissions.get(ip, 0.0))
+        self._push(expires, TimerKind.PERMISSION, alloc, ip)
+        if new:
+            alloc.update_routes(ip)
+            self.events.append(ev.PermissionInstalled(alloc.five_tuple, ip))
+
+    def _create_permission(
+        self, msg: StunMessage, ft: FiveTuple, ident: Identity, now: float
+    ) -> Attributes:
+        """RFC 8656 §10.2: all XOR-PEER-ADDRESS must pass, or none is installed."""
+        alloc = self._allocation_of(ft, ident)
+        peers: list[Address] = msg.get_all(Attr.XOR_PEER_ADDRESS)
+        if not peers:
+            raise BadRequest("CreatePermission without XOR-PEER-ADDRESS")
+        ips = [self._check_peer(alloc, p, ft) for p in peers]
+        limit = self.config.max_permissions_per_allocation
+        if limit and len(set(alloc.permissions) | set(ips)) > limit:
+            raise InsufficientCapacity("too many permissions", reason="quota_permissions")
+        for ip in ips:
+            self._install_permission(alloc, ip, now)
+        return []
+
+    def _channel_bind(
+        self, msg: StunMessage, ft: FiveTuple, ident: Identity, now: float
+    ) -> Attributes:
+        """RFC 8656 §12.2."""
+        alloc = self._allocation_of(ft, ident)
+        number = msg.get(Attr.CHANNEL_NUMBER)
+        peer: Address | None = msg.get(Attr.XOR_PEER_ADDRESS)
+        if number is None or peer is None:
+            raise BadRequest("ChannelBind needs CHANNEL-NUMBER and XOR-PEER-ADDRESS")
+        if not is_valid_channel_number(number):
+            raise BadRequest(f"channel number 0x{number:04x} out of range")
+        ip = self._check_peer(alloc, peer, ft)
+        peer = (ip, peer[1])
+        binding = alloc.bindings.get(number)
+        if binding is not None and binding.peer != peer:
+            raise BadRequest(f"channel 0x{number:04x} is bound to another peer")
+        other = alloc.bindings_by_peer.get(peer)
+        if other is not None and other.number != number:
+            raise BadRequest(f"peer is bound to channel 0x{other.number:04x}")
+        limit = self.config.max_channels_per_allocation
+        if binding is None and limit and len(alloc.bindings) >= limit:
+            raise InsufficientCapacity("too many channels", reason="quota_channels")
+        expires = now + self.config.channel_lifetime
+        if binding is None:
+            binding = ChannelBinding(number, peer, expires)
+            alloc.bindings[number] = binding
+            alloc.bindings_by_peer[peer] = binding
+            self.events.append(ev.ChannelBound(ft, number, peer))
+        binding.expires = expires
+        self._push(expires, TimerKind.CHANNEL, alloc, number)
+        self._install_permission(alloc, ip, now)  # RFC 8656 §12.2 also refreshes it
+        alloc.update_routes(ip)
+        return []
+
+    def _handle_send(self, msg: StunMessage, ft: FiveTuple) -> None:
+        """RFC 8656 §11.2: relay DATA to the peer if a permission exists, else drop."""
+        alloc = self.allocations.get(ft)
+        if alloc is None:
+            self.stats.dropped_no_allocation += 1
+            return
+        try:
+            peer: Address | None = msg.get(Attr.XOR_PEER_ADDRESS)
+            data: bytes | None = msg.get(Attr.DATA)
+        except StunDecodeError:
+            peer = None
+            data = None
+        if peer is None or data is None or msg.unknown_required_attributes():
+            self.stats.dropped_malformed += 1
+            return
+        if peer[0] not in alloc.permissions:
+            self.stats.dropped_no_permission += 1
+            return
+        relay = alloc.relays.get(6 if ":" in peer[0] else 4)
+        if relay is None:
+            self.stats.dropped_no_permission += 1
+            return
+        relay.endpoint.sendto(data, peer)
+        alloc.packets_to_peer += 1
+        alloc.bytes_to_peer += len(data)
+
+    # ---- expiry ---------------------------------------------------------------------
+
+    def _push(self, when: float, kind: TimerKind, owner: Any, key: Any) -> None:
+        self._seq += 1
+        heapq.heappush(self._timers, (when, self._seq, kind, owner, key))
+
+    def _expire_permission(self, alloc: Allocation, ip: str, now: float) -> None:
+        expires = alloc.permissions.get(ip)
+        if not alloc.live or expires is None or expires > now:
+            return
+        del alloc.permissions[ip]
+        alloc.update_routes(ip)
+        self.events.append(ev.PermissionExpired(alloc.five_tuple, ip))
+
+    def _expire_channel(self, alloc: Allocation, number: int, now: float) -> None:
+        binding = alloc.bindings.get(number)
+        if not alloc.live or binding is None or binding.expires > now:
+            return
+        del alloc.bindings[number]
+        del alloc.bindings_by_peer[binding.peer]
+        alloc.channel_routes.pop(number, None)
+        alloc.peer_channels.pop(binding.peer, None)
+        self.events.append(ev.ChannelExpired(alloc.five_tuple, number, binding.peer))
+
+    def _delete(self, alloc: Allocation, now: float, cause: str) -> None:
+        if not alloc.live:
+            return
+        alloc.live = False
+        self.allocations.pop(alloc.five_tuple, None)
+        count = self.user_allocations.get(alloc.user, 1) - 1
+        if count > 0:
+            self.user_allocations[alloc.user] = count
+        else:
+            self.user_allocations.pop(alloc.user, None)
+        relayed = alloc.relayed_addresses
+        self._close_relays(alloc)
+        alloc.channel_routes.clear()
+        alloc.peer_channels.clear()
+        stats = self.stats
+        stats.ended_packets_to_peer += alloc.packets_to_peer
+        stats.ended_bytes_to_peer += alloc.bytes_to_peer
+        stats.ended_packets_to_client += alloc.packets_to_client
+        stats.ended_bytes_to_client += alloc.bytes_to_client
+        self.events.append(
+            ev.AllocationEnded(
+                alloc.five_tuple,
+                alloc.username,
+                relayed,
+                cause,
+                now - alloc.created,
+                alloc.packets_to_peer,
+                alloc.bytes_to_peer,
+                alloc.packets_to_client,
+                alloc.bytes_to_client,
+            )
+        )
+
+    def shutdown(self, now: float) -> None:
+        """Delete every allocation (process exit)."""
+        for alloc in list(self.allocations.values()):
+            self._delete(alloc, now, "shutdown")
+
+    def relay_totals(self) -> tuple[int, int, int, int]:
+        """(packets to peer, bytes to peer, packets to client, bytes to client) so far."""
+        s = self.stats
+        pp, bp, pc, bc = (s.ended_packets_to_peer, s.ended_bytes_to_peer,
+                          s.ended_packets_to_client, s.ended_bytes_to_client)
+        for a in self.allocations.values():
+            pp += a.packets_to_peer
+            bp += a.bytes_to_peer
+            pc += a.packets_to_client
+            bc += a.bytes_to_client
+        return pp, bp, pc, bc
+
+
+def _method_name(method: int) -> str:
+    try:
+        return Method(method).name.lower()
+    except ValueError:
+        return "unknown"
+
+
+def _safe_username(msg: StunMessage) -> str:
+    try:
+        name = msg.get(Attr.USERNAME)
+    except StunDecodeError:
+        return ""
+    return name if isinstance(name, str) else ""

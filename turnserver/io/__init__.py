@@ -1,0 +1,1 @@
+"""asyncio/uvloop adapters: listeners, relay sockets, the one core timer."""

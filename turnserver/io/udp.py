@@ -1,0 +1,264 @@
+"""UDP listeners and UDP relay sockets, on raw non-blocking sockets with add_reader.
+
+Relay sockets must exist as soon as the core accepts an Allocate, so they are bound
+synchronously; add_reader also lets one wakeup drain many datagrams. ChannelData is
+recognised by its first byte and relayed with one dict lookup and one send, with no
+logging, metrics call or object creation beyond the forwarded slice (RFC 8656 §12).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from typing import TYPE_CHECKING
+
+from turnserver.core.allocation import Allocation
+from turnserver.core.five_tuple import ClientTransport, FiveTuple
+from turnserver.io.sinks import ClientSink
+from turnserver.stun.attributes import Address
+from turnserver.stun.channeldata import CHANNEL_HEADER
+
+if TYPE_CHECKING:
+    from turnserver.io.runtime import ServerRuntime
+
+READ_BATCH = 64
+MAX_DATAGRAM = 65535
+SOCKET_BUFFER = 4 * 1024 * 1024
+_IP_PMTUDISC_DO = 2
+
+
+def _tune_buffers(sock: socket.socket) -> None:
+    for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER)
+        except OSError:
+            pass
+
+
+def bind_udp_socket(host: str, port: int, *, reuse_port: bool = False) -> socket.socket:
+    """A non-blocking UDP socket bound to host:port (raises OSError)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    try:
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.setblocking(False)
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+class UdpClientSink:
+    """Sends to one client over a UDP listener socket."""
+
+    __slots__ = ("addr", "sock")
+
+    def __init__(self, sock: socket.socket, addr: Address) -> None:
+        self.sock = sock
+        self.addr = addr
+
+    def send(self, data: bytes) -> None:
+        try:
+            self.sock.sendto(data, self.addr)
+        except OSError:
+            pass
+
+    def send_channel_data(self, number: int, payload: bytes) -> None:
+        try:
+            self.sock.sendmsg((CHANNEL_HEADER.pack(number, len(payload)), payload), (), 0,
+                              self.addr)
+        except OSError:
+            pass
+
+
+class UdpListener:
+    """A TURN/STUN listener on one UDP address."""
+
+    def __init__(self, runtime: ServerRuntime, sock: socket.socket) -> None:
+        self.runtime = runtime
+        self.sock = sock
+        host, port = sock.getsockname()[:2]
+        self.local: Address = (host, port)
+        self.v6 = sock.family == socket.AF_INET6
+        self.by_client: dict[Address, Allocation] = {}
+        _tune_buffers(sock)
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        loop.add_reader(self.sock.fileno(), self._on_readable)
+
+    def close(self, loop: asyncio.AbstractEventLoop) -> None:
+        loop.remove_reader(self.sock.fileno())
+        self.sock.close()
+
+    def sink_for(self, client: Address) -> UdpClientSink:
+        return UdpClientSink(self.sock, client)
+
+    def _on_readable(self) -> None:
+        recvfrom = self.sock.recvfrom
+        by_client = self.by_client
+        stats = self.runtime.core.stats
+        v6 = self.v6
+        for _ in range(READ_BATCH):
+            try:
+                data, addr = recvfrom(MAX_DATAGRAM)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                continue  # e.g. an ICMP error queued on the socket
+            if v6:
+                addr = addr[:2]
+            if data and 0x40 <= data[0] <= 0x7F:
+                # ChannelData fast path (RFC 8656 §12.6)
+                alloc = by_client.get(addr)
+                if alloc is None:
+                    stats.dropped_no_allocation += 1
+                    continue
+                route = alloc.channel_routes.get((data[0] << 8) | data[1]) if len(data) > 3 else None
+                if route is None:
+                    stats.dropped_unknown_channel += 1
+                    continue
+                length = (data[2] << 8) | data[3]
+                if length + 4 > len(data):
+                    stats.dropped_malformed += 1
+                    continue
+                try:
+                    route[0](data[4 : 4 + length], route[1])
+                except OSError:
+                    continue
+                alloc.packets_to_peer += 1
+                alloc.bytes_to_peer += length
+                continue
+            self._on_message(data, addr)
+
+    def _on_message(self, data: bytes, addr: Address) -> None:
+        runtime = self.runtime
+        ft = FiveTuple(addr, self.local, ClientTransport.UDP)
+        response = runtime.core.handle_message(data, ft, runtime.now())
+        if response is not None:
+            try:
+                self.sock.sendto(response, addr)
+            except OSError:
+                pass
+        runtime.after_core_call()
+
+
+class UdpRelay:
+    """A relayed transport address: one UDP socket bound for one allocation."""
+
+    __slots__ = ("_fd", "_loop", "_runtime", "address", "alloc", "sendto", "sink", "sock", "v6")
+
+    def __init__(
+        self,
+        runtime: ServerRuntime,
+        loop: asyncio.AbstractEventLoop,
+        alloc: Allocation,
+        sock: socket.socket,
+    ) -> None:
+        self._runtime = runtime
+        self._loop = loop
+        self.alloc = alloc
+        self.sock = sock
+        self.v6 = sock.family == socket.AF_INET6
+        host, port = sock.getsockname()[:2]
+        self.address: Address = (host, port)
+        self.sendto = sock.sendto
+        self.sink: UdpClientSink | None = None
+        self._fd = sock.fileno()
+        loop.add_reader(self._fd, self._on_readable)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            self._loop.remove_reader(self._fd)
+            self._fd = -1
+            self.sock.close()
+
+    def _on_readable(self) -> None:
+        alloc = self.alloc
+        sink = alloc.sink
+        if not isinstance(sink, UdpClientSink):
+            self._drain_to_stream(sink)
+            return
+        recvfrom = self.sock.recvfrom
+        client_sock = sink.sock
+        client_addr = sink.addr
+        peer_channels = alloc.peer_channels
+        pack = CHANNEL_HEADER.pack
+        v6 = self.v6
+        for _ in range(READ_BATCH):
+            try:
+                data, addr = recvfrom(MAX_DATAGRAM)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                continue
+            if v6:
+                addr = addr[:2]
+            number = peer_channels.get(addr)
+            if number is not None:
+                try:
+                    client_sock.sendmsg((pack(number, len(data)), data), (), 0, client_addr)
+                except OSError:
+                    continue
+                alloc.packets_to_client += 1
+                alloc.bytes_to_client += len(data)
+                continue
+            indication = self._runtime.core.data_indication(alloc, data, addr)
+            if indication is not None:
+                try:
+                    client_sock.sendto(indication, client_addr)
+                except OSError:
+                    continue
+
+    def _drain_to_stream(self, sink: object) -> None:
+        """Peer data for a client on a stream transport (TCP/TLS)."""
+        recvfrom = self.sock.recvfrom
+        alloc = self.alloc
+        for _ in range(READ_BATCH):
+            try:
+                data, addr = recvfrom(MAX_DATAGRAM)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                continue
+            if self.v6:
+                addr = addr[:2]
+            if not isinstance(sink, ClientSink):
+                continue
+            number = alloc.peer_channels.get(addr)
+            if number is not None:
+                sink.send_channel_data(number, data)
+                alloc.packets_to_client += 1
+                alloc.bytes_to_client += len(data)
+                continue
+            indication = self._runtime.core.data_indication(alloc, data, addr)
+            if indication is not None:
+                sink.send(indication)
+
+
+class UdpRelayOpener:
+    """Implements core.allocation.RelayOpener with UdpRelay sockets."""
+
+    def __init__(self, runtime: ServerRuntime) -> None:
+        self.runtime = runtime
+
+    def open_relay(
+        self, allocation: Allocation, host: str, port: int, *, dont_fragment: bool
+    ) -> UdpRelay | None:
+        try:
+            sock = bind_udp_socket(host, port)
+        except OSError:
+            return None
+        if dont_fragment:
+            # RFC 8656 §7.2 DONT-FRAGMENT: set DF on relayed datagrams
+            try:
+                if sock.family == socket.AF_INET:
+                    sock.setsockopt(socket.IPPROTO_IP, socket.IP_MTU_DISCOVER, _IP_PMTUDISC_DO)
+                else:
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_DONTFRAG, 1)
+            except (OSError, AttributeError):
+                pass
+        return UdpRelay(self.runtime, self.runtime.loop, allocation, sock)

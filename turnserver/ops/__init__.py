@@ -1,0 +1,1 @@
+"""Operations: configuration, logging, metrics, credentials API, health."""

@@ -1,0 +1,341 @@
+"""Configuration: a YAML file and command-line flags -> one frozen Settings.
+
+Flags override the file. Every problem is a ConfigError that names the key and,
+for the file, the line, e.g. `turnserver.yaml:12: relay.min_port: expected an integer`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+from urllib.parse import urlsplit
+
+import yaml
+
+from turnserver import SOFTWARE
+from turnserver.io.runtime import ListenAddress
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("text", "json")
+DEFAULT_PORTS = {"udp": 3478, "tcp": 3478, "tls": 5349}
+
+
+class ConfigError(ValueError):
+    """A configuration problem, naming the key and where it came from."""
+
+
+@dataclass(frozen=True, slots=True)
+class StaticUser:
+    """A static long-term credential: a password or a precomputed MD5 key."""
+
+    name: str
+    password: str | None = None
+    key: bytes | None = None
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the server is configured with."""
+
+    realm: str = "turnserver"
+    secrets: tuple[str, ...] = ()
+    users: tuple[StaticUser, ...] = ()
+    listen: tuple[ListenAddress, ...] = (ListenAddress("udp", "0.0.0.0", 3478),)
+    relay_ips: tuple[str, ...] = ()
+    external_ips: tuple[str, ...] = ()
+    min_port: int = 49152
+    max_port: int = 65535
+    allow_loopback_peers: bool = False
+    allow_peers: tuple[str, ...] = ()
+    deny_peers: tuple[str, ...] = ()
+    default_lifetime: int = 600
+    max_lifetime: int = 3600
+    max_allocations: int = 0
+    max_allocations_per_user: int = 0
+    max_permissions_per_allocation: int = 0
+    max_channels_per_allocation: int = 0
+    strict_expiry: bool = False
+    nonce_secret: str | None = None
+    nonce_lifetime: int = 600
+    software: str | None = SOFTWARE
+    log_level: str = "info"
+    log_format: str = "text"
+    loop: str = "auto"
+    source: str = field(default="defaults", compare=False)
+
+
+# ---- value checks -------------------------------------------------------------------
+
+Check = Callable[[Any, str], Any]
+
+
+def _int(lo: int, hi: int) -> Check:
+    def check(v: Any, key: str) -> int:
+        if isinstance(v, bool) or not isinstance(v, int):
+            try:
+                v = int(str(v), 10)
+            except ValueError:
+                raise ConfigError(f"{key}: expected an integer, got {v!r}") from None
+        if not lo <= v <= hi:
+            raise ConfigError(f"{key}: {v} is outside {lo}..{hi}")
+        return int(v)
+
+    return check
+
+
+def _bool(v: Any, key: str) -> bool:
+    if isinstance(v, bool):
+        return v
+    if isinstance(v, str) and v.lower() in ("true", "yes", "on", "1", "false", "no", "off", "0"):
+        return v.lower() in ("true", "yes", "on", "1")
+    raise ConfigError(f"{key}: expected true or false, got {v!r}")
+
+
+def _str(v: Any, key: str) -> str:
+    if not isinstance(v, str) or not v:
+        raise ConfigError(f"{key}: expected a non-empty string, got {v!r}")
+    return v
+
+
+def _opt_str(v: Any, key: str) -> str | None:
+    if v is None or v == "":
+        return None
+    return _str(v, key)
+
+
+def _choice(options: tuple[str, ...]) -> Check:
+    def check(v: Any, key: str) -> str:
+        if not isinstance(v, str) or v.lower() not in options:
+            raise ConfigError(f"{key}: expected one of {', '.join(options)}, got {v!r}")
+        return v.lower()
+
+    return check
+
+
+def _str_list(v: Any, key: str) -> tuple[str, ...]:
+    if isinstance(v, str):
+        v = [v]
+    if not isinstance(v, list | tuple) or not all(isinstance(x, str) and x for x in v):
+        raise ConfigError(f"{key}: expected a list of strings, got {v!r}")
+    return tuple(v)
+
+
+def _ip_list(v: Any, key: str) -> tuple[str, ...]:
+    out = []
+    for item in _str_list(v, key):
+        try:
+            out.append(str(ipaddress.ip_address(item)))
+        except ValueError:
+            raise ConfigError(f"{key}: {item!r} is not an IP address") from None
+    return tuple(out)
+
+
+def _cidr_list(v: Any, key: str) -> tuple[str, ...]:
+    out = []
+    for item in _str_list(v, key):
+        try:
+            out.append(str(ipaddress.ip_network(item, strict=False)))
+        except ValueError:
+            raise ConfigError(f"{key}: {item!r} is not a CIDR network") from None
+    return tuple(out)
+
+
+def parse_listen(uri: str, key: str = "listen") -> ListenAddress:
+    """Parse `udp://IP:PORT` (also tcp://, tls://; the port may be left out)."""
+    parts = urlsplit(uri)
+    scheme = parts.scheme.lower()
+    if scheme not in DEFAULT_PORTS:
+        raise ConfigError(f"{key}: {uri!r} must start with udp://, tcp:// or tls://")
+    try:
+        host = parts.hostname
+        port = parts.port
+    except ValueError:
+        raise ConfigError(f"{key}: {uri!r} has a bad port") from None
+    if not host:
+        raise ConfigError(f"{key}: {uri!r} has no IP address")
+    try:
+        host = str(ipaddress.ip_address(host))
+    except ValueError:
+        raise ConfigError(f"{key}: {uri!r}: {host!r} is not an IP address") from None
+    if parts.path not in ("", "/") or parts.query:
+        raise ConfigError(f"{key}: {uri!r} has trailing parts")
+    return ListenAddress(scheme, host, port if port is not None else DEFAULT_PORTS[scheme])
+
+
+def _listen_list(v: Any, key: str) -> tuple[ListenAddress, ...]:
+    items = _str_list(v, key)
+    if not items:
+        raise ConfigError(f"{key}: at least one listener is needed")
+    return tuple(parse_listen(u, key) for u in items)
+
+
+def parse_user(text: str, key: str = "user") -> StaticUser:
+    """`NAME:PASSWORD` from the command line."""
+    name, sep, password = text.partition(":")
+    if not sep or not name or not password:
+        raise ConfigError(f"{key}: expected NAME:PASSWORD, got {text!r}")
+    return StaticUser(name, password=password)
+
+
+def _users(v: Any, key: str) -> tuple[StaticUser, ...]:
+    if not isinstance(v, list):
+        raise ConfigError(f"{key}: expected a list of {{name, password}} or {{name, key}}")
+    out = []
+    for i, item in enumerate(v):
+        where = f"{key}[{i}]"
+        if isinstance(item, str):
+            out.append(parse_user(item, where))
+            continue
+        if not isinstance(item, dict) or "name" not in item:
+            raise ConfigError(f"{where}: expected a mapping with name and password or key")
+        unknown = set(item) - {"name", "password", "key"}
+        if unknown:
+            raise ConfigError(f"{where}: unknown key {sorted(unknown)[0]!r}")
+        name = _str(item["name"], f"{where}.name")
+        if ("password" in item) == ("key" in item):
+            raise ConfigError(f"{where}: give exactly one of password or key")
+        if "password" in item:
+            out.append(StaticUser(name, password=_str(str(item["password"]), f"{where}.password")))
+        else:
+            raw = _str(str(item["key"]), f"{where}.key").removeprefix("0x")
+            try:
+                key_bytes = bytes.fromhex(raw)
+            except ValueError:
+                raise ConfigError(f"{where}.key: expected 32 hex digits (MD5 key)") from None
+            if len(key_bytes) != 16:
+                raise ConfigError(f"{where}.key: expected 32 hex digits (MD5 key)")
+            out.append(StaticUser(name, key=key_bytes))
+    return tuple(out)
+
+
+# YAML key -> (Settings field, check)
+SCHEMA: dict[str, tuple[str, Check]] = {
+    "realm": ("realm", _str),
+    "listen": ("listen", _listen_list),
+    "software": ("software", _opt_str),
+    "loop": ("loop", _choice(("auto", "uvloop", "asyncio"))),
+    "auth.secrets": ("secrets", _str_list),
+    "auth.users": ("users", _users),
+    "auth.nonce_secret": ("nonce_secret", _opt_str),
+    "auth.nonce_lifetime": ("nonce_lifetime", _int(30, 86400)),
+    "auth.strict_expiry": ("strict_expiry", _bool),
+    "relay.ip": ("relay_ips", _ip_list),
+    "relay.external_ip": ("external_ips", _ip_list),
+    "relay.min_port": ("min_port", _int(1, 65535)),
+    "relay.max_port": ("max_port", _int(1, 65535)),
+    "peers.allow_loopback": ("allow_loopback_peers", _bool),
+    "peers.allow": ("allow_peers", _cidr_list),
+    "peers.deny": ("deny_peers", _cidr_list),
+    "allocations.default_lifetime": ("default_lifetime", _int(30, 86400)),
+    "allocations.max_lifetime": ("max_lifetime", _int(30, 86400)),
+    "allocations.max_total": ("max_allocations", _int(0, 10_000_000)),
+    "allocations.max_per_user": ("max_allocations_per_user", _int(0, 10_000_000)),
+    "allocations.max_permissions": ("max_permissions_per_allocation", _int(0, 100_000)),
+    "allocations.max_channels": ("max_channels_per_allocation", _int(0, 16384)),
+    "log.level": ("log_level", _choice(LOG_LEVELS)),
+    "log.format": ("log_format", _choice(LOG_FORMATS)),
+}
+SECTIONS = {key.split(".")[0] for key in SCHEMA if "." in key}
+
+
+def load_file(path: str) -> dict[str, Any]:
+    """Read a YAML file into Settings field values; ConfigError names key and line."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            text = fh.read()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config file: {exc.strerror}") from None
+    return parse_yaml(text, os.path.basename(path))
+
+
+def parse_yaml(text: str, name: str = "<config>") -> dict[str, Any]:
+    """Parse YAML text into Settings field values."""
+    loader = yaml.SafeLoader(text)
+    try:
+        root = loader.get_single_node()
+        values: dict[str, Any] = {}
+        if root is None:
+            return values
+        if not isinstance(root, yaml.MappingNode):
+            raise ConfigError(f"{name}:{root.start_mark.line + 1}: the top level must be a mapping")
+        _walk(loader, root, "", name, values)
+        return values
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark
+        line = mark.line + 1 if mark is not None else 0
+        raise ConfigError(f"{name}:{line}: invalid YAML: {exc.problem}") from None
+    finally:
+        loader.dispose()
+
+
+def _walk(
+    loader: yaml.SafeLoader, node: yaml.MappingNode, prefix: str, name: str,
+    values: dict[str, Any],
+) -> None:
+    for key_node, value_node in node.value:
+        line = key_node.start_mark.line + 1
+        key = f"{prefix}{key_node.value}"
+        if key in SCHEMA:
+            attr, check = SCHEMA[key]
+            raw = loader.construct_object(value_node, deep=True)
+            try:
+                values[attr] = check(raw, key)
+            except ConfigError as exc:
+                raise ConfigError(f"{name}:{line}: {exc}") from None
+        elif key in SECTIONS:
+            if not isinstance(value_node, yaml.MappingNode):
+                raise ConfigError(f"{name}:{line}: {key}: expected a mapping")
+            _walk(loader, value_node, key + ".", name, values)
+        else:
+            known = sorted(k for k in SCHEMA if k.startswith(prefix))
+            hint = f" (known keys: {', '.join(known)})" if prefix else ""
+            raise ConfigError(f"{name}:{line}: unknown key {key!r}{hint}")
+
+
+def build_settings(file_values: dict[str, Any], overrides: dict[str, Any], source: str) -> Settings:
+    """Defaults, then the file, then flags; then cross-field checks."""
+    names = {f.name for f in fields(Settings)}
+    merged = {k: v for k, v in {**file_values, **overrides}.items() if k in names}
+    settings = replace(Settings(), **merged, source=source)
+    validate(settings)
+    return settings
+
+
+def validate(s: Settings) -> None:
+    """Checks that span several keys."""
+    if s.min_port > s.max_port:
+        raise ConfigError(f"relay.min_port: {s.min_port} is above relay.max_port {s.max_port}")
+    if s.default_lifetime > s.max_lifetime:
+        raise ConfigError("allocations.default_lifetime: above allocations.max_lifetime")
+    if not s.secrets and not s.users:
+        raise ConfigError("auth: no credentials configured; give --secret or --user "
+                          "(auth.secrets or auth.users in the file)")
+    for fam in (4, 6):
+        if len([ip for ip in s.relay_ips if ipaddress.ip_address(ip).version == fam]) > 1:
+            raise ConfigError(f"relay.ip: at most one IPv{fam} relay address")
+        if len([ip for ip in s.external_ips if ipaddress.ip_address(ip).version == fam]) > 1:
+            raise ConfigError(f"relay.external_ip: at most one IPv{fam} external address")
+    if not relay_layout(s):
+        raise ConfigError("relay.ip: no relay address; give --relay-ip (and --external-ip "
+                          "behind NAT) when listening on a wildcard address")
+
+
+def relay_layout(s: Settings) -> list[tuple[str, str, int]]:
+    """(bind ip, advertised ip, family) per address family the server relays on."""
+    out: list[tuple[str, str, int]] = []
+    externals = {ipaddress.ip_address(ip).version: ip for ip in s.external_ips}
+    binds = {ipaddress.ip_address(ip).version: ip for ip in s.relay_ips}
+    if not binds:
+        for spec in s.listen:
+            ip = ipaddress.ip_address(spec.host)
+            if ip.version not in binds and (not ip.is_unspecified or ip.version in externals):
+                binds[ip.version] = spec.host
+    for fam, bind in sorted(binds.items()):
+        advertised = externals.get(fam, bind)
+        if ipaddress.ip_address(advertised).is_unspecified:
+            continue
+        out.append((bind, advertised, fam))
+    return out
