@@ -23,8 +23,8 @@ run: $(STAMP)
 	$(BIN)/turnserver serve --config config/dev.yaml --secret "$$(cat $(RUNDIR)/secret)" --show-credential dev
 
 lint: $(STAMP)
-	$(BIN)/ruff check turnserver tests benchmarks
-	$(BIN)/ruff format --check turnserver
+	$(BIN)/ruff check turnserver tests
+	$(BIN)/ruff format --check turnserver tests
 
 typecheck: $(STAMP)
 	$(BIN)/mypy --strict turnserver

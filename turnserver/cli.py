@@ -20,33 +20,71 @@ from turnserver.ops.config import (
 
 
 def _serve_parser(sub: Any) -> None:
-    p = sub.add_parser("serve", help="run the TURN/STUN server",
-                       description="Run the TURN/STUN server. Flags override the config file.")
+    p = sub.add_parser(
+        "serve",
+        help="run the TURN/STUN server",
+        description="Run the TURN/STUN server. Flags override the config file.",
+    )
     p.add_argument("--config", metavar="FILE", help="YAML config file (see config/turnserver.yaml)")
     p.add_argument("--realm", metavar="R", help="long-term credential realm")
-    p.add_argument("--secret", metavar="S", action="append",
-                   help="TURN REST API shared secret (repeatable; the first mints)")
-    p.add_argument("--user", metavar="NAME:PASSWORD", action="append",
-                   help="static long-term user (repeatable)")
-    p.add_argument("--listen", metavar="URI", action="append",
-                   help="listener, e.g. udp://0.0.0.0:3478 (repeatable)")
-    p.add_argument("--relay-ip", metavar="IP", action="append",
-                   help="address relay sockets bind to (one per family)")
-    p.add_argument("--external-ip", metavar="IP", action="append",
-                   help="relay address advertised to clients, behind NAT (one per family)")
+    p.add_argument(
+        "--secret",
+        metavar="S",
+        action="append",
+        help="TURN REST API shared secret (repeatable; the first mints)",
+    )
+    p.add_argument(
+        "--user",
+        metavar="NAME:PASSWORD",
+        action="append",
+        help="static long-term user (repeatable)",
+    )
+    p.add_argument(
+        "--listen",
+        metavar="URI",
+        action="append",
+        help="listener, e.g. udp://0.0.0.0:3478 (repeatable)",
+    )
+    p.add_argument(
+        "--relay-ip",
+        metavar="IP",
+        action="append",
+        help="address relay sockets bind to (one per family)",
+    )
+    p.add_argument(
+        "--external-ip",
+        metavar="IP",
+        action="append",
+        help="relay address advertised to clients, behind NAT (one per family)",
+    )
     p.add_argument("--min-port", metavar="N", type=int, help="lowest relay port")
     p.add_argument("--max-port", metavar="N", type=int, help="highest relay port")
-    p.add_argument("--allow-loopback-peers", action="store_true", default=None,
-                   help="let clients relay to 127.0.0.0/8 and ::1 (local development only)")
-    p.add_argument("--allow-peer", metavar="CIDR", action="append",
-                   help="peer network to allow even if denied by default (repeatable)")
-    p.add_argument("--deny-peer", metavar="CIDR", action="append",
-                   help="peer network to deny in addition to the defaults (repeatable)")
+    p.add_argument(
+        "--allow-loopback-peers",
+        action="store_true",
+        default=None,
+        help="let clients relay to 127.0.0.0/8 and ::1 (local development only)",
+    )
+    p.add_argument(
+        "--allow-peer",
+        metavar="CIDR",
+        action="append",
+        help="peer network to allow even if denied by default (repeatable)",
+    )
+    p.add_argument(
+        "--deny-peer",
+        metavar="CIDR",
+        action="append",
+        help="peer network to deny in addition to the defaults (repeatable)",
+    )
     p.add_argument("--log-level", choices=LOG_LEVELS, help="log level (default info)")
     p.add_argument("--log-format", choices=LOG_FORMATS, help="log format (default text)")
     p.add_argument("--loop", choices=LOOP_CHOICES, help="event loop (default auto: uvloop)")
-    p.add_argument("--show-credential", metavar="USER",
-                   help="print a ready-to-use credential for USER at start (development)")
+    p.add_argument(
+        "--show-credential",
+        metavar="USER",
+        help="print a ready-to-use credential for USER at start (development)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -71,10 +109,16 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     if args.listen:
         o["listen"] = tuple(parse_listen(u, "--listen") for u in args.listen)
     simple = {
-        "relay_ip": "relay_ips", "external_ip": "external_ips", "min_port": "min_port",
-        "max_port": "max_port", "allow_loopback_peers": "allow_loopback_peers",
-        "allow_peer": "allow_peers", "deny_peer": "deny_peers", "log_level": "log_level",
-        "log_format": "log_format", "loop": "loop",
+        "relay_ip": "relay_ips",
+        "external_ip": "external_ips",
+        "min_port": "min_port",
+        "max_port": "max_port",
+        "allow_loopback_peers": "allow_loopback_peers",
+        "allow_peer": "allow_peers",
+        "deny_peer": "deny_peers",
+        "log_level": "log_level",
+        "log_format": "log_format",
+        "loop": "loop",
     }
     for arg, attr in simple.items():
         value = getattr(args, arg)
@@ -96,10 +140,12 @@ def main(argv: list[str] | None = None) -> int:
         try:
             file_values = load_file(args.config) if args.config else {}
             overrides = _overrides(args)
-            for key, check, flag in (("relay_ips", _ip_list, "--relay-ip"),
-                                     ("external_ips", _ip_list, "--external-ip"),
-                                     ("allow_peers", _cidr_list, "--allow-peer"),
-                                     ("deny_peers", _cidr_list, "--deny-peer")):
+            for key, check, flag in (
+                ("relay_ips", _ip_list, "--relay-ip"),
+                ("external_ips", _ip_list, "--external-ip"),
+                ("allow_peers", _cidr_list, "--allow-peer"),
+                ("deny_peers", _cidr_list, "--deny-peer"),
+            ):
                 if key in overrides:
                     overrides[key] = check(list(overrides[key]), flag)
             settings = build_settings(file_values, overrides, args.config or "flags")

@@ -12,7 +12,7 @@ from typing import Protocol
 from turnserver.core.five_tuple import FiveTuple
 from turnserver.stun.attributes import Address
 
-SendTo = Callable[[bytes, Address], None]
+SendTo = Callable[[bytes, Address], object]
 
 
 class RelayEndpoint(Protocol):

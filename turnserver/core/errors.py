@@ -52,9 +52,10 @@ class UnknownAttribute(TurnError):
     reason = "unknown_attribute"
 
     def __init__(self, attributes: list[int]) -> None:
-        super().__init__("unknown comprehension-required attributes: " + ", ".join(
-            f"0x{a:04x}" for a in attributes
-        ))
+        super().__init__(
+            "unknown comprehension-required attributes: "
+            + ", ".join(f"0x{a:04x}" for a in attributes)
+        )
         self.attributes = attributes
 
 

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 
 from turnserver.stun.attributes import Address
 
 
-class ClientTransport(str, Enum):
+class ClientTransport(StrEnum):
     """How the client reaches the server; TLS is TCP on the wire but kept apart for metrics."""
 
     UDP = "udp"
@@ -25,9 +25,7 @@ class FiveTuple:
     transport: ClientTransport
 
     def __str__(self) -> str:
-        return (
-            f"{self.transport.value}:{_fmt(self.client)}->{_fmt(self.server)}"
-        )
+        return f"{self.transport.value}:{_fmt(self.client)}->{_fmt(self.server)}"
 
 
 def _fmt(addr: Address) -> str:

@@ -94,8 +94,16 @@ class RelayStats:
     )
 
     def __init__(self) -> None:
-        for name in self.__slots__:
-            setattr(self, name, 0)
+        self.dropped_malformed = 0
+        self.dropped_no_allocation = 0
+        self.dropped_no_permission = 0
+        self.dropped_peer_denied = 0
+        self.dropped_rate_limited = 0
+        self.dropped_unknown_channel = 0
+        self.ended_bytes_to_client = 0
+        self.ended_bytes_to_peer = 0
+        self.ended_packets_to_client = 0
+        self.ended_packets_to_peer = 0
 
 
 class TurnServer:
@@ -150,9 +158,7 @@ class TurnServer:
             self._handle_send(msg, five_tuple)
         return None
 
-    def handle_channel_data(
-        self, number: int, payload: bytes, five_tuple: FiveTuple
-    ) -> None:
+    def handle_channel_data(self, number: int, payload: bytes, five_tuple: FiveTuple) -> None:
         """ChannelData from a client when the I/O fast path did not take it (RFC 8656 §12.6)."""
         alloc = self.allocations.get(five_tuple)
         if alloc is None:
@@ -248,9 +254,9 @@ class TurnServer:
             self._report_failure(msg, ft, identity, err, method_name)
             return self._error_response(msg, ft, err, identity, now)
         except StunDecodeError as exc:  # a malformed attribute value
-            err = BadRequest(str(exc))
-            self._report_failure(msg, ft, identity, err, method_name)
-            return self._error_response(msg, ft, err, identity, now)
+            bad = BadRequest(str(exc))
+            self._report_failure(msg, ft, identity, bad, method_name)
+            return self._error_response(msg, ft, bad, identity, now)
         if self.config.software:
             attrs.append((Attr.SOFTWARE, self.config.software))
         response = encode_message(
@@ -280,9 +286,7 @@ class TurnServer:
         if isinstance(err, Unauthorized | StaleNonce) and err.reason != "unauthenticated":
             self.events.append(ev.AuthFailed(ft, username, err.reason))
         if msg.method == Method.ALLOCATE:
-            self.events.append(
-                ev.AllocationRefused(ft, username, err.code, err.reason, err.detail)
-            )
+            self.events.append(ev.AllocationRefused(ft, username, err.code, err.reason, err.detail))
 
     def _error_response(
         self,
@@ -392,8 +396,9 @@ class TurnServer:
         if token is not None:
             reservation = self.reservations.pop(token, None)
             if reservation is None:
-                raise InsufficientCapacity("unknown or expired RESERVATION-TOKEN",
-                                           reason="bad_reservation")
+                raise InsufficientCapacity(
+                    "unknown or expired RESERVATION-TOKEN", reason="bad_reservation"
+                )
             families = [reservation.family]
         elif requested_family is not None:
             families = [_FAMILY_VERSION[AddressFamily(requested_family)]]
@@ -409,8 +414,7 @@ class TurnServer:
             address_error = 6  # RFC 8656 §7.2: ADDRESS-ERROR-CODE for the missing family
 
         lifetime = self._lifetime(msg.get(Attr.LIFETIME))
-        alloc = Allocation(ft, ident.username, ident.user, ident.key, now, lifetime,
-                           ident.expires)
+        alloc = Allocation(ft, ident.username, ident.user, ident.key, now, lifetime, ident.expires)
         alloc.allocate_transaction_id = msg.transaction_id
         alloc.dont_fragment = msg.has(Attr.DONT_FRAGMENT)
         new_token: bytes | None = None
@@ -425,8 +429,9 @@ class TurnServer:
                         self.reservations[new_token] = Reservation(
                             version, reserved, now + cfg.reservation_lifetime
                         )
-                        self._push(now + cfg.reservation_lifetime, TimerKind.RESERVATION,
-                                   None, new_token)
+                        self._push(
+                            now + cfg.reservation_lifetime, TimerKind.RESERVATION, None, new_token
+                        )
                 else:
                     relay = self._open_relay(alloc, version)
                 alloc.relays[version] = relay
@@ -439,14 +444,20 @@ class TurnServer:
         self._push(alloc.expires, TimerKind.ALLOCATION, alloc, None)
         if cfg.strict_expiry and ident.expires is not None:
             self._push(ident.expires, TimerKind.CREDENTIAL, alloc, None)
-        attrs: Attributes = [(Attr.XOR_RELAYED_ADDRESS, r.advertised) for r in alloc.relays.values()]
+        attrs: Attributes = [
+            (Attr.XOR_RELAYED_ADDRESS, r.advertised) for r in alloc.relays.values()
+        ]
         attrs.append((Attr.LIFETIME, lifetime))
         if new_token is not None:
             attrs.append((Attr.RESERVATION_TOKEN, new_token))
         attrs.append((Attr.XOR_MAPPED_ADDRESS, ft.client))
         if address_error is not None:
-            attrs.append((Attr.ADDRESS_ERROR_CODE,
-                          (_VERSION_FAMILY[address_error], 440, "Address Family not Supported")))
+            attrs.append(
+                (
+                    Attr.ADDRESS_ERROR_CODE,
+                    (_VERSION_FAMILY[address_error], 440, "Address Family not Supported"),
+                )
+            )
         self.events.append(
             ev.AllocationCreated(ft, ident.username, alloc.relayed_addresses, lifetime)
         )
@@ -657,6 +668,9 @@ class TurnServer:
         self._close_relays(alloc)
         alloc.channel_routes.clear()
         alloc.peer_channels.clear()
+        alloc.bindings.clear()
+        alloc.bindings_by_peer.clear()
+        alloc.permissions.clear()
         stats = self.stats
         stats.ended_packets_to_peer += alloc.packets_to_peer
         stats.ended_bytes_to_peer += alloc.bytes_to_peer
@@ -684,8 +698,12 @@ class TurnServer:
     def relay_totals(self) -> tuple[int, int, int, int]:
         """(packets to peer, bytes to peer, packets to client, bytes to client) so far."""
         s = self.stats
-        pp, bp, pc, bc = (s.ended_packets_to_peer, s.ended_bytes_to_peer,
-                          s.ended_packets_to_client, s.ended_bytes_to_client)
+        pp, bp, pc, bc = (
+            s.ended_packets_to_peer,
+            s.ended_bytes_to_peer,
+            s.ended_packets_to_client,
+            s.ended_bytes_to_client,
+        )
         for a in self.allocations.values():
             pp += a.packets_to_peer
             bp += a.bytes_to_peer

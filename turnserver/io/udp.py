@@ -12,7 +12,7 @@ import asyncio
 import socket
 from typing import TYPE_CHECKING
 
-from turnserver.core.allocation import Allocation
+from turnserver.core.allocation import Allocation, SendTo
 from turnserver.core.five_tuple import ClientTransport, FiveTuple
 from turnserver.io.sinks import ClientSink
 from turnserver.stun.attributes import Address
@@ -25,6 +25,7 @@ READ_BATCH = 64
 MAX_DATAGRAM = 65535
 SOCKET_BUFFER = 4 * 1024 * 1024
 _IP_PMTUDISC_DO = 2
+_IP_MTU_DISCOVER = getattr(socket, "IP_MTU_DISCOVER", 10)
 
 
 def _tune_buffers(sock: socket.socket) -> None:
@@ -69,8 +70,9 @@ class UdpClientSink:
 
     def send_channel_data(self, number: int, payload: bytes) -> None:
         try:
-            self.sock.sendmsg((CHANNEL_HEADER.pack(number, len(payload)), payload), (), 0,
-                              self.addr)
+            self.sock.sendmsg(
+                (CHANNEL_HEADER.pack(number, len(payload)), payload), (), 0, self.addr
+            )
         except OSError:
             pass
 
@@ -117,7 +119,9 @@ class UdpListener:
                 if alloc is None:
                     stats.dropped_no_allocation += 1
                     continue
-                route = alloc.channel_routes.get((data[0] << 8) | data[1]) if len(data) > 3 else None
+                route = (
+                    alloc.channel_routes.get((data[0] << 8) | data[1]) if len(data) > 3 else None
+                )
                 if route is None:
                     stats.dropped_unknown_channel += 1
                     continue
@@ -165,7 +169,7 @@ class UdpRelay:
         self.v6 = sock.family == socket.AF_INET6
         host, port = sock.getsockname()[:2]
         self.address: Address = (host, port)
-        self.sendto = sock.sendto
+        self.sendto: SendTo = sock.sendto
         self.sink: UdpClientSink | None = None
         self._fd = sock.fileno()
         loop.add_reader(self._fd, self._on_readable)
@@ -256,7 +260,7 @@ class UdpRelayOpener:
             # RFC 8656 §7.2 DONT-FRAGMENT: set DF on relayed datagrams
             try:
                 if sock.family == socket.AF_INET:
-                    sock.setsockopt(socket.IPPROTO_IP, socket.IP_MTU_DISCOVER, _IP_PMTUDISC_DO)
+                    sock.setsockopt(socket.IPPROTO_IP, _IP_MTU_DISCOVER, _IP_PMTUDISC_DO)
                 else:
                     sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_DONTFRAG, 1)
             except (OSError, AttributeError):

@@ -15,7 +15,7 @@ from turnserver.core.auth import Authenticator, Credentials, NonceIssuer
 from turnserver.core.config import CoreConfig, RelayAddress
 from turnserver.core.policy import DefaultPeerPolicy
 from turnserver.io.loop import loop_factory
-from turnserver.io.runtime import ListenAddress, ServerRuntime
+from turnserver.io.runtime import ServerRuntime
 from turnserver.ops.config import Settings, relay_layout
 from turnserver.ops.credentials import mint
 from turnserver.ops.eventlog import log, log_event, setup_logging
@@ -63,8 +63,9 @@ def build_runtime(settings: Settings, loop: asyncio.AbstractEventLoop) -> Server
         deny=settings.deny_peers,
         allow_loopback=settings.allow_loopback_peers,
     )
-    auth = Authenticator(credentials(settings), NonceIssuer(nonce_key(settings),
-                                                            settings.nonce_lifetime))
+    auth = Authenticator(
+        credentials(settings), NonceIssuer(nonce_key(settings), settings.nonce_lifetime)
+    )
     runtime = ServerRuntime(core_config(settings), auth, policy, list(settings.listen), loop)
     runtime.event_sinks.append(log_event)
     return runtime
@@ -89,8 +90,10 @@ def credential_banner(settings: Settings, runtime: ServerRuntime, user: str) -> 
         first = settings.users[0]
         username, password = first.name, first.password or "<precomputed key>"
         note = "static user"
-    ice = {"iceServers": [{"urls": urls, "username": username, "credential": password}],
-           "iceTransportPolicy": "relay"}
+    ice = {
+        "iceServers": [{"urls": urls, "username": username, "credential": password}],
+        "iceTransportPolicy": "relay",
+    }
     lines.append(f"TURN server ready on {', '.join(str(s) for s in listen)}")
     lines.append(f"  realm:    {settings.realm}")
     lines.append(f"  username: {username}")
@@ -108,10 +111,13 @@ async def _serve(settings: Settings, show_credential: str | None) -> int:
     except (OSError, ValueError) as exc:
         log.error("%s", exc)
         return 1
-    log.info("listening on %s; relaying on %s ports %d-%d", ", ".join(
-        str(s) for s in runtime.bound_addresses()), ", ".join(
-        f"{b} (advertised {a})" for b, a, _ in relay_layout(settings)),
-        settings.min_port, settings.max_port)
+    log.info(
+        "listening on %s; relaying on %s ports %d-%d",
+        ", ".join(str(s) for s in runtime.bound_addresses()),
+        ", ".join(f"{b} (advertised {a})" for b, a, _ in relay_layout(settings)),
+        settings.min_port,
+        settings.max_port,
+    )
     if show_credential:
         print(credential_banner(settings, runtime, show_credential), file=sys.stdout, flush=True)
     stop = asyncio.Event()

@@ -272,7 +272,10 @@ def parse_yaml(text: str, name: str = "<config>") -> dict[str, Any]:
 
 
 def _walk(
-    loader: yaml.SafeLoader, node: yaml.MappingNode, prefix: str, name: str,
+    loader: yaml.SafeLoader,
+    node: yaml.MappingNode,
+    prefix: str,
+    name: str,
     values: dict[str, Any],
 ) -> None:
     for key_node, value_node in node.value:
@@ -311,16 +314,20 @@ def validate(s: Settings) -> None:
     if s.default_lifetime > s.max_lifetime:
         raise ConfigError("allocations.default_lifetime: above allocations.max_lifetime")
     if not s.secrets and not s.users:
-        raise ConfigError("auth: no credentials configured; give --secret or --user "
-                          "(auth.secrets or auth.users in the file)")
+        raise ConfigError(
+            "auth: no credentials configured; give --secret or --user "
+            "(auth.secrets or auth.users in the file)"
+        )
     for fam in (4, 6):
         if len([ip for ip in s.relay_ips if ipaddress.ip_address(ip).version == fam]) > 1:
             raise ConfigError(f"relay.ip: at most one IPv{fam} relay address")
         if len([ip for ip in s.external_ips if ipaddress.ip_address(ip).version == fam]) > 1:
             raise ConfigError(f"relay.external_ip: at most one IPv{fam} external address")
     if not relay_layout(s):
-        raise ConfigError("relay.ip: no relay address; give --relay-ip (and --external-ip "
-                          "behind NAT) when listening on a wildcard address")
+        raise ConfigError(
+            "relay.ip: no relay address; give --relay-ip (and --external-ip "
+            "behind NAT) when listening on a wildcard address"
+        )
 
 
 def relay_layout(s: Settings) -> list[tuple[str, str, int]]:

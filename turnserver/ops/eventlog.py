@@ -57,28 +57,59 @@ def _addrs(addrs: tuple[tuple[str, int], ...]) -> str:
 def log_event(event: ev.Event) -> None:
     """Write the log line for one event (the core's event sink)."""
     if isinstance(event, ev.AllocationCreated):
-        _emit(logging.INFO, "allocation created", event.five_tuple, user=event.username,
-              relayed=_addrs(event.relayed), lifetime=event.lifetime)
+        _emit(
+            logging.INFO,
+            "allocation created",
+            event.five_tuple,
+            user=event.username,
+            relayed=_addrs(event.relayed),
+            lifetime=event.lifetime,
+        )
     elif isinstance(event, ev.AllocationRefused):
         level = logging.DEBUG if event.reason == "unauthenticated" else logging.WARNING
-        _emit(level, "allocation refused", event.five_tuple, user=event.username,
-              code=event.code, reason=event.reason, detail=event.detail)
+        _emit(
+            level,
+            "allocation refused",
+            event.five_tuple,
+            user=event.username,
+            code=event.code,
+            reason=event.reason,
+            detail=event.detail,
+        )
     elif isinstance(event, ev.AllocationEnded):
-        _emit(logging.INFO, "allocation ended", event.five_tuple, user=event.username,
-              relayed=_addrs(event.relayed), cause=event.cause,
-              lifetime_s=round(event.duration, 3),
-              packets_to_peer=event.packets_to_peer, bytes_to_peer=event.bytes_to_peer,
-              packets_to_client=event.packets_to_client,
-              bytes_to_client=event.bytes_to_client)
+        _emit(
+            logging.INFO,
+            "allocation ended",
+            event.five_tuple,
+            user=event.username,
+            relayed=_addrs(event.relayed),
+            cause=event.cause,
+            lifetime_s=round(event.duration, 3),
+            packets_to_peer=event.packets_to_peer,
+            bytes_to_peer=event.bytes_to_peer,
+            packets_to_client=event.packets_to_client,
+            bytes_to_client=event.bytes_to_client,
+        )
     elif isinstance(event, ev.AllocationRefreshed):
         _emit(logging.DEBUG, "allocation refreshed", event.five_tuple, lifetime=event.lifetime)
     elif isinstance(event, ev.RequestHandled):
         if event.code and event.reason != "unauthenticated":
-            _emit(logging.INFO, "request refused", event.five_tuple, method=event.method,
-                  code=event.code, reason=event.reason)
+            _emit(
+                logging.INFO,
+                "request refused",
+                event.five_tuple,
+                method=event.method,
+                code=event.code,
+                reason=event.reason,
+            )
     elif isinstance(event, ev.AuthFailed):
-        _emit(logging.WARNING, "authentication failed", event.five_tuple,
-              user=event.username, reason=event.reason)
+        _emit(
+            logging.WARNING,
+            "authentication failed",
+            event.five_tuple,
+            user=event.username,
+            reason=event.reason,
+        )
     elif isinstance(event, ev.PeerDenied):
         _emit(logging.WARNING, "peer denied", event.five_tuple, peer=event.peer_ip)
     elif isinstance(event, ev.PermissionInstalled):
@@ -86,14 +117,29 @@ def log_event(event: ev.Event) -> None:
     elif isinstance(event, ev.PermissionExpired):
         _emit(logging.DEBUG, "permission expired", event.five_tuple, peer=event.peer_ip)
     elif isinstance(event, ev.ChannelBound):
-        _emit(logging.DEBUG, "channel bound", event.five_tuple,
-              channel=f"0x{event.number:04x}", peer=format_address(event.peer))
+        _emit(
+            logging.DEBUG,
+            "channel bound",
+            event.five_tuple,
+            channel=f"0x{event.number:04x}",
+            peer=format_address(event.peer),
+        )
     elif isinstance(event, ev.ChannelExpired):
-        _emit(logging.DEBUG, "channel expired", event.five_tuple,
-              channel=f"0x{event.number:04x}", peer=format_address(event.peer))
+        _emit(
+            logging.DEBUG,
+            "channel expired",
+            event.five_tuple,
+            channel=f"0x{event.number:04x}",
+            peer=format_address(event.peer),
+        )
     elif isinstance(event, ev.MessageDiscarded):
-        _emit(logging.DEBUG, "message discarded", event.five_tuple, reason=event.reason,
-              detail=event.detail)
+        _emit(
+            logging.DEBUG,
+            "message discarded",
+            event.five_tuple,
+            reason=event.reason,
+            detail=event.detail,
+        )
 
 
 def _emit(level: int, msg: str, five_tuple: object, **fields: Any) -> None:

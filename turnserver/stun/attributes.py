@@ -55,9 +55,10 @@ def _decode_xor_address(raw: bytes, tid: bytes) -> Address:
         raise StunDecodeError("XOR address attribute too short")
     family, xport = _ADDR_HEAD.unpack_from(raw)
     body = raw[4:]
-    if not ((family == AddressFamily.IPV4 and len(body) == 4) or (
-        family == AddressFamily.IPV6 and len(body) == 16
-    )):
+    if not (
+        (family == AddressFamily.IPV4 and len(body) == 4)
+        or (family == AddressFamily.IPV6 and len(body) == 16)
+    ):
         raise StunDecodeError(f"bad address family {family} or length {len(raw)}")
     packed = _xor_bytes(body, tid)
     host = str(ipaddress.ip_address(packed))
@@ -204,58 +205,61 @@ class AttrCodec:
     decode: Callable[[bytes, bytes], Any]
 
 
-_ADDR = (_encode_address, _decode_address)
-_XADDR = (_encode_xor_address, _decode_xor_address)
-_U32C = (_encode_u32, _decode_u32)
-_RAW = (_encode_bytes, _decode_bytes)
-_FLAG = (_encode_flag, _decode_flag)
-_OCTET = (_encode_first_octet, _decode_first_octet)
+Encoder = Callable[[Any, bytes], bytes]
+Decoder = Callable[[bytes, bytes], Any]
+_ADDR: tuple[Encoder, Decoder] = (_encode_address, _decode_address)
+_XADDR: tuple[Encoder, Decoder] = (_encode_xor_address, _decode_xor_address)
+_U32C: tuple[Encoder, Decoder] = (_encode_u32, _decode_u32)
+_RAW: tuple[Encoder, Decoder] = (_encode_bytes, _decode_bytes)
+_FLAG: tuple[Encoder, Decoder] = (_encode_flag, _decode_flag)
+_OCTET: tuple[Encoder, Decoder] = (_encode_first_octet, _decode_first_octet)
+
+_TABLE: dict[Attr, tuple[Encoder, Decoder]] = {
+    Attr.MAPPED_ADDRESS: _ADDR,
+    Attr.CHANGE_REQUEST: _U32C,
+    Attr.USERNAME: (_encode_string, _string_decoder(513)),
+    Attr.MESSAGE_INTEGRITY: _RAW,
+    Attr.ERROR_CODE: (_encode_error_code, _decode_error_code),
+    Attr.UNKNOWN_ATTRIBUTES: (_encode_unknown_attributes, _decode_unknown_attributes),
+    Attr.CHANNEL_NUMBER: (_encode_channel_number, _decode_channel_number),
+    Attr.LIFETIME: _U32C,
+    Attr.XOR_PEER_ADDRESS: _XADDR,
+    Attr.DATA: _RAW,
+    Attr.REALM: (_encode_string, _string_decoder(763)),
+    Attr.NONCE: (_encode_string, _string_decoder(763)),
+    Attr.XOR_RELAYED_ADDRESS: _XADDR,
+    Attr.REQUESTED_ADDRESS_FAMILY: _OCTET,
+    Attr.EVEN_PORT: (_encode_even_port, _decode_even_port),
+    Attr.REQUESTED_TRANSPORT: _OCTET,
+    Attr.DONT_FRAGMENT: _FLAG,
+    Attr.MESSAGE_INTEGRITY_SHA256: _RAW,
+    Attr.PASSWORD_ALGORITHM: _RAW,
+    Attr.USERHASH: _RAW,
+    Attr.XOR_MAPPED_ADDRESS: _XADDR,
+    Attr.RESERVATION_TOKEN: (_encode_bytes, _decode_u64_bytes),
+    Attr.PRIORITY: _U32C,
+    Attr.USE_CANDIDATE: _FLAG,
+    Attr.PADDING: _RAW,
+    Attr.RESPONSE_PORT: _RAW,
+    Attr.CONNECTION_ID: _U32C,
+    Attr.ADDITIONAL_ADDRESS_FAMILY: _OCTET,
+    Attr.ADDRESS_ERROR_CODE: (_encode_address_error_code, _decode_address_error_code),
+    Attr.PASSWORD_ALGORITHMS: _RAW,
+    Attr.ALTERNATE_DOMAIN: (_encode_string, _string_decoder(763)),
+    Attr.ICMP: _RAW,
+    Attr.SOFTWARE: (_encode_string, _string_decoder(763)),
+    Attr.ALTERNATE_SERVER: _ADDR,
+    Attr.TRANSACTION_TRANSMIT_COUNTER: _RAW,
+    Attr.CACHE_TIMEOUT: _U32C,
+    Attr.FINGERPRINT: _U32C,
+    Attr.ICE_CONTROLLED: (_encode_bytes, _decode_u64_bytes),
+    Attr.ICE_CONTROLLING: (_encode_bytes, _decode_u64_bytes),
+    Attr.RESPONSE_ORIGIN: _ADDR,
+    Attr.OTHER_ADDRESS: _ADDR,
+}
 
 ATTRIBUTE_CODECS: dict[int, AttrCodec] = {
-    a: AttrCodec(a.name.replace("_", "-"), enc, dec)
-    for a, (enc, dec) in {
-        Attr.MAPPED_ADDRESS: _ADDR,
-        Attr.CHANGE_REQUEST: _U32C,
-        Attr.USERNAME: (_encode_string, _string_decoder(513)),
-        Attr.MESSAGE_INTEGRITY: _RAW,
-        Attr.ERROR_CODE: (_encode_error_code, _decode_error_code),
-        Attr.UNKNOWN_ATTRIBUTES: (_encode_unknown_attributes, _decode_unknown_attributes),
-        Attr.CHANNEL_NUMBER: (_encode_channel_number, _decode_channel_number),
-        Attr.LIFETIME: _U32C,
-        Attr.XOR_PEER_ADDRESS: _XADDR,
-        Attr.DATA: _RAW,
-        Attr.REALM: (_encode_string, _string_decoder(763)),
-        Attr.NONCE: (_encode_string, _string_decoder(763)),
-        Attr.XOR_RELAYED_ADDRESS: _XADDR,
-        Attr.REQUESTED_ADDRESS_FAMILY: _OCTET,
-        Attr.EVEN_PORT: (_encode_even_port, _decode_even_port),
-        Attr.REQUESTED_TRANSPORT: _OCTET,
-        Attr.DONT_FRAGMENT: _FLAG,
-        Attr.MESSAGE_INTEGRITY_SHA256: _RAW,
-        Attr.PASSWORD_ALGORITHM: _RAW,
-        Attr.USERHASH: _RAW,
-        Attr.XOR_MAPPED_ADDRESS: _XADDR,
-        Attr.RESERVATION_TOKEN: (_encode_bytes, _decode_u64_bytes),
-        Attr.PRIORITY: _U32C,
-        Attr.USE_CANDIDATE: _FLAG,
-        Attr.PADDING: _RAW,
-        Attr.RESPONSE_PORT: _RAW,
-        Attr.CONNECTION_ID: _U32C,
-        Attr.ADDITIONAL_ADDRESS_FAMILY: _OCTET,
-        Attr.ADDRESS_ERROR_CODE: (_encode_address_error_code, _decode_address_error_code),
-        Attr.PASSWORD_ALGORITHMS: _RAW,
-        Attr.ALTERNATE_DOMAIN: (_encode_string, _string_decoder(763)),
-        Attr.ICMP: _RAW,
-        Attr.SOFTWARE: (_encode_string, _string_decoder(763)),
-        Attr.ALTERNATE_SERVER: _ADDR,
-        Attr.TRANSACTION_TRANSMIT_COUNTER: _RAW,
-        Attr.CACHE_TIMEOUT: _U32C,
-        Attr.FINGERPRINT: _U32C,
-        Attr.ICE_CONTROLLED: (_encode_bytes, _decode_u64_bytes),
-        Attr.ICE_CONTROLLING: (_encode_bytes, _decode_u64_bytes),
-        Attr.RESPONSE_ORIGIN: _ADDR,
-        Attr.OTHER_ADDRESS: _ADDR,
-    }.items()
+    a: AttrCodec(a.name.replace("_", "-"), enc, dec) for a, (enc, dec) in _TABLE.items()
 }
 
 

@@ -172,7 +172,10 @@ def decode_message(data: bytes) -> StunMessage:
 
 def _encode_attribute(attr_type: int, value: Any, tid: bytes) -> bytes:
     codec = ATTRIBUTE_CODECS.get(attr_type)
-    raw: bytes = codec.encode(value, tid) if codec is not None else bytes(value)
+    if codec is None or isinstance(value, bytes | bytearray | memoryview):
+        raw = bytes(value)  # raw values pass through for every type
+    else:
+        raw = codec.encode(value, tid)
     return _ATTR_HEAD.pack(attr_type, len(raw)) + raw + b"\x00" * (-len(raw) % 4)
 
 

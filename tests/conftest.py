@@ -1,0 +1,125 @@
+"""Shared fixtures: an in-process server on loopback and a UDP echo peer."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import socket
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
+
+import pytest
+
+from turnserver.io.loop import uvloop_available
+from turnserver.io.runtime import ListenAddress, ServerRuntime
+from turnserver.ops.app import build_runtime
+from turnserver.ops.config import Settings, StaticUser
+
+SECRET = "test-shared-secret"
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+LOOPS = ["asyncio", "uvloop"] if uvloop_available() or IN_CI else ["asyncio"]
+
+
+def require_tool(name: str) -> str:
+    """Path of an interop client; fail in CI, skip with a reason on a laptop."""
+    path = shutil.which(name)
+    if path is None:
+        message = f"{name} not found (apt-get install coturn); .ci/run installs it"
+        if IN_CI:
+            pytest.fail(message)
+        pytest.skip(message)
+    return path
+
+
+def pytest_asyncio_loop_factories(
+    config: pytest.Config, item: pytest.Item
+) -> dict[str, Callable[[], asyncio.AbstractEventLoop]]:
+    """Every async test runs on the stdlib loop and on uvloop (the default in production)."""
+    factories: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
+        "asyncio": asyncio.new_event_loop
+    }
+    if "uvloop" in LOOPS:
+        import uvloop
+
+        factories["uvloop"] = uvloop.new_event_loop
+    return factories
+
+
+def free_port_range(count: int = 200) -> tuple[int, int]:
+    """A port range unlikely to collide between parallel runs."""
+    base = 40000 + (os.getpid() * 7) % 15000
+    return base, base + count - 1
+
+
+def test_settings(**overrides: object) -> Settings:
+    lo, hi = free_port_range()
+    values: dict[str, object] = {
+        "realm": "test.example",
+        "secrets": (SECRET,),
+        "users": (StaticUser("alice", password="alice-pw"),),
+        "listen": (ListenAddress("udp", "127.0.0.1", 0),),
+        "relay_ips": ("127.0.0.1",),
+        "min_port": lo,
+        "max_port": hi,
+        "allow_loopback_peers": True,
+        "log_level": "warning",
+    }
+    values.update(overrides)
+    return Settings(**values)  # type: ignore[arg-type]
+
+
+@dataclass
+class RunningServer:
+    runtime: ServerRuntime
+    settings: Settings
+
+    @property
+    def address(self) -> tuple[str, int]:
+        spec = self.runtime.bound_addresses()[0]
+        return spec.host, spec.port
+
+
+@pytest.fixture
+async def server() -> AsyncIterator[RunningServer]:
+    settings = test_settings()
+    runtime = build_runtime(settings, asyncio.get_running_loop())
+    runtime.start()
+    try:
+        yield RunningServer(runtime, settings)
+    finally:
+        runtime.stop()
+
+
+class EchoProtocol(asyncio.DatagramProtocol):
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+        self.received = 0
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        self.received += 1
+        self.transport.sendto(data, addr)  # type: ignore[attr-defined]
+
+
+@pytest.fixture
+async def echo_peer() -> AsyncIterator[tuple[tuple[str, int], EchoProtocol]]:
+    loop = asyncio.get_running_loop()
+    transport, proto = await loop.create_datagram_endpoint(
+        EchoProtocol, local_addr=("127.0.0.1", 0)
+    )
+    try:
+        yield transport.get_extra_info("sockname")[:2], proto
+    finally:
+        transport.close()
+
+
+@pytest.fixture
+def udp_socket() -> Iterator[socket.socket]:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", 0))
+    sock.settimeout(2.0)
+    try:
+        yield sock
+    finally:
+        sock.close()

@@ -1,0 +1,192 @@
+"""Configuration files, flags and the command line."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from aioice import turn
+
+from turnserver.cli import main
+from turnserver.ops.config import ConfigError, build_settings, load_file, parse_yaml
+
+from .conftest import EchoProtocol
+from .procs import free_port, stun_ping
+
+ROOT = Path(__file__).parent.parent
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("realm: x\nrelay:\n  min_port: abc\n", "cfg.yaml:3: relay.min_port: expected an integer"),
+        ("realm: x\nrelay:\n  minport: 3\n", "cfg.yaml:3: unknown key 'relay.minport'"),
+        ("realm: x\nlisten: [ftp://1.2.3.4:5]\n", "cfg.yaml:2: listen:"),
+        ("realm: x\n\npeers:\n  allow: [not-a-net]\n", "cfg.yaml:4: peers.allow:"),
+        ("realm: [x\n", "cfg.yaml:2: invalid YAML"),
+        ("- a\n- b\n", "cfg.yaml:1: the top level must be a mapping"),
+        ("auth:\n  users:\n    - name: a\n", "cfg.yaml:2: auth.users[0]: give exactly one"),
+        ("log:\n  level: loud\n", "cfg.yaml:2: log.level: expected one of"),
+        ("relay: 5\n", "cfg.yaml:1: relay: expected a mapping"),
+    ],
+)
+def test_bad_config_names_key_and_line(text: str, expected: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_yaml(text, "cfg.yaml")
+    assert str(info.value).startswith(expected), str(info.value)
+
+
+def test_cross_field_checks() -> None:
+    with pytest.raises(ConfigError, match="no credentials"):
+        build_settings({}, {}, "t")
+    with pytest.raises(ConfigError, match="min_port"):
+        build_settings({"secrets": ("s",), "min_port": 600, "max_port": 500}, {}, "t")
+    with pytest.raises(ConfigError, match=r"relay\.ip: no relay address"):
+        build_settings({"secrets": ("s",)}, {}, "t")  # wildcard listener, no relay ip
+
+
+def test_example_configs_parse() -> None:
+    for name in ("turnserver.yaml", "dev.yaml"):
+        values = load_file(str(ROOT / "config" / name))
+        assert values["realm"]
+    example = build_settings(load_file(str(ROOT / "config" / "turnserver.yaml")), {}, "x")
+    assert example.users[0].name == "alice"
+
+
+def test_flags_override_file(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("realm: from-file\nauth:\n  secrets: [a]\nrelay:\n  ip: [127.0.0.1]\n")
+    s = build_settings(load_file(str(cfg)), {"realm": "from-flag"}, str(cfg))
+    assert s.realm == "from-flag" and s.secrets == ("a",)
+
+
+def test_cli_without_command_prints_help(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([]) == 0
+    assert "serve" in capsys.readouterr().out
+
+
+def test_cli_bad_config_exits_2(tmp_path: Path) -> None:
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("realm: ok\nallocations:\n  max_lifetime: -5\n")
+    done = subprocess.run(
+        [sys.executable, "-m", "turnserver", "serve", "--config", str(cfg)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode == 2
+    assert "bad.yaml:3: allocations.max_lifetime: -5 is outside" in done.stderr
+
+
+def test_cli_bad_flag_value_exits_2() -> None:
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "turnserver",
+            "serve",
+            "--secret",
+            "s",
+            "--listen",
+            "udp://127.0.0.1:1",
+            "--relay-ip",
+            "nope",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode == 2 and "--relay-ip: 'nope' is not an IP address" in done.stderr
+
+
+def test_port_in_use_fails_with_clear_error() -> None:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "turnserver",
+                "serve",
+                "--secret",
+                "s",
+                "--listen",
+                f"udp://127.0.0.1:{port}",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    assert done.returncode == 1
+    assert f"cannot bind udp://127.0.0.1:{port}" in done.stderr
+
+
+class Collector(asyncio.DatagramProtocol):
+    def __init__(self) -> None:
+        self.queue: asyncio.Queue[bytes] = asyncio.Queue()
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        self.queue.put_nowait(data)
+
+
+async def test_make_run_command_prints_a_working_credential(
+    echo_peer: tuple[tuple[str, int], EchoProtocol],
+) -> None:
+    """What `make run` starts: config/dev.yaml, a secret, --show-credential."""
+    port = free_port()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "turnserver",
+        "serve",
+        "--config",
+        str(ROOT / "config/dev.yaml"),
+        "--secret",
+        "dev-secret",
+        "--show-credential",
+        "dev",
+        "--listen",
+        f"udp://127.0.0.1:{port}",
+        "--min-port",
+        "31000",
+        "--max-port",
+        "31099",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        assert proc.stdout is not None
+        lines = []
+        while not lines or not lines[-1].lstrip().startswith("{"):
+            line = await asyncio.wait_for(proc.stdout.readline(), 15)
+            assert line, "server exited"
+            lines.append(line.decode())
+        config = json.loads(lines[-1])
+        ice = config["iceServers"][0]
+        assert ice["urls"] == [f"turn:127.0.0.1:{port}?transport=udp"]
+        assert config["iceTransportPolicy"] == "relay"
+        deadline = time.monotonic() + 5
+        while not stun_ping(("127.0.0.1", port)) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        transport, collector = await turn.create_turn_endpoint(
+            Collector,
+            server_addr=("127.0.0.1", port),
+            username=ice["username"],
+            password=ice["credential"],
+        )
+        try:
+            transport.sendto(b"hello relay", echo_peer[0])
+            assert await asyncio.wait_for(collector.queue.get(), 3) == b"hello relay"
+        finally:
+            transport.close()
+    finally:
+        proc.terminate()
+        assert await asyncio.wait_for(proc.wait(), 10) == 0
