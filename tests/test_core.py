@@ -537,3 +537,27 @@ def test_chromium_capture_sequence_gets_sensible_answers() -> None:
     assert seen["Allocate-request"] == {401, 438}
     assert seen["CreatePermission-request"] == {438}
     assert seen["Send-indication"] == {-1}
+
+
+def test_dual_allocation_draft_attribute_and_family_delete() -> None:
+    """coturn's clients send ADDITIONAL-ADDRESS-FAMILY as 0x8032 (pre-RFC 8656)."""
+    core, opener = make_core()
+    c = CoreClient(core)
+    resp = c.allocate([(Attr.ADDITIONAL_ADDRESS_FAMILY_DRAFT, 2)])
+    assert len(resp.get_all(Attr.XOR_RELAYED_ADDRESS)) == 2
+    ok = c.request(Method.REFRESH, [(Attr.LIFETIME, 600), (Attr.REQUESTED_ADDRESS_FAMILY, 2)])
+    assert ok.message_class == MessageClass.SUCCESS
+    c.request(Method.CREATE_PERMISSION, [(Attr.XOR_PEER_ADDRESS, ("2001:4860::1", 1))])
+    gone = c.request(Method.REFRESH, [(Attr.LIFETIME, 0), (Attr.REQUESTED_ADDRESS_FAMILY, 2)])
+    assert gone.get(Attr.LIFETIME) == 0
+    alloc = core.allocations[c.ft]
+    assert list(alloc.relays) == [4] and not alloc.permissions
+    assert len(opener.live) == 1
+    bad = c.request(Method.REFRESH, [(Attr.REQUESTED_ADDRESS_FAMILY, 2)])
+    assert error_code(bad) == 443
+
+
+def test_ipv4_only_server_answers_draft_address_error_code() -> None:
+    core, _ = make_core(relay_addresses=(RelayAddress("127.0.0.1", "127.0.0.1", 4),))
+    dual = CoreClient(core).allocate([(Attr.ADDITIONAL_ADDRESS_FAMILY_DRAFT, 2)])
+    assert dual.get(Attr.ADDRESS_ERROR_CODE_DRAFT)[1] == 440

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import socket
 import subprocess
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -15,6 +16,18 @@ from .conftest import require_tool
 from .procs import ServerProcess, background, free_port, turnserver_process
 
 SECRET = "uclient-secret"
+
+
+def _ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+HAS_IPV6 = _ipv6_loopback()
 
 
 @dataclass
@@ -62,24 +75,28 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
     tmp = tmp_path_factory.mktemp("uclient")
     lo = 30000 + (free_port() % 5000)
     peer_port = free_port()
+    v6 = ["-L", "::1"] if HAS_IPV6 else []
+    server_args = [
+        "--secret",
+        SECRET,
+        "--user",
+        "user:pass",
+        "--realm",
+        "example.org",
+        "--relay-ip",
+        "127.0.0.1",
+        *(["--relay-ip", "::1"] if HAS_IPV6 else []),
+        "--allow-loopback-peers",
+        "--min-port",
+        str(lo),
+        "--max-port",
+        str(lo + 999),
+        "--log-level",
+        "info",
+    ]
     with (
-        background([peer, "-L", "127.0.0.1", "-p", str(peer_port)]),
-        turnserver_process(
-            Path(tmp),
-            "--secret",
-            SECRET,
-            "--user",
-            "user:pass",
-            "--realm",
-            "example.org",
-            "--allow-loopback-peers",
-            "--min-port",
-            str(lo),
-            "--max-port",
-            str(lo + 999),
-            "--log-level",
-            "info",
-        ) as server,
+        background([peer, "-L", "127.0.0.1", *v6, "-p", str(peer_port)]),
+        turnserver_process(Path(tmp), *server_args) as server,
     ):
         yield Lab(server, peer_port, uclient)
 
@@ -92,6 +109,10 @@ CASES = {
     "20-clients-200-packets": [*BASE, "-m", "20", "-n", "200"],
     "static-user": ["-e", "127.0.0.1", "-X", "-g", "-u", "user", "-w", "pass"],
     "padding-and-extra-requests": [*BASE, "-D", "-G"],
+}
+IPV6_CASES = {
+    "ipv6-relay": ["-e", "::1", "-x", "-u", "user", "-W", SECRET],
+    "dual-allocation": ["-e", "127.0.0.1", "-Z", "-u", "user", "-W", SECRET],
 }
 
 
@@ -107,6 +128,18 @@ def test_uclient_relays_with_zero_loss(lab: Lab) -> None:
     log = lab.server.log()
     assert "Traceback" not in log
     assert "allocation created" in log and "allocation ended" in log
+
+
+@pytest.mark.skipif(not HAS_IPV6, reason="this machine has no IPv6 loopback (::1)")
+def test_uclient_ipv6_and_dual_allocations(lab: Lab) -> None:
+    with ThreadPoolExecutor(len(IPV6_CASES)) as pool:
+        results = dict(
+            zip(IPV6_CASES, pool.map(lambda a: lab.run(*a), IPV6_CASES.values()), strict=True)
+        )
+    for name, result in results.items():
+        assert result.sent_bytes > 0, f"{name}: {result.output[-1500:]}"
+        assert result.recv_bytes == result.sent_bytes, f"{name}: {result.output[-1500:]}"
+        assert result.lost_packets == 0, name
 
 
 def test_uclient_wrong_password_gets_401(lab: Lab) -> None:

@@ -374,6 +374,10 @@ class TurnServer:
         even_port: bool | None = msg.get(Attr.EVEN_PORT)
         requested_family = msg.get(Attr.REQUESTED_ADDRESS_FAMILY)
         additional_family = msg.get(Attr.ADDITIONAL_ADDRESS_FAMILY)
+        address_error_attr = Attr.ADDRESS_ERROR_CODE
+        if additional_family is None:
+            additional_family = msg.get(Attr.ADDITIONAL_ADDRESS_FAMILY_DRAFT)
+            address_error_attr = Attr.ADDRESS_ERROR_CODE_DRAFT
         if token is not None and even_port is not None:
             raise BadRequest("RESERVATION-TOKEN together with EVEN-PORT")
         if token is not None and (requested_family is not None or additional_family is not None):
@@ -454,7 +458,8 @@ class TurnServer:
         if address_error is not None:
             attrs.append(
                 (
-                    Attr.ADDRESS_ERROR_CODE,
+                    address_error_attr,
+
                     (_VERSION_FAMILY[address_error], 440, "Address Family not Supported"),
                 )
             )
@@ -523,10 +528,20 @@ class TurnServer:
         """RFC 8656 §7.4; LIFETIME 0 deletes the allocation."""
         alloc = self._allocation_of(ft, ident)
         family = msg.get(Attr.REQUESTED_ADDRESS_FAMILY)
-        if family is not None and _FAMILY_VERSION.get(family) not in alloc.relays:
+        version = _FAMILY_VERSION.get(family) if family is not None else None
+        if family is not None and version not in alloc.relays:
             raise PeerAddressFamilyMismatch("REQUESTED-ADDRESS-FAMILY not in this allocation")
         requested = msg.get(Attr.LIFETIME)
         if requested == 0:
+            if version is not None and len(alloc.relays) > 1:
+                # RFC 8656 §7.4: delete one family of a dual allocation
+                relay = alloc.relays.pop(version)
+                relay.endpoint.close()
+                self.port_pools[version].give_back(relay.port)
+                for ip in [ip for ip in alloc.permissions if (":" in ip) == (version == 6)]:
+                    del alloc.permissions[ip]
+                    alloc.update_routes(ip)
+                return [(Attr.LIFETIME, 0)]
             self._delete(alloc, now, "deleted")
             return [(Attr.LIFETIME, 0)]
         lifetime = self._lifetime(requested)

@@ -244,6 +244,8 @@ _TABLE: dict[Attr, tuple[Encoder, Decoder]] = {
     Attr.CONNECTION_ID: _U32C,
     Attr.ADDITIONAL_ADDRESS_FAMILY: _OCTET,
     Attr.ADDRESS_ERROR_CODE: (_encode_address_error_code, _decode_address_error_code),
+    Attr.ADDITIONAL_ADDRESS_FAMILY_DRAFT: _OCTET,
+    Attr.ADDRESS_ERROR_CODE_DRAFT: (_encode_address_error_code, _decode_address_error_code),
     Attr.PASSWORD_ALGORITHMS: _RAW,
     Attr.ALTERNATE_DOMAIN: (_encode_string, _string_decoder(763)),
     Attr.ICMP: _RAW,

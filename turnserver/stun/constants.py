@@ -66,6 +66,9 @@ class Attr(IntEnum):
     CONNECTION_ID = 0x002A
     ADDITIONAL_ADDRESS_FAMILY = 0x8000
     ADDRESS_ERROR_CODE = 0x8001
+    # Pre-RFC 8656 codes (draft-ietf-tram-turn-ipv6), still sent by coturn 4.6's clients
+    ADDITIONAL_ADDRESS_FAMILY_DRAFT = 0x8032
+    ADDRESS_ERROR_CODE_DRAFT = 0x8033
     PASSWORD_ALGORITHMS = 0x8002
     ALTERNATE_DOMAIN = 0x8003
     ICMP = 0x8004
