@@ -85,7 +85,8 @@ class RunningServer:
 async def server() -> AsyncIterator[RunningServer]:
     settings = test_settings()
     runtime = build_runtime(settings, asyncio.get_running_loop())
-    runtime.start()
+    await runtime.start()
+
     try:
         yield RunningServer(runtime, settings)
     finally:

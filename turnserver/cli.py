@@ -12,6 +12,7 @@ from turnserver.ops.config import (
     LOG_FORMATS,
     LOG_LEVELS,
     ConfigError,
+    Settings,
     build_settings,
     load_file,
     parse_listen,
@@ -77,6 +78,8 @@ def _serve_parser(sub: Any) -> None:
         action="append",
         help="peer network to deny in addition to the defaults (repeatable)",
     )
+    p.add_argument("--cert", metavar="FILE", help="TLS certificate chain (PEM) for tls://")
+    p.add_argument("--key", metavar="FILE", help="TLS private key (PEM) for tls://")
     p.add_argument("--log-level", choices=LOG_LEVELS, help="log level (default info)")
     p.add_argument("--log-format", choices=LOG_FORMATS, help="log format (default text)")
     p.add_argument("--loop", choices=LOOP_CHOICES, help="event loop (default auto: uvloop)")
@@ -95,6 +98,22 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"turnserver {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _serve_parser(sub)
+    p = sub.add_parser(
+        "selfsigned",
+        help="create a self-signed TLS certificate if missing",
+        description="Write a self-signed certificate and key (for local "
+        "development) unless both files already exist.",
+    )
+    p.add_argument("--cert", metavar="FILE", required=True)
+    p.add_argument("--key", metavar="FILE", required=True)
+    p.add_argument(
+        "--host",
+        metavar="NAME",
+        action="append",
+        help="DNS name or IP the certificate is for (repeatable; default localhost, "
+        "127.0.0.1, ::1)",
+    )
+    p.add_argument("--days", type=int, default=365)
     return parser
 
 
@@ -119,6 +138,8 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         "log_level": "log_level",
         "log_format": "log_format",
         "loop": "loop",
+        "cert": "cert_file",
+        "key": "key_file",
     }
     for arg, attr in simple.items():
         value = getattr(args, arg)
@@ -152,7 +173,24 @@ def main(argv: list[str] | None = None) -> int:
         except ConfigError as exc:
             print(f"turnserver: configuration error: {exc}", file=sys.stderr)
             return 2
-        return serve(settings, args.show_credential)
+        config_path = args.config
+
+        def reload_settings() -> Settings:
+            values = load_file(config_path) if config_path else {}
+            return build_settings(values, overrides, config_path or "flags")
+
+        return serve(settings, args.show_credential, reload_settings)
+
+    if args.command == "selfsigned":
+        from turnserver.ops.selfsigned import ensure_self_signed
+
+        created, fingerprint = ensure_self_signed(
+            args.cert, args.key, args.host or ["localhost", "127.0.0.1", "::1"], args.days
+        )
+        state = "created" if created else "kept existing"
+        print(f"{state} {args.cert} (SHA-256 {fingerprint})")
+        return 0
+
     parser.print_help()
     return 2
 

@@ -95,6 +95,15 @@ class PeerDenied:
 
 
 @dataclass(frozen=True, slots=True)
+class ConnectionClosed:
+    """A TCP/TLS client connection closed by the server (framing error, idle, ...)."""
+
+    five_tuple: FiveTuple
+    reason: str
+    detail: str
+
+
+@dataclass(frozen=True, slots=True)
 class MessageDiscarded:
     """A datagram or message from a client that was dropped (malformed, no allocation...)."""
 
@@ -116,4 +125,5 @@ Event = (
     | ChannelExpired
     | PeerDenied
     | MessageDiscarded
+    | ConnectionClosed
 )

@@ -459,7 +459,6 @@ class TurnServer:
             attrs.append(
                 (
                     address_error_attr,
-
                     (_VERSION_FAMILY[address_error], 440, "Address Family not Supported"),
                 )
             )

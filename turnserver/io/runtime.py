@@ -10,11 +10,12 @@ from dataclasses import dataclass
 from turnserver.core import events as ev
 from turnserver.core.auth import Authenticator
 from turnserver.core.config import CoreConfig
-from turnserver.core.five_tuple import ClientTransport
+from turnserver.core.five_tuple import ClientTransport, FiveTuple
 from turnserver.core.policy import PeerPolicy
 from turnserver.core.server import TurnServer
-from turnserver.io.sinks import ClientSink
-from turnserver.io.udp import UdpListener, UdpRelay, UdpRelayOpener, bind_udp_socket
+from turnserver.io.stream import StreamConnection
+from turnserver.io.tls import ReloadableTLS
+from turnserver.io.udp import UdpListener, UdpRelayOpener, bind_udp_socket
 from turnserver.stun.attributes import Address
 
 EventSink = Callable[[ev.Event], None]
@@ -33,6 +34,15 @@ class ListenAddress:
         return f"{self.scheme}://{host}:{self.port}"
 
 
+@dataclass(frozen=True, slots=True)
+class StreamOptions:
+    """Limits for TCP/TLS client connections."""
+
+    idle_timeout: float = 30.0  # a connection with no allocation and no traffic
+    handshake_timeout: float = 10.0  # TLS
+    backlog: int = 1024
+
+
 class ServerRuntime:
     """One process's TURN server: a core, its listeners and its timer."""
 
@@ -44,34 +54,67 @@ class ServerRuntime:
         listen: list[ListenAddress],
         loop: asyncio.AbstractEventLoop,
         *,
+        tls: ReloadableTLS | None = None,
+        stream_options: StreamOptions | None = None,
         reuse_port: bool = False,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.loop = loop
         self.listen = listen
+        self.tls = tls
+        self.stream_options = stream_options or StreamOptions()
         self.reuse_port = reuse_port
         self.now = clock
         self.core = TurnServer(core_config, authenticator, UdpRelayOpener(self), peer_policy)
         self.udp_listeners: dict[Address, UdpListener] = {}
+        self.stream_servers: list[tuple[ListenAddress, asyncio.Server]] = []
+        self.stream_connections: dict[FiveTuple, StreamConnection] = {}
         self.event_sinks: list[EventSink] = []
         self.listeners_bound = False
         self._timer: asyncio.TimerHandle | None = None
         self._timer_when: float | None = None
+        self._sweeper: asyncio.TimerHandle | None = None
 
-    def start(self) -> None:
+    async def start(self) -> None:
         """Bind every listener (raises OSError naming the address that failed)."""
-        for spec in self.listen:
-            if spec.scheme != "udp":
-                raise ValueError(f"{spec}: only udp:// listeners are supported so far")
-            try:
-                sock = bind_udp_socket(spec.host, spec.port, reuse_port=self.reuse_port)
-            except OSError as exc:
-                self.stop()
-                raise OSError(exc.errno, f"cannot bind {spec}: {exc.strerror}") from exc
-            listener = UdpListener(self, sock)
-            listener.start(self.loop)
-            self.udp_listeners[listener.local] = listener
+        try:
+            for spec in self.listen:
+                await self._bind(spec)
+        except BaseException:
+            self.stop()
+            raise
         self.listeners_bound = True
+        self._schedule_sweep()
+
+    async def _bind(self, spec: ListenAddress) -> None:
+        try:
+            if spec.scheme == "udp":
+                sock = bind_udp_socket(spec.host, spec.port, reuse_port=self.reuse_port)
+                listener = UdpListener(self, sock)
+                listener.start(self.loop)
+                self.udp_listeners[listener.local] = listener
+                return
+            if spec.scheme == "tls" and self.tls is None:
+                raise ValueError(f"{spec}: a tls:// listener needs --cert and --key")
+            kind = ClientTransport.TLS if spec.scheme == "tls" else ClientTransport.TCP
+            ssl_ctx = (
+                self.tls.listener_context if kind == ClientTransport.TLS and self.tls else None
+            )
+            holder: list[Address] = []
+            server = await self.loop.create_server(
+                lambda: StreamConnection(self, holder[0], kind),
+                spec.host,
+                spec.port,
+                ssl=ssl_ctx,
+                ssl_handshake_timeout=self.stream_options.handshake_timeout if ssl_ctx else None,
+                reuse_port=self.reuse_port or None,
+                backlog=self.stream_options.backlog,
+            )
+            host, port = server.sockets[0].getsockname()[:2]
+            holder.append((host, port))
+            self.stream_servers.append((ListenAddress(spec.scheme, host, port), server))
+        except OSError as exc:
+            raise OSError(exc.errno, f"cannot bind {spec}: {exc.strerror}") from exc
 
     def stop(self) -> None:
         """Delete all allocations and close every socket."""
@@ -80,14 +123,27 @@ class ServerRuntime:
         for listener in self.udp_listeners.values():
             listener.close(self.loop)
         self.udp_listeners.clear()
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        for _, server in self.stream_servers:
+            server.close()
+        self.stream_servers.clear()
+        for conn in list(self.stream_connections.values()):
+            conn.close("shutdown")
+        for handle in (self._timer, self._sweeper):
+            if handle is not None:
+                handle.cancel()
+        self._timer = self._sweeper = None
         self.listeners_bound = False
 
     def bound_addresses(self) -> list[ListenAddress]:
-        """The addresses actually bound (port 0 resolved)."""
-        return [ListenAddress("udp", h, p) for (h, p) in self.udp_listeners]
+        """The addresses actually bound (port 0 resolved), in configuration order."""
+        out = [ListenAddress("udp", h, p) for (h, p) in self.udp_listeners]
+        out += [spec for spec, _ in self.stream_servers]
+        return out
+
+    def emit(self, event: ev.Event) -> None:
+        """Report an I/O-level event to the sinks (metrics, logs)."""
+        for sink in self.event_sinks:
+            sink(event)
 
     def after_core_call(self) -> None:
         """Dispatch the core's events and re-arm the single expiry timer."""
@@ -113,6 +169,34 @@ class ServerRuntime:
         self.core.handle_timer(self.now())
         self.after_core_call()
 
+    # ---- stream connections ------------------------------------------------------------
+
+    def stream_opened(self, conn: StreamConnection) -> None:
+        assert conn.five_tuple is not None
+        self.stream_connections[conn.five_tuple] = conn
+
+    def stream_closed(self, conn: StreamConnection, reason: str) -> None:
+        ft = conn.five_tuple
+        if ft is None:
+            return
+        self.stream_connections.pop(ft, None)
+        self.core.close_five_tuple(ft, self.now())
+        self.after_core_call()
+
+    def _schedule_sweep(self) -> None:
+        interval = max(0.2, min(5.0, self.stream_options.idle_timeout / 4))
+        self._sweeper = self.loop.call_later(interval, self._sweep)
+
+    def _sweep(self) -> None:
+        """Close TCP/TLS connections that hold no allocation and sent nothing lately."""
+        deadline = self.loop.time() - self.stream_options.idle_timeout
+        for conn in list(self.stream_connections.values()):
+            if conn.alloc is None and conn.last_active < deadline:
+                conn.close("idle_timeout", f"no allocation and idle {conn.last_active:.0f}")
+        self._schedule_sweep()
+
+    # ---- routing ---------------------------------------------------------------------
+
     def _route(self, event: ev.Event) -> None:
         """Keep the listeners' fast-path tables in step with allocations."""
         if isinstance(event, ev.AllocationCreated):
@@ -125,12 +209,19 @@ class ServerRuntime:
                 if listener is not None:
                     listener.by_client[ft.client] = alloc
                     alloc.sink = listener.sink_for(ft.client)
+            else:
+                conn = self.stream_connections.get(ft)
+                if conn is not None:
+                    conn.alloc = alloc
+                    alloc.sink = conn
         elif isinstance(event, ev.AllocationEnded):
             ft = event.five_tuple
             if ft.transport == ClientTransport.UDP:
                 listener = self.udp_listeners.get(ft.server)
                 if listener is not None:
                     listener.by_client.pop(ft.client, None)
-
-
-__all__ = ["ClientSink", "ListenAddress", "ServerRuntime", "UdpRelay"]
+            else:
+                conn = self.stream_connections.get(ft)
+                if conn is not None:
+                    conn.alloc = None
+                    conn.last_active = self.loop.time()

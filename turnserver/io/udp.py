@@ -221,6 +221,8 @@ class UdpRelay:
         """Peer data for a client on a stream transport (TCP/TLS)."""
         recvfrom = self.sock.recvfrom
         alloc = self.alloc
+        if not isinstance(sink, ClientSink):
+            sink = None
         for _ in range(READ_BATCH):
             try:
                 data, addr = recvfrom(MAX_DATAGRAM)
@@ -230,8 +232,9 @@ class UdpRelay:
                 continue
             if self.v6:
                 addr = addr[:2]
-            if not isinstance(sink, ClientSink):
+            if sink is None:
                 continue
+
             number = alloc.peer_channels.get(addr)
             if number is not None:
                 sink.send_channel_data(number, data)

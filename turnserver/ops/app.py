@@ -8,17 +8,22 @@ import json
 import logging
 import secrets
 import signal
+import ssl
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import replace
 
 from turnserver.core.auth import Authenticator, Credentials, NonceIssuer
 from turnserver.core.config import CoreConfig, RelayAddress
 from turnserver.core.policy import DefaultPeerPolicy
 from turnserver.io.loop import loop_factory
-from turnserver.io.runtime import ServerRuntime
-from turnserver.ops.config import Settings, relay_layout
+from turnserver.io.runtime import ListenAddress, ServerRuntime, StreamOptions
+from turnserver.io.tls import ReloadableTLS
+from turnserver.ops.config import ConfigError, Settings, relay_layout
 from turnserver.ops.credentials import mint
 from turnserver.ops.eventlog import log, log_event, setup_logging
+from turnserver.ops.selfsigned import spki_sha256
 
 
 def core_config(settings: Settings) -> CoreConfig:
@@ -56,31 +61,79 @@ def nonce_key(settings: Settings) -> bytes:
     return secrets.token_bytes(32)
 
 
-def build_runtime(settings: Settings, loop: asyncio.AbstractEventLoop) -> ServerRuntime:
-    """A ServerRuntime wired to logging; listeners not yet bound."""
-    policy = DefaultPeerPolicy(
+def peer_policy(settings: Settings) -> DefaultPeerPolicy:
+    """The peer policy of the settings."""
+    return DefaultPeerPolicy(
         allow=settings.allow_peers,
         deny=settings.deny_peers,
         allow_loopback=settings.allow_loopback_peers,
     )
+
+
+def build_runtime(settings: Settings, loop: asyncio.AbstractEventLoop) -> ServerRuntime:
+    """A ServerRuntime wired to logging; listeners not yet bound (raises on a bad cert)."""
     auth = Authenticator(
         credentials(settings), NonceIssuer(nonce_key(settings), settings.nonce_lifetime)
     )
-    runtime = ServerRuntime(core_config(settings), auth, policy, list(settings.listen), loop)
+    tls = None
+    if settings.cert_file and settings.key_file:
+        tls = ReloadableTLS(settings.cert_file, settings.key_file)
+    runtime = ServerRuntime(
+        core_config(settings),
+        auth,
+        peer_policy(settings),
+        list(settings.listen),
+        loop,
+        tls=tls,
+        stream_options=StreamOptions(settings.idle_timeout, settings.handshake_timeout),
+    )
     runtime.event_sinks.append(log_event)
     return runtime
+
+
+def apply_reload(runtime: ServerRuntime, new: Settings) -> None:
+    """SIGHUP: new credentials, peer policy, limits and certificate; allocations stay."""
+    runtime.core.auth.credentials = credentials(new)
+    runtime.core.peer_policy = peer_policy(new)
+    fresh = core_config(new)
+    runtime.core.config = replace(
+        runtime.core.config,
+        default_lifetime=fresh.default_lifetime,
+        max_lifetime=fresh.max_lifetime,
+        max_allocations=fresh.max_allocations,
+        max_allocations_per_user=fresh.max_allocations_per_user,
+        max_permissions_per_allocation=fresh.max_permissions_per_allocation,
+        max_channels_per_allocation=fresh.max_channels_per_allocation,
+        strict_expiry=fresh.strict_expiry,
+        software=fresh.software,
+    )
+    if runtime.tls is not None and new.cert_file and new.key_file:
+        try:
+            runtime.tls.reload(new.cert_file, new.key_file)
+        except (OSError, ssl.SSLError) as exc:
+            log.error("certificate reload failed, keeping the old one: %s", exc)
+
+
+def ice_uris(settings: Settings, listen: list[ListenAddress]) -> list[str]:
+    """TURN URIs (RFC 7065) for the listeners, wildcards replaced by the public address."""
+    uris: list[str] = []
+    layout = relay_layout(settings)
+    for spec in listen:
+        host = spec.host
+        if host in ("0.0.0.0", "::") and layout:
+            host = layout[0][1]
+        hostport = f"[{host}]:{spec.port}" if ":" in host else f"{host}:{spec.port}"
+        if spec.scheme == "tls":
+            uris.append(f"turns:{hostport}?transport=tcp")
+        else:
+            uris.append(f"turn:{hostport}?transport={spec.scheme}")
+    return uris
 
 
 def credential_banner(settings: Settings, runtime: ServerRuntime, user: str) -> str:
     """A ready-to-use credential and iceServers JSON for a developer."""
     listen = runtime.bound_addresses()
-    urls: list[str] = []
-    for spec in listen:
-        host = spec.host
-        if host in ("0.0.0.0", "::"):
-            host = relay_layout(settings)[0][1]
-        hostport = f"[{host}]:{spec.port}" if ":" in host else f"{host}:{spec.port}"
-        urls.append(f"turn:{hostport}?transport=udp")
+    urls = ice_uris(settings, listen)
     lines = []
     if settings.secrets:
         cred = mint(settings.secrets[0], user, 86400, time.time())
@@ -98,17 +151,31 @@ def credential_banner(settings: Settings, runtime: ServerRuntime, user: str) -> 
     lines.append(f"  realm:    {settings.realm}")
     lines.append(f"  username: {username}")
     lines.append(f"  password: {password}   ({note})")
+    if settings.cert_file and any(s.scheme == "tls" for s in listen):
+        lines.append(f"  TLS certificate: {settings.cert_file} (self-signed? trust it with")
+        lines.append(
+            f"    Chromium --ignore-certificate-errors-spki-list={spki_sha256(settings.cert_file)}"
+        )
+        lines.append(
+            "    or add it to your system store: cp CERT /usr/local/share/ca-certificates/"
+            "turnserver.crt && update-ca-certificates)"
+        )
     lines.append("  RTCPeerConnection config:")
     lines.append("  " + json.dumps(ice))
     return "\n".join(lines)
 
 
-async def _serve(settings: Settings, show_credential: str | None) -> int:
+ReloadSettings = Callable[[], Settings]
+
+
+async def _serve(
+    settings: Settings, show_credential: str | None, reload_settings: ReloadSettings | None
+) -> int:
     loop = asyncio.get_running_loop()
-    runtime = build_runtime(settings, loop)
     try:
-        runtime.start()
-    except (OSError, ValueError) as exc:
+        runtime = build_runtime(settings, loop)
+        await runtime.start()
+    except (OSError, ValueError, ssl.SSLError) as exc:
         log.error("%s", exc)
         return 1
     log.info(
@@ -123,16 +190,36 @@ async def _serve(settings: Settings, show_credential: str | None) -> int:
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+
+    def on_hup() -> None:
+        if reload_settings is None:
+            log.warning("SIGHUP: nothing to reload (no config source)")
+            return
+        try:
+            new = reload_settings()
+        except ConfigError as exc:
+            log.error("SIGHUP: configuration rejected, keeping the old one: %s", exc)
+            return
+        apply_reload(runtime, new)
+        log.info(
+            "SIGHUP: configuration reloaded (%d allocations kept)", len(runtime.core.allocations)
+        )
+
+    loop.add_signal_handler(signal.SIGHUP, on_hup)
     await stop.wait()
     log.info("shutting down: %d allocations", len(runtime.core.allocations))
     runtime.stop()
     return 0
 
 
-def serve(settings: Settings, show_credential: str | None = None) -> int:
+def serve(
+    settings: Settings,
+    show_credential: str | None = None,
+    reload_settings: ReloadSettings | None = None,
+) -> int:
     """Run the server until SIGTERM or SIGINT; returns the exit code."""
     setup_logging(settings.log_level, settings.log_format)
     name, factory = loop_factory(settings.loop)
     logging.getLogger("turnserver").debug("event loop: %s", name)
     with asyncio.Runner(loop_factory=factory) as runner:
-        return runner.run(_serve(settings, show_credential))
+        return runner.run(_serve(settings, show_credential, reload_settings))

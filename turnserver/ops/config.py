@@ -61,6 +61,10 @@ class Settings:
     nonce_secret: str | None = None
     nonce_lifetime: int = 600
     software: str | None = SOFTWARE
+    cert_file: str | None = None
+    key_file: str | None = None
+    idle_timeout: float = 30.0
+    handshake_timeout: float = 10.0
     log_level: str = "info"
     log_format: str = "text"
     loop: str = "auto"
@@ -235,6 +239,10 @@ SCHEMA: dict[str, tuple[str, Check]] = {
     "allocations.max_per_user": ("max_allocations_per_user", _int(0, 10_000_000)),
     "allocations.max_permissions": ("max_permissions_per_allocation", _int(0, 100_000)),
     "allocations.max_channels": ("max_channels_per_allocation", _int(0, 16384)),
+    "tls.cert": ("cert_file", _opt_str),
+    "tls.key": ("key_file", _opt_str),
+    "stream.idle_timeout": ("idle_timeout", _int(1, 3600)),
+    "stream.handshake_timeout": ("handshake_timeout", _int(1, 600)),
     "log.level": ("log_level", _choice(LOG_LEVELS)),
     "log.format": ("log_format", _choice(LOG_FORMATS)),
 }
@@ -323,6 +331,12 @@ def validate(s: Settings) -> None:
             raise ConfigError(f"relay.ip: at most one IPv{fam} relay address")
         if len([ip for ip in s.external_ips if ipaddress.ip_address(ip).version == fam]) > 1:
             raise ConfigError(f"relay.external_ip: at most one IPv{fam} external address")
+    if any(spec.scheme == "tls" for spec in s.listen) and not (s.cert_file and s.key_file):
+        raise ConfigError(
+            "tls.cert: a tls:// listener needs a certificate and key (--cert FILE --key FILE)"
+        )
+    if bool(s.cert_file) != bool(s.key_file):
+        raise ConfigError("tls.key: give both a certificate and its key")
     if not relay_layout(s):
         raise ConfigError(
             "relay.ip: no relay address; give --relay-ip (and --external-ip "

@@ -132,6 +132,14 @@ def log_event(event: ev.Event) -> None:
             channel=f"0x{event.number:04x}",
             peer=format_address(event.peer),
         )
+    elif isinstance(event, ev.ConnectionClosed):
+        _emit(
+            logging.INFO,
+            "connection closed",
+            event.five_tuple,
+            reason=event.reason,
+            detail=event.detail,
+        )
     elif isinstance(event, ev.MessageDiscarded):
         _emit(
             logging.DEBUG,
