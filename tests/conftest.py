@@ -6,8 +6,11 @@ import asyncio
 import os
 import shutil
 import socket
+import ssl
+import tempfile
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -15,6 +18,7 @@ from turnserver.io.loop import uvloop_available
 from turnserver.io.runtime import ListenAddress, ServerRuntime
 from turnserver.ops.app import build_runtime
 from turnserver.ops.config import Settings, StaticUser
+from turnserver.ops.selfsigned import ensure_self_signed
 
 SECRET = "test-shared-secret"
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
@@ -53,13 +57,32 @@ def free_port_range(count: int = 200) -> tuple[int, int]:
     return base, base + count - 1
 
 
+CERT_DIR = Path(tempfile.mkdtemp(prefix="turnserver-test-certs-"))
+CERT_FILE = str(CERT_DIR / "cert.pem")
+KEY_FILE = str(CERT_DIR / "key.pem")
+ensure_self_signed(CERT_FILE, KEY_FILE, ["localhost", "127.0.0.1"])
+
+
+def client_ssl_context() -> ssl.SSLContext:
+    """A client context that trusts the test certificate."""
+    ctx = ssl.create_default_context(cafile=CERT_FILE)
+    ctx.check_hostname = False
+    return ctx
+
+
 def test_settings(**overrides: object) -> Settings:
     lo, hi = free_port_range()
     values: dict[str, object] = {
         "realm": "test.example",
         "secrets": (SECRET,),
         "users": (StaticUser("alice", password="alice-pw"),),
-        "listen": (ListenAddress("udp", "127.0.0.1", 0),),
+        "listen": (
+            ListenAddress("udp", "127.0.0.1", 0),
+            ListenAddress("tcp", "127.0.0.1", 0),
+            ListenAddress("tls", "127.0.0.1", 0),
+        ),
+        "cert_file": CERT_FILE,
+        "key_file": KEY_FILE,
         "relay_ips": ("127.0.0.1",),
         "min_port": lo,
         "max_port": hi,
@@ -77,13 +100,18 @@ class RunningServer:
 
     @property
     def address(self) -> tuple[str, int]:
-        spec = self.runtime.bound_addresses()[0]
+        return self.address_of("udp")
+
+    def address_of(self, scheme: str) -> tuple[str, int]:
+        spec = next(s for s in self.runtime.bound_addresses() if s.scheme == scheme)
         return spec.host, spec.port
 
 
 @pytest.fixture
-async def server() -> AsyncIterator[RunningServer]:
-    settings = test_settings()
+async def server(request: pytest.FixtureRequest) -> AsyncIterator[RunningServer]:
+    marker = request.node.get_closest_marker("server_settings")
+    settings = test_settings(**(marker.kwargs if marker else {}))
+
     runtime = build_runtime(settings, asyncio.get_running_loop())
     await runtime.start()
 

@@ -16,10 +16,19 @@ from turnserver.stun import MessageClass, Method, decode_message, encode_message
 
 
 def free_port(kind: int = socket.SOCK_DGRAM) -> int:
-    with socket.socket(socket.AF_INET, kind) as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
+    """A port free for UDP and for TCP on 127.0.0.1 (so one number serves both)."""
+    for _ in range(50):
+        with socket.socket(socket.AF_INET, kind) as s:
+            s.bind(("127.0.0.1", 0))
+            port: int = s.getsockname()[1]
+        other = socket.SOCK_STREAM if kind == socket.SOCK_DGRAM else socket.SOCK_DGRAM
+        try:
+            with socket.socket(socket.AF_INET, other) as s:
+                s.bind(("127.0.0.1", port))
+        except OSError:
+            continue
         return port
+    raise RuntimeError("no free port")
 
 
 def stun_ping(addr: tuple[str, int], timeout: float = 0.2) -> bool:
@@ -46,19 +55,25 @@ class ServerProcess:
 
 
 @contextmanager
-def turnserver_process(tmp: Path, *args: str, port: int | None = None) -> Iterator[ServerProcess]:
-    """`python -m turnserver serve` on 127.0.0.1, waited for until it answers STUN."""
+def turnserver_process(
+    tmp: Path,
+    *args: str,
+    port: int | None = None,
+    streams: bool = False,
+    tls_port: int | None = None,
+) -> Iterator[ServerProcess]:
+    """`python -m turnserver serve` on 127.0.0.1, waited for until it answers STUN.
+
+    With streams, also tcp:// on the same port number and tls:// on tls_port (the
+    caller passes --cert/--key)."""
     port = port or free_port()
     log_path = tmp / f"turnserver-{port}.log"
-    cmd = [
-        sys.executable,
-        "-m",
-        "turnserver",
-        "serve",
-        "--listen",
-        f"udp://127.0.0.1:{port}",
-        *args,
-    ]
+    listen = ["--listen", f"udp://127.0.0.1:{port}"]
+    if streams:
+        listen += ["--listen", f"tcp://127.0.0.1:{port}"]
+        if tls_port:
+            listen += ["--listen", f"tls://127.0.0.1:{tls_port}"]
+    cmd = [sys.executable, "-m", "turnserver", "serve", *listen, *args]
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     try:

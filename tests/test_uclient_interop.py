@@ -1,4 +1,7 @@
-"""coturn's turnutils_uclient (a client we did not write) against our server over UDP."""
+"""coturn's turnutils_uclient (a client we did not write) against our server:
+UDP, TCP and TLS, channels and Send indications, client-to-client, IPv6 and dual
+allocations, many clients; zero loss, parsed from its output (its exit code is 0
+even on loss)."""
 
 from __future__ import annotations
 
@@ -11,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from turnserver.ops.selfsigned import ensure_self_signed
 
 from .conftest import require_tool
 from .procs import ServerProcess, background, free_port, turnserver_process
@@ -52,20 +57,19 @@ class UclientResult:
 class Lab:
     server: ServerProcess
     peer_port: int
+    tls_port: int
     uclient: str
 
     def run(self, *args: str, timeout: float = 120) -> UclientResult:
-        cmd = [
-            self.uclient,
-            "-p",
-            str(self.server.port),
-            "-r",
-            str(self.peer_port),
-            *args,
-            "127.0.0.1",
-        ]
+        port = self.tls_port if "-S" in args else self.server.port
+        cmd = [self.uclient, "-p", str(port), "-r", str(self.peer_port), *args, "127.0.0.1"]
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
         return UclientResult(list(args), done.stdout + done.stderr)
+
+    def run_all(self, cases: dict[str, list[str]]) -> dict[str, UclientResult]:
+        with ThreadPoolExecutor(len(cases)) as pool:
+            results = pool.map(lambda a: self.run(*a), cases.values())
+            return dict(zip(cases, results, strict=True))
 
 
 @pytest.fixture(scope="module")
@@ -75,30 +79,21 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
     tmp = tmp_path_factory.mktemp("uclient")
     lo = 30000 + (free_port() % 5000)
     peer_port = free_port()
+    tls_port = free_port(socket.SOCK_STREAM)
+    cert, key = str(tmp / "cert.pem"), str(tmp / "key.pem")
+    ensure_self_signed(cert, key, ["localhost", "127.0.0.1"])
     v6 = ["-L", "::1"] if HAS_IPV6 else []
     server_args = [
-        "--secret",
-        SECRET,
-        "--user",
-        "user:pass",
-        "--realm",
-        "example.org",
-        "--relay-ip",
-        "127.0.0.1",
-        *(["--relay-ip", "::1"] if HAS_IPV6 else []),
-        "--allow-loopback-peers",
-        "--min-port",
-        str(lo),
-        "--max-port",
-        str(lo + 999),
-        "--log-level",
-        "info",
-    ]
+        "--secret", SECRET, "--user", "user:pass", "--realm", "example.org",
+        "--relay-ip", "127.0.0.1", *(["--relay-ip", "::1"] if HAS_IPV6 else []),
+        "--allow-loopback-peers", "--min-port", str(lo), "--max-port", str(lo + 999),
+        "--log-level", "info", "--cert", cert, "--key", key,
+    ]  # fmt: skip
     with (
         background([peer, "-L", "127.0.0.1", *v6, "-p", str(peer_port)]),
-        turnserver_process(Path(tmp), *server_args) as server,
+        turnserver_process(Path(tmp), *server_args, streams=True, tls_port=tls_port) as server,
     ):
-        yield Lab(server, peer_port, uclient)
+        yield Lab(server, peer_port, tls_port, uclient)
 
 
 BASE = ["-e", "127.0.0.1", "-X", "-g", "-u", "user", "-W", SECRET]
@@ -110,36 +105,48 @@ CASES = {
     "static-user": ["-e", "127.0.0.1", "-X", "-g", "-u", "user", "-w", "pass"],
     "padding-and-extra-requests": [*BASE, "-D", "-G"],
 }
+STREAM_CASES = {
+    "tcp": [*BASE, "-t"],
+    "tcp-10-clients-odd-size": [*BASE, "-t", "-m", "10", "-n", "100", "-l", "101"],
+    "tcp-send-indications": [*BASE, "-t", "-s"],
+    "tls": [*BASE, "-t", "-S"],
+    "tls-10-clients": [*BASE, "-t", "-S", "-m", "10", "-n", "100"],
+    "tls-client-to-client": [*BASE, "-t", "-S", "-y"],
+}
 IPV6_CASES = {
     "ipv6-relay": ["-e", "::1", "-x", "-u", "user", "-W", SECRET],
     "dual-allocation": ["-e", "127.0.0.1", "-Z", "-u", "user", "-W", SECRET],
 }
 
 
-def test_uclient_relays_with_zero_loss(lab: Lab) -> None:
-    with ThreadPoolExecutor(len(CASES)) as pool:
-        results = dict(zip(CASES, pool.map(lambda a: lab.run(*a), CASES.values()), strict=True))
+def _assert_zero_loss(results: dict[str, UclientResult]) -> None:
     for name, result in results.items():
         assert "Total lost packets" in result.output, f"{name}: {result.output[-2000:]}"
         assert result.sent_bytes > 0, name
         assert result.recv_bytes == result.sent_bytes, f"{name}: {result.output[-1500:]}"
         assert result.lost_packets == 0, name
-    assert results["20-clients-200-packets"].recv_bytes >= 20 * 200 * 100 * 0.99
+
+
+def test_uclient_udp_relays_with_zero_loss(lab: Lab) -> None:
+    results = lab.run_all(CASES)
+    _assert_zero_loss(results)
+    assert results["20-clients-200-packets"].recv_bytes >= 20 * 200 * 100
     log = lab.server.log()
     assert "Traceback" not in log
     assert "allocation created" in log and "allocation ended" in log
 
 
+def test_uclient_tcp_and_tls_relay_with_zero_loss(lab: Lab) -> None:
+    results = lab.run_all(STREAM_CASES)
+    _assert_zero_loss(results)
+    log = lab.server.log()
+    assert "five_tuple=tls:" in log and "five_tuple=tcp:" in log
+    assert "Traceback" not in log
+
+
 @pytest.mark.skipif(not HAS_IPV6, reason="this machine has no IPv6 loopback (::1)")
 def test_uclient_ipv6_and_dual_allocations(lab: Lab) -> None:
-    with ThreadPoolExecutor(len(IPV6_CASES)) as pool:
-        results = dict(
-            zip(IPV6_CASES, pool.map(lambda a: lab.run(*a), IPV6_CASES.values()), strict=True)
-        )
-    for name, result in results.items():
-        assert result.sent_bytes > 0, f"{name}: {result.output[-1500:]}"
-        assert result.recv_bytes == result.sent_bytes, f"{name}: {result.output[-1500:]}"
-        assert result.lost_packets == 0, name
+    _assert_zero_loss(lab.run_all(IPV6_CASES))
 
 
 def test_uclient_wrong_password_gets_401(lab: Lab) -> None:
