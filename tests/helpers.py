@@ -41,11 +41,30 @@ class FakeRelay:
         self.closed = True
 
 
+@dataclass
+class FakeTcpRelay:
+    address: Address
+    connecting: list[tuple[int, Address]] = field(default_factory=list)
+    closed_connections: list[int] = field(default_factory=list)
+    closed: bool = False
+
+    def connect(self, connection_id: int, peer: Address) -> None:
+        self.connecting.append((connection_id, peer))
+
+    def close_connection(self, connection_id: int) -> None:
+        self.closed_connections.append(connection_id)
+
+    def close(self) -> None:
+        self.closed = True
+
+
 class FakeRelayOpener:
     """Hands out FakeRelay sockets; ports in `busy` fail to bind."""
 
     def __init__(self) -> None:
         self.opened: list[FakeRelay] = []
+        self.tcp_opened: list[FakeTcpRelay] = []
+
         self.busy: set[int] = set()
 
     def open_relay(
@@ -55,6 +74,13 @@ class FakeRelayOpener:
             return None
         relay = FakeRelay((host, port))
         self.opened.append(relay)
+        return relay
+
+    def open_tcp_relay(self, allocation: Allocation, host: str, port: int) -> FakeTcpRelay | None:
+        if port in self.busy:
+            return None
+        relay = FakeTcpRelay((host, port))
+        self.tcp_opened.append(relay)
         return relay
 
     @property

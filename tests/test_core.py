@@ -99,7 +99,7 @@ def test_allocate_retransmission_gets_same_response_and_new_tid_437() -> None:
     ("attrs", "code"),
     [
         ([], 400),
-        ([(Attr.REQUESTED_TRANSPORT, 6)], 442),
+        ([(Attr.REQUESTED_TRANSPORT, 132)], 442),
         ([(Attr.REQUESTED_TRANSPORT, 17), (Attr.REQUESTED_ADDRESS_FAMILY, 3)], 440),
         ([(Attr.REQUESTED_TRANSPORT, 17), (Attr.ADDITIONAL_ADDRESS_FAMILY, 1)], 400),
         (

@@ -112,7 +112,11 @@ STREAM_CASES = {
     "tls": [*BASE, "-t", "-S"],
     "tls-10-clients": [*BASE, "-t", "-S", "-m", "10", "-n", "100"],
     "tls-client-to-client": [*BASE, "-t", "-S", "-y"],
+    "rfc6062-tcp-relay": ["-e", "127.0.0.1", "-u", "user", "-W", SECRET, "-T"],
+    "rfc6062-tcp-relay-5-clients": ["-e", "127.0.0.1", "-u", "user", "-W", SECRET, "-T", "-m", "5"],
+    "rfc6062-over-tls": ["-e", "127.0.0.1", "-u", "user", "-W", SECRET, "-T", "-S"],
 }
+
 IPV6_CASES = {
     "ipv6-relay": ["-e", "::1", "-x", "-u", "user", "-W", SECRET],
     "dual-allocation": ["-e", "127.0.0.1", "-Z", "-u", "user", "-W", SECRET],

@@ -21,10 +21,24 @@ class RelayEndpoint(Protocol):
     @property
     def address(self) -> Address: ...
 
+    def close(self) -> None: ...
+
+
+class UdpRelayEndpoint(RelayEndpoint, Protocol):
+    """A UDP relay socket: datagrams go to peers with `sendto`."""
+
     @property
     def sendto(self) -> SendTo: ...
 
-    def close(self) -> None: ...
+
+class TcpRelayEndpoint(RelayEndpoint, Protocol):
+    """An RFC 6062 TCP relay: a listening socket plus one connection per peer."""
+
+    def connect(self, connection_id: int, peer: Address) -> None:
+        """Start connecting to the peer; report through TurnServer.connect_result."""
+
+    def close_connection(self, connection_id: int) -> None:
+        """Close the peer connection (and its data connection)."""
 
 
 class RelayOpener(Protocol):
@@ -32,19 +46,64 @@ class RelayOpener(Protocol):
 
     def open_relay(
         self, allocation: Allocation, host: str, port: int, *, dont_fragment: bool
-    ) -> RelayEndpoint | None: ...
+    ) -> UdpRelayEndpoint | None: ...
+
+    def open_tcp_relay(
+        self, allocation: Allocation, host: str, port: int
+    ) -> TcpRelayEndpoint | None: ...
 
 
 class Relay:
     """One relayed transport address of an allocation (one per address family)."""
 
-    __slots__ = ("advertised", "endpoint", "family", "port")
+    __slots__ = ("advertised", "endpoint", "family", "port", "sendto", "tcp")
 
-    def __init__(self, endpoint: RelayEndpoint, advertised: Address, family: int) -> None:
-        self.endpoint = endpoint
+    def __init__(
+        self,
+        endpoint: UdpRelayEndpoint | TcpRelayEndpoint,
+        advertised: Address,
+        family: int,
+        *,
+        sendto: SendTo | None = None,
+        tcp: TcpRelayEndpoint | None = None,
+    ) -> None:
+        self.endpoint: RelayEndpoint = endpoint
         self.advertised = advertised
         self.family = family  # 4 or 6
         self.port = advertised[1]
+        self.sendto = sendto  # UDP relays
+        self.tcp = tcp  # RFC 6062 TCP relays
+
+
+class PeerConnection:
+    """An RFC 6062 TCP connection between the relay and a peer, with its CONNECTION-ID."""
+
+    __slots__ = (
+        "alloc",
+        "connect_fingerprint",
+        "connect_transaction_id",
+        "data_five_tuple",
+        "expires",
+        "id",
+        "peer",
+        "state",
+    )
+
+    CONNECTING = "connecting"  # Connect request sent us dialling the peer
+    PENDING_BIND = "pending_bind"  # waiting for the client's ConnectionBind (30 s)
+    BOUND = "bound"  # data connection and peer connection are one pipe
+
+    def __init__(
+        self, connection_id: int, alloc: Allocation, peer: Address, state: str, expires: float
+    ) -> None:
+        self.id = connection_id
+        self.alloc = alloc
+        self.peer = peer
+        self.state = state
+        self.expires = expires
+        self.connect_transaction_id = b""
+        self.connect_fingerprint = False
+        self.data_five_tuple: FiveTuple | None = None
 
 
 class ChannelBinding:
@@ -74,11 +133,13 @@ class Allocation:
         "dont_fragment",
         "expires",
         "five_tuple",
+        "is_tcp",
         "key",
         "live",
         "packets_to_client",
         "packets_to_peer",
         "peer_channels",
+        "peer_connections",
         "permissions",
         "relays",
         "sink",
@@ -110,6 +171,8 @@ class Allocation:
         # Fast-path routes: only bindings whose peer also has a live permission.
         self.channel_routes: dict[int, tuple[SendTo, Address]] = {}
         self.peer_channels: dict[Address, int] = {}
+        self.is_tcp = False  # RFC 6062 TCP allocation
+        self.peer_connections: dict[Address, PeerConnection] = {}
         self.allocate_transaction_id = b""
         self.allocate_response = b""
         self.dont_fragment = False
@@ -136,8 +199,8 @@ class Allocation:
             if binding.peer[0] != peer_ip:
                 continue
             relay = self.relays.get(6 if ":" in peer_ip else 4)
-            if allowed and relay is not None:
-                self.channel_routes[binding.number] = (relay.endpoint.sendto, binding.peer)
+            if allowed and relay is not None and relay.sendto is not None:
+                self.channel_routes[binding.number] = (relay.sendto, binding.peer)
                 self.peer_channels[binding.peer] = binding.number
             else:
                 self.channel_routes.pop(binding.number, None)

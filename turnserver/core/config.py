@@ -34,6 +34,7 @@ class CoreConfig:
     max_permissions_per_allocation: int = 0
     max_channels_per_allocation: int = 0
     strict_expiry: bool = False
-    tcp_relay: bool = False
+    tcp_relay: bool = True  # RFC 6062 TCP allocations
+
     # Transport addresses that are never valid peers (our own listeners).
     reserved_peers: frozenset[Address] = field(default_factory=frozenset)

@@ -97,3 +97,13 @@ class AllocationQuotaReached(TurnError):
 class InsufficientCapacity(TurnError):
     code = ErrorCode.INSUFFICIENT_CAPACITY
     reason = "no_relay_port"
+
+
+class ConnectionAlreadyExists(TurnError):
+    code = ErrorCode.CONNECTION_ALREADY_EXISTS
+    reason = "connection_exists"
+
+
+class ConnectionTimeoutOrFailure(TurnError):
+    code = ErrorCode.CONNECTION_TIMEOUT_OR_FAILURE
+    reason = "connection_failed"

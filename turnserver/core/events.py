@@ -95,6 +95,16 @@ class PeerDenied:
 
 
 @dataclass(frozen=True, slots=True)
+class PeerConnectionBound:
+    """RFC 6062: a client data connection now carries one peer TCP connection."""
+
+    data_five_tuple: FiveTuple
+    five_tuple: FiveTuple  # the allocation's control connection
+    connection_id: int
+    peer: Address
+
+
+@dataclass(frozen=True, slots=True)
 class ConnectionClosed:
     """A TCP/TLS client connection closed by the server (framing error, idle, ...)."""
 
@@ -126,4 +136,5 @@ Event = (
     | PeerDenied
     | MessageDiscarded
     | ConnectionClosed
+    | PeerConnectionBound
 )

@@ -17,7 +17,13 @@ from enum import IntEnum
 from typing import Any
 
 from turnserver.core import events as ev
-from turnserver.core.allocation import Allocation, ChannelBinding, Relay, RelayOpener
+from turnserver.core.allocation import (
+    Allocation,
+    ChannelBinding,
+    PeerConnection,
+    Relay,
+    RelayOpener,
+)
 from turnserver.core.auth import Authenticator, Identity
 from turnserver.core.config import CoreConfig, RelayAddress
 from turnserver.core.errors import (
@@ -25,6 +31,8 @@ from turnserver.core.errors import (
     AllocationMismatch,
     AllocationQuotaReached,
     BadRequest,
+    ConnectionAlreadyExists,
+    ConnectionTimeoutOrFailure,
     Forbidden,
     InsufficientCapacity,
     PeerAddressFamilyMismatch,
@@ -35,7 +43,7 @@ from turnserver.core.errors import (
     UnsupportedTransport,
     WrongCredentials,
 )
-from turnserver.core.five_tuple import FiveTuple
+from turnserver.core.five_tuple import ClientTransport, FiveTuple
 from turnserver.core.policy import PeerPolicy
 from turnserver.core.ports import RelayPortPool
 from turnserver.stun.attributes import Address
@@ -56,6 +64,7 @@ Handler = Callable[[StunMessage, FiveTuple, Identity, float], Attributes]
 _FAMILY_VERSION = {AddressFamily.IPV4: 4, AddressFamily.IPV6: 6}
 _VERSION_FAMILY = {4: AddressFamily.IPV4, 6: AddressFamily.IPV6}
 _BIND_ATTEMPTS = 16
+CONNECTION_TIMEOUT = 30.0  # RFC 6062 §5.2, §5.3
 
 
 class TimerKind(IntEnum):
@@ -64,6 +73,11 @@ class TimerKind(IntEnum):
     CHANNEL = 2
     RESERVATION = 3
     CREDENTIAL = 4
+    PEER_CONNECTION = 5
+
+
+class DeferredResponse(Exception):
+    """A handler started work whose outcome (and response) comes later (RFC 6062 Connect)."""
 
 
 class Reservation:
@@ -140,7 +154,10 @@ class TurnServer:
             Method.REFRESH: self._refresh,
             Method.CREATE_PERMISSION: self._create_permission,
             Method.CHANNEL_BIND: self._channel_bind,
+            Method.CONNECT: self._connect,
+            Method.CONNECTION_BIND: self._connection_bind,
         }
+        self.peer_connections: dict[int, PeerConnection] = {}
 
     # ---- entry points -------------------------------------------------------------
 
@@ -211,6 +228,12 @@ class TurnServer:
                 self._expire_permission(owner, key, now)
             elif kind == TimerKind.CHANNEL:
                 self._expire_channel(owner, key, now)
+            elif kind == TimerKind.PEER_CONNECTION:
+                pc = self.peer_connections.get(key)
+                pending = pc is not None and pc.state == PeerConnection.PENDING_BIND
+                if pc is not None and pending and pc.expires <= now:
+                    self._forget_peer_connection(pc, close=True)
+
             elif kind == TimerKind.RESERVATION:
                 res = self.reservations.get(key)
                 if res is not None and res.expires <= now:
@@ -250,6 +273,8 @@ class TurnServer:
             if unknown:
                 raise UnknownAttribute(unknown)
             attrs = handler(msg, ft, identity, now)
+        except DeferredResponse:
+            return None
         except TurnError as err:
             self._report_failure(msg, ft, identity, err, method_name)
             return self._error_response(msg, ft, err, identity, now)
@@ -270,6 +295,8 @@ class TurnServer:
         if method == Method.ALLOCATE:
             alloc = self.allocations[ft]
             alloc.allocate_response = response
+        elif method == Method.CONNECTION_BIND:
+            self._finish_connection_bind(msg, ft)
         self.events.append(ev.RequestHandled(ft, method_name, 0, ""))
         return response
 
@@ -368,6 +395,8 @@ class TurnServer:
         transport = msg.get(Attr.REQUESTED_TRANSPORT)
         if transport is None:
             raise BadRequest("missing REQUESTED-TRANSPORT")
+        if transport == TransportProtocol.TCP and cfg.tcp_relay:
+            return self._allocate_tcp(msg, ft, ident, now)
         if transport != TransportProtocol.UDP:
             raise UnsupportedTransport(f"REQUESTED-TRANSPORT {transport} is not supported")
         token: bytes | None = msg.get(Attr.RESERVATION_TOKEN)
@@ -467,6 +496,199 @@ class TurnServer:
         )
         return attrs
 
+    # ---- RFC 6062 TCP allocations ---------------------------------------------------------
+
+    def _allocate_tcp(
+        self, msg: StunMessage, ft: FiveTuple, ident: Identity, now: float
+    ) -> Attributes:
+        """RFC 6062 §5.1: a TCP relayed address, only for clients on TCP or TLS."""
+        if ft.transport == ClientTransport.UDP:
+            raise BadRequest("TCP allocations need a TCP or TLS control connection")
+        if msg.has(Attr.EVEN_PORT) or msg.has(Attr.RESERVATION_TOKEN):
+            raise BadRequest("EVEN-PORT and RESERVATION-TOKEN do not apply to TCP allocations")
+        if msg.has(Attr.ADDITIONAL_ADDRESS_FAMILY) or msg.has(Attr.ADDITIONAL_ADDRESS_FAMILY_DRAFT):
+            raise BadRequest("dual allocations are UDP only")
+        cfg = self.config
+        family = msg.get(Attr.REQUESTED_ADDRESS_FAMILY)
+        if family is not None and family not in _FAMILY_VERSION:
+            raise AddressFamilyNotSupported(f"unknown address family {family}")
+        version = _FAMILY_VERSION[AddressFamily(family)] if family is not None else 4
+        if version not in self.relay_addresses:
+            raise AddressFamilyNotSupported(f"no IPv{version} relay address configured")
+        if cfg.max_allocations and len(self.allocations) >= cfg.max_allocations:
+            raise AllocationQuotaReached("server allocation limit reached", reason="quota_total")
+        if (
+            cfg.max_allocations_per_user
+            and self.user_allocations.get(ident.user, 0) >= cfg.max_allocations_per_user
+        ):
+            raise AllocationQuotaReached(f"user {ident.user!r} has too many allocations")
+        lifetime = self._lifetime(msg.get(Attr.LIFETIME))
+        alloc = Allocation(ft, ident.username, ident.user, ident.key, now, lifetime, ident.expires)
+        alloc.is_tcp = True
+        alloc.allocate_transaction_id = msg.transaction_id
+        addr = self.relay_addresses[version]
+        pool = self.port_pools[version]
+        busy: list[int] = []
+        try:
+            for _ in range(_BIND_ATTEMPTS):
+                port = pool.take_random()
+                if port is None:
+                    break
+                endpoint = self.relay_opener.open_tcp_relay(alloc, addr.bind_ip, port)
+                if endpoint is not None:
+                    alloc.relays[version] = Relay(
+                        endpoint, (addr.advertised_ip, port), version, tcp=endpoint
+                    )
+                    break
+                busy.append(port)
+        finally:
+            for p in busy:
+                pool.give_back(p)
+        if not alloc.relays:
+            raise InsufficientCapacity(f"no free TCP relay port for IPv{version}")
+        self.allocations[ft] = alloc
+        self.user_allocations[ident.user] = self.user_allocations.get(ident.user, 0) + 1
+        self._push(alloc.expires, TimerKind.ALLOCATION, alloc, None)
+        if cfg.strict_expiry and ident.expires is not None:
+            self._push(ident.expires, TimerKind.CREDENTIAL, alloc, None)
+        self.events.append(
+            ev.AllocationCreated(ft, ident.username, alloc.relayed_addresses, lifetime)
+        )
+        return [
+            (Attr.XOR_RELAYED_ADDRESS, alloc.relays[version].advertised),
+            (Attr.LIFETIME, lifetime),
+            (Attr.XOR_MAPPED_ADDRESS, ft.client),
+        ]
+
+    def _new_connection_id(self) -> int:
+        while True:
+            cid = secrets.randbits(32)
+            if cid and cid not in self.peer_connections:
+                return cid
+
+    def _connect(self, msg: StunMessage, ft: FiveTuple, ident: Identity, now: float) -> Attributes:
+        """RFC 6062 §5.2: dial the peer from the relayed address; answer when it is done."""
+        alloc = self._allocation_of(ft, ident)
+        if not alloc.is_tcp:
+            raise BadRequest("Connect needs a TCP allocation")
+        peer: Address | None = msg.get(Attr.XOR_PEER_ADDRESS)
+        if peer is None:
+            raise BadRequest("Connect without XOR-PEER-ADDRESS")
+        ip = self._check_peer(alloc, peer, ft)
+        peer = (ip, peer[1])
+        if peer in alloc.peer_connections:
+            raise ConnectionAlreadyExists(f"a connection to {peer[0]}:{peer[1]} exists")
+        relay = alloc.relays.get(6 if ":" in ip else 4)
+        assert relay is not None and relay.tcp is not None
+        pc = PeerConnection(
+            self._new_connection_id(),
+            alloc,
+            peer,
+            PeerConnection.CONNECTING,
+            now + CONNECTION_TIMEOUT,
+        )
+        pc.connect_transaction_id = msg.transaction_id
+        pc.connect_fingerprint = msg.fingerprint_offset >= 0
+        self.peer_connections[pc.id] = pc
+        alloc.peer_connections[peer] = pc
+        self._install_permission(alloc, ip, now)
+        relay.tcp.connect(pc.id, peer)
+        raise DeferredResponse
+
+    def connect_result(self, connection_id: int, ok: bool, now: float) -> bytes | None:
+        """The I/O layer finished dialling; returns the Connect response for the client."""
+        pc = self.peer_connections.get(connection_id)
+        if pc is None or pc.state != PeerConnection.CONNECTING:
+            return None
+        alloc = pc.alloc
+        ft = alloc.five_tuple
+        if ok:
+            pc.state = PeerConnection.PENDING_BIND
+            pc.expires = now + CONNECTION_TIMEOUT
+            self._push(pc.expires, TimerKind.PEER_CONNECTION, None, pc.id)
+            attrs: Attributes = [(Attr.CONNECTION_ID, pc.id)]
+            klass = MessageClass.SUCCESS
+            self.events.append(ev.RequestHandled(ft, "connect", 0, ""))
+        else:
+            self._forget_peer_connection(pc, close=False)
+            err = ConnectionTimeoutOrFailure(f"could not connect to {pc.peer[0]}:{pc.peer[1]}")
+            attrs = [(Attr.ERROR_CODE, (err.code, err.phrase))]
+            klass = MessageClass.ERROR
+            self.events.append(ev.RequestHandled(ft, "connect", err.code, err.reason))
+        if self.config.software:
+            attrs.append((Attr.SOFTWARE, self.config.software))
+        return encode_message(
+            Method.CONNECT,
+            klass,
+            pc.connect_transaction_id,
+            attrs,
+            integrity_key=alloc.key,
+            fingerprint=pc.connect_fingerprint,
+        )
+
+    def peer_connection_received(
+        self, alloc: Allocation, peer: Address, now: float
+    ) -> tuple[int, bytes] | None:
+        """A peer connected to a TCP relayed address (RFC 6062 §5.3).
+
+        Returns the CONNECTION-ID and the ConnectionAttempt indication for the client, or
+        None when the peer has no permission (the I/O layer closes the connection)."""
+        if not alloc.live or peer[0] not in alloc.permissions or peer in alloc.peer_connections:
+            self.stats.dropped_no_permission += 1
+            return None
+        pc = PeerConnection(
+            self._new_connection_id(),
+            alloc,
+            peer,
+            PeerConnection.PENDING_BIND,
+            now + CONNECTION_TIMEOUT,
+        )
+        self.peer_connections[pc.id] = pc
+        alloc.peer_connections[peer] = pc
+        self._push(pc.expires, TimerKind.PEER_CONNECTION, None, pc.id)
+        return pc.id, encode_message(
+            Method.CONNECTION_ATTEMPT,
+            MessageClass.INDICATION,
+            random.randbytes(12),
+            [(Attr.XOR_PEER_ADDRESS, peer), (Attr.CONNECTION_ID, pc.id)],
+        )
+
+    def _connection_bind(
+        self, msg: StunMessage, ft: FiveTuple, ident: Identity, now: float
+    ) -> Attributes:
+        """RFC 6062 §5.4: a new client connection takes over one peer connection."""
+        if ft.transport == ClientTransport.UDP or ft in self.allocations:
+            raise BadRequest("ConnectionBind must come on a new TCP connection")
+        cid = msg.get(Attr.CONNECTION_ID)
+        pc = self.peer_connections.get(cid) if cid is not None else None
+        if pc is None or pc.state != PeerConnection.PENDING_BIND:
+            raise BadRequest("unknown or already bound CONNECTION-ID")
+        if ident.username != pc.alloc.username:
+            raise WrongCredentials("username differs from the allocation's")
+        return []
+
+    def _finish_connection_bind(self, msg: StunMessage, ft: FiveTuple) -> None:
+        pc = self.peer_connections[msg.get(Attr.CONNECTION_ID)]
+        pc.state = PeerConnection.BOUND
+        pc.data_five_tuple = ft
+        self.events.append(ev.PeerConnectionBound(ft, pc.alloc.five_tuple, pc.id, pc.peer))
+
+    def peer_connection_closed(self, connection_id: int) -> None:
+        """The peer side or the data connection closed; forget the connection."""
+        pc = self.peer_connections.get(connection_id)
+        if pc is not None:
+            self._forget_peer_connection(pc, close=False)
+
+    def _forget_peer_connection(self, pc: PeerConnection, *, close: bool) -> None:
+        self.peer_connections.pop(pc.id, None)
+        alloc = pc.alloc
+        if alloc.peer_connections.get(pc.peer) is pc:
+            del alloc.peer_connections[pc.peer]
+        if close:
+            relay = alloc.relays.get(6 if ":" in pc.peer[0] else 4)
+            if relay is not None and relay.tcp is not None:
+                relay.tcp.close_connection(pc.id)
+
     def _open_relay(self, alloc: Allocation, version: int, port: int | None = None) -> Relay:
         addr = self.relay_addresses[version]
         pool = self.port_pools[version]
@@ -477,7 +699,7 @@ class TurnServer:
             if endpoint is None:
                 pool.give_back(port)
                 raise InsufficientCapacity("reserved relay port could not be bound")
-            return Relay(endpoint, (addr.advertised_ip, port), version)
+            return Relay(endpoint, (addr.advertised_ip, port), version, sendto=endpoint.sendto)
         busy: list[int] = []
         try:
             for _ in range(_BIND_ATTEMPTS):
@@ -488,7 +710,9 @@ class TurnServer:
                     alloc, addr.bind_ip, candidate, dont_fragment=alloc.dont_fragment
                 )
                 if endpoint is not None:
-                    return Relay(endpoint, (addr.advertised_ip, candidate), version)
+                    return Relay(
+                        endpoint, (addr.advertised_ip, candidate), version, sendto=endpoint.sendto
+                    )
                 busy.append(candidate)
         finally:
             for p in busy:
@@ -509,9 +733,9 @@ class TurnServer:
                 alloc, addr.bind_ip, port, dont_fragment=alloc.dont_fragment
             )
             if endpoint is not None:
-                return Relay(endpoint, (addr.advertised_ip, port), version), (
-                    port + 1 if reserve_next else None
-                )
+                return Relay(
+                    endpoint, (addr.advertised_ip, port), version, sendto=endpoint.sendto
+                ), (port + 1 if reserve_next else None)
             pool.give_back(port)
             if reserve_next:
                 pool.give_back(port + 1)
@@ -591,6 +815,8 @@ class TurnServer:
         alloc = self._allocation_of(ft, ident)
         number = msg.get(Attr.CHANNEL_NUMBER)
         peer: Address | None = msg.get(Attr.XOR_PEER_ADDRESS)
+        if alloc.is_tcp:
+            raise BadRequest("ChannelBind does not apply to TCP allocations (RFC 6062)")
         if number is None or peer is None:
             raise BadRequest("ChannelBind needs CHANNEL-NUMBER and XOR-PEER-ADDRESS")
         if not is_valid_channel_number(number):
@@ -640,7 +866,10 @@ class TurnServer:
         if relay is None:
             self.stats.dropped_no_permission += 1
             return
-        relay.endpoint.sendto(data, peer)
+        if relay.sendto is None:
+            self.stats.dropped_no_permission += 1
+            return
+        relay.sendto(data, peer)
         alloc.packets_to_peer += 1
         alloc.bytes_to_peer += len(data)
 
@@ -679,7 +908,10 @@ class TurnServer:
         else:
             self.user_allocations.pop(alloc.user, None)
         relayed = alloc.relayed_addresses
+        for pc in list(alloc.peer_connections.values()):
+            self._forget_peer_connection(pc, close=False)  # closing the relay closes them
         self._close_relays(alloc)
+
         alloc.channel_routes.clear()
         alloc.peer_channels.clear()
         alloc.bindings.clear()

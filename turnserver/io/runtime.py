@@ -14,8 +14,9 @@ from turnserver.core.five_tuple import ClientTransport, FiveTuple
 from turnserver.core.policy import PeerPolicy
 from turnserver.core.server import TurnServer
 from turnserver.io.stream import StreamConnection
+from turnserver.io.tcp_relay import TcpRelay
 from turnserver.io.tls import ReloadableTLS
-from turnserver.io.udp import UdpListener, UdpRelayOpener, bind_udp_socket
+from turnserver.io.udp import SocketRelayOpener, UdpListener, bind_udp_socket
 from turnserver.stun.attributes import Address
 
 EventSink = Callable[[ev.Event], None]
@@ -65,7 +66,7 @@ class ServerRuntime:
         self.stream_options = stream_options or StreamOptions()
         self.reuse_port = reuse_port
         self.now = clock
-        self.core = TurnServer(core_config, authenticator, UdpRelayOpener(self), peer_policy)
+        self.core = TurnServer(core_config, authenticator, SocketRelayOpener(self), peer_policy)
         self.udp_listeners: dict[Address, UdpListener] = {}
         self.stream_servers: list[tuple[ListenAddress, asyncio.Server]] = []
         self.stream_connections: dict[FiveTuple, StreamConnection] = {}
@@ -191,7 +192,7 @@ class ServerRuntime:
         """Close TCP/TLS connections that hold no allocation and sent nothing lately."""
         deadline = self.loop.time() - self.stream_options.idle_timeout
         for conn in list(self.stream_connections.values()):
-            if conn.alloc is None and conn.last_active < deadline:
+            if conn.alloc is None and conn.pipe is None and conn.last_active < deadline:
                 conn.close("idle_timeout", f"no allocation and idle {conn.last_active:.0f}")
         self._schedule_sweep()
 
@@ -214,6 +215,20 @@ class ServerRuntime:
                 if conn is not None:
                     conn.alloc = alloc
                     alloc.sink = conn
+        elif isinstance(event, ev.PeerConnectionBound):
+            data_conn = self.stream_connections.get(event.data_five_tuple)
+            pc = self.core.peer_connections.get(event.connection_id)
+            relay = pc.alloc.relays.get(6 if ":" in pc.peer[0] else 4) if pc else None
+            tcp = relay.tcp if relay is not None else None
+            bound = (
+                isinstance(tcp, TcpRelay)
+                and data_conn is not None
+                and tcp.bind(event.connection_id, data_conn, b"")
+            )
+            if not bound:
+                self.core.peer_connection_closed(event.connection_id)
+                if data_conn is not None:
+                    data_conn.close("peer_closed")
         elif isinstance(event, ev.AllocationEnded):
             ft = event.five_tuple
             if ft.transport == ClientTransport.UDP:

@@ -15,13 +15,19 @@ from turnserver.core.allocation import Allocation
 from turnserver.core.five_tuple import ClientTransport, FiveTuple
 from turnserver.stun.attributes import Address
 from turnserver.stun.channeldata import CHANNEL_HEADER
+from turnserver.stun.constants import MessageClass, Method
 from turnserver.stun.errors import StunDecodeError
 from turnserver.stun.framing import StreamFramer
+from turnserver.stun.message import message_type
 
 if TYPE_CHECKING:
     from turnserver.io.runtime import ServerRuntime
+    from turnserver.io.tcp_relay import PeerTcpConnection
 
 WRITE_HIGH_WATER = 256 * 1024
+_CONNECTION_BIND_REQUEST = message_type(Method.CONNECTION_BIND, MessageClass.REQUEST).to_bytes(
+    2, "big"
+)
 _PAD = (b"", b"\x00\x00\x00", b"\x00\x00", b"\x00")
 
 
@@ -39,6 +45,7 @@ class StreamConnection(asyncio.Protocol):
         self.last_active = 0.0
         self.close_reason = "client_closed"
         self.paused = False
+        self.pipe: PeerTcpConnection | None = None  # set once ConnectionBind succeeds
 
     # ---- asyncio.Protocol ------------------------------------------------------------
 
@@ -55,16 +62,25 @@ class StreamConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.last_active = self.runtime.loop.time()
-        try:
-            frames = self.framer.feed(data)
-        except StunDecodeError as exc:
-            self.close("framing_error", str(exc))
+        pipe = self.pipe
+        if pipe is not None:  # RFC 6062 data connection: raw bytes to the peer
+            if pipe.transport is not None:
+                pipe.transport.write(data)
             return
+        framer = self.framer
+        framer.append(data)
         runtime = self.runtime
         ft = self.five_tuple
         assert ft is not None
         handled_stun = False
-        for frame in frames:
+        while True:
+            try:
+                frame = framer.pop()
+            except StunDecodeError as exc:
+                self.close("framing_error", str(exc))
+                break
+            if frame is None:
+                break
             if frame[0] >= 0x40:
                 self._channel_data(frame)
                 continue
@@ -72,6 +88,14 @@ class StreamConnection(asyncio.Protocol):
             handled_stun = True
             if response is not None and self.transport is not None:
                 self.transport.write(response)
+            if frame[:2] == _CONNECTION_BIND_REQUEST:
+                runtime.after_core_call()  # may turn this into a data connection
+                handled_stun = False
+                if self.pipe is not None:
+                    rest = framer.take_rest()
+                    if rest and self.pipe.transport is not None:
+                        self.pipe.transport.write(rest)
+                    break
         if handled_stun:
             runtime.after_core_call()
 
@@ -95,12 +119,19 @@ class StreamConnection(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self.paused = True
+        if self.pipe is not None and self.pipe.transport is not None:
+            self.pipe.transport.pause_reading()
 
     def resume_writing(self) -> None:
         self.paused = False
+        if self.pipe is not None and self.pipe.transport is not None:
+            self.pipe.transport.resume_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
+        if self.pipe is not None:
+            self.pipe.close(graceful=True)
+
         self.runtime.stream_closed(self, self.close_reason)
 
     # ---- ClientSink ------------------------------------------------------------------
@@ -129,7 +160,11 @@ class StreamConnection(asyncio.Protocol):
         self.close_reason = reason
         if self.five_tuple is not None and reason != "client_closed":
             self.runtime.emit(ev.ConnectionClosed(self.five_tuple, reason, detail))
-        self.transport.abort()
+        if reason in ("peer_closed", "shutdown"):
+            self.transport.close()  # flush what the peer sent; TLS sends close_notify
+        else:
+            self.transport.abort()
+
 
 
 __all__ = ["StreamConnection"]

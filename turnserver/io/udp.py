@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 from turnserver.core.allocation import Allocation, SendTo
 from turnserver.core.five_tuple import ClientTransport, FiveTuple
 from turnserver.io.sinks import ClientSink
+from turnserver.io.tcp_relay import TcpRelay, open_tcp_relay
 from turnserver.stun.attributes import Address
 from turnserver.stun.channeldata import CHANNEL_HEADER
 
@@ -246,8 +247,8 @@ class UdpRelay:
                 sink.send(indication)
 
 
-class UdpRelayOpener:
-    """Implements core.allocation.RelayOpener with UdpRelay sockets."""
+class SocketRelayOpener:
+    """Implements core.allocation.RelayOpener: UDP relays, and RFC 6062 TCP relays."""
 
     def __init__(self, runtime: ServerRuntime) -> None:
         self.runtime = runtime
@@ -269,3 +270,6 @@ class UdpRelayOpener:
             except (OSError, AttributeError):
                 pass
         return UdpRelay(self.runtime, self.runtime.loop, allocation, sock)
+
+    def open_tcp_relay(self, allocation: Allocation, host: str, port: int) -> TcpRelay | None:
+        return open_tcp_relay(self.runtime, allocation, host, port)

@@ -29,39 +29,55 @@ class StreamFramer:
         """Bytes received but not yet part of a complete frame."""
         return len(self._buf) - self._pos
 
-    def feed(self, data: bytes) -> list[bytes]:
-        """Add bytes; return every complete frame now available, in order."""
+    def append(self, data: bytes) -> None:
+        """Add received bytes."""
+        self._buf += data
+
+    def pop(self) -> bytes | None:
+        """The next complete frame (ChannelData padding stripped), or None for now."""
         buf = self._buf
-        buf += data
         pos = self._pos
-        end = len(buf)
-        frames: list[bytes] = []
-        while end - pos >= 4:
-            first = buf[pos]
-            length = (buf[pos + 2] << 8) | buf[pos + 3]
-            if first < 0x40:  # STUN: top two bits 00
-                if length % 4:
-                    raise StunDecodeError("STUN length over a stream is not a multiple of 4")
-                size = HEADER_LENGTH + length
-                padded = size
-            elif first < 0x80:  # ChannelData: top two bits 01
-                size = 4 + length
-                padded = size + (-length % 4)
-            else:
-                raise StunDecodeError(
-                    f"stream byte 0x{first:02x} starts neither STUN nor ChannelData"
-                )
-            if padded > self.limit:
-                raise StunDecodeError(f"frame of {padded} bytes exceeds {self.limit}")
-            if end - pos < padded:
-                break
-            frames.append(bytes(buf[pos : pos + size]))
-            pos += padded
-        if pos == end:
+        avail = len(buf) - pos
+        if avail < 4:
+            return None
+        first = buf[pos]
+        length = (buf[pos + 2] << 8) | buf[pos + 3]
+        if first < 0x40:  # STUN: top two bits 00
+            if length % 4:
+                raise StunDecodeError("STUN length over a stream is not a multiple of 4")
+            size = HEADER_LENGTH + length
+            padded = size
+        elif first < 0x80:  # ChannelData: top two bits 01
+            size = 4 + length
+            padded = size + (-length % 4)
+        else:
+            raise StunDecodeError(f"stream byte 0x{first:02x} starts neither STUN nor ChannelData")
+        if padded > self.limit:
+            raise StunDecodeError(f"frame of {padded} bytes exceeds {self.limit}")
+        if avail < padded:
+            return None
+        frame = bytes(buf[pos : pos + size])
+        pos += padded
+        if pos == len(buf):
             buf.clear()
             pos = 0
         elif pos > 65536:
             del buf[:pos]
             pos = 0
         self._pos = pos
+        return frame
+
+    def take_rest(self) -> bytes:
+        """Everything buffered and not yet framed (the stream stops being TURN here)."""
+        rest = bytes(self._buf[self._pos :])
+        self._buf.clear()
+        self._pos = 0
+        return rest
+
+    def feed(self, data: bytes) -> list[bytes]:
+        """Add bytes; return every complete frame now available, in order."""
+        self.append(data)
+        frames: list[bytes] = []
+        while (frame := self.pop()) is not None:
+            frames.append(frame)
         return frames

@@ -1,0 +1,224 @@
+"""RFC 6062 TCP relays: a listening socket on the relayed address, and per peer one TCP
+connection that is piped, once bound, to a client data connection.
+
+Outbound connections (Connect) originate from the relayed transport address, which
+shares its port with the listening socket through SO_REUSEPORT.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from typing import TYPE_CHECKING, cast
+
+from turnserver.core.allocation import Allocation
+from turnserver.io.sinks import ClientSink
+from turnserver.stun.attributes import Address
+
+if TYPE_CHECKING:
+    from turnserver.io.runtime import ServerRuntime
+    from turnserver.io.stream import StreamConnection
+
+PENDING_LIMIT = 64 * 1024  # peer bytes held while waiting for ConnectionBind
+CONNECT_TIMEOUT = 30.0  # RFC 6062 §5.2
+
+
+def _tcp_socket(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.setblocking(False)
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+class PeerTcpConnection(asyncio.Protocol):
+    """The relay's TCP connection to one peer."""
+
+    def __init__(self, relay: TcpRelay, connection_id: int = 0) -> None:
+        self.relay = relay
+        self.connection_id = connection_id
+        self.transport: asyncio.Transport | None = None
+        self.data_conn: StreamConnection | None = None
+        self.pending = bytearray()
+        self.peer: Address = ("", 0)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        peer = transport.get_extra_info("peername")
+        self.peer = (peer[0], peer[1])
+        if not self.connection_id:  # a peer dialled the relayed address
+            self.relay.inbound(self)
+
+    def data_received(self, data: bytes) -> None:
+        data_conn = self.data_conn
+        if data_conn is not None and data_conn.transport is not None:
+            data_conn.transport.write(data)
+            return
+        self.pending += data
+        if len(self.pending) > PENDING_LIMIT and self.transport is not None:
+            self.transport.pause_reading()
+
+    def pause_writing(self) -> None:  # the peer reads slower than the client sends
+        if self.data_conn is not None and self.data_conn.transport is not None:
+            self.data_conn.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.data_conn is not None and self.data_conn.transport is not None:
+            self.data_conn.transport.resume_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+        self.relay.lost(self)
+
+    def attach(self, data_conn: StreamConnection, early: bytes) -> None:
+        """Become one pipe with the client's data connection (after ConnectionBind)."""
+        self.data_conn = data_conn
+        data_conn.pipe = self
+        if self.pending and data_conn.transport is not None:
+            data_conn.transport.write(bytes(self.pending))
+        self.pending.clear()
+        if self.transport is not None:
+            if early:
+                self.transport.write(early)
+            self.transport.resume_reading()
+
+    def close(self, graceful: bool = False) -> None:
+        if self.transport is not None:
+            if graceful:
+                self.transport.close()  # flush what the client sent first
+            else:
+                self.transport.abort()
+
+
+
+class TcpRelay:
+    """Implements core.allocation.TcpRelayEndpoint."""
+
+    def __init__(self, runtime: ServerRuntime, alloc: Allocation, sock: socket.socket) -> None:
+        self.runtime = runtime
+        self.alloc = alloc
+        host, port = sock.getsockname()[:2]
+        self.address: Address = (host, port)
+        self.connections: dict[int, PeerTcpConnection] = {}
+        self._closed = False
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._listen_sock = sock
+        self._server: asyncio.Server | None = None
+        self._spawn(self._serve(sock))
+
+    def _spawn(self, coro: object) -> None:
+        task: asyncio.Task[None] = self.runtime.loop.create_task(coro)  # type: ignore[arg-type]
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _serve(self, sock: socket.socket) -> None:
+        server = await self.runtime.loop.create_server(lambda: PeerTcpConnection(self), sock=sock)
+        if self._closed:
+            server.close()
+        else:
+            self._server = server
+
+    def _sink(self) -> ClientSink | None:
+        sink = self.alloc.sink
+        return sink if isinstance(sink, ClientSink) else None
+
+    def inbound(self, conn: PeerTcpConnection) -> None:
+        """A peer connected: tell the client with ConnectionAttempt, or refuse."""
+        core = self.runtime.core
+        result = core.peer_connection_received(self.alloc, conn.peer, self.runtime.now())
+        sink = self._sink()
+        if result is None or sink is None:
+            conn.close()
+            return
+        conn.connection_id, indication = result
+        self.connections[conn.connection_id] = conn
+        sink.send(indication)
+        self.runtime.after_core_call()
+
+    def connect(self, connection_id: int, peer: Address) -> None:
+        self._spawn(self._connect(connection_id, peer))
+
+    async def _connect(self, connection_id: int, peer: Address) -> None:
+        loop = self.runtime.loop
+        conn: PeerTcpConnection | None = None
+        try:
+            sock = _tcp_socket(*self.address)
+            try:
+                await asyncio.wait_for(loop.sock_connect(sock, peer), CONNECT_TIMEOUT)
+                _, proto = await loop.create_connection(
+                    lambda: PeerTcpConnection(self, connection_id), sock=sock
+                )
+                conn = proto
+            except BaseException:
+                sock.close()
+                raise
+        except (TimeoutError, OSError):
+            conn = None
+        if conn is not None and not self._closed:
+            self.connections[connection_id] = conn
+        elif conn is not None:
+            conn.close()
+            conn = None
+        response = self.runtime.core.connect_result(
+            connection_id, conn is not None, self.runtime.now()
+        )
+        sink = self._sink()
+        if response is not None and sink is not None:
+            sink.send(response)
+        elif conn is not None:
+            self.close_connection(connection_id)
+        self.runtime.after_core_call()
+
+    def bind(self, connection_id: int, data_conn: StreamConnection, early: bytes) -> bool:
+        conn = self.connections.get(connection_id)
+        if conn is None:
+            return False
+        conn.attach(data_conn, early)
+        return True
+
+    def lost(self, conn: PeerTcpConnection) -> None:
+        if self.connections.get(conn.connection_id) is conn:
+            del self.connections[conn.connection_id]
+            self.runtime.core.peer_connection_closed(conn.connection_id)
+        if conn.data_conn is not None:
+            conn.data_conn.close("peer_closed")
+
+    def close_connection(self, connection_id: int) -> None:
+        conn = self.connections.pop(connection_id, None)
+        if conn is not None:
+            conn.close()
+            if conn.data_conn is not None:
+                conn.data_conn.close("peer_closed")
+
+    def close(self) -> None:
+        self._closed = True
+        if self._server is not None:
+            self._server.close()
+        else:
+            with contextlib.suppress(OSError):
+                self._listen_sock.close()
+        for task in list(self._tasks):
+            task.cancel()
+        for cid in list(self.connections):
+            self.close_connection(cid)
+
+
+def open_tcp_relay(
+    runtime: ServerRuntime, alloc: Allocation, host: str, port: int
+) -> TcpRelay | None:
+    """Bind and listen on host:port, or None when the port is taken."""
+    try:
+        sock = _tcp_socket(host, port)
+        sock.listen(128)
+    except OSError:
+        return None
+    return TcpRelay(runtime, alloc, sock)
