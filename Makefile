@@ -15,12 +15,16 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
-# A local server on 127.0.0.1:3478 with loopback peers allowed, a generated shared
-# secret (kept in .run/secret), and a ready-to-use credential printed at start.
+# A local server on 127.0.0.1 (3478 udp+tcp, 5349 tls) with loopback peers allowed, a
+# generated shared secret and self-signed certificate (kept in .run/), and a
+# ready-to-use credential printed at start.
+
 run: $(STAMP)
 	@mkdir -p $(RUNDIR)
 	@test -s $(RUNDIR)/secret || $(BIN)/python -c "import secrets; print(secrets.token_urlsafe(24))" > $(RUNDIR)/secret
-	$(BIN)/turnserver serve --config config/dev.yaml --secret "$$(cat $(RUNDIR)/secret)" --show-credential dev
+	@$(BIN)/turnserver selfsigned --cert $(RUNDIR)/cert.pem --key $(RUNDIR)/key.pem
+	$(BIN)/turnserver serve --config config/dev.yaml --secret "$$(cat $(RUNDIR)/secret)" \
+		--cert $(RUNDIR)/cert.pem --key $(RUNDIR)/key.pem --show-credential dev
 
 lint: $(STAMP)
 	$(BIN)/ruff check turnserver tests

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -138,10 +140,13 @@ class Collector(asyncio.DatagramProtocol):
 
 
 async def test_make_run_command_prints_a_working_credential(
-    echo_peer: tuple[tuple[str, int], EchoProtocol],
+    tmp_path: Path, echo_peer: tuple[tuple[str, int], EchoProtocol]
 ) -> None:
-    """What `make run` starts: config/dev.yaml, a secret, --show-credential."""
-    port = free_port()
+    """What `make run` does: selfsigned, then config/dev.yaml, a secret, --show-credential."""
+    cert, key = str(tmp_path / "cert.pem"), str(tmp_path / "key.pem")
+    assert main(["selfsigned", "--cert", cert, "--key", key]) == 0
+    assert main(["selfsigned", "--cert", cert, "--key", key]) == 0  # kept, not remade
+    port, tls_port = free_port(), free_port(socket.SOCK_STREAM)
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -153,8 +158,16 @@ async def test_make_run_command_prints_a_working_credential(
         "dev-secret",
         "--show-credential",
         "dev",
+        "--cert",
+        cert,
+        "--key",
+        key,
         "--listen",
         f"udp://127.0.0.1:{port}",
+        "--listen",
+        f"tcp://127.0.0.1:{port}",
+        "--listen",
+        f"tls://127.0.0.1:{tls_port}",
         "--min-port",
         "31000",
         "--max-port",
@@ -164,29 +177,39 @@ async def test_make_run_command_prints_a_working_credential(
     )
     try:
         assert proc.stdout is not None
-        lines = []
+        lines: list[str] = []
         while not lines or not lines[-1].lstrip().startswith("{"):
             line = await asyncio.wait_for(proc.stdout.readline(), 15)
             assert line, "server exited"
             lines.append(line.decode())
+        assert any("--ignore-certificate-errors-spki-list=" in x for x in lines)
         config = json.loads(lines[-1])
         ice = config["iceServers"][0]
-        assert ice["urls"] == [f"turn:127.0.0.1:{port}?transport=udp"]
+        assert ice["urls"] == [
+            f"turn:127.0.0.1:{port}?transport=udp",
+            f"turn:127.0.0.1:{port}?transport=tcp",
+            f"turns:127.0.0.1:{tls_port}?transport=tcp",
+        ]
         assert config["iceTransportPolicy"] == "relay"
         deadline = time.monotonic() + 5
         while not stun_ping(("127.0.0.1", port)) and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
-        transport, collector = await turn.create_turn_endpoint(
-            Collector,
-            server_addr=("127.0.0.1", port),
-            username=ice["username"],
-            password=ice["credential"],
-        )
-        try:
-            transport.sendto(b"hello relay", echo_peer[0])
-            assert await asyncio.wait_for(collector.queue.get(), 3) == b"hello relay"
-        finally:
-            transport.close()
+        ctx = ssl.create_default_context(cafile=cert)
+        ctx.check_hostname = False
+        for transport_name, addr, tls in (("udp", port, None), ("tcp", tls_port, ctx)):
+            transport, collector = await turn.create_turn_endpoint(
+                Collector,
+                server_addr=("127.0.0.1", addr),
+                username=ice["username"],
+                password=ice["credential"],
+                transport=transport_name,
+                ssl=tls,
+            )
+            try:
+                transport.sendto(b"hello relay", echo_peer[0])
+                assert await asyncio.wait_for(collector.queue.get(), 3) == b"hello relay"
+            finally:
+                transport.close()
     finally:
         proc.terminate()
         assert await asyncio.wait_for(proc.wait(), 10) == 0
