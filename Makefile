@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 RUNDIR := .run
 
-.PHONY: run test lint typecheck unit venv clean bench fuzz
+.PHONY: run test lint typecheck unit venv clean bench fuzz fmt
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,11 @@ unit: $(STAMP)
 	$(BIN)/pytest -q
 
 test: lint typecheck unit
+
+fmt: $(STAMP)
+	$(BIN)/ruff check --fix turnserver tests
+	$(BIN)/ruff format turnserver tests
+
 
 clean:
 	rm -rf $(VENV) $(RUNDIR) .mypy_cache .ruff_cache .pytest_cache .hypothesis

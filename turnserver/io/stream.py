@@ -166,5 +166,4 @@ class StreamConnection(asyncio.Protocol):
             self.transport.abort()
 
 
-
 __all__ = ["StreamConnection"]

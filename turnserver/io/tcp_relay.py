@@ -99,7 +99,6 @@ class PeerTcpConnection(asyncio.Protocol):
                 self.transport.abort()
 
 
-
 class TcpRelay:
     """Implements core.allocation.TcpRelayEndpoint."""
 
