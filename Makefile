@@ -22,9 +22,13 @@ venv: $(STAMP)
 run: $(STAMP)
 	@mkdir -p $(RUNDIR)
 	@test -s $(RUNDIR)/secret || $(BIN)/python -c "import secrets; print(secrets.token_urlsafe(24))" > $(RUNDIR)/secret
+	@test -s $(RUNDIR)/account || $(BIN)/python -c "import secrets; print('AC' + secrets.token_hex(16) + ':' + secrets.token_urlsafe(24))" > $(RUNDIR)/account
+	@test -s $(RUNDIR)/api-key || $(BIN)/python -c "import secrets; print(secrets.token_urlsafe(24))" > $(RUNDIR)/api-key
 	@$(BIN)/turnserver selfsigned --cert $(RUNDIR)/cert.pem --key $(RUNDIR)/key.pem
 	$(BIN)/turnserver serve --config config/dev.yaml --secret "$$(cat $(RUNDIR)/secret)" \
+		--account "$$(cat $(RUNDIR)/account)" --api-key "$$(cat $(RUNDIR)/api-key)" \
 		--cert $(RUNDIR)/cert.pem --key $(RUNDIR)/key.pem --show-credential dev
+
 
 lint: $(STAMP)
 	$(BIN)/ruff check turnserver tests

@@ -16,11 +16,15 @@ import pytest
 
 from turnserver.io.loop import uvloop_available
 from turnserver.io.runtime import ListenAddress, ServerRuntime
-from turnserver.ops.app import build_runtime
+from turnserver.ops.app import Server
 from turnserver.ops.config import Settings, StaticUser
 from turnserver.ops.selfsigned import ensure_self_signed
 
 SECRET = "test-shared-secret"
+ACCOUNT_SID = "AC" + "0123456789abcdef" * 2
+AUTH_TOKEN = "test-auth-token"
+API_KEY = "test-api-key"
+
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 LOOPS = ["asyncio", "uvloop"] if uvloop_available() or IN_CI else ["asyncio"]
@@ -88,6 +92,10 @@ def test_settings(**overrides: object) -> Settings:
         "max_port": hi,
         "allow_loopback_peers": True,
         "log_level": "warning",
+        "api_listen": ("127.0.0.1", 0),
+        "accounts": ((ACCOUNT_SID, AUTH_TOKEN), (ACCOUNT_SID, "rotated-token")),
+        "api_keys": (API_KEY,),
+        "api_max_ttl": 86400,
     }
     values.update(overrides)
     return Settings(**values)  # type: ignore[arg-type]
@@ -97,6 +105,11 @@ def test_settings(**overrides: object) -> Settings:
 class RunningServer:
     runtime: ServerRuntime
     settings: Settings
+    server: Server
+
+    @property
+    def api_base(self) -> str:
+        return self.server.api_base
 
     @property
     def address(self) -> tuple[str, int]:
@@ -112,13 +125,12 @@ async def server(request: pytest.FixtureRequest) -> AsyncIterator[RunningServer]
     marker = request.node.get_closest_marker("server_settings")
     settings = test_settings(**(marker.kwargs if marker else {}))
 
-    runtime = build_runtime(settings, asyncio.get_running_loop())
-    await runtime.start()
-
+    server = Server(settings, asyncio.get_running_loop())
+    await server.start()
     try:
-        yield RunningServer(runtime, settings)
+        yield RunningServer(server.runtime, settings, server)
     finally:
-        runtime.stop()
+        await server.stop()
 
 
 class EchoProtocol(asyncio.DatagramProtocol):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import socket
 import ssl
@@ -11,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import aiohttp
 import pytest
 from aioice import turn
 
@@ -172,18 +174,35 @@ async def test_make_run_command_prints_a_working_credential(
         "31000",
         "--max-port",
         "31099",
+        "--api-listen",
+        "127.0.0.1:0",
+        "--account",
+        "ACdev:dev-token",
+        "--api-key",
+        "dev-key",
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
     try:
         assert proc.stdout is not None
         lines: list[str] = []
-        while not lines or not lines[-1].lstrip().startswith("{"):
+        while not lines or "RTCConfiguration: curl" not in lines[-1]:
             line = await asyncio.wait_for(proc.stdout.readline(), 15)
             assert line, "server exited"
             lines.append(line.decode())
         assert any("--ignore-certificate-errors-spki-list=" in x for x in lines)
-        config = json.loads(lines[-1])
+        config = json.loads(next(x for x in lines if x.lstrip().startswith("{")))
+        tokens_cmd = next(x for x in lines if "Tokens API" in x).split(": ", 1)[1].split()
+        ice_url = lines[-1].split("'")[1]
+        assert tokens_cmd[:2] == ["curl", "-s"]
+        async with aiohttp.ClientSession() as session:
+            async with session.post(
+                tokens_cmd[-1],
+                headers={"Authorization": "Basic " + base64.b64encode(b"ACdev:dev-token").decode()},
+            ) as resp:
+                assert resp.status == 201
+            async with session.get(ice_url) as resp:
+                assert (await resp.json())["iceTransportPolicy"] == "relay"
         ice = config["iceServers"][0]
         assert ice["urls"] == [
             f"turn:127.0.0.1:{port}?transport=udp",
@@ -213,3 +232,81 @@ async def test_make_run_command_prints_a_working_credential(
     finally:
         proc.terminate()
         assert await asyncio.wait_for(proc.wait(), 10) == 0
+
+
+def test_secrets_keys_and_accounts_from_files_and_env(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "secrets").write_text("# rotated weekly\nfile-secret\n\nolder-secret\n")
+    (tmp_path / "keys").write_text("file-key\n")
+    (tmp_path / "accounts").write_text("ACfile:file-token\n")
+    monkeypatch.setenv("TURN_SECRETS", "env-a,env-b")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(
+        "auth:\n  secrets: [inline]\n"
+        f"  secrets_file: {tmp_path / 'secrets'}\n  secrets_env: TURN_SECRETS\n"
+        f"api:\n  listen: 127.0.0.1:0\n  keys_file: {tmp_path / 'keys'}\n"
+        f"  accounts_file: {tmp_path / 'accounts'}\nrelay:\n  ip: [127.0.0.1]\n"
+    )
+    s = build_settings(load_file(str(cfg)), {}, str(cfg))
+    assert s.secrets == ("inline", "file-secret", "older-secret", "env-a", "env-b")
+    assert s.api_keys == ("file-key",) and s.accounts == (("ACfile", "file-token"),)
+    monkeypatch.delenv("TURN_SECRETS")
+    with pytest.raises(ConfigError, match="TURN_SECRETS is unset"):
+        build_settings(load_file(str(cfg)), {}, str(cfg))
+
+
+def test_bad_account_does_not_echo_the_token() -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_yaml("api:\n  accounts: ['AC-x:super-secret-token']\n", "c.yaml")
+    assert "super-secret-token" not in str(info.value)
+
+
+@pytest.mark.parametrize("fmt", ["rest", "twilio", "ice-servers"])
+def test_mint_command(fmt: str, capsys: pytest.CaptureFixture[str]) -> None:
+    from turnserver.core.auth import rest_password
+
+    uris = ["--uri", "stun:192.0.2.1:3478", "--uri", "turn:192.0.2.1:3478?transport=udp"]
+    assert (
+        main(
+            [
+                "mint",
+                "--user",
+                "alice",
+                "--ttl",
+                "10m",
+                "--secret",
+                "S",
+                "--format",
+                fmt,
+                "--relay-only",
+                *uris,
+            ]
+        )
+        == 0
+    )
+    out = json.loads(capsys.readouterr().out)
+    if fmt == "rest":
+        username, password = out["username"], out["password"]
+        assert out["ttl"] == 600 and out["uris"] == ["turn:192.0.2.1:3478?transport=udp"]
+    elif fmt == "twilio":
+        username, password = out["username"], out["password"]
+        assert out["ttl"] == "600" and out["ice_servers"][0] == {
+            "url": "stun:192.0.2.1:3478",
+            "urls": "stun:192.0.2.1:3478",
+        }
+    else:
+        entry = out["iceServers"][1]
+        username, password = entry["username"], entry["credential"]
+        assert out["iceTransportPolicy"] == "relay"
+    expiry, user = username.split(":")
+    assert user == "alice" and abs(int(expiry) - time.time() - 600) < 5
+    assert password == rest_password("S", username)
+
+
+def test_mint_errors(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["mint", "--user", "a", "--ttl", "soon", "--secret", "S"]) == 2
+    assert main(["mint", "--user", "a"]) == 2
+    assert main(["mint", "--user", "a", "--secret", "S", "--uri", "http://x"]) == 2
+    assert main(["mint", "--user", "a", "--config", str(ROOT / "config/turnserver.yaml")]) == 0
+    assert "turn:192.0.2.10:3478?transport=udp" in capsys.readouterr().out

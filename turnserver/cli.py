@@ -15,6 +15,8 @@ from turnserver.ops.config import (
     Settings,
     build_settings,
     load_file,
+    parse_account,
+    parse_host_port,
     parse_listen,
     parse_user,
 )
@@ -78,6 +80,23 @@ def _serve_parser(sub: Any) -> None:
         action="append",
         help="peer network to deny in addition to the defaults (repeatable)",
     )
+    p.add_argument(
+        "--api-listen",
+        metavar="IP:PORT",
+        help="serve the credentials API (Twilio Tokens, TURN REST) here",
+    )
+    p.add_argument(
+        "--account",
+        metavar="SID:AUTH_TOKEN",
+        action="append",
+        help="account for the Twilio-compatible Tokens API (repeatable)",
+    )
+    p.add_argument(
+        "--api-key",
+        metavar="KEY",
+        action="append",
+        help="key for /api/v1/turn-credentials and /api/v1/ice-servers (repeatable)",
+    )
     p.add_argument("--cert", metavar="FILE", help="TLS certificate chain (PEM) for tls://")
     p.add_argument("--key", metavar="FILE", help="TLS private key (PEM) for tls://")
     p.add_argument("--log-level", choices=LOG_LEVELS, help="log level (default info)")
@@ -98,6 +117,32 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"turnserver {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _serve_parser(sub)
+    p = sub.add_parser(
+        "mint",
+        help="print a time-limited TURN credential as JSON",
+        description="Mint a TURN REST API credential from a shared secret and print it in "
+        "the same JSON as the credentials API.",
+    )
+    p.add_argument("--user", required=True, help="user part of the credential (quotas count it)")
+    p.add_argument("--ttl", default="1d", help="lifetime: seconds or 10m, 1h, 1d (default 1d)")
+    p.add_argument(
+        "--format",
+        choices=("rest", "twilio", "ice-servers"),
+        default="rest",
+        help="rest: TURN REST API draft; twilio: Tokens resource; ice-servers: RTCConfiguration",
+    )
+    p.add_argument(
+        "--relay-only", action="store_true", help="ice-servers: iceTransportPolicy relay"
+    )
+    p.add_argument("--config", metavar="FILE", help="take the secret and URIs from this config")
+    p.add_argument("--secret", metavar="S", help="shared secret (instead of --config)")
+    p.add_argument(
+        "--uri",
+        metavar="URI",
+        action="append",
+        default=[],
+        help="stun:/turn:/turns: URI to include (repeatable; with --secret)",
+    )
     p = sub.add_parser(
         "selfsigned",
         help="create a self-signed TLS certificate if missing",
@@ -127,6 +172,12 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         o["users"] = tuple(parse_user(u, "--user") for u in args.user)
     if args.listen:
         o["listen"] = tuple(parse_listen(u, "--listen") for u in args.listen)
+    if args.api_listen:
+        o["api_listen"] = parse_host_port(args.api_listen, "--api-listen")
+    if args.account:
+        o["accounts"] = tuple(parse_account(a, "--account") for a in args.account)
+    if args.api_key:
+        o["api_keys"] = tuple(args.api_key)
     simple = {
         "relay_ip": "relay_ips",
         "external_ip": "external_ips",
@@ -181,6 +232,8 @@ def main(argv: list[str] | None = None) -> int:
 
         return serve(settings, args.show_credential, reload_settings)
 
+    if args.command == "mint":
+        return _mint(args)
     if args.command == "selfsigned":
         from turnserver.ops.selfsigned import ensure_self_signed
 
@@ -197,3 +250,63 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def _mint(args: argparse.Namespace) -> int:
+    import json
+    import time
+
+    from turnserver.ops.app import server_uris
+    from turnserver.ops.credentials import (
+        ServerUris,
+        ice_servers_config,
+        mint,
+        parse_ttl,
+        rest_api_credential,
+        twilio_token,
+    )
+
+    try:
+        ttl = parse_ttl(args.ttl)
+    except ValueError as exc:
+        print(f"turnserver mint: {exc}", file=sys.stderr)
+        return 2
+    if bool(args.config) == bool(args.secret):
+        print("turnserver mint: give either --config FILE or --secret S", file=sys.stderr)
+        return 2
+    if args.config:
+        try:
+            settings = build_settings(load_file(args.config), {}, args.config)
+        except ConfigError as exc:
+            print(f"turnserver mint: configuration error: {exc}", file=sys.stderr)
+            return 2
+        if not settings.secrets:
+            print("turnserver mint: the config has no auth.secrets", file=sys.stderr)
+            return 2
+        secret = settings.secrets[0]
+        uris = server_uris(settings, list(settings.listen))
+        if args.uri:
+            uris = ServerUris(
+                tuple(u for u in args.uri if u.startswith("stun")),
+                tuple(u for u in args.uri if u.startswith("turn")),
+            )
+    else:
+        secret = args.secret
+        uris = ServerUris(
+            tuple(u for u in args.uri if u.startswith("stun")),
+            tuple(u for u in args.uri if u.startswith("turn")),
+        )
+    bad = [u for u in args.uri if not u.startswith(("stun:", "stuns:", "turn:", "turns:"))]
+    if bad:
+        print(f"turnserver mint: not a STUN/TURN URI: {bad[0]}", file=sys.stderr)
+        return 2
+    now = time.time()
+    cred = mint(secret, args.user, ttl, now)
+    if args.format == "twilio":
+        out = twilio_token(cred, uris, args.user, now)
+    elif args.format == "ice-servers":
+        out = ice_servers_config(cred, uris, args.relay_only)
+    else:
+        out = rest_api_credential(cred, uris)
+    print(json.dumps(out, indent=2))
+    return 0

@@ -14,14 +14,17 @@ import time
 from collections.abc import Callable
 from dataclasses import replace
 
+from aiohttp import web
+
 from turnserver.core.auth import Authenticator, Credentials, NonceIssuer
 from turnserver.core.config import CoreConfig, RelayAddress
 from turnserver.core.policy import DefaultPeerPolicy
 from turnserver.io.loop import loop_factory
 from turnserver.io.runtime import ListenAddress, ServerRuntime, StreamOptions
 from turnserver.io.tls import ReloadableTLS
+from turnserver.ops.api import ApiConfig, CredentialsApi, start_api
 from turnserver.ops.config import ConfigError, Settings, relay_layout
-from turnserver.ops.credentials import mint
+from turnserver.ops.credentials import ServerUris, mint
 from turnserver.ops.eventlog import log, log_event, setup_logging
 from turnserver.ops.selfsigned import spki_sha256
 
@@ -114,20 +117,53 @@ def apply_reload(runtime: ServerRuntime, new: Settings) -> None:
             log.error("certificate reload failed, keeping the old one: %s", exc)
 
 
-def ice_uris(settings: Settings, listen: list[ListenAddress]) -> list[str]:
-    """TURN URIs (RFC 7065) for the listeners, wildcards replaced by the public address."""
-    uris: list[str] = []
+def server_uris(settings: Settings, listen: list[ListenAddress]) -> ServerUris:
+    """STUN and TURN URIs (RFC 7064, RFC 7065) for the listeners.
+
+    `api.uris` wins when set; otherwise the host is `api.public_host`, or the
+    advertised relay address for wildcard listeners, or the listener's address."""
+    if settings.uris:
+        return ServerUris(
+            tuple(u for u in settings.uris if u.startswith("stun")),
+            tuple(u for u in settings.uris if u.startswith("turn")),
+        )
+    stun: list[str] = []
+    turn: list[str] = []
     layout = relay_layout(settings)
     for spec in listen:
-        host = spec.host
+        host = settings.public_host or spec.host
         if host in ("0.0.0.0", "::") and layout:
             host = layout[0][1]
         hostport = f"[{host}]:{spec.port}" if ":" in host else f"{host}:{spec.port}"
         if spec.scheme == "tls":
-            uris.append(f"turns:{hostport}?transport=tcp")
+            turn.append(f"turns:{hostport}?transport=tcp")
         else:
-            uris.append(f"turn:{hostport}?transport={spec.scheme}")
-    return uris
+            turn.append(f"turn:{hostport}?transport={spec.scheme}")
+            if spec.scheme == "udp":
+                stun.append(f"stun:{hostport}")
+    return ServerUris(tuple(stun), tuple(turn))
+
+
+def ice_uris(settings: Settings, listen: list[ListenAddress]) -> list[str]:
+    """TURN URIs for the listeners (see server_uris)."""
+    return list(server_uris(settings, listen).turn)
+
+
+def api_config(settings: Settings, listen: list[ListenAddress]) -> ApiConfig:
+    """The credentials API's view of the settings."""
+    accounts: dict[str, tuple[str, ...]] = {}
+    for sid, token in settings.accounts:
+        accounts[sid] = (*accounts.get(sid, ()), token)
+    return ApiConfig(
+        secrets=settings.secrets,
+        accounts=accounts,
+        api_keys=settings.api_keys,
+        uris=server_uris(settings, listen),
+        default_ttl=settings.api_default_ttl,
+        max_ttl=settings.api_max_ttl,
+        rate_per_second=settings.api_rate,
+        rate_burst=settings.api_burst,
+    )
 
 
 def credential_banner(settings: Settings, runtime: ServerRuntime, user: str) -> str:
@@ -168,16 +204,66 @@ def credential_banner(settings: Settings, runtime: ServerRuntime, user: str) -> 
 ReloadSettings = Callable[[], Settings]
 
 
+class Server:
+    """A TURN server and its credentials API in one event loop."""
+
+    def __init__(self, settings: Settings, loop: asyncio.AbstractEventLoop) -> None:
+        self.settings = settings
+        self.loop = loop
+        self.runtime = build_runtime(settings, loop)
+        self.api: CredentialsApi | None = None
+        self._api_runner: web.AppRunner | None = None
+        self.api_port = 0
+
+    async def start(self) -> None:
+        """Bind listeners, then the API (raises OSError/ValueError naming what failed)."""
+        await self.runtime.start()
+        settings = self.settings
+        if settings.api_listen:
+            self.api = CredentialsApi(api_config(settings, self.runtime.bound_addresses()))
+            try:
+                self._api_runner, self.api_port = await start_api(self.api, *settings.api_listen)
+            except OSError as exc:
+                self.runtime.stop()
+                host, port = settings.api_listen
+                raise OSError(
+                    exc.errno, f"cannot bind the API on {host}:{port}: {exc.strerror}"
+                ) from exc
+            log.info("credentials API on http://%s:%d", settings.api_listen[0], self.api_port)
+
+    @property
+    def api_base(self) -> str:
+        assert self.settings.api_listen is not None
+        host = self.settings.api_listen[0]
+        return (
+            f"http://[{host}]:{self.api_port}" if ":" in host else f"http://{host}:{self.api_port}"
+        )
+
+    def reload(self, new: Settings) -> None:
+        """Apply a new configuration (SIGHUP); listeners and allocations stay."""
+        apply_reload(self.runtime, new)
+        if self.api is not None:
+            self.api.reconfigure(api_config(new, self.runtime.bound_addresses()))
+        self.settings = new
+
+    async def stop(self) -> None:
+        self.runtime.stop()
+        if self._api_runner is not None:
+            await self._api_runner.cleanup()
+            self._api_runner = None
+
+
 async def _serve(
     settings: Settings, show_credential: str | None, reload_settings: ReloadSettings | None
 ) -> int:
     loop = asyncio.get_running_loop()
     try:
-        runtime = build_runtime(settings, loop)
-        await runtime.start()
+        server = Server(settings, loop)
+        await server.start()
     except (OSError, ValueError, ssl.SSLError) as exc:
         log.error("%s", exc)
         return 1
+    runtime = server.runtime
     log.info(
         "listening on %s; relaying on %s ports %d-%d",
         ", ".join(str(s) for s in runtime.bound_addresses()),
@@ -187,6 +273,19 @@ async def _serve(
     )
     if show_credential:
         print(credential_banner(settings, runtime, show_credential), file=sys.stdout, flush=True)
+        if settings.api_listen and settings.accounts:
+            sid, token = settings.accounts[0]
+            print(
+                f"  Tokens API (Twilio-compatible): curl -s -u {sid}:{token} -X POST "
+                f"{server.api_base}/2010-04-01/Accounts/{sid}/Tokens.json",
+                flush=True,
+            )
+        if settings.api_listen and settings.api_keys:
+            print(
+                f"  RTCConfiguration: curl -s '{server.api_base}/api/v1/ice-servers?"
+                f"username=dev&policy=relay&key={settings.api_keys[0]}'",
+                flush=True,
+            )
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
@@ -200,7 +299,7 @@ async def _serve(
         except ConfigError as exc:
             log.error("SIGHUP: configuration rejected, keeping the old one: %s", exc)
             return
-        apply_reload(runtime, new)
+        server.reload(new)
         log.info(
             "SIGHUP: configuration reloaded (%d allocations kept)", len(runtime.core.allocations)
         )
@@ -208,7 +307,7 @@ async def _serve(
     loop.add_signal_handler(signal.SIGHUP, on_hup)
     await stop.wait()
     log.info("shutting down: %d allocations", len(runtime.core.allocations))
-    runtime.stop()
+    await server.stop()
     return 0
 
 

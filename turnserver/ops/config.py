@@ -61,6 +61,19 @@ class Settings:
     nonce_secret: str | None = None
     nonce_lifetime: int = 600
     software: str | None = SOFTWARE
+    secrets_file: str | None = None
+    secrets_env: str | None = None
+    api_listen: tuple[str, int] | None = None
+    accounts: tuple[tuple[str, str], ...] = ()
+    accounts_file: str | None = None
+    api_keys: tuple[str, ...] = ()
+    api_keys_file: str | None = None
+    api_default_ttl: int = 86400
+    api_max_ttl: int = 86400
+    api_rate: float = 10.0
+    api_burst: int = 20
+    public_host: str | None = None
+    uris: tuple[str, ...] = ()
     cert_file: str | None = None
     key_file: str | None = None
     idle_timeout: float = 30.0
@@ -215,6 +228,51 @@ def _users(v: Any, key: str) -> tuple[StaticUser, ...]:
     return tuple(out)
 
 
+def parse_host_port(text: str, key: str = "api.listen") -> tuple[str, int]:
+    """`IP:PORT` or `[IPv6]:PORT`."""
+    host, sep, port = text.rpartition(":")
+    host = host.strip("[]")
+    try:
+        ip = str(ipaddress.ip_address(host))
+        number = int(port)
+    except ValueError:
+        raise ConfigError(f"{key}: expected IP:PORT, got {text!r}") from None
+    if not sep or not 0 <= number <= 65535:
+        raise ConfigError(f"{key}: expected IP:PORT, got {text!r}")
+    return ip, number
+
+
+def _host_port(v: Any, key: str) -> tuple[str, int] | None:
+    if v is None or v == "":
+        return None
+    return parse_host_port(_str(v, key), key)
+
+
+def parse_account(text: str, key: str = "api.accounts") -> tuple[str, str]:
+    """`SID:AUTH_TOKEN`."""
+    sid, sep, token = text.strip().partition(":")
+    if not sep or not sid or not token or not sid.isalnum():
+        raise ConfigError(f"{key}: expected ACCOUNT_SID:AUTH_TOKEN")  # never echo a token
+    return sid, token
+
+
+def _accounts(v: Any, key: str) -> tuple[tuple[str, str], ...]:
+    return tuple(parse_account(item, key) for item in _str_list(v, key))
+
+
+def _float(lo: float, hi: float) -> Check:
+    def check(v: Any, key: str) -> float:
+        try:
+            value = float(v)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: expected a number, got {v!r}") from None
+        if not lo <= value <= hi:
+            raise ConfigError(f"{key}: {value} is outside {lo}..{hi}")
+        return value
+
+    return check
+
+
 # YAML key -> (Settings field, check)
 SCHEMA: dict[str, tuple[str, Check]] = {
     "realm": ("realm", _str),
@@ -223,7 +281,20 @@ SCHEMA: dict[str, tuple[str, Check]] = {
     "loop": ("loop", _choice(("auto", "uvloop", "asyncio"))),
     "auth.secrets": ("secrets", _str_list),
     "auth.users": ("users", _users),
+    "auth.secrets_file": ("secrets_file", _opt_str),
+    "auth.secrets_env": ("secrets_env", _opt_str),
     "auth.nonce_secret": ("nonce_secret", _opt_str),
+    "api.listen": ("api_listen", _host_port),
+    "api.accounts": ("accounts", _accounts),
+    "api.accounts_file": ("accounts_file", _opt_str),
+    "api.keys": ("api_keys", _str_list),
+    "api.keys_file": ("api_keys_file", _opt_str),
+    "api.default_ttl": ("api_default_ttl", _int(1, 7 * 86400)),
+    "api.max_ttl": ("api_max_ttl", _int(1, 30 * 86400)),
+    "api.rate_per_second": ("api_rate", _float(0.01, 100000)),
+    "api.rate_burst": ("api_burst", _int(1, 100000)),
+    "api.public_host": ("public_host", _opt_str),
+    "api.uris": ("uris", _str_list),
     "auth.nonce_lifetime": ("nonce_lifetime", _int(30, 86400)),
     "auth.strict_expiry": ("strict_expiry", _bool),
     "relay.ip": ("relay_ips", _ip_list),
@@ -311,8 +382,40 @@ def build_settings(file_values: dict[str, Any], overrides: dict[str, Any], sourc
     names = {f.name for f in fields(Settings)}
     merged = {k: v for k, v in {**file_values, **overrides}.items() if k in names}
     settings = replace(Settings(), **merged, source=source)
+    settings = _with_external_secrets(settings)
     validate(settings)
     return settings
+
+
+def _read_lines(path: str, key: str) -> list[str]:
+    """Non-empty, non-comment lines of a file (e.g. a Kubernetes Secret mount)."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return [ln.strip() for ln in fh if ln.strip() and not ln.lstrip().startswith("#")]
+    except OSError as exc:
+        raise ConfigError(f"{key}: cannot read {path}: {exc.strerror}") from None
+
+
+def _with_external_secrets(s: Settings) -> Settings:
+    """Add secrets, API keys and accounts named by files or environment variables."""
+    secrets = list(s.secrets)
+    if s.secrets_file:
+        secrets += _read_lines(s.secrets_file, "auth.secrets_file")
+    if s.secrets_env:
+        value = os.environ.get(s.secrets_env)
+        if value is None:
+            raise ConfigError(f"auth.secrets_env: environment variable {s.secrets_env} is unset")
+        secrets += [x.strip() for x in value.replace("\\n", ",").split(",") if x.strip()]
+    keys = list(s.api_keys)
+    if s.api_keys_file:
+        keys += _read_lines(s.api_keys_file, "api.keys_file")
+    accounts = list(s.accounts)
+    if s.accounts_file:
+        accounts += [
+            parse_account(x, "api.accounts_file")
+            for x in _read_lines(s.accounts_file, "api.accounts_file")
+        ]
+    return replace(s, secrets=tuple(secrets), api_keys=tuple(keys), accounts=tuple(accounts))
 
 
 def validate(s: Settings) -> None:
@@ -335,6 +438,10 @@ def validate(s: Settings) -> None:
         raise ConfigError(
             "tls.cert: a tls:// listener needs a certificate and key (--cert FILE --key FILE)"
         )
+    if s.api_default_ttl > s.api_max_ttl:
+        raise ConfigError("api.default_ttl: above api.max_ttl")
+    if s.api_listen and not (s.secrets or s.api_keys or s.accounts):
+        raise ConfigError("api.listen: the API needs auth.secrets to mint with")
     if bool(s.cert_file) != bool(s.key_file):
         raise ConfigError("tls.key: give both a certificate and its key")
     if not relay_layout(s):

@@ -1,0 +1,264 @@
+"""The credentials HTTP API (aiohttp): Twilio-compatible Tokens, the TURN REST API draft,
+and ready-made RTCConfiguration objects.
+
+Secrets are compared in constant time and never logged. Every response is JSON, every
+request is counted (`ApiStats`, folded into Prometheus on scrape), and each client
+address is rate limited.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hmac
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+from turnserver.ops.credentials import (
+    ServerUris,
+    ice_servers_config,
+    mint,
+    rest_api_credential,
+    twilio_token,
+)
+
+log = logging.getLogger("turnserver.api")
+
+MAX_BODY = 16 * 1024
+TWILIO_DOCS = "https://www.twilio.com/docs/errors/"
+
+
+@dataclass
+class ApiConfig:
+    """What the API needs; replaced as a whole on SIGHUP."""
+
+    secrets: tuple[str, ...]
+    accounts: dict[str, tuple[str, ...]]  # account SID -> auth tokens (rotation)
+    api_keys: tuple[str, ...]
+    uris: ServerUris
+    default_ttl: int = 86400
+    max_ttl: int = 86400
+    rate_per_second: float = 10.0
+    rate_burst: int = 20
+
+
+@dataclass
+class ApiStats:
+    """Plain counters: (endpoint, status) -> requests."""
+
+    requests: dict[tuple[str, int], int] = field(default_factory=dict)
+    rate_limited: int = 0
+
+    def count(self, endpoint: str, status: int) -> None:
+        key = (endpoint, status)
+        self.requests[key] = self.requests.get(key, 0) + 1
+
+
+class RateLimiter:
+    """A token bucket per client address, bounded in how many addresses it remembers."""
+
+    def __init__(self, rate: float, burst: int, max_clients: int = 10000) -> None:
+        self.rate = rate
+        self.burst = burst
+        self.max_clients = max_clients
+        self._buckets: dict[str, tuple[float, float]] = {}
+
+    def allow(self, client: str, now: float) -> bool:
+        tokens, last = self._buckets.get(client, (float(self.burst), now))
+        tokens = min(float(self.burst), tokens + (now - last) * self.rate)
+        allowed = tokens >= 1.0
+        if allowed:
+            tokens -= 1.0
+        if client not in self._buckets and len(self._buckets) >= self.max_clients:
+            self._buckets.pop(next(iter(self._buckets)))
+        self._buckets[client] = (tokens, now)
+        return allowed
+
+
+def _equal(a: str, b: str) -> bool:
+    return hmac.compare_digest(a.encode(), b.encode())
+
+
+def twilio_error(status: int, code: int, message: str) -> web.Response:
+    """Twilio's error body: code, message, more_info, status."""
+    return web.json_response(
+        {"code": code, "message": message, "more_info": f"{TWILIO_DOCS}{code}", "status": status},
+        status=status,
+    )
+
+
+def json_error(status: int, message: str) -> web.Response:
+    return web.json_response({"error": message, "status": status}, status=status)
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class CredentialsApi:
+    """The aiohttp application and its handlers."""
+
+    def __init__(self, config: ApiConfig, clock: Callable[[], float] = time.time) -> None:
+        self.config = config
+        self.clock = clock
+        self.stats = ApiStats()
+        self.limiter = RateLimiter(config.rate_per_second, config.rate_burst)
+        self.app = web.Application(client_max_size=MAX_BODY, middlewares=[self._middleware])
+        self.app.router.add_post(
+            "/2010-04-01/Accounts/{account_sid}/Tokens.json", self.twilio_tokens
+        )
+        self.app.router.add_get("/api/v1/turn-credentials", self.turn_credentials)
+        self.app.router.add_get("/api/v1/ice-servers", self.ice_servers)
+        self.extra_routes: list[str] = []
+
+    def reconfigure(self, config: ApiConfig) -> None:
+        """New secrets, accounts, keys or URIs (SIGHUP)."""
+        self.config = config
+        self.limiter.rate = config.rate_per_second
+        self.limiter.burst = config.rate_burst
+
+    @web.middleware
+    async def _middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        endpoint = (
+            request.match_info.route.resource.canonical
+            if request.match_info.route.resource
+            else "unmatched"
+        )
+        twilio = request.path.startswith("/2010-04-01/")
+        peer = request.remote or "?"
+        if not self.limiter.allow(peer, time.monotonic()):
+            self.stats.rate_limited += 1
+            response: web.StreamResponse = (
+                twilio_error(429, 20429, "Too many requests")
+                if twilio
+                else json_error(429, "too many requests")
+            )
+        else:
+            try:
+                response = await handler(request)
+            except web.HTTPRequestEntityTooLarge:
+                response = (
+                    twilio_error(413, 20001, "Request body too large")
+                    if twilio
+                    else json_error(413, "request body too large")
+                )
+            except web.HTTPException as exc:
+                response = (
+                    twilio_error(exc.status, 20404 if exc.status == 404 else 20001, exc.reason)
+                    if twilio
+                    else json_error(exc.status, exc.reason)
+                )
+        self.stats.count(endpoint, response.status)
+        log.info("api %s %s -> %d from %s", request.method, request.path, response.status, peer)
+        return response
+
+    # ---- Twilio -----------------------------------------------------------------------
+
+    def _basic_auth(self, request: web.Request) -> str | None:
+        """The account SID whose auth token the request carries, or None."""
+        header = request.headers.get("Authorization", "")
+        scheme, _, encoded = header.partition(" ")
+        if scheme.lower() != "basic" or not encoded:
+            return None
+        try:
+            decoded = base64.b64decode(encoded.strip(), validate=True).decode()
+        except (binascii.Error, UnicodeDecodeError):
+            return None
+        sid, sep, token = decoded.partition(":")
+        if not sep:
+            return None
+        ok = False
+        for known_sid, tokens in self.config.accounts.items():
+            sid_match = _equal(sid, known_sid)
+            for known in tokens:
+                ok |= sid_match and _equal(token, known)
+        return sid if ok else None
+
+    async def twilio_tokens(self, request: web.Request) -> web.Response:
+        """POST /2010-04-01/Accounts/{AccountSid}/Tokens.json (Twilio's Tokens resource)."""
+        sid = request.match_info["account_sid"]
+        authed = self._basic_auth(request)
+        if authed is None:
+            return twilio_error(401, 20003, "Authenticate")
+        if sid not in self.config.accounts or not _equal(sid, authed):
+            return twilio_error(
+                404,
+                20404,
+                f"The requested resource /2010-04-01/Accounts/{sid}/Tokens.json was not found",
+            )
+        form = await request.post()
+        raw_ttl = form.get("Ttl", None)
+        ttl = self.config.default_ttl
+        if raw_ttl is not None:
+            if not isinstance(raw_ttl, str) or not raw_ttl.strip().isdigit():
+                return twilio_error(400, 20001, "Ttl must be a positive integer")
+            ttl = int(raw_ttl)
+            if not 1 <= ttl <= self.config.max_ttl:
+                return twilio_error(400, 20001, f"Ttl must be between 1 and {self.config.max_ttl}")
+        if not self.config.secrets:
+            return twilio_error(503, 20500, "No shared secret configured")
+        now = self.clock()
+        cred = mint(self.config.secrets[0], sid, ttl, now)
+        return web.json_response(twilio_token(cred, self.config.uris, sid, now), status=201)
+
+    # ---- TURN REST API draft and RTCConfiguration ---------------------------------------
+
+    def _api_key_ok(self, request: web.Request) -> bool:
+        given = request.headers.get("X-API-Key") or request.query.get("key", "")
+        auth = request.headers.get("Authorization", "")
+        if not given and auth.lower().startswith("bearer "):
+            given = auth[7:].strip()
+        ok = False
+        for key in self.config.api_keys:
+            ok |= _equal(given, key)
+        return ok and bool(given)
+
+    def _mint_from_query(self, request: web.Request) -> tuple[web.Response | None, Any]:
+        if not self._api_key_ok(request):
+            return json_error(401, "missing or wrong API key (X-API-Key header or key=)"), None
+        username = request.query.get("username", "")
+        if len(username) > 128 or ":" in username:
+            return json_error(400, "username must be at most 128 characters, without ':'"), None
+        ttl = self.config.default_ttl
+        if "ttl" in request.query:
+            raw = request.query["ttl"]
+            if not raw.isdigit() or not 1 <= int(raw) <= self.config.max_ttl:
+                return json_error(400, f"ttl must be between 1 and {self.config.max_ttl}"), None
+            ttl = int(raw)
+        if not self.config.secrets:
+            return json_error(503, "no shared secret configured"), None
+        return None, mint(self.config.secrets[0], username, ttl, self.clock())
+
+    async def turn_credentials(self, request: web.Request) -> web.Response:
+        """GET /api/v1/turn-credentials?service=turn&username=ID (TURN REST API draft)."""
+        service = request.query.get("service", "turn")
+        if service != "turn":
+            return json_error(400, "service must be 'turn'")
+        error, cred = self._mint_from_query(request)
+        if error is not None:
+            return error
+        return web.json_response(rest_api_credential(cred, self.config.uris))
+
+    async def ice_servers(self, request: web.Request) -> web.Response:
+        """GET /api/v1/ice-servers?username=ID[&policy=relay]: an RTCConfiguration."""
+        policy = request.query.get("policy", "all")
+        if policy not in ("all", "relay"):
+            return json_error(400, "policy must be 'all' or 'relay'")
+        error, cred = self._mint_from_query(request)
+        if error is not None:
+            return error
+        return web.json_response(ice_servers_config(cred, self.config.uris, policy == "relay"))
+
+
+async def start_api(api: CredentialsApi, host: str, port: int) -> tuple[web.AppRunner, int]:
+    """Serve the API on host:port; returns the runner and the bound port."""
+    runner = web.AppRunner(api.app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    await site.start()
+    bound: int = runner.addresses[0][1] if runner.addresses else port
+    return runner, bound
