@@ -93,6 +93,9 @@ def test_settings(**overrides: object) -> Settings:
         "allow_loopback_peers": True,
         "log_level": "warning",
         "api_listen": ("127.0.0.1", 0),
+        "metrics_listen": ("127.0.0.1", 0),
+        "probe_interval": 0,
+
         "accounts": ((ACCOUNT_SID, AUTH_TOKEN), (ACCOUNT_SID, "rotated-token")),
         "api_keys": (API_KEY,),
         "api_max_ttl": 86400,

@@ -13,6 +13,7 @@ from turnserver.ops.config import (
     LOG_LEVELS,
     ConfigError,
     Settings,
+    _host_port_or_off,
     build_settings,
     load_file,
     parse_account,
@@ -97,6 +98,17 @@ def _serve_parser(sub: Any) -> None:
         action="append",
         help="key for /api/v1/turn-credentials and /api/v1/ice-servers (repeatable)",
     )
+    p.add_argument(
+        "--metrics-listen",
+        metavar="IP:PORT",
+        help="Prometheus /metrics, /healthz, /readyz (default 127.0.0.1:9641; off)",
+    )
+    p.add_argument(
+        "--probe-interval",
+        metavar="SECONDS",
+        type=float,
+        help="self-probe every N seconds (default 30; 0 turns it off)",
+    )
     p.add_argument("--cert", metavar="FILE", help="TLS certificate chain (PEM) for tls://")
     p.add_argument("--key", metavar="FILE", help="TLS private key (PEM) for tls://")
     p.add_argument("--log-level", choices=LOG_LEVELS, help="log level (default info)")
@@ -178,6 +190,12 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         o["accounts"] = tuple(parse_account(a, "--account") for a in args.account)
     if args.api_key:
         o["api_keys"] = tuple(args.api_key)
+    if args.metrics_listen is not None:
+        o["metrics_listen"] = _host_port_or_off(args.metrics_listen, "--metrics-listen")
+    if args.probe_interval is not None:
+        if args.probe_interval < 0:
+            raise ConfigError("--probe-interval: must be 0 (off) or more")
+        o["probe_interval"] = args.probe_interval
     simple = {
         "relay_ip": "relay_ips",
         "external_ip": "external_ips",

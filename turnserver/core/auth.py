@@ -104,6 +104,8 @@ class Authenticator:
     def __init__(self, credentials: Credentials, nonces: NonceIssuer) -> None:
         self.credentials = credentials
         self.nonces = nonces
+        # Users of the server itself (the self-probe); kept across config reloads.
+        self.internal_keys: dict[str, bytes] = {}
 
     @property
     def realm(self) -> str:
@@ -123,7 +125,8 @@ class Authenticator:
         creds = self.credentials
         if not hmac.compare_digest(realm.encode(), creds.realm.encode()):
             raise Unauthorized(f"realm {realm!r} is not ours", reason="bad_credentials")
-        key = creds.user_keys.get(username)
+        key = creds.user_keys.get(username) or self.internal_keys.get(username)
+
         if key is not None:
             if verify_integrity(msg, key):
                 return Identity(username, username, key, None)

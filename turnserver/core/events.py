@@ -53,6 +53,7 @@ class RequestHandled:
     method: str
     code: int  # 0 for success
     reason: str  # "" for success, else the failure label
+    username: str = ""  # "" when the request was not authenticated
 
 
 @dataclass(frozen=True, slots=True)

@@ -158,6 +158,9 @@ class TurnServer:
             Method.CONNECTION_BIND: self._connection_bind,
         }
         self.peer_connections: dict[int, PeerConnection] = {}
+        # The self-probe may reach its own echo socket whatever the peer policy says.
+        self.probe_users: set[str] = set()
+        self.probe_peers: set[Address] = set()
 
     # ---- entry points -------------------------------------------------------------
 
@@ -297,7 +300,7 @@ class TurnServer:
             alloc.allocate_response = response
         elif method == Method.CONNECTION_BIND:
             self._finish_connection_bind(msg, ft)
-        self.events.append(ev.RequestHandled(ft, method_name, 0, ""))
+        self.events.append(ev.RequestHandled(ft, method_name, 0, "", identity.username))
         return response
 
     def _report_failure(
@@ -309,7 +312,7 @@ class TurnServer:
         method_name: str,
     ) -> None:
         username = identity.username if identity else (_safe_username(msg))
-        self.events.append(ev.RequestHandled(ft, method_name, err.code, err.reason))
+        self.events.append(ev.RequestHandled(ft, method_name, err.code, err.reason, username))
         if isinstance(err, Unauthorized | StaleNonce) and err.reason != "unauthenticated":
             self.events.append(ev.AuthFailed(ft, username, err.reason))
         if msg.method == Method.ALLOCATE:
@@ -608,13 +611,15 @@ class TurnServer:
             self._push(pc.expires, TimerKind.PEER_CONNECTION, None, pc.id)
             attrs: Attributes = [(Attr.CONNECTION_ID, pc.id)]
             klass = MessageClass.SUCCESS
-            self.events.append(ev.RequestHandled(ft, "connect", 0, ""))
+            self.events.append(ev.RequestHandled(ft, "connect", 0, "", alloc.username))
         else:
             self._forget_peer_connection(pc, close=False)
             err = ConnectionTimeoutOrFailure(f"could not connect to {pc.peer[0]}:{pc.peer[1]}")
             attrs = [(Attr.ERROR_CODE, (err.code, err.phrase))]
             klass = MessageClass.ERROR
-            self.events.append(ev.RequestHandled(ft, "connect", err.code, err.reason))
+            self.events.append(
+                ev.RequestHandled(ft, "connect", err.code, err.reason, alloc.username)
+            )
         if self.config.software:
             attrs.append((Attr.SOFTWARE, self.config.software))
         return encode_message(
@@ -778,6 +783,8 @@ class TurnServer:
         ip = ipaddress.ip_address(peer[0])
         if ip.version not in alloc.relays:
             raise PeerAddressFamilyMismatch(f"peer {peer[0]} has no relay of its family")
+        if alloc.username in self.probe_users and peer in self.probe_peers:
+            return str(ip)  # the self-probe's own echo socket
         if not self.peer_policy.is_allowed(ip) or peer in self.config.reserved_peers:
             self.events.append(ev.PeerDenied(ft, peer[0]))
             raise Forbidden(f"peer {peer[0]} is not allowed by the peer policy")

@@ -71,6 +71,9 @@ class ServerRuntime:
         self.stream_servers: list[tuple[ListenAddress, asyncio.Server]] = []
         self.stream_connections: dict[FiveTuple, StreamConnection] = {}
         self.event_sinks: list[EventSink] = []
+        self.request_timer: Callable[[float | None], None] | None = None
+        self.draining = False
+
         self.listeners_bound = False
         self._timer: asyncio.TimerHandle | None = None
         self._timer_when: float | None = None
@@ -146,14 +149,21 @@ class ServerRuntime:
         for sink in self.event_sinks:
             sink(event)
 
-    def after_core_call(self) -> None:
-        """Dispatch the core's events and re-arm the single expiry timer."""
+    def after_core_call(self, duration: float | None = None) -> None:
+        """Dispatch the core's events and re-arm the single expiry timer.
+
+        `duration` is how long the core took for the request whose events these are."""
         core = self.core
         if core.events:
+            timer = self.request_timer
+            if timer is not None:
+                timer(duration)
             for event in core.drain_events():
                 self._route(event)
                 for sink in self.event_sinks:
                     sink(event)
+            if timer is not None:
+                timer(None)
         when = core.next_timer()
         if when != self._timer_when:
             if self._timer is not None:

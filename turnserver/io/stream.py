@@ -8,6 +8,7 @@ that would pile up beyond a high-water mark are dropped and counted, as UDP woul
 from __future__ import annotations
 
 import asyncio
+from time import perf_counter
 from typing import TYPE_CHECKING, cast
 
 from turnserver.core import events as ev
@@ -72,7 +73,6 @@ class StreamConnection(asyncio.Protocol):
         runtime = self.runtime
         ft = self.five_tuple
         assert ft is not None
-        handled_stun = False
         while True:
             try:
                 frame = framer.pop()
@@ -84,20 +84,16 @@ class StreamConnection(asyncio.Protocol):
             if frame[0] >= 0x40:
                 self._channel_data(frame)
                 continue
+            started = perf_counter()
             response = runtime.core.handle_message(frame, ft, runtime.now())
-            handled_stun = True
             if response is not None and self.transport is not None:
                 self.transport.write(response)
-            if frame[:2] == _CONNECTION_BIND_REQUEST:
-                runtime.after_core_call()  # may turn this into a data connection
-                handled_stun = False
-                if self.pipe is not None:
-                    rest = framer.take_rest()
-                    if rest and self.pipe.transport is not None:
-                        self.pipe.transport.write(rest)
-                    break
-        if handled_stun:
-            runtime.after_core_call()
+            runtime.after_core_call(perf_counter() - started)
+            if self.pipe is not None:  # ConnectionBind made this a data connection
+                rest = framer.take_rest()
+                if rest and self.pipe.transport is not None:
+                    self.pipe.transport.write(rest)
+                break
 
     def _channel_data(self, frame: bytes) -> None:
         alloc = self.alloc

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+from time import perf_counter
 from typing import TYPE_CHECKING
 
 from turnserver.core.allocation import Allocation, SendTo
@@ -142,13 +143,14 @@ class UdpListener:
     def _on_message(self, data: bytes, addr: Address) -> None:
         runtime = self.runtime
         ft = FiveTuple(addr, self.local, ClientTransport.UDP)
+        started = perf_counter()
         response = runtime.core.handle_message(data, ft, runtime.now())
         if response is not None:
             try:
                 self.sock.sendto(response, addr)
             except OSError:
                 pass
-        runtime.after_core_call()
+        runtime.after_core_call(perf_counter() - started)
 
 
 class UdpRelay:

@@ -26,6 +26,9 @@ from turnserver.ops.api import ApiConfig, CredentialsApi, start_api
 from turnserver.ops.config import ConfigError, Settings, relay_layout
 from turnserver.ops.credentials import ServerUris, mint
 from turnserver.ops.eventlog import log, log_event, setup_logging
+from turnserver.ops.health import Health
+from turnserver.ops.metrics import Metrics
+from turnserver.ops.probe import PROBE_USER, SelfProbe
 from turnserver.ops.selfsigned import spki_sha256
 
 
@@ -211,6 +214,17 @@ class Server:
         self.settings = settings
         self.loop = loop
         self.runtime = build_runtime(settings, loop)
+        self.metrics = Metrics()
+        self.metrics.collector.runtime = self.runtime
+        self.runtime.event_sinks.append(self.metrics.on_event)
+        self.runtime.request_timer = self.metrics.observe_request_duration
+        self.metrics.internal_users = frozenset({PROBE_USER})
+        self.probe: SelfProbe | None = None
+        if settings.probe_interval > 0:
+            self.probe = SelfProbe(
+                self.runtime, settings.probe_interval, settings.probe_timeout, self.metrics
+            )
+        self.health = Health(self.runtime, self.metrics, self.probe)
         self.api: CredentialsApi | None = None
         self._api_runner: web.AppRunner | None = None
         self.api_port = 0
@@ -219,6 +233,18 @@ class Server:
         """Bind listeners, then the API (raises OSError/ValueError naming what failed)."""
         await self.runtime.start()
         settings = self.settings
+        if settings.metrics_listen:
+            host, port = settings.metrics_listen
+            try:
+                await self.health.start(host, port)
+            except OSError as exc:
+                self.runtime.stop()
+                raise OSError(
+                    exc.errno, f"cannot bind metrics on {host}:{port}: {exc.strerror}"
+                ) from exc
+            log.info("metrics, /healthz and /readyz on http://%s:%d", host, self.health.port)
+        if self.probe is not None:
+            await self.probe.start()
         if settings.api_listen:
             self.api = CredentialsApi(api_config(settings, self.runtime.bound_addresses()))
             try:
@@ -229,6 +255,7 @@ class Server:
                 raise OSError(
                     exc.errno, f"cannot bind the API on {host}:{port}: {exc.strerror}"
                 ) from exc
+            self.metrics.collector.api = self.api
             log.info("credentials API on http://%s:%d", settings.api_listen[0], self.api_port)
 
     @property
@@ -247,7 +274,10 @@ class Server:
         self.settings = new
 
     async def stop(self) -> None:
+        if self.probe is not None:
+            await self.probe.stop()
         self.runtime.stop()
+        await self.health.stop()
         if self._api_runner is not None:
             await self._api_runner.cleanup()
             self._api_runner = None

@@ -74,6 +74,9 @@ class Settings:
     api_burst: int = 20
     public_host: str | None = None
     uris: tuple[str, ...] = ()
+    metrics_listen: tuple[str, int] | None = ("127.0.0.1", 9641)
+    probe_interval: float = 30.0
+    probe_timeout: float = 5.0
     cert_file: str | None = None
     key_file: str | None = None
     idle_timeout: float = 30.0
@@ -248,6 +251,12 @@ def _host_port(v: Any, key: str) -> tuple[str, int] | None:
     return parse_host_port(_str(v, key), key)
 
 
+def _host_port_or_off(v: Any, key: str) -> tuple[str, int] | None:
+    if v is False or (isinstance(v, str) and v.lower() in ("off", "none", "")):
+        return None
+    return parse_host_port(_str(v, key), key)
+
+
 def parse_account(text: str, key: str = "api.accounts") -> tuple[str, str]:
     """`SID:AUTH_TOKEN`."""
     sid, sep, token = text.strip().partition(":")
@@ -310,6 +319,9 @@ SCHEMA: dict[str, tuple[str, Check]] = {
     "allocations.max_per_user": ("max_allocations_per_user", _int(0, 10_000_000)),
     "allocations.max_permissions": ("max_permissions_per_allocation", _int(0, 100_000)),
     "allocations.max_channels": ("max_channels_per_allocation", _int(0, 16384)),
+    "metrics.listen": ("metrics_listen", _host_port_or_off),
+    "probe.interval": ("probe_interval", _float(0, 86400)),
+    "probe.timeout": ("probe_timeout", _float(0.1, 60)),
     "tls.cert": ("cert_file", _opt_str),
     "tls.key": ("key_file", _opt_str),
     "stream.idle_timeout": ("idle_timeout", _int(1, 3600)),

@@ -150,7 +150,12 @@ def log_event(event: ev.Event) -> None:
         )
 
 
+QUIET_USERS = {"turnserver-self-probe"}  # the self-probe: debug level only
+
+
 def _emit(level: int, msg: str, five_tuple: object, **fields: Any) -> None:
+    if fields.get("user") in QUIET_USERS:
+        level = logging.DEBUG
     if not log.isEnabledFor(level):
         return
     fields = {"five_tuple": str(five_tuple), **fields}

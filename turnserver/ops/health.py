@@ -1,0 +1,110 @@
+"""The metrics listener: /metrics (Prometheus), /healthz (alive, loop responsive) and
+/readyz (listeners bound, last self-probe passed, not draining)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+if TYPE_CHECKING:
+    from turnserver.io.runtime import ServerRuntime
+    from turnserver.ops.metrics import Metrics
+    from turnserver.ops.probe import SelfProbe
+
+HEARTBEAT = 0.5
+UNRESPONSIVE_AFTER = 5.0
+
+
+class Health:
+    """Liveness and readiness, and the HTTP endpoints that report them."""
+
+    def __init__(self, runtime: ServerRuntime, metrics: Metrics, probe: SelfProbe | None) -> None:
+        self.runtime = runtime
+        self.metrics = metrics
+        self.probe = probe
+        self.last_beat = runtime.loop.time()
+        self.lag = 0.0
+        self._beat: asyncio.TimerHandle | None = None
+        self.app = web.Application()
+        self.app.router.add_get("/metrics", self.handle_metrics)
+        self.app.router.add_get("/healthz", self.handle_healthz)
+        self.app.router.add_get("/readyz", self.handle_readyz)
+        self._runner: web.AppRunner | None = None
+        self.port = 0
+
+    def _heartbeat(self) -> None:
+        now = self.runtime.loop.time()
+        self.lag = max(0.0, now - self.last_beat - HEARTBEAT)
+        self.metrics.loop_lag.set(self.lag)
+        self.last_beat = now
+        self._beat = self.runtime.loop.call_later(HEARTBEAT, self._heartbeat)
+
+    async def start(self, host: str, port: int) -> None:
+        self.last_beat = self.runtime.loop.time()
+        self._beat = self.runtime.loop.call_later(HEARTBEAT, self._heartbeat)
+        self._runner = web.AppRunner(self.app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, host, port)
+        await site.start()
+        self.port = self._runner.addresses[0][1] if self._runner.addresses else port
+
+    async def stop(self) -> None:
+        if self._beat is not None:
+            self._beat.cancel()
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    def liveness(self) -> tuple[bool, dict[str, Any]]:
+        age = self.runtime.loop.time() - self.last_beat
+        ok = age < UNRESPONSIVE_AFTER
+        return ok, {
+            "status": "ok" if ok else "unresponsive",
+            "loop_lag_seconds": round(self.lag, 4),
+            "heartbeat_age_seconds": round(age, 3),
+        }
+
+    def readiness(self) -> tuple[bool, dict[str, Any]]:
+        checks: dict[str, dict[str, Any]] = {}
+        bound = self.runtime.listeners_bound
+        checks["listeners"] = {
+            "ok": bound,
+            "bound": [str(s) for s in self.runtime.bound_addresses()],
+        }
+        if self.probe is not None:
+            ok, why = self.probe.ready
+            checks["probe"] = {
+                "ok": ok,
+                **({"error": why} if why else {}),
+                "listeners": {
+                    name: {
+                        "ok": r.ok,
+                        "rtt_seconds": r.rtt,
+                        **({"error": r.error} if r.error else {}),
+                    }
+                    for name, r in self.probe.results.items()
+                },
+            }
+        checks["draining"] = {"ok": not self.runtime.draining}
+        ready = all(c["ok"] for c in checks.values())
+        failed = [name for name, c in checks.items() if not c["ok"]]
+        return ready, {
+            "status": "ready" if ready else "not ready",
+            "failed": failed,
+            "checks": checks,
+        }
+
+    async def handle_metrics(self, request: web.Request) -> web.Response:
+        body = generate_latest(self.metrics.registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def handle_healthz(self, request: web.Request) -> web.Response:
+        ok, body = self.liveness()
+        return web.json_response(body, status=200 if ok else 503)
+
+    async def handle_readyz(self, request: web.Request) -> web.Response:
+        ok, body = self.readiness()
+        return web.json_response(body, status=200 if ok else 503)

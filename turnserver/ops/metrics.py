@@ -1,0 +1,264 @@
+"""Prometheus metrics, live: event counters updated as things happen, and the relay's
+plain-int counters and state gauges folded in when Prometheus scrapes.
+
+Label values are bounded (transport, family, method, code, reason, direction): no
+usernames or addresses.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from turnserver import __version__
+from turnserver.core import events as ev
+from turnserver.core.five_tuple import ClientTransport
+
+if TYPE_CHECKING:
+    from turnserver.io.runtime import ServerRuntime
+    from turnserver.ops.api import CredentialsApi
+
+TRANSPORTS = tuple(t.value for t in ClientTransport)
+REQUEST_BUCKETS = (
+    0.00005,
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    1.0,
+)
+LIFETIME_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 14400, 43200)
+DROP_REASONS = (
+    "no_permission",
+    "unknown_channel",
+    "malformed",
+    "rate_limited",
+    "no_allocation",
+    "peer_denied",
+)
+
+
+class TurnCollector(Collector):
+    """Scrape-time values from the running server."""
+
+    def __init__(self) -> None:
+        self.runtime: ServerRuntime | None = None
+        self.api: CredentialsApi | None = None
+
+    def collect(self) -> Iterator[Metric]:
+        runtime = self.runtime
+        if runtime is None:
+            return
+        core = runtime.core
+        active = GaugeMetricFamily(
+            "turn_allocations_active", "Live allocations", labels=["transport", "family"]
+        )
+        counts: dict[tuple[str, str], int] = {
+            (t, f): 0 for t in TRANSPORTS for f in ("ipv4", "ipv6")
+        }
+        permissions = channels = 0
+        for alloc in core.allocations.values():
+            families = sorted(alloc.relays)
+            family = "dual" if len(families) > 1 else ("ipv6" if families == [6] else "ipv4")
+            key = (alloc.five_tuple.transport.value, family)
+            counts[key] = counts.get(key, 0) + 1
+            permissions += len(alloc.permissions)
+            channels += len(alloc.bindings)
+        for (transport, family), n in sorted(counts.items()):
+            active.add_metric([transport, family], n)
+        yield active
+        yield GaugeMetricFamily(
+            "turn_permissions_active", "Installed permissions", value=permissions
+        )
+        yield GaugeMetricFamily("turn_channels_active", "Bound channels", value=channels)
+        packets = CounterMetricFamily(
+            "turn_relayed_packets", "Packets relayed", labels=["direction"]
+        )
+        octets = CounterMetricFamily(
+            "turn_relayed_bytes", "Payload bytes relayed", labels=["direction"]
+        )
+        pp, bp, pc, bc = core.relay_totals()
+        packets.add_metric(["client_to_peer"], pp)
+        packets.add_metric(["peer_to_client"], pc)
+        octets.add_metric(["client_to_peer"], bp)
+        octets.add_metric(["peer_to_client"], bc)
+        yield packets
+        yield octets
+        dropped = CounterMetricFamily(
+            "turn_dropped_packets", "Packets dropped, by reason", labels=["reason"]
+        )
+        s = core.stats
+        for reason, value in zip(
+            DROP_REASONS,
+            (
+                s.dropped_no_permission,
+                s.dropped_unknown_channel,
+                s.dropped_malformed,
+                s.dropped_rate_limited,
+                s.dropped_no_allocation,
+                s.dropped_peer_denied,
+            ),
+            strict=True,
+        ):
+            dropped.add_metric([reason], value)
+        yield dropped
+        yield GaugeMetricFamily(
+            "turn_relay_ports_free", "Free relay ports", value=core.relay_ports_free()
+        )
+        yield GaugeMetricFamily(
+            "turn_relay_ports_total",
+            "Relay ports configured",
+            value=sum(p.size for p in core.port_pools.values()),
+        )
+        conns = GaugeMetricFamily(
+            "turn_stream_connections_active",
+            "Open TCP/TLS client connections",
+            labels=["transport"],
+        )
+        per: dict[str, int] = {"tcp": 0, "tls": 0}
+        for ft in runtime.stream_connections:
+            per[ft.transport.value] = per.get(ft.transport.value, 0) + 1
+        for transport, n in sorted(per.items()):
+            conns.add_metric([transport], n)
+        yield conns
+        yield GaugeMetricFamily(
+            "turn_peer_connections_active",
+            "RFC 6062 peer TCP connections",
+            value=len(core.peer_connections),
+        )
+        api = self.api
+        if api is not None:
+            requests = CounterMetricFamily(
+                "turn_api_requests", "Credentials API requests", labels=["endpoint", "status"]
+            )
+            for (endpoint, status), n in sorted(api.stats.requests.items()):
+                requests.add_metric([endpoint, str(status)], n)
+            yield requests
+            yield CounterMetricFamily(
+                "turn_api_rate_limited",
+                "API requests refused with 429",
+                value=api.stats.rate_limited,
+            )
+
+
+class Metrics:
+    """The registry and the event sink that keeps it current."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        ProcessCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
+        r = self.registry
+        info = Gauge("turn_build_info", "Build information", ["version"], registry=r)
+        info.labels(__version__).set(1)
+        self.allocations_total = Counter(
+            "turn_allocations_total", "Allocations created", ["transport"], registry=r
+        )
+        self.allocation_failures = Counter(
+            "turn_allocation_failures_total",
+            "Allocate requests refused, by check that failed",
+            ["transport", "code", "reason"],
+            registry=r,
+        )
+        self.auth_failures = Counter(
+            "turn_auth_failures_total",
+            "Requests whose credentials were refused",
+            ["reason"],
+            registry=r,
+        )
+        self.requests = Counter(
+            "turn_requests_total", "STUN/TURN requests answered", ["method", "result"], registry=r
+        )
+        self.request_duration = Histogram(
+            "turn_request_duration_seconds",
+            "Time to answer a request",
+            ["method"],
+            buckets=REQUEST_BUCKETS,
+            registry=r,
+        )
+        self.allocation_lifetime = Histogram(
+            "turn_allocation_lifetime_seconds",
+            "How long allocations lived",
+            buckets=LIFETIME_BUCKETS,
+            registry=r,
+        )
+        self.peer_denied = Counter(
+            "turn_peer_denied_total", "Peers refused by the peer policy", registry=r
+        )
+        self.connections_closed = Counter(
+            "turn_connections_closed_total",
+            "TCP/TLS connections closed by the server",
+            ["reason"],
+            registry=r,
+        )
+        self.probe_success = Gauge(
+            "turn_probe_success", "1 if the last self-probe passed", ["transport"], registry=r
+        )
+        self.probe_rtt = Gauge(
+            "turn_probe_rtt_seconds",
+            "Round trip through the relay in the last self-probe",
+            ["transport"],
+            registry=r,
+        )
+        self.probe_runs = Counter(
+            "turn_probe_runs_total", "Self-probes run", ["transport", "result"], registry=r
+        )
+        self.loop_lag = Gauge(
+            "turn_event_loop_lag_seconds", "How late the event loop ran its heartbeat", registry=r
+        )
+        for transport in TRANSPORTS:
+            self.allocations_total.labels(transport)
+        for reason in ("unauthenticated", "bad_credentials", "expired_credentials", "stale_nonce"):
+            self.auth_failures.labels(reason)
+        self.collector = TurnCollector()
+        r.register(self.collector)
+        self._last_duration: float | None = None
+        self.internal_users: frozenset[str] = frozenset()
+
+    def observe_request_duration(self, seconds: float | None) -> None:
+        """The I/O layer timed the call whose events follow (None: no longer timing)."""
+        self._last_duration = seconds
+
+    def on_event(self, event: ev.Event) -> None:
+        """The event sink: one counter update per control-plane event."""
+        if getattr(event, "username", "") in self.internal_users:
+            return  # the self-probe reports through turn_probe_*, not as user traffic
+        if isinstance(event, ev.RequestHandled):
+            result = "success" if event.code == 0 else str(int(event.code))
+            self.requests.labels(event.method, result).inc()
+            if self._last_duration is not None:
+                self.request_duration.labels(event.method).observe(self._last_duration)
+        elif isinstance(event, ev.AllocationCreated):
+            self.allocations_total.labels(event.five_tuple.transport.value).inc()
+        elif isinstance(event, ev.AllocationRefused):
+            self.allocation_failures.labels(
+                event.five_tuple.transport.value, str(int(event.code)), event.reason
+            ).inc()
+            if event.reason == "unauthenticated":
+                self.auth_failures.labels("unauthenticated").inc()
+        elif isinstance(event, ev.AuthFailed):
+            self.auth_failures.labels(event.reason).inc()
+        elif isinstance(event, ev.AllocationEnded):
+            self.allocation_lifetime.observe(event.duration)
+        elif isinstance(event, ev.PeerDenied):
+            self.peer_denied.inc()
+        elif isinstance(event, ev.ConnectionClosed):
+            self.connections_closed.labels(event.reason).inc()
