@@ -95,7 +95,6 @@ def test_settings(**overrides: object) -> Settings:
         "api_listen": ("127.0.0.1", 0),
         "metrics_listen": ("127.0.0.1", 0),
         "probe_interval": 0,
-
         "accounts": ((ACCOUNT_SID, AUTH_TOKEN), (ACCOUNT_SID, "rotated-token")),
         "api_keys": (API_KEY,),
         "api_max_ttl": 86400,

@@ -73,8 +73,16 @@ def turnserver_process(
         listen += ["--listen", f"tcp://127.0.0.1:{port}"]
         if tls_port:
             listen += ["--listen", f"tls://127.0.0.1:{tls_port}"]
-    cmd = [sys.executable, "-m", "turnserver", "serve", *listen,
-           "--metrics-listen", "127.0.0.1:0", *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "turnserver",
+        "serve",
+        *listen,
+        "--metrics-listen",
+        "127.0.0.1:0",
+        *args,
+    ]
 
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
