@@ -109,6 +109,17 @@ def _serve_parser(sub: Any) -> None:
         type=float,
         help="self-probe every N seconds (default 30; 0 turns it off)",
     )
+    p.add_argument(
+        "--drain-timeout",
+        metavar="SECONDS",
+        type=float,
+        help="on SIGTERM, wait this long for allocations to end (default 60)",
+    )
+    p.add_argument(
+        "--alternate-server",
+        metavar="IP:PORT",
+        help="while draining, send new allocations there (300 Try Alternate)",
+    )
     p.add_argument("--cert", metavar="FILE", help="TLS certificate chain (PEM) for tls://")
     p.add_argument("--key", metavar="FILE", help="TLS private key (PEM) for tls://")
     p.add_argument("--log-level", choices=LOG_LEVELS, help="log level (default info)")
@@ -192,6 +203,10 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         o["api_keys"] = tuple(args.api_key)
     if args.metrics_listen is not None:
         o["metrics_listen"] = _host_port_or_off(args.metrics_listen, "--metrics-listen")
+    if args.drain_timeout is not None:
+        o["drain_timeout"] = args.drain_timeout
+    if args.alternate_server is not None:
+        o["alternate_server"] = parse_host_port(args.alternate_server, "--alternate-server")
     if args.probe_interval is not None:
         if args.probe_interval < 0:
             raise ConfigError("--probe-interval: must be 0 (off) or more")

@@ -141,8 +141,11 @@ class Allocation:
         "peer_channels",
         "peer_connections",
         "permissions",
+        "rate",
         "relays",
         "sink",
+        "stamp",
+        "tokens",
         "user",
         "username",
     )
@@ -172,6 +175,9 @@ class Allocation:
         self.channel_routes: dict[int, tuple[SendTo, Address]] = {}
         self.peer_channels: dict[Address, int] = {}
         self.is_tcp = False  # RFC 6062 TCP allocation
+        self.rate = 0  # bandwidth limit in bytes per second (0: none); token bucket below
+        self.tokens = 0.0
+        self.stamp = 0.0
         self.peer_connections: dict[Address, PeerConnection] = {}
         self.allocate_transaction_id = b""
         self.allocate_response = b""
@@ -184,8 +190,19 @@ class Allocation:
         self.packets_to_client = 0
         self.bytes_to_client = 0
 
+    def spend(self, nbytes: int, now: float) -> bool:
+        """Token bucket (one second of burst): may nbytes more be relayed now?"""
+        tokens = min(float(self.rate), self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        if tokens < nbytes:
+            self.tokens = tokens
+            return False
+        self.tokens = tokens - nbytes
+        return True
+
     @property
     def relayed_addresses(self) -> tuple[Address, ...]:
+
         return tuple(r.advertised for r in self.relays.values())
 
     def relay_for(self, ip_version: int) -> Relay | None:

@@ -76,9 +76,11 @@ class NonceIssuer:
         self._key = key
         self.lifetime = lifetime
 
+    MAC_HEX = 16  # 64 bits: nonces live minutes and are bound to one client IP
+
     def _mac(self, expiry_hex: str, client_ip: str) -> str:
         msg = f"{expiry_hex}|{client_ip}".encode()
-        return hmac.new(self._key, msg, hashlib.sha256).hexdigest()[:24]
+        return hmac.new(self._key, msg, hashlib.sha256).hexdigest()[: self.MAC_HEX]
 
     def issue(self, client_ip: str, now: float) -> str:
         """A fresh nonce for this client address."""
@@ -87,9 +89,11 @@ class NonceIssuer:
 
     def check(self, nonce: str, client_ip: str, now: float) -> bool:
         """True when the nonce is ours, for this client, and not expired."""
-        if len(nonce) <= 24:
+        n = self.MAC_HEX
+        if len(nonce) <= n or len(nonce) > n + 16:
             return False
-        expiry_hex, mac = nonce[:-24], nonce[-24:]
+        expiry_hex, mac = nonce[:-n], nonce[-n:]
+
         if not hmac.compare_digest(self._mac(expiry_hex, client_ip), mac):
             return False
         try:

@@ -35,6 +35,10 @@ class CoreConfig:
     max_channels_per_allocation: int = 0
     strict_expiry: bool = False
     tcp_relay: bool = True  # RFC 6062 TCP allocations
+    bandwidth: int = 0  # bytes per second per allocation, both directions; 0: unlimited
+    challenge_rate: float = 20.0  # 401/438 answers per second per client IP
+    challenge_burst: int = 40
+    alternate_server: Address | None = None  # 300 Try Alternate while draining
 
     # Transport addresses that are never valid peers (our own listeners).
     reserved_peers: frozenset[Address] = field(default_factory=frozenset)

@@ -31,6 +31,10 @@ class TryAlternate(TurnError):
     code = ErrorCode.TRY_ALTERNATE
     reason = "try_alternate"
 
+    def __init__(self, server: tuple[str, int], detail: str = "") -> None:
+        super().__init__(detail)
+        self.server = server
+
 
 class BadRequest(TurnError):
     code = ErrorCode.BAD_REQUEST

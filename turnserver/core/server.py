@@ -37,6 +37,7 @@ from turnserver.core.errors import (
     InsufficientCapacity,
     PeerAddressFamilyMismatch,
     StaleNonce,
+    TryAlternate,
     TurnError,
     Unauthorized,
     UnknownAttribute,
@@ -160,6 +161,7 @@ class TurnServer:
         self.peer_connections: dict[int, PeerConnection] = {}
         # The self-probe may reach its own echo socket whatever the peer policy says.
         self.probe_users: set[str] = set()
+        self._challenges: dict[str, tuple[float, float]] = {}  # client IP -> (tokens, time)
         self.probe_peers: set[Address] = set()
 
     # ---- entry points -------------------------------------------------------------
@@ -175,10 +177,12 @@ class TurnServer:
         if msg.message_class == MessageClass.REQUEST:
             return self._handle_request(msg, five_tuple, now)
         if msg.message_class == MessageClass.INDICATION and msg.method == Method.SEND:
-            self._handle_send(msg, five_tuple)
+            self._handle_send(msg, five_tuple, now)
         return None
 
-    def handle_channel_data(self, number: int, payload: bytes, five_tuple: FiveTuple) -> None:
+    def handle_channel_data(
+        self, number: int, payload: bytes, five_tuple: FiveTuple, now: float = 0.0
+    ) -> None:
         """ChannelData from a client when the I/O fast path did not take it (RFC 8656 §12.6)."""
         alloc = self.allocations.get(five_tuple)
         if alloc is None:
@@ -188,14 +192,22 @@ class TurnServer:
         if route is None:
             self.stats.dropped_unknown_channel += 1
             return
+        if alloc.rate and not alloc.spend(len(payload), now):
+            self.stats.dropped_rate_limited += 1
+            return
         route[0](payload, route[1])
         alloc.packets_to_peer += 1
         alloc.bytes_to_peer += len(payload)
 
-    def data_indication(self, alloc: Allocation, payload: bytes, peer: Address) -> bytes | None:
+    def data_indication(
+        self, alloc: Allocation, payload: bytes, peer: Address, now: float
+    ) -> bytes | None:
         """Wrap peer data in a Data indication when a permission exists (RFC 8656 §11.3)."""
         if peer[0] not in alloc.permissions:
             self.stats.dropped_no_permission += 1
+            return None
+        if alloc.rate and not alloc.spend(len(payload), now):
+            self.stats.dropped_rate_limited += 1
             return None
         alloc.packets_to_client += 1
         alloc.bytes_to_client += len(payload)
@@ -279,6 +291,13 @@ class TurnServer:
         except DeferredResponse:
             return None
         except TurnError as err:
+            if isinstance(err, Unauthorized | StaleNonce) and not self._challenge_allowed(
+                ft.client[0], now
+            ):
+                # RFC 8656 §21.1: bound what unauthenticated senders can make us reflect
+                self.stats.dropped_rate_limited += 1
+                self.events.append(ev.MessageDiscarded(ft, "challenge_rate_limited", ""))
+                return None
             self._report_failure(msg, ft, identity, err, method_name)
             return self._error_response(msg, ft, err, identity, now)
         except StunDecodeError as exc:  # a malformed attribute value
@@ -302,6 +321,18 @@ class TurnServer:
             self._finish_connection_bind(msg, ft)
         self.events.append(ev.RequestHandled(ft, method_name, 0, "", identity.username))
         return response
+
+    def _challenge_allowed(self, client_ip: str, now: float) -> bool:
+        """Token bucket per client IP for answers to unauthenticated requests."""
+        cfg = self.config
+        buckets = self._challenges
+        tokens, last = buckets.get(client_ip, (float(cfg.challenge_burst), now))
+        tokens = min(float(cfg.challenge_burst), tokens + max(0.0, now - last) * cfg.challenge_rate)
+        allowed = tokens >= 1.0
+        if client_ip not in buckets and len(buckets) >= 100_000:
+            buckets.pop(next(iter(buckets)))  # forget the oldest sender
+        buckets[client_ip] = (tokens - 1.0 if allowed else tokens, now)
+        return allowed
 
     def _report_failure(
         self,
@@ -334,6 +365,8 @@ class TurnServer:
             identity = None
         if isinstance(err, UnknownAttribute):
             attrs.append((Attr.UNKNOWN_ATTRIBUTES, err.attributes))
+        if isinstance(err, TryAlternate):
+            attrs.append((Attr.ALTERNATE_SERVER, err.server))  # RFC 8489 §10
         if self.config.software and identity is not None:
             attrs.append((Attr.SOFTWARE, self.config.software))
         return encode_message(
@@ -360,8 +393,7 @@ class TurnServer:
         else:  # RFC 3489 client: MAPPED-ADDRESS, echo its 16-byte transaction id
             attrs = [(Attr.MAPPED_ADDRESS, ft.client)]
             klass = MessageClass.SUCCESS
-        if self.config.software:
-            attrs.append((Attr.SOFTWARE, self.config.software))
+        # No SOFTWARE here: a Binding answer should not be much larger than its request.
         cookie = int.from_bytes(msg.raw[4:8], "big")
         self.events.append(ev.RequestHandled(ft, "binding", 0 if klass == 2 else 420, ""))
         return encode_message(
@@ -394,6 +426,8 @@ class TurnServer:
         if ft in self.allocations:
             raise AllocationMismatch("5-tuple already has an allocation")
         if not self.accepting:
+            if cfg.alternate_server is not None:
+                raise TryAlternate(cfg.alternate_server, "server is draining")
             raise InsufficientCapacity("server is draining", reason="draining")
         transport = msg.get(Attr.REQUESTED_TRANSPORT)
         if transport is None:
@@ -451,6 +485,7 @@ class TurnServer:
 
         lifetime = self._lifetime(msg.get(Attr.LIFETIME))
         alloc = Allocation(ft, ident.username, ident.user, ident.key, now, lifetime, ident.expires)
+        alloc.rate, alloc.tokens, alloc.stamp = cfg.bandwidth, float(cfg.bandwidth), now
         alloc.allocate_transaction_id = msg.transaction_id
         alloc.dont_fragment = msg.has(Attr.DONT_FRAGMENT)
         new_token: bytes | None = None
@@ -527,6 +562,7 @@ class TurnServer:
             raise AllocationQuotaReached(f"user {ident.user!r} has too many allocations")
         lifetime = self._lifetime(msg.get(Attr.LIFETIME))
         alloc = Allocation(ft, ident.username, ident.user, ident.key, now, lifetime, ident.expires)
+        alloc.rate, alloc.tokens, alloc.stamp = cfg.bandwidth, float(cfg.bandwidth), now
         alloc.is_tcp = True
         alloc.allocate_transaction_id = msg.transaction_id
         addr = self.relay_addresses[version]
@@ -851,7 +887,7 @@ class TurnServer:
         alloc.update_routes(ip)
         return []
 
-    def _handle_send(self, msg: StunMessage, ft: FiveTuple) -> None:
+    def _handle_send(self, msg: StunMessage, ft: FiveTuple, now: float) -> None:
         """RFC 8656 §11.2: relay DATA to the peer if a permission exists, else drop."""
         alloc = self.allocations.get(ft)
         if alloc is None:
@@ -868,6 +904,12 @@ class TurnServer:
             return
         if peer[0] not in alloc.permissions:
             self.stats.dropped_no_permission += 1
+            return
+        if peer in self.config.reserved_peers:
+            self.stats.dropped_peer_denied += 1
+            return
+        if alloc.rate and not alloc.spend(len(data), now):
+            self.stats.dropped_rate_limited += 1
             return
         relay = alloc.relays.get(6 if ":" in peer[0] else 4)
         if relay is None:

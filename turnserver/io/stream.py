@@ -106,6 +106,9 @@ class StreamConnection(asyncio.Protocol):
             stats.dropped_unknown_channel += 1
             return
         payload = frame[4:]
+        if alloc.rate and not alloc.spend(len(payload), self.runtime.now()):
+            stats.dropped_rate_limited += 1
+            return
         try:
             route[0](payload, route[1])
         except OSError:

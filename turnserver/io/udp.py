@@ -106,6 +106,8 @@ class UdpListener:
         by_client = self.by_client
         stats = self.runtime.core.stats
         v6 = self.v6
+        now = self.runtime.now
+
         for _ in range(READ_BATCH):
             try:
                 data, addr = recvfrom(MAX_DATAGRAM)
@@ -130,6 +132,9 @@ class UdpListener:
                 length = (data[2] << 8) | data[3]
                 if length + 4 > len(data):
                     stats.dropped_malformed += 1
+                    continue
+                if alloc.rate and not alloc.spend(length, now()):
+                    stats.dropped_rate_limited += 1
                     continue
                 try:
                     route[0](data[4 : 4 + length], route[1])
@@ -195,6 +200,8 @@ class UdpRelay:
         peer_channels = alloc.peer_channels
         pack = CHANNEL_HEADER.pack
         v6 = self.v6
+        now = self._runtime.now
+        stats = self._runtime.core.stats
         for _ in range(READ_BATCH):
             try:
                 data, addr = recvfrom(MAX_DATAGRAM)
@@ -206,6 +213,9 @@ class UdpRelay:
                 addr = addr[:2]
             number = peer_channels.get(addr)
             if number is not None:
+                if alloc.rate and not alloc.spend(len(data), now()):
+                    stats.dropped_rate_limited += 1
+                    continue
                 try:
                     client_sock.sendmsg((pack(number, len(data)), data), (), 0, client_addr)
                 except OSError:
@@ -213,7 +223,7 @@ class UdpRelay:
                 alloc.packets_to_client += 1
                 alloc.bytes_to_client += len(data)
                 continue
-            indication = self._runtime.core.data_indication(alloc, data, addr)
+            indication = self._runtime.core.data_indication(alloc, data, addr, now())
             if indication is not None:
                 try:
                     client_sock.sendto(indication, client_addr)
@@ -240,11 +250,14 @@ class UdpRelay:
 
             number = alloc.peer_channels.get(addr)
             if number is not None:
+                if alloc.rate and not alloc.spend(len(data), self._runtime.now()):
+                    self._runtime.core.stats.dropped_rate_limited += 1
+                    continue
                 sink.send_channel_data(number, data)
                 alloc.packets_to_client += 1
                 alloc.bytes_to_client += len(data)
                 continue
-            indication = self._runtime.core.data_indication(alloc, data, addr)
+            indication = self._runtime.core.data_indication(alloc, data, addr, self._runtime.now())
             if indication is not None:
                 sink.send(indication)
 

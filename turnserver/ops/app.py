@@ -46,8 +46,28 @@ def core_config(settings: Settings) -> CoreConfig:
         max_permissions_per_allocation=settings.max_permissions_per_allocation,
         max_channels_per_allocation=settings.max_channels_per_allocation,
         strict_expiry=settings.strict_expiry,
-        reserved_peers=frozenset((spec.host, spec.port) for spec in settings.listen),
+        reserved_peers=reserved_peers(settings),
+        bandwidth=settings.bandwidth_kbps * 1000 // 8,
+        challenge_rate=settings.challenge_rate,
+        challenge_burst=settings.challenge_burst,
+        alternate_server=settings.alternate_server,
     )
+
+
+def reserved_peers(settings: Settings) -> frozenset[tuple[str, int]]:
+    """Our own listener addresses, which are never peers: each listener port on every
+    address of ours (listener, relay, advertised and loopback for wildcards)."""
+    own: set[tuple[str, int]] = set()
+    layout = relay_layout(settings)
+    for spec in settings.listen:
+        hosts = {spec.host}
+        if spec.host in ("0.0.0.0", "::"):
+            version = 6 if ":" in spec.host else 4
+            hosts |= {b for b, _, f in layout if f == version}
+            hosts |= {a for _, a, f in layout if f == version}
+            hosts.add("::1" if version == 6 else "127.0.0.1")
+        own |= {(h, spec.port) for h in hosts}
+    return frozenset(own)
 
 
 def credentials(settings: Settings) -> Credentials:
@@ -112,7 +132,12 @@ def apply_reload(runtime: ServerRuntime, new: Settings) -> None:
         max_channels_per_allocation=fresh.max_channels_per_allocation,
         strict_expiry=fresh.strict_expiry,
         software=fresh.software,
+        bandwidth=fresh.bandwidth,
+        challenge_rate=fresh.challenge_rate,
+        challenge_burst=fresh.challenge_burst,
+        alternate_server=fresh.alternate_server,
     )
+
     if runtime.tls is not None and new.cert_file and new.key_file:
         try:
             runtime.tls.reload(new.cert_file, new.key_file)
@@ -273,6 +298,36 @@ class Server:
             self.api.reconfigure(api_config(new, self.runtime.bound_addresses()))
         self.settings = new
 
+    def user_allocations(self) -> int:
+        """Live allocations other than the self-probe's."""
+        return sum(1 for a in self.runtime.core.allocations.values() if a.username != PROBE_USER)
+
+    async def drain(self, timeout: float, stop: asyncio.Event) -> None:
+        """SIGTERM: not ready, refuse (or redirect) new allocations, let live ones finish."""
+        self.runtime.draining = True
+        self.runtime.core.accepting = False
+        if self.probe is not None:
+            await self.probe.stop()
+        left = self.user_allocations()
+        log.info(
+            "draining: readiness off, new allocations refused%s; waiting up to %g s "
+            "for %d allocations",
+            " (sent to the alternate server)" if self.settings.alternate_server else "",
+            timeout,
+            left,
+        )
+        deadline = self.loop.time() + timeout
+        while self.user_allocations() and self.loop.time() < deadline and not stop.is_set():
+            try:
+                await asyncio.wait_for(stop.wait(), min(0.5, max(0.0, deadline - self.loop.time())))
+            except TimeoutError:
+                pass
+        left = self.user_allocations()
+        if left:
+            log.warning("drain timeout: ending %d allocations", left)
+        else:
+            log.info("drained: no allocations left")
+
     async def stop(self) -> None:
         if self.probe is not None:
             await self.probe.stop()
@@ -317,8 +372,17 @@ async def _serve(
                 flush=True,
             )
     stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    drain = asyncio.Event()
+
+    def on_term() -> None:
+        if drain.is_set():
+            log.info("second SIGTERM: stopping now")
+            stop.set()
+        else:
+            drain.set()
+
+    loop.add_signal_handler(signal.SIGTERM, on_term)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
 
     def on_hup() -> None:
         if reload_settings is None:
@@ -335,7 +399,13 @@ async def _serve(
         )
 
     loop.add_signal_handler(signal.SIGHUP, on_hup)
-    await stop.wait()
+    stop_task = loop.create_task(stop.wait())
+    drain_task = loop.create_task(drain.wait())
+    await asyncio.wait({stop_task, drain_task}, return_when=asyncio.FIRST_COMPLETED)
+    if drain.is_set() and not stop.is_set():
+        await server.drain(settings.drain_timeout, stop)
+    stop_task.cancel()
+    drain_task.cancel()
     log.info("shutting down: %d allocations", len(runtime.core.allocations))
     await server.stop()
     return 0

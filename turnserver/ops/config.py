@@ -74,6 +74,11 @@ class Settings:
     api_burst: int = 20
     public_host: str | None = None
     uris: tuple[str, ...] = ()
+    bandwidth_kbps: int = 0
+    challenge_rate: float = 20.0
+    challenge_burst: int = 40
+    drain_timeout: float = 60.0
+    alternate_server: tuple[str, int] | None = None
     metrics_listen: tuple[str, int] | None = ("127.0.0.1", 9641)
     probe_interval: float = 30.0
     probe_timeout: float = 5.0
@@ -319,6 +324,11 @@ SCHEMA: dict[str, tuple[str, Check]] = {
     "allocations.max_per_user": ("max_allocations_per_user", _int(0, 10_000_000)),
     "allocations.max_permissions": ("max_permissions_per_allocation", _int(0, 100_000)),
     "allocations.max_channels": ("max_channels_per_allocation", _int(0, 16384)),
+    "allocations.bandwidth_kbps": ("bandwidth_kbps", _int(0, 10_000_000)),
+    "limits.challenge_rate": ("challenge_rate", _float(0.01, 1_000_000)),
+    "limits.challenge_burst": ("challenge_burst", _int(1, 1_000_000)),
+    "drain.timeout": ("drain_timeout", _float(0, 86400)),
+    "drain.alternate_server": ("alternate_server", _host_port),
     "metrics.listen": ("metrics_listen", _host_port_or_off),
     "probe.interval": ("probe_interval", _float(0, 86400)),
     "probe.timeout": ("probe_timeout", _float(0.1, 60)),

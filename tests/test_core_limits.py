@@ -1,0 +1,105 @@
+"""Limits in the core: bandwidth, challenge rate, response sizes, draining, own addresses."""
+
+from __future__ import annotations
+
+import os
+
+from turnserver.core import events as ev
+from turnserver.stun import Attr, MessageClass, Method, decode_message, encode_message
+from turnserver.stun.message import verify_integrity
+
+from .helpers import NOW, CoreClient, error_code, make_core
+
+PEER = ("198.51.200.7", 5000)
+
+
+def test_bandwidth_token_bucket_drops_and_counts() -> None:
+    core, opener = make_core(bandwidth=1000)  # bytes per second, one second of burst
+    c = CoreClient(core)
+    c.allocate()
+    c.request(Method.CHANNEL_BIND, [(Attr.CHANNEL_NUMBER, 0x4000), (Attr.XOR_PEER_ADDRESS, PEER)])
+    relay = opener.live[0]
+    for _ in range(5):
+        core.handle_channel_data(0x4000, b"x" * 300, c.ft, NOW)
+    assert len(relay.sent) == 3 and core.stats.dropped_rate_limited == 2
+    core.handle_channel_data(0x4000, b"x" * 300, c.ft, NOW + 0.5)  # 500 bytes refilled
+    assert len(relay.sent) == 4
+    alloc = core.allocations[c.ft]
+    assert core.data_indication(alloc, b"y" * 900, PEER, NOW + 0.5) is None  # shared budget
+    assert core.stats.dropped_rate_limited == 3
+
+
+def test_unauthenticated_challenges_are_rate_limited_per_address() -> None:
+    core, _ = make_core(challenge_rate=1.0, challenge_burst=3)
+    c = CoreClient(core)
+    req = encode_message(
+        Method.ALLOCATE, MessageClass.REQUEST, os.urandom(12), [(Attr.REQUESTED_TRANSPORT, 17)]
+    )
+    answers = [core.handle_message(req, c.ft, NOW) for _ in range(5)]
+    assert [a is not None for a in answers] == [True, True, True, False, False]
+    assert core.stats.dropped_rate_limited == 2
+    other = CoreClient(core, client=("192.0.2.77", 1))
+    assert core.handle_message(req, other.ft, NOW) is not None  # per source address
+    assert core.handle_message(req, c.ft, NOW + 1.0) is not None  # refilled
+    discarded = [e for e in core.drain_events() if isinstance(e, ev.MessageDiscarded)]
+    assert [e.reason for e in discarded] == ["challenge_rate_limited"] * 2
+
+
+def test_unauthenticated_answers_stay_small() -> None:
+    """No SOFTWARE and a compact nonce: little to amplify (RFC 8656 §21.1)."""
+    core, _ = make_core()
+    c = CoreClient(core)
+    binding = encode_message(Method.BINDING, MessageClass.REQUEST, os.urandom(12))
+    answer = core.handle_message(binding, c.ft, NOW)
+    assert answer is not None and len(answer) <= 1.6 * len(binding)
+    # uclient's first Allocate (64 bytes: transport, lifetime, even-port, family, DF, FP)
+    allocate = encode_message(
+        Method.ALLOCATE,
+        MessageClass.REQUEST,
+        os.urandom(12),
+        [
+            (Attr.REQUESTED_TRANSPORT, 17),
+            (Attr.LIFETIME, 600),
+            (Attr.EVEN_PORT, False),
+            (Attr.REQUESTED_ADDRESS_FAMILY, 1),
+            (Attr.DONT_FRAGMENT, True),
+        ],
+        fingerprint=True,
+    )
+    challenge = core.handle_message(allocate, c.ft, NOW)
+    assert challenge is not None and len(challenge) <= 1.5 * len(allocate)
+    msg = decode_message(challenge)
+    assert not msg.has(Attr.SOFTWARE) and msg.get(Attr.REALM) and msg.get(Attr.NONCE)
+
+
+def test_draining_refuses_or_redirects_new_allocations() -> None:
+    core, _ = make_core()
+    live = CoreClient(core)
+    live.allocate()
+    core.accepting = False
+    c = CoreClient(core, client=("192.0.2.60", 1))
+    assert error_code(c.allocate()) == 508
+    assert live.request(Method.REFRESH).message_class == MessageClass.SUCCESS  # still served
+    core2, _ = make_core(alternate_server=("203.0.113.50", 3478))
+    core2.accepting = False
+    c2 = CoreClient(core2)
+    resp = c2.allocate()
+    assert error_code(resp) == 300
+    assert resp.get(Attr.ALTERNATE_SERVER) == ("203.0.113.50", 3478)
+    assert verify_integrity(resp, c2.key)  # RFC 8489 §10: authenticated 300
+
+
+def test_own_listener_addresses_are_never_peers() -> None:
+    own = ("198.51.200.7", 3478)
+    core, opener = make_core(reserved_peers=frozenset({own}))
+    c = CoreClient(core)
+    c.allocate()
+    resp = c.request(
+        Method.CHANNEL_BIND, [(Attr.CHANNEL_NUMBER, 0x4000), (Attr.XOR_PEER_ADDRESS, own)]
+    )
+    assert error_code(resp) == 403
+    c.request(Method.CREATE_PERMISSION, [(Attr.XOR_PEER_ADDRESS, PEER)])  # same IP, other port
+    c.indication(Method.SEND, [(Attr.XOR_PEER_ADDRESS, own), (Attr.DATA, b"loop")])
+    assert opener.live[0].sent == [] and core.stats.dropped_peer_denied == 1
+    c.indication(Method.SEND, [(Attr.XOR_PEER_ADDRESS, PEER), (Attr.DATA, b"fine")])
+    assert opener.live[0].sent == [(b"fine", PEER)]
