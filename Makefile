@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 RUNDIR := .run
 
-.PHONY: run test lint typecheck unit venv clean bench fuzz fmt
+.PHONY: run test lint typecheck unit venv clean bench fuzz fmt soak
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,8 +31,8 @@ run: $(STAMP)
 
 
 lint: $(STAMP)
-	$(BIN)/ruff check turnserver tests
-	$(BIN)/ruff format --check turnserver tests
+	$(BIN)/ruff check turnserver tests benchmarks
+	$(BIN)/ruff format --check turnserver tests benchmarks
 
 typecheck: $(STAMP)
 	$(BIN)/mypy --strict turnserver
@@ -42,9 +42,24 @@ unit: $(STAMP)
 
 test: lint typecheck unit
 
+# Coverage-guided fuzzing of the codec, framer and core (atheris); FUZZ_RUNS inputs.
+FUZZ_RUNS ?= 3000000
+fuzz: $(STAMP)
+	$(BIN)/pip install --quiet atheris
+	@mkdir -p $(RUNDIR)/fuzz-corpus
+	cp tests/fuzz/corpus/* $(RUNDIR)/fuzz-corpus/
+	PYTHONPATH=. $(BIN)/python tests/fuzz/fuzz_stun.py -runs=$(FUZZ_RUNS) -print_final_stats=1 $(RUNDIR)/fuzz-corpus
+
+# Allocation churn plus relay traffic; prints RSS and fds over time (must stay flat).
+SOAK_SECONDS ?= 120
+soak: $(STAMP)
+	$(BIN)/python benchmarks/soak.py --duration $(SOAK_SECONDS)
+
 fmt: $(STAMP)
-	$(BIN)/ruff check --fix turnserver tests
-	$(BIN)/ruff format turnserver tests
+
+
+	$(BIN)/ruff check --fix turnserver tests benchmarks
+	$(BIN)/ruff format turnserver tests benchmarks
 
 
 clean:
