@@ -70,8 +70,9 @@ class FakeRelayOpener:
     def open_relay(
         self, allocation: Allocation, host: str, port: int, *, dont_fragment: bool
     ) -> FakeRelay | None:
-        if port in self.busy:
-            return None
+        if port in self.busy or any(r.address == (host, port) for r in self.live):
+            return None  # like bind(): a port in use cannot be bound again
+
         relay = FakeRelay((host, port))
         self.opened.append(relay)
         return relay

@@ -81,6 +81,8 @@ def turnserver_process(
         *listen,
         "--metrics-listen",
         "127.0.0.1:0",
+        "--workers",
+        "1",
         *args,
     ]
 

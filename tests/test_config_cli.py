@@ -178,6 +178,8 @@ async def test_make_run_command_prints_a_working_credential(
         "127.0.0.1:0",
         "--metrics-listen",
         "127.0.0.1:0",
+        "--workers",
+        "1",
         "--account",
         "ACdev:dev-token",
         "--api-key",

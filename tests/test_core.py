@@ -10,6 +10,7 @@ import pytest
 
 from turnserver.core import events as ev
 from turnserver.core.config import RelayAddress
+from turnserver.core.quota import LocalQuotaLedger
 from turnserver.stun import Attr, MessageClass, Method, decode_message, encode_message
 from turnserver.stun.message import verify_integrity
 
@@ -87,7 +88,7 @@ def test_allocate_retransmission_gets_same_response_and_new_tid_437() -> None:
         (Attr.NONCE, c.nonce),
     ]
     core.allocations.clear()  # start afresh with a known transaction id
-    core.user_allocations.clear()
+    core.quotas = LocalQuotaLedger()
     req = encode_message(Method.ALLOCATE, MessageClass.REQUEST, tid, attrs, integrity_key=c.key)
     one = core.handle_message(req, c.ft, NOW)
     two = core.handle_message(req, c.ft, NOW + 0.5)
@@ -562,3 +563,24 @@ def test_ipv4_only_server_answers_draft_address_error_code() -> None:
     core, _ = make_core(relay_addresses=(RelayAddress("127.0.0.1", "127.0.0.1", 4),))
     dual = CoreClient(core).allocate([(Attr.ADDITIONAL_ADDRESS_FAMILY_DRAFT, 2)])
     assert dual.get(Attr.ADDRESS_ERROR_CODE_DRAFT)[1] == 440
+
+
+def test_reservation_tokens_work_across_worker_processes() -> None:
+    """Workers share the nonce key; a token one issued is honoured by another."""
+    from turnserver.core.config import RelayAddress as RA
+
+    a, _ = make_core(relay_addresses=(RA("127.0.0.1", "127.0.0.1", 4),))
+    b, opener_b = make_core(relay_addresses=(RA("127.0.0.1", "127.0.0.1", 4),))
+    b.port_pools[4] = type(b.port_pools[4])(50100, 50199)  # b's own slice
+    port = CoreClient(a).allocate([(Attr.EVEN_PORT, True)]).get(Attr.XOR_RELAYED_ADDRESS)[1]
+    token = a.drain_events() and CoreClient(a).core.reservations and next(iter(a.reservations))
+    resp = CoreClient(b, client=("192.0.2.9", 7)).allocate([(Attr.RESERVATION_TOKEN, token)])
+    assert resp.get(Attr.XOR_RELAYED_ADDRESS)[1] == port + 1
+    forged = bytes(8)
+    assert (
+        error_code(CoreClient(b, ("192.0.2.9", 8)).allocate([(Attr.RESERVATION_TOKEN, forged)]))
+        == 508
+    )
+    stale = CoreClient(b, ("192.0.2.9", 9))
+    stale.now = NOW + 120  # two windows later
+    assert error_code(stale.allocate([(Attr.RESERVATION_TOKEN, token)])) == 508

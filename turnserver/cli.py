@@ -110,6 +110,12 @@ def _serve_parser(sub: Any) -> None:
         help="self-probe every N seconds (default 30; 0 turns it off)",
     )
     p.add_argument(
+        "--workers",
+        metavar="N",
+        type=int,
+        help="processes sharing the listeners with SO_REUSEPORT (default: CPUs)",
+    )
+    p.add_argument(
         "--drain-timeout",
         metavar="SECONDS",
         type=float,
@@ -203,6 +209,10 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         o["api_keys"] = tuple(args.api_key)
     if args.metrics_listen is not None:
         o["metrics_listen"] = _host_port_or_off(args.metrics_listen, "--metrics-listen")
+    if args.workers is not None:
+        if not 1 <= args.workers <= 256:
+            raise ConfigError("--workers: between 1 and 256")
+        o["workers"] = args.workers
     if args.drain_timeout is not None:
         o["drain_timeout"] = args.drain_timeout
     if args.alternate_server is not None:
@@ -263,6 +273,15 @@ def main(argv: list[str] | None = None) -> int:
             values = load_file(config_path) if config_path else {}
             return build_settings(values, overrides, config_path or "flags")
 
+        if settings.workers > 1:
+            import asyncio
+
+            from turnserver.ops.eventlog import setup_logging
+            from turnserver.ops.workers import Supervisor
+
+            setup_logging(settings.log_level, settings.log_format)
+            supervisor = Supervisor(settings, config_path, overrides, args.show_credential)
+            return asyncio.run(supervisor.run())
         return serve(settings, args.show_credential, reload_settings)
 
     if args.command == "mint":

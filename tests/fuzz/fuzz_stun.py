@@ -41,8 +41,9 @@ class _Relay:
 
 
 class _Opener:
-    def open_relay(self, allocation: Allocation, host: str, port: int, *,
-                   dont_fragment: bool) -> _Relay:
+    def open_relay(
+        self, allocation: Allocation, host: str, port: int, *, dont_fragment: bool
+    ) -> _Relay:
         return _Relay()
 
     def open_tcp_relay(self, allocation: Allocation, host: str, port: int) -> _Relay:
@@ -50,11 +51,16 @@ class _Opener:
 
 
 def _core() -> TurnServer:
-    config = CoreConfig(relay_addresses=(RelayAddress("127.0.0.1", "127.0.0.1", 4),),
-                        min_port=50000, max_port=50063)
+    config = CoreConfig(
+        relay_addresses=(RelayAddress("127.0.0.1", "127.0.0.1", 4),), min_port=50000, max_port=50063
+    )
     creds = Credentials.build("example.org", passwords={"u": "p"}, secrets=["capsecret"])
-    return TurnServer(config, Authenticator(creds, NonceIssuer(b"k" * 32)), _Opener(),
-                      DefaultPeerPolicy(allow_loopback=True))
+    return TurnServer(
+        config,
+        Authenticator(creds, NonceIssuer(b"k" * 32)),
+        _Opener(),
+        DefaultPeerPolicy(allow_loopback=True),
+    )
 
 
 CORE = _core()

@@ -82,6 +82,10 @@ class NonceIssuer:
         msg = f"{expiry_hex}|{client_ip}".encode()
         return hmac.new(self._key, msg, hashlib.sha256).hexdigest()[: self.MAC_HEX]
 
+    def sign(self, data: bytes) -> bytes:
+        """HMAC-SHA256 with the nonce key (shared by worker processes)."""
+        return hmac.new(self._key, data, hashlib.sha256).digest()
+
     def issue(self, client_ip: str, now: float) -> str:
         """A fresh nonce for this client address."""
         expiry_hex = f"{int(now + self.lifetime):x}"

@@ -9,6 +9,7 @@ what happened as events.
 from __future__ import annotations
 
 import heapq
+import hmac
 import ipaddress
 import random
 import secrets
@@ -47,6 +48,7 @@ from turnserver.core.errors import (
 from turnserver.core.five_tuple import ClientTransport, FiveTuple
 from turnserver.core.policy import PeerPolicy
 from turnserver.core.ports import RelayPortPool
+from turnserver.core.quota import LocalQuotaLedger, QuotaLedger
 from turnserver.stun.attributes import Address
 from turnserver.stun.channeldata import is_valid_channel_number
 from turnserver.stun.constants import (
@@ -136,7 +138,7 @@ class TurnServer:
         self.relay_opener = relay_opener
         self.peer_policy = peer_policy
         self.allocations: dict[FiveTuple, Allocation] = {}
-        self.user_allocations: dict[str, int] = {}
+        self.quotas: QuotaLedger = LocalQuotaLedger()
         self.reservations: dict[bytes, Reservation] = {}
         self.relay_addresses: dict[int, RelayAddress] = {
             r.family: r for r in config.relay_addresses
@@ -162,7 +164,7 @@ class TurnServer:
         # The self-probe may reach its own echo socket whatever the peer policy says.
         self.probe_users: set[str] = set()
         self._challenges: dict[str, tuple[float, float]] = {}  # client IP -> (tokens, time)
-        self.probe_peers: set[Address] = set()
+        self.probe_peer_ips: set[str] = set()
 
     # ---- entry points -------------------------------------------------------------
 
@@ -454,17 +456,16 @@ class TurnServer:
             raise BadRequest("ADDITIONAL-ADDRESS-FAMILY must be IPv6")
         if requested_family is not None and requested_family not in _FAMILY_VERSION:
             raise AddressFamilyNotSupported(f"unknown address family {requested_family}")
-        if cfg.max_allocations and len(self.allocations) >= cfg.max_allocations:
-            raise AllocationQuotaReached("server allocation limit reached", reason="quota_total")
-        if (
-            cfg.max_allocations_per_user
-            and self.user_allocations.get(ident.user, 0) >= cfg.max_allocations_per_user
-        ):
-            raise AllocationQuotaReached(f"user {ident.user!r} has too many allocations")
 
         reservation: Reservation | None = None
         if token is not None:
             reservation = self.reservations.pop(token, None)
+            if reservation is None:
+                # Another worker process may have issued it: tokens are stateless
+                reservation = self._check_reservation_token(token, now)
+                if reservation is not None:
+                    self.port_pools[reservation.family].take(reservation.port)
+
             if reservation is None:
                 raise InsufficientCapacity(
                     "unknown or expired RESERVATION-TOKEN", reason="bad_reservation"
@@ -496,7 +497,7 @@ class TurnServer:
                 elif i == 0 and even_port is not None:
                     relay, reserved = self._open_even_relay(alloc, version, even_port)
                     if reserved is not None:
-                        new_token = secrets.token_bytes(8)
+                        new_token = self._reservation_token(version, reserved, now)
                         self.reservations[new_token] = Reservation(
                             version, reserved, now + cfg.reservation_lifetime
                         )
@@ -510,8 +511,8 @@ class TurnServer:
             self._close_relays(alloc)
             raise
 
+        self._reserve_quota(alloc, ident)
         self.allocations[ft] = alloc
-        self.user_allocations[ident.user] = self.user_allocations.get(ident.user, 0) + 1
         self._push(alloc.expires, TimerKind.ALLOCATION, alloc, None)
         if cfg.strict_expiry and ident.expires is not None:
             self._push(ident.expires, TimerKind.CREDENTIAL, alloc, None)
@@ -553,13 +554,6 @@ class TurnServer:
         version = _FAMILY_VERSION[AddressFamily(family)] if family is not None else 4
         if version not in self.relay_addresses:
             raise AddressFamilyNotSupported(f"no IPv{version} relay address configured")
-        if cfg.max_allocations and len(self.allocations) >= cfg.max_allocations:
-            raise AllocationQuotaReached("server allocation limit reached", reason="quota_total")
-        if (
-            cfg.max_allocations_per_user
-            and self.user_allocations.get(ident.user, 0) >= cfg.max_allocations_per_user
-        ):
-            raise AllocationQuotaReached(f"user {ident.user!r} has too many allocations")
         lifetime = self._lifetime(msg.get(Attr.LIFETIME))
         alloc = Allocation(ft, ident.username, ident.user, ident.key, now, lifetime, ident.expires)
         alloc.rate, alloc.tokens, alloc.stamp = cfg.bandwidth, float(cfg.bandwidth), now
@@ -585,8 +579,8 @@ class TurnServer:
                 pool.give_back(p)
         if not alloc.relays:
             raise InsufficientCapacity(f"no free TCP relay port for IPv{version}")
+        self._reserve_quota(alloc, ident)
         self.allocations[ft] = alloc
-        self.user_allocations[ident.user] = self.user_allocations.get(ident.user, 0) + 1
         self._push(alloc.expires, TimerKind.ALLOCATION, alloc, None)
         if cfg.strict_expiry and ident.expires is not None:
             self._push(ident.expires, TimerKind.CREDENTIAL, alloc, None)
@@ -730,6 +724,36 @@ class TurnServer:
             if relay is not None and relay.tcp is not None:
                 relay.tcp.close_connection(pc.id)
 
+    def _reserve_quota(self, alloc: Allocation, ident: Identity) -> None:
+        """Count the allocation against the quotas, last, so no failure needs undoing."""
+        cfg = self.config
+        why = self.quotas.reserve(ident.user, cfg.max_allocations, cfg.max_allocations_per_user)
+        if why is not None:
+            self._close_relays(alloc)
+            if why == "quota_total":
+                raise AllocationQuotaReached("server allocation limit reached", reason=why)
+            raise AllocationQuotaReached(
+                f"user {ident.user!r} has too many allocations", reason=why
+            )
+
+    def _token_mac(self, family: int, port: int, window: int) -> bytes:
+        return self.auth.nonces.sign(b"reservation|%d|%d|%d" % (family, port, window))[:6]
+
+    def _reservation_token(self, family: int, port: int, now: float) -> bytes:
+        """RFC 8656 §14.9: 8 bytes, here the port and a MAC over it and the time window,
+        so that any worker process sharing the key can honour it."""
+        window = int(now // self.config.reservation_lifetime)
+        return port.to_bytes(2, "big") + self._token_mac(family, port, window)
+
+    def _check_reservation_token(self, token: bytes, now: float) -> Reservation | None:
+        port = int.from_bytes(token[:2], "big")
+        window = int(now // self.config.reservation_lifetime)
+        for family in self.relay_addresses:
+            for w in (window, window - 1):
+                if hmac.compare_digest(token[2:], self._token_mac(family, port, w)):
+                    return Reservation(family, port, now)
+        return None
+
     def _open_relay(self, alloc: Allocation, version: int, port: int | None = None) -> Relay:
         addr = self.relay_addresses[version]
         pool = self.port_pools[version]
@@ -819,8 +843,8 @@ class TurnServer:
         ip = ipaddress.ip_address(peer[0])
         if ip.version not in alloc.relays:
             raise PeerAddressFamilyMismatch(f"peer {peer[0]} has no relay of its family")
-        if alloc.username in self.probe_users and peer in self.probe_peers:
-            return str(ip)  # the self-probe's own echo socket
+        if alloc.username in self.probe_users and peer[0] in self.probe_peer_ips:
+            return str(ip)  # the self-probe's echo sockets (any worker's)
         if not self.peer_policy.is_allowed(ip) or peer in self.config.reserved_peers:
             self.events.append(ev.PeerDenied(ft, peer[0]))
             raise Forbidden(f"peer {peer[0]} is not allowed by the peer policy")
@@ -951,11 +975,7 @@ class TurnServer:
             return
         alloc.live = False
         self.allocations.pop(alloc.five_tuple, None)
-        count = self.user_allocations.get(alloc.user, 1) - 1
-        if count > 0:
-            self.user_allocations[alloc.user] = count
-        else:
-            self.user_allocations.pop(alloc.user, None)
+        self.quotas.release(alloc.user)
         relayed = alloc.relayed_addresses
         for pc in list(alloc.peer_connections.values()):
             self._forget_peer_connection(pc, close=False)  # closing the relay closes them

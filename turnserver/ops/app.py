@@ -112,7 +112,9 @@ def build_runtime(settings: Settings, loop: asyncio.AbstractEventLoop) -> Server
         loop,
         tls=tls,
         stream_options=StreamOptions(settings.idle_timeout, settings.handshake_timeout),
+        reuse_port=settings.reuse_port,
     )
+
     runtime.event_sinks.append(log_event)
     return runtime
 
@@ -196,7 +198,11 @@ def api_config(settings: Settings, listen: list[ListenAddress]) -> ApiConfig:
 
 def credential_banner(settings: Settings, runtime: ServerRuntime, user: str) -> str:
     """A ready-to-use credential and iceServers JSON for a developer."""
-    listen = runtime.bound_addresses()
+    return credential_banner_text(settings, runtime.bound_addresses(), user)
+
+
+def credential_banner_text(settings: Settings, listen: list[ListenAddress], user: str) -> str:
+    """The banner for these listeners."""
     urls = ice_uris(settings, listen)
     lines = []
     if settings.secrets:
@@ -246,9 +252,19 @@ class Server:
         self.metrics.internal_users = frozenset({PROBE_USER})
         self.probe: SelfProbe | None = None
         if settings.probe_interval > 0:
-            self.probe = SelfProbe(
-                self.runtime, settings.probe_interval, settings.probe_timeout, self.metrics
+            shared = (
+                hashlib.sha256(b"turnserver-probe:" + settings.nonce_secret.encode()).hexdigest()
+                if settings.nonce_secret
+                else None
             )
+            self.probe = SelfProbe(
+                self.runtime,
+                settings.probe_interval,
+                settings.probe_timeout,
+                self.metrics,
+                password=shared,
+            )
+
         self.health = Health(self.runtime, self.metrics, self.probe)
         self.api: CredentialsApi | None = None
         self._api_runner: web.AppRunner | None = None

@@ -79,6 +79,8 @@ class Settings:
     challenge_burst: int = 40
     drain_timeout: float = 60.0
     alternate_server: tuple[str, int] | None = None
+    workers: int = field(default_factory=lambda: os.cpu_count() or 1)
+    reuse_port: bool = False  # set for worker processes, not a config key
     metrics_listen: tuple[str, int] | None = ("127.0.0.1", 9641)
     probe_interval: float = 30.0
     probe_timeout: float = 5.0
@@ -329,6 +331,7 @@ SCHEMA: dict[str, tuple[str, Check]] = {
     "limits.challenge_burst": ("challenge_burst", _int(1, 1_000_000)),
     "drain.timeout": ("drain_timeout", _float(0, 86400)),
     "drain.alternate_server": ("alternate_server", _host_port),
+    "workers": ("workers", _int(1, 256)),
     "metrics.listen": ("metrics_listen", _host_port_or_off),
     "probe.interval": ("probe_interval", _float(0, 86400)),
     "probe.timeout": ("probe_timeout", _float(0.1, 60)),

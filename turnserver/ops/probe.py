@@ -66,12 +66,15 @@ class SelfProbe:
         interval: float,
         timeout: float = 5.0,
         metrics: Metrics | None = None,
+        password: str | None = None,
     ) -> None:
         self.runtime = runtime
         self.interval = interval
         self.timeout = timeout
         self.metrics = metrics
-        self.password = secrets.token_urlsafe(24)
+        # Worker processes share one password, so any of them accepts any probe
+        self.password = password or secrets.token_urlsafe(24)
+
         self.results: dict[str, ProbeResult] = {}
         self._echo: asyncio.DatagramTransport | None = None
         self.echo_addresses: dict[int, Address] = {}
@@ -89,9 +92,13 @@ class SelfProbe:
             transport, _ = await loop.create_datagram_endpoint(_Echo, local_addr=(host, 0))
             addr = transport.get_extra_info("sockname")
             self.echo_addresses[relay.family] = (addr[0], addr[1])
-            core.probe_peers.add((addr[0], addr[1]))
+            core.probe_peer_ips.add(addr[0])
             self._echo = transport
         core.probe_users.add(PROBE_USER)
+        core.auth.internal_keys[PROBE_USER] = long_term_key(
+            PROBE_USER, core.auth.realm, self.password
+        )
+
         self._task = loop.create_task(self._loop())
 
     async def stop(self) -> None:

@@ -1,0 +1,126 @@
+"""--workers: processes sharing the listeners (SO_REUSEPORT), quotas held across them,
+metrics summed, crashed workers restarted."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import time
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from turnserver.ops.credentials import mint
+from turnserver.ops.turnclient import TurnClient, TurnClientError
+
+from .conftest import EchoProtocol
+from .procs import free_port, turnserver_process
+
+SECRET = "workers-secret"
+pytestmark = pytest.mark.asyncio(loop_factories=["asyncio"])
+
+
+async def _get(port: int, path: str) -> tuple[int, str]:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"http://127.0.0.1:{port}{path}") as resp,
+    ):
+        return resp.status, await resp.text()
+
+
+async def _allocate(port: int, user: str) -> TurnClient | int | None:
+    cred = mint(SECRET, user, 600, time.time())
+    c = await TurnClient.connect(
+        "udp", ("127.0.0.1", port), cred.username, cred.password, timeout=3
+    )
+    try:
+        await c.allocate()
+        return c
+    except TurnClientError as exc:
+        c.close()
+        return exc.code
+
+
+async def test_two_workers(tmp_path: Path, echo_peer: tuple[tuple[str, int], EchoProtocol]) -> None:
+    mport = free_port(socket.SOCK_STREAM)
+    cfg = tmp_path / "w.yaml"
+    cfg.write_text("allocations:\n  max_total: 8\n  max_per_user: 2\n")
+    lo = 38000 + os.getpid() % 500
+    with turnserver_process(
+        tmp_path,
+        "--config",
+        str(cfg),
+        "--secret",
+        SECRET,
+        "--allow-loopback-peers",
+        "--min-port",
+        str(lo),
+        "--max-port",
+        str(lo + 99),
+        "--probe-interval",
+        "1",
+        "--metrics-listen",
+        f"127.0.0.1:{mport}",
+        "--workers",
+        "2",
+        streams=True,
+    ) as server:
+        for _ in range(100):
+            status, body = await _get(mport, "/readyz")
+            if status == 200:
+                break
+            await asyncio.sleep(0.1)
+        assert status == 200, body
+        pids = {int(p) for p in __import__("re").findall(r'"pid": (\d+)', body)}
+        assert len(pids) == 2
+        # Per-user quota across workers: 6 source ports, one user, at most 2 succeed
+        same = await asyncio.gather(*(_allocate(server.port, "same") for _ in range(6)))
+        ok_same = [c for c in same if isinstance(c, TurnClient)]
+        assert len(ok_same) == 2 and sorted(c for c in same if isinstance(c, int)) == [486] * 4
+        # Total quota across workers: 8 in all
+        many = await asyncio.gather(*(_allocate(server.port, f"u{i}") for i in range(10)))
+        ok_many = [c for c in many if isinstance(c, TurnClient)]
+        assert len(ok_many) == 6, many
+        # Every allocation relays, whichever worker holds it
+        for i, c in enumerate(ok_same + ok_many):
+            await c.create_permission(echo_peer[0])
+            c.send_indication(echo_peer[0], b"w%d" % i)
+            assert (await c.receive(2))[1] == b"w%d" % i
+        # One /metrics for both workers
+        _, text = await _get(mport, "/metrics")
+        active = sum(
+            float(line.split()[-1])
+            for line in text.splitlines()
+            if line.startswith("turn_allocations_active{")
+        )
+        assert active == 8
+        quota = [
+            line
+            for line in text.splitlines()
+            if line.startswith("turn_allocation_failures_total{") and "quota" in line
+        ]
+        # at least the 6 refusals (a retransmitted Allocate is refused, and counted, again)
+        assert sum(float(x.split()[-1]) for x in quota) >= 6
+
+        for c in ok_same + ok_many:
+            await c.refresh(0)
+            c.close()
+        # A crashed worker is restarted and logged
+        victim = sorted(pids)[0]
+        os.kill(victim, signal.SIGKILL)
+        for _ in range(100):
+            status, body = await _get(mport, "/readyz")
+            if status == 200 and str(victim) not in body:
+                break
+            await asyncio.sleep(0.1)
+        assert status == 200 and str(victim) not in body
+        assert "exited with -9; restarting" in server.log()
+        again = await _allocate(server.port, "after-restart")
+        assert isinstance(again, TurnClient)
+        again.close()
+        server.proc.send_signal(signal.SIGINT)
+        assert server.proc.wait(15) == 0
+        assert "all workers stopped" in server.log()

@@ -1,0 +1,425 @@
+"""Worker processes: N servers sharing each listener port with SO_REUSEPORT, each with
+its own slice of the relay port range, so every packet of an allocation stays in one
+process (the kernel keeps a 5-tuple on one socket). Quotas hold across workers through a
+shared-memory ledger. The parent restarts crashed workers, serves the credentials API and
+one /metrics, /healthz and /readyz that sum or combine the workers'.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import multiprocessing
+import multiprocessing.synchronize
+import os
+import secrets
+import signal
+import sys
+import zlib
+from dataclasses import replace
+from multiprocessing.process import BaseProcess
+from multiprocessing.shared_memory import SharedMemory
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+from prometheus_client.parser import text_string_to_metric_families
+
+from turnserver.ops.config import ConfigError, Settings, build_settings, load_file
+from turnserver.ops.eventlog import setup_logging
+
+log = logging.getLogger("turnserver")
+BUCKETS = 4096  # per-user counts are kept by hash bucket (collisions only make it stricter)
+MAX_RESTARTS_PER_MINUTE = 10
+
+
+class SharedQuotaLedger:
+    """Implements core.quota.QuotaLedger across processes: per worker, a total and
+    per-bucket user counts in shared memory, updated under one lock."""
+
+    def __init__(
+        self, shm_name: str, workers: int, index: int, lock: multiprocessing.synchronize.Lock
+    ) -> None:
+        self._shm = SharedMemory(name=shm_name)
+        buf = self._shm.buf
+        assert buf is not None
+        self._table = buf.cast("I")
+        self.workers = workers
+        self.index = index
+        self.lock = lock
+
+    @staticmethod
+    def size(workers: int) -> int:
+        return workers * (BUCKETS + 1) * 4
+
+    def _bucket(self, user: str) -> int:
+        return 1 + zlib.crc32(user.encode()) % BUCKETS
+
+    def reserve(self, user: str, max_total: int, max_per_user: int) -> str | None:
+        t = self._table
+        stride = BUCKETS + 1
+        b = self._bucket(user)
+        with self.lock:
+            if max_total and sum(t[w * stride] for w in range(self.workers)) >= max_total:
+                return "quota_total"
+            if max_per_user and sum(t[w * stride + b] for w in range(self.workers)) >= max_per_user:
+                return "quota_user"
+            base = self.index * stride
+            t[base] += 1
+            t[base + b] += 1
+        return None
+
+    def release(self, user: str) -> None:
+        t = self._table
+        base = self.index * (BUCKETS + 1)
+        b = self._bucket(user)
+        with self.lock:
+            t[base] = max(0, t[base] - 1)
+            t[base + b] = max(0, t[base + b] - 1)
+
+
+def clear_worker(shm: SharedMemory, index: int, lock: multiprocessing.synchronize.Lock) -> None:
+    """Forget a dead worker's allocations."""
+    buf = shm.buf
+    assert buf is not None
+    table = buf.cast("I")
+    stride = BUCKETS + 1
+    with lock:
+        for i in range(index * stride, (index + 1) * stride):
+            table[i] = 0
+    table.release()
+
+
+def port_slice(settings: Settings, index: int, workers: int) -> tuple[int, int]:
+    """The index-th contiguous slice of the relay port range."""
+    total = settings.max_port - settings.min_port + 1
+    size = total // workers
+    lo = settings.min_port + index * size
+    hi = settings.max_port if index == workers - 1 else lo + size - 1
+    return lo, hi
+
+
+def _worker_main(
+    settings: Settings,
+    index: int,
+    workers: int,
+    shm_name: str,
+    lock: multiprocessing.synchronize.Lock,
+    ports: Any,
+    config_path: str | None,
+    overrides: dict[str, Any],
+) -> None:
+    """Entry point of one worker process."""
+    from turnserver.io.loop import loop_factory
+    from turnserver.ops.app import Server
+
+    setup_logging(settings.log_level, settings.log_format)
+    lo, hi = port_slice(settings, index, workers)
+    mine = replace(
+        settings,
+        min_port=lo,
+        max_port=hi,
+        reuse_port=True,
+        api_listen=None,
+        metrics_listen=("127.0.0.1", 0),
+        workers=1,
+    )
+    _, factory = loop_factory(settings.loop)
+
+    async def main() -> int:
+        loop = asyncio.get_running_loop()
+        server = Server(mine, loop)
+        server.runtime.core.quotas = SharedQuotaLedger(shm_name, workers, index, lock)
+        try:
+            await server.start()
+        except (OSError, ValueError) as exc:
+            log.error("worker %d: %s", index, exc)
+            return 1
+        ports[index] = server.health.port
+        stop = asyncio.Event()
+        drain = asyncio.Event()
+        loop.add_signal_handler(signal.SIGTERM, drain.set)
+        loop.add_signal_handler(signal.SIGINT, stop.set)
+
+        def on_hup() -> None:
+            try:
+                values = load_file(config_path) if config_path else {}
+                new = build_settings(values, overrides, config_path or "flags")
+            except ConfigError as exc:
+                log.error("worker %d: SIGHUP: configuration rejected: %s", index, exc)
+                return
+            server.reload(
+                replace(
+                    new,
+                    min_port=lo,
+                    max_port=hi,
+                    reuse_port=True,
+                    api_listen=None,
+                    metrics_listen=mine.metrics_listen,
+                )
+            )
+            log.info("worker %d: configuration reloaded", index)
+
+        loop.add_signal_handler(signal.SIGHUP, on_hup)
+        waiters = {loop.create_task(stop.wait()), loop.create_task(drain.wait())}
+        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        if drain.is_set() and not stop.is_set():
+            await server.drain(settings.drain_timeout, stop)
+        for w in waiters:
+            w.cancel()
+        await server.stop()
+        return 0
+
+    with asyncio.Runner(loop_factory=factory) as runner:
+        sys.exit(runner.run(main()))
+
+
+# Metrics that are not sums over workers
+_MIN = {"turn_probe_success"}
+_MAX = {
+    "turn_probe_rtt_seconds",
+    "turn_event_loop_lag_seconds",
+    "turn_build_info",
+    "process_start_time_seconds",
+    "python_info",
+}
+
+
+def merge_metrics(texts: list[str]) -> str:
+    """Combine workers' exposition text: sums, except the gauges in _MIN and _MAX."""
+    families: dict[str, tuple[str, str, dict[tuple[str, tuple[tuple[str, str], ...]], float]]]
+    families = {}
+    for text in texts:
+        for family in text_string_to_metric_families(text):
+            _, _, values = families.setdefault(family.name, (family.type, family.documentation, {}))
+            for sample in family.samples:
+                key = (sample.name, tuple(sorted(sample.labels.items())))
+                if key not in values:
+                    values[key] = sample.value
+                elif family.name in _MIN:
+                    values[key] = min(values[key], sample.value)
+                elif family.name in _MAX or sample.name.endswith("_created"):
+                    values[key] = max(values[key], sample.value)
+                else:
+                    values[key] += sample.value
+    lines: list[str] = []
+    for name, (kind, doc, values) in families.items():
+        lines.append(f"# HELP {name} {doc}")
+        lines.append(f"# TYPE {name} {kind}")
+        for (sample_name, labels), value in values.items():
+            text = ",".join(f'{k}="{v}"' for k, v in labels)
+            lines.append(
+                f"{sample_name}{{{text}}} {value!r}" if labels else f"{sample_name} {value!r}"
+            )
+    return "\n".join(lines) + "\n"
+
+
+class Supervisor:
+    """The parent process."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        config_path: str | None,
+        overrides: dict[str, Any],
+        show_credential: str | None,
+    ) -> None:
+        if not settings.nonce_secret:
+            # One nonce key (and self-probe password) for all workers: a client's 5-tuple
+            # stays on one worker, but the self-probe's may land on any.
+            settings = replace(settings, nonce_secret=secrets.token_urlsafe(32))
+        self.settings = settings
+        self.config_path = config_path
+        self.overrides = overrides
+        self.show_credential = show_credential
+        self.n = settings.workers
+        self.ctx = multiprocessing.get_context("spawn")
+        self.lock = self.ctx.Lock()
+        self.shm = SharedMemory(create=True, size=SharedQuotaLedger.size(self.n))
+        self.ports = self.ctx.Array("i", self.n)
+        self.procs: list[BaseProcess | None] = [None] * self.n
+        self.stopping = False
+        self.restarts: list[float] = []
+
+    def _spawn(self, index: int) -> None:
+        self.ports[index] = 0
+        proc = self.ctx.Process(
+            target=_worker_main,
+            name=f"turnserver-worker-{index}",
+            args=(
+                self.settings,
+                index,
+                self.n,
+                self.shm.name,
+                self.lock,
+                self.ports,
+                self.config_path,
+                self.overrides,
+            ),
+        )
+        proc.start()
+        self.procs[index] = proc
+        log.info("worker %d started (pid %d)", index, proc.pid)
+
+    async def _fetch(
+        self, session: aiohttp.ClientSession, index: int, path: str
+    ) -> tuple[int, str]:
+        port = self.ports[index]
+        if not port:
+            return 503, ""
+        try:
+            async with session.get(
+                f"http://127.0.0.1:{port}{path}", timeout=aiohttp.ClientTimeout(total=3)
+            ) as resp:
+                return resp.status, await resp.text()
+        except (aiohttp.ClientError, TimeoutError):
+            return 503, ""
+
+    async def handle_metrics(self, request: web.Request) -> web.Response:
+        async with aiohttp.ClientSession() as session:
+            got = await asyncio.gather(
+                *(self._fetch(session, i, "/metrics") for i in range(self.n))
+            )
+        text = merge_metrics([body for status, body in got if status == 200])
+        return web.Response(text=text, content_type="text/plain", charset="utf-8")
+
+    async def _combined(self, path: str) -> web.Response:
+        async with aiohttp.ClientSession() as session:
+            got = await asyncio.gather(*(self._fetch(session, i, path) for i in range(self.n)))
+        workers = {}
+        for i, (status, body) in enumerate(got):
+            proc = self.procs[i]
+            try:
+                detail = json.loads(body) if body else {}
+            except ValueError:
+                detail = {}
+            workers[str(i)] = {
+                "ok": status == 200,
+                "pid": proc.pid if proc else None,
+                "alive": bool(proc and proc.is_alive()),
+                **({"detail": detail} if detail else {}),
+            }
+        ok = all(w["ok"] for w in workers.values())
+        failed = [k for k, w in workers.items() if not w["ok"]]
+        return web.json_response(
+            {"status": "ok" if ok else "not ok", "failed_workers": failed, "workers": workers},
+            status=200 if ok else 503,
+        )
+
+    async def handle_healthz(self, request: web.Request) -> web.Response:
+        return await self._combined("/healthz")
+
+    async def handle_readyz(self, request: web.Request) -> web.Response:
+        return await self._combined("/readyz")
+
+    async def run(self) -> int:
+        from turnserver.ops.api import CredentialsApi, start_api
+        from turnserver.ops.app import api_config, credential_banner_text
+
+        loop = asyncio.get_running_loop()
+        for i in range(self.n):
+            self._spawn(i)
+        runner = None
+        if self.settings.metrics_listen:
+            app = web.Application()
+            app.router.add_get("/metrics", self.handle_metrics)
+            app.router.add_get("/healthz", self.handle_healthz)
+            app.router.add_get("/readyz", self.handle_readyz)
+            runner = web.AppRunner(app, access_log=None)
+            await runner.setup()
+            await web.TCPSite(runner, *self.settings.metrics_listen).start()
+        api = None
+        api_runner = None
+        if self.settings.api_listen:
+            api = CredentialsApi(api_config(self.settings, list(self.settings.listen)))
+            api_runner, _ = await start_api(api, *self.settings.api_listen)
+        # Wait until every worker reports its metrics port (its listeners are bound)
+        for _ in range(200):
+            if all(self.ports[i] for i in range(self.n)):
+                break
+            if any(p is not None and p.exitcode not in (None, 0) for p in self.procs):
+                break
+            await asyncio.sleep(0.05)
+        log.info("%d workers serving %s", self.n, ", ".join(str(s) for s in self.settings.listen))
+        if self.show_credential:
+            print(
+                credential_banner_text(
+                    self.settings, list(self.settings.listen), self.show_credential
+                ),
+                flush=True,
+            )
+        stop = asyncio.Event()
+        drain = asyncio.Event()
+
+        def forward(sig: int) -> None:
+            for p in self.procs:
+                if p is not None and p.is_alive() and p.pid:
+                    os.kill(p.pid, sig)
+
+        def on_term() -> None:
+            self.stopping = True
+            if drain.is_set():
+                forward(signal.SIGINT)
+                stop.set()
+            else:
+                drain.set()
+                forward(signal.SIGTERM)
+
+        def on_int() -> None:
+            self.stopping = True
+            forward(signal.SIGINT)
+            stop.set()
+
+        def on_hup() -> None:
+            forward(signal.SIGHUP)
+            if api is not None:
+                try:
+                    values = load_file(self.config_path) if self.config_path else {}
+                    new = build_settings(values, self.overrides, self.config_path or "flags")
+                    api.reconfigure(api_config(new, list(new.listen)))
+                except ConfigError as exc:
+                    log.error("SIGHUP: configuration rejected for the API: %s", exc)
+
+        loop.add_signal_handler(signal.SIGTERM, on_term)
+        loop.add_signal_handler(signal.SIGINT, on_int)
+        loop.add_signal_handler(signal.SIGHUP, on_hup)
+        while True:
+            for i, proc in enumerate(self.procs):
+                if proc is None or proc.is_alive():
+                    continue
+                proc.join()
+                code = proc.exitcode
+                clear_worker(self.shm, i, self.lock)
+                if self.stopping:
+                    self.procs[i] = None
+                    continue
+                now = loop.time()
+                self.restarts = [t for t in self.restarts if now - t < 60] + [now]
+                log.error("worker %d (pid %d) exited with %s; restarting", i, proc.pid, code)
+                if len(self.restarts) > MAX_RESTARTS_PER_MINUTE:
+                    log.error("workers keep crashing; giving up")
+                    self.stopping = True
+                    forward(signal.SIGINT)
+                    continue
+                self._spawn(i)
+            if self.stopping and all(p is None for p in self.procs):
+                break
+            try:
+                await asyncio.wait_for(stop.wait(), 0.2)
+            except TimeoutError:
+                pass
+            if stop.is_set() and all(p is None or not p.is_alive() for p in self.procs):
+                for i, p in enumerate(self.procs):
+                    if p is not None:
+                        p.join()
+                        self.procs[i] = None
+                break
+        if runner is not None:
+            await runner.cleanup()
+        if api_runner is not None:
+            await api_runner.cleanup()
+        self.shm.close()
+        self.shm.unlink()
+        log.info("all workers stopped")
+        return 0
