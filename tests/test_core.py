@@ -570,7 +570,7 @@ def test_reservation_tokens_work_across_worker_processes() -> None:
     from turnserver.core.config import RelayAddress as RA
 
     a, _ = make_core(relay_addresses=(RA("127.0.0.1", "127.0.0.1", 4),))
-    b, opener_b = make_core(relay_addresses=(RA("127.0.0.1", "127.0.0.1", 4),))
+    b, _ = make_core(relay_addresses=(RA("127.0.0.1", "127.0.0.1", 4),))
     b.port_pools[4] = type(b.port_pools[4])(50100, 50199)  # b's own slice
     port = CoreClient(a).allocate([(Attr.EVEN_PORT, True)]).get(Attr.XOR_RELAYED_ADDRESS)[1]
     token = a.drain_events() and CoreClient(a).core.reservations and next(iter(a.reservations))

@@ -293,10 +293,14 @@ class TurnServer:
         except DeferredResponse:
             return None
         except TurnError as err:
-            if isinstance(err, Unauthorized | StaleNonce) and not self._challenge_allowed(
-                ft.client[0], now
+            if (
+                isinstance(err, Unauthorized | StaleNonce)
+                and ft.transport == ClientTransport.UDP
+                and not self._challenge_allowed(ft.client[0], now)
             ):
-                # RFC 8656 §21.1: bound what unauthenticated senders can make us reflect
+                # RFC 8656 §21.1: bound what spoofed UDP senders can make us reflect (over
+                # TCP/TLS the handshake proves the source, and a dropped answer would hang)
+
                 self.stats.dropped_rate_limited += 1
                 self.events.append(ev.MessageDiscarded(ft, "challenge_rate_limited", ""))
                 return None

@@ -30,6 +30,7 @@ from turnserver.ops.health import Health
 from turnserver.ops.metrics import Metrics
 from turnserver.ops.probe import PROBE_USER, SelfProbe
 from turnserver.ops.selfsigned import spki_sha256
+from turnserver.ops.systemd import notify, start_watchdog
 
 
 def core_config(settings: Settings) -> CoreConfig:
@@ -372,6 +373,8 @@ async def _serve(
         settings.min_port,
         settings.max_port,
     )
+    notify(f"READY=1\nSTATUS=serving {len(runtime.bound_addresses())} listeners")
+    start_watchdog(loop)
     if show_credential:
         print(credential_banner(settings, runtime, show_credential), file=sys.stdout, flush=True)
         if settings.api_listen and settings.accounts:
@@ -422,6 +425,7 @@ async def _serve(
         await server.drain(settings.drain_timeout, stop)
     stop_task.cancel()
     drain_task.cancel()
+    notify("STOPPING=1")
     log.info("shutting down: %d allocations", len(runtime.core.allocations))
     await server.stop()
     return 0

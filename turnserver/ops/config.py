@@ -75,8 +75,9 @@ class Settings:
     public_host: str | None = None
     uris: tuple[str, ...] = ()
     bandwidth_kbps: int = 0
-    challenge_rate: float = 20.0
-    challenge_burst: int = 40
+    challenge_rate: float = 100.0
+    challenge_burst: int = 200
+
     drain_timeout: float = 60.0
     alternate_server: tuple[str, int] | None = None
     workers: int = field(default_factory=lambda: os.cpu_count() or 1)

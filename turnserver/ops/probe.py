@@ -89,7 +89,23 @@ class SelfProbe:
             host = relay.bind_ip
             if host in ("0.0.0.0", "::"):
                 host = "127.0.0.1" if relay.family == 4 else "::1"
-            transport, _ = await loop.create_datagram_endpoint(_Echo, local_addr=(host, 0))
+            try:
+                transport, _ = await loop.create_datagram_endpoint(_Echo, local_addr=(host, 0))
+            except OSError as exc:
+                fallback = "127.0.0.1" if relay.family == 4 else "::1"
+                log.warning(
+                    "self-probe: cannot bind an echo socket on %s (%s); using %s",
+                    host,
+                    exc.strerror or exc,
+                    fallback,
+                )
+                try:
+                    transport, _ = await loop.create_datagram_endpoint(
+                        _Echo, local_addr=(fallback, 0)
+                    )
+                except OSError:
+                    continue
+
             addr = transport.get_extra_info("sockname")
             self.echo_addresses[relay.family] = (addr[0], addr[1])
             core.probe_peer_ips.add(addr[0])

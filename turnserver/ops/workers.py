@@ -28,6 +28,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from turnserver.ops.config import ConfigError, Settings, build_settings, load_file
 from turnserver.ops.eventlog import setup_logging
+from turnserver.ops.systemd import notify, start_watchdog
 
 log = logging.getLogger("turnserver")
 BUCKETS = 4096  # per-user counts are kept by hash bucket (collisions only make it stricter)
@@ -335,13 +336,31 @@ class Supervisor:
             api = CredentialsApi(api_config(self.settings, list(self.settings.listen)))
             api_runner, _ = await start_api(api, *self.settings.api_listen)
         # Wait until every worker reports its metrics port (its listeners are bound)
-        for _ in range(200):
+        for _ in range(600):
             if all(self.ports[i] for i in range(self.n)):
                 break
-            if any(p is not None and p.exitcode not in (None, 0) for p in self.procs):
-                break
+            failed = [p for p in self.procs if p is not None and p.exitcode not in (None, 0)]
+            if failed:
+                # A worker could not start (the reason is in its log line): give up
+                log.error("a worker failed to start; stopping")
+                self.stopping = True
+                for p in self.procs:
+                    if p is not None and p.is_alive():
+                        p.terminate()
+                    if p is not None:
+                        p.join(10)
+                if runner is not None:
+                    await runner.cleanup()
+                if api_runner is not None:
+                    await api_runner.cleanup()
+                self.shm.close()
+                self.shm.unlink()
+                return 1
             await asyncio.sleep(0.05)
+
         log.info("%d workers serving %s", self.n, ", ".join(str(s) for s in self.settings.listen))
+        notify(f"READY=1\nSTATUS={self.n} workers")
+        start_watchdog(loop)
         if self.show_credential:
             print(
                 credential_banner_text(
@@ -421,5 +440,7 @@ class Supervisor:
             await api_runner.cleanup()
         self.shm.close()
         self.shm.unlink()
+        notify("STOPPING=1")
         log.info("all workers stopped")
+
         return 0
