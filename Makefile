@@ -50,7 +50,13 @@ fuzz: $(STAMP)
 	cp tests/fuzz/corpus/* $(RUNDIR)/fuzz-corpus/
 	PYTHONPATH=. $(BIN)/python tests/fuzz/fuzz_stun.py -runs=$(FUZZ_RUNS) -print_final_stats=1 $(RUNDIR)/fuzz-corpus
 
+# Our server and coturn under the same load; writes benchmarks/RESULTS.md.
+bench: $(STAMP)
+	@command -v turnutils_peer >/dev/null || { echo "make bench needs coturn: apt-get install -y coturn"; exit 2; }
+	$(BIN)/python benchmarks/run.py
+
 # Allocation churn plus relay traffic; prints RSS and fds over time (must stay flat).
+
 SOAK_SECONDS ?= 120
 soak: $(STAMP)
 	$(BIN)/python benchmarks/soak.py --duration $(SOAK_SECONDS)

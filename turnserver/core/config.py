@@ -36,8 +36,8 @@ class CoreConfig:
     strict_expiry: bool = False
     tcp_relay: bool = True  # RFC 6062 TCP allocations
     bandwidth: int = 0  # bytes per second per allocation, both directions; 0: unlimited
-    challenge_rate: float = 100.0  # 401/438 answers over UDP per second per client IP
-    challenge_burst: int = 200  # (many clients may share one NAT address)
+    challenge_rate: float = 1000.0  # 401/438 answers over UDP per second per client IP
+    challenge_burst: int = 2000  # (many clients may share one NAT address)
 
     alternate_server: Address | None = None  # 300 Try Alternate while draining
 

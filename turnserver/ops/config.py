@@ -75,8 +75,8 @@ class Settings:
     public_host: str | None = None
     uris: tuple[str, ...] = ()
     bandwidth_kbps: int = 0
-    challenge_rate: float = 100.0
-    challenge_burst: int = 200
+    challenge_rate: float = 1000.0
+    challenge_burst: int = 2000
 
     drain_timeout: float = 60.0
     alternate_server: tuple[str, int] | None = None

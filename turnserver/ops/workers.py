@@ -71,6 +71,11 @@ class SharedQuotaLedger:
             t[base + b] += 1
         return None
 
+    def close(self) -> None:
+        """Let go of the shared memory (the view first, or close() refuses)."""
+        self._table.release()
+        self._shm.close()
+
     def release(self, user: str) -> None:
         t = self._table
         base = self.index * (BUCKETS + 1)
@@ -131,7 +136,8 @@ def _worker_main(
     async def main() -> int:
         loop = asyncio.get_running_loop()
         server = Server(mine, loop)
-        server.runtime.core.quotas = SharedQuotaLedger(shm_name, workers, index, lock)
+        ledger = SharedQuotaLedger(shm_name, workers, index, lock)
+        server.runtime.core.quotas = ledger
         try:
             await server.start()
         except (OSError, ValueError) as exc:
@@ -170,6 +176,7 @@ def _worker_main(
         for w in waiters:
             w.cancel()
         await server.stop()
+        ledger.close()
         return 0
 
     with asyncio.Runner(loop_factory=factory) as runner:
@@ -298,6 +305,7 @@ class Supervisor:
             workers[str(i)] = {
                 "ok": status == 200,
                 "pid": proc.pid if proc else None,
+                "metrics_port": self.ports[i],
                 "alive": bool(proc and proc.is_alive()),
                 **({"detail": detail} if detail else {}),
             }
