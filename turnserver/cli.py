@@ -173,6 +173,35 @@ def build_parser() -> argparse.ArgumentParser:
         help="stun:/turn:/turns: URI to include (repeatable; with --secret)",
     )
     p = sub.add_parser(
+        "preflight",
+        help="test which network paths to a STUN/TURN server work (a client)",
+        description="Diagnose 'media connection failed': STUN Binding, a TURN allocation and "
+        "a media round trip over each URI; prints a verdict. Exit code 0 when at least one "
+        "media path works.",
+    )
+    p.add_argument(
+        "uris",
+        nargs="*",
+        metavar="URI",
+        help="stun:/turn:/turns: URIs (e.g. turn:turn.example.com:3478?transport=udp)",
+    )
+    p.add_argument("--username", default="", help="TURN username for the URIs given")
+    p.add_argument("--password", default="", help="TURN password for the URIs given")
+    p.add_argument("--secret", help="mint the credential from this TURN REST shared secret")
+    p.add_argument(
+        "--credentials",
+        metavar="URL_OR_FILE",
+        help="a credentials endpoint or a saved response (Twilio Tokens, TURN REST "
+        "draft or RTCConfiguration JSON)",
+    )
+    p.add_argument("--packets", type=int, default=50, help="media packets per path (50/s)")
+    p.add_argument("--timeout", type=float, default=5.0, help="seconds per step")
+    p.add_argument("--ca", metavar="FILE", help="trust this CA/certificate for turns:")
+    p.add_argument(
+        "--insecure", action="store_true", help="do not verify the TLS certificate (testing only)"
+    )
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p = sub.add_parser(
         "selfsigned",
         help="create a self-signed TLS certificate if missing",
         description="Write a self-signed certificate and key (for local "
@@ -286,6 +315,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.command == "mint":
         return _mint(args)
+    if args.command == "preflight":
+        return _preflight(args)
     if args.command == "selfsigned":
         from turnserver.ops.selfsigned import ensure_self_signed
 
@@ -362,3 +393,44 @@ def _mint(args: argparse.Namespace) -> int:
         out = rest_api_credential(cred, uris)
     print(json.dumps(out, indent=2))
     return 0
+
+
+def _preflight(args: argparse.Namespace) -> int:
+    import asyncio
+    import ssl
+    import time
+
+    from turnserver.ops.credentials import mint
+    from turnserver.ops.preflight import (
+        IceUri,
+        as_json,
+        as_table,
+        load_ice_servers,
+        parse_uri,
+        run,
+    )
+
+    try:
+        uris: list[IceUri] = []
+        username, password = args.username, args.password
+        if args.secret:
+            cred = mint(args.secret, username or "preflight", 600, time.time())
+            username, password = cred.username, cred.password
+        uris += [parse_uri(u, username, password) for u in args.uris]
+        if args.credentials:
+            uris += load_ice_servers(args.credentials, args.timeout)
+    except (ValueError, OSError) as exc:
+        print(f"turnserver preflight: {exc}", file=sys.stderr)
+        return 2
+    if not uris:
+        print("turnserver preflight: give URIs or --credentials", file=sys.stderr)
+        return 2
+    ctx = ssl.create_default_context(cafile=args.ca) if args.ca else ssl.create_default_context()
+    if args.insecure:
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    elif args.ca:
+        ctx.check_hostname = False  # a self-signed test certificate has no matching name
+    report = asyncio.run(run(uris, packets=args.packets, timeout=args.timeout, ssl_context=ctx))
+    print(as_json(report) if args.json else as_table(report))
+    return 0 if report.ok else 1

@@ -114,6 +114,24 @@ class Authenticator:
         self.nonces = nonces
         # Users of the server itself (the self-probe); kept across config reloads.
         self.internal_keys: dict[str, bytes] = {}
+        # REST keys by (secret index, username): HMAC + MD5 once per credential, not per
+        # request. Bounded; emptied when full and when the credentials change.
+        self._rest_keys: dict[tuple[int, str], bytes] = {}
+        self._rest_keys_for: Credentials | None = None
+
+    def _rest_key(self, index: int, secret: str, username: str) -> bytes:
+        creds = self.credentials
+        if self._rest_keys_for is not creds:
+            self._rest_keys = {}
+            self._rest_keys_for = creds
+        cache_key = (index, username)
+        key = self._rest_keys.get(cache_key)
+        if key is None:
+            if len(self._rest_keys) >= 50_000:
+                self._rest_keys.clear()
+            key = long_term_key(username, creds.realm, rest_password(secret, username))
+            self._rest_keys[cache_key] = key
+        return key
 
     @property
     def realm(self) -> str:
@@ -143,8 +161,9 @@ class Authenticator:
         if parsed is None:
             raise Unauthorized(f"unknown user {username!r}", reason="bad_credentials")
         expiry, user = parsed
-        for secret in creds.secrets:
-            rest_key = long_term_key(username, creds.realm, rest_password(secret, username))
+        for index, secret in enumerate(creds.secrets):
+            rest_key = self._rest_key(index, secret, username)
+
             if verify_integrity(msg, rest_key):
                 if expiry <= now:
                     raise Unauthorized(

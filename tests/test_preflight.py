@@ -1,0 +1,219 @@
+"""turnserver preflight against our server and coturn, and the failures it must name."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import socket
+import ssl
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from turnserver.ops.credentials import mint
+from turnserver.ops.preflight import IceUri, parse_uri, run
+from turnserver.ops.selfsigned import ensure_self_signed
+
+from .conftest import (
+    ACCOUNT_SID,
+    AUTH_TOKEN,
+    CERT_FILE,
+    IN_CI,
+    SECRET,
+    RunningServer,
+    client_ssl_context,
+    require_tool,
+)
+from .procs import free_port, stun_ping
+
+
+def _uris(server: RunningServer, secret: str = SECRET) -> list[IceUri]:
+    cred = mint(secret, "preflight", 600, time.time())
+    (uh, up), (th, tp), (sh, sp) = (server.address_of(s) for s in ("udp", "tcp", "tls"))
+    texts = [
+        f"stun:{uh}:{up}",
+        f"turn:{uh}:{up}?transport=udp",
+        f"turn:{th}:{tp}?transport=tcp",
+        f"turns:{sh}:{sp}?transport=tcp",
+    ]
+    return [parse_uri(t, cred.username, cred.password) for t in texts]
+
+
+def test_uri_parsing() -> None:
+    u = parse_uri("turns:turn.example.com?transport=tcp", "a", "b")
+    assert (u.scheme, u.host, u.port, u.transport) == ("turns", "turn.example.com", 5349, "tls")
+    assert parse_uri("turn:[2001:db8::1]:3478?transport=tcp").host == "2001:db8::1"
+    assert parse_uri("stun:1.2.3.4").port == 3478
+    with pytest.raises(ValueError):
+        parse_uri("http://x")
+
+
+async def test_all_transports_pass_against_our_server(server: RunningServer) -> None:
+    report = await run(_uris(server), packets=20, timeout=3, ssl_context=client_ssl_context())
+    assert report.ok, report
+    assert report.working_transports == ["udp", "tcp", "tls"]
+    for path in report.paths[1:]:
+        assert path.media_ok and path.loss == 0 and path.rtt_ms is not None, path
+    assert report.ice_servers_order[0].endswith("transport=udp")
+    assert report.paths[0].reflexive.startswith("127.0.0.1:")
+
+
+async def test_wrong_secret_is_explained(server: RunningServer) -> None:
+    report = await run(
+        _uris(server, secret="not-the-secret"),
+        packets=5,
+        timeout=3,
+        ssl_context=client_ssl_context(),
+    )
+    assert not report.ok
+    assert {p.error_code for p in report.paths[1:]} == {401}
+    assert "credentials refused" in report.root_cause
+    assert report.paths[0].reachable  # STUN still answers
+
+
+async def test_closed_ports_and_a_server_that_drops_udp(server: RunningServer) -> None:
+    cred = mint(SECRET, "p", 600, time.time())
+    silent = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # reads and never answers
+    silent.bind(("127.0.0.1", 0))
+    closed_tcp = free_port(socket.SOCK_STREAM)
+    try:
+        uris = [
+            parse_uri(
+                f"turn:127.0.0.1:{silent.getsockname()[1]}?transport=udp",
+                cred.username,
+                cred.password,
+            ),
+            parse_uri(f"turn:127.0.0.1:{closed_tcp}?transport=tcp", cred.username, cred.password),
+        ]
+        report = await run(uris, packets=5, timeout=1.5)
+        assert not report.ok
+        udp, tcp = report.paths
+        assert "no answer over udp" in udp.explanation
+        assert "connection refused" in tcp.explanation
+        assert "unreachable" in report.root_cause
+        # UDP dropped, TCP fine: TURN over TCP is the path, and TURN is required
+        th, tp = server.address_of("tcp")
+        uris[1] = parse_uri(f"turn:{th}:{tp}?transport=tcp", cred.username, cred.password)
+        report = await run(uris, packets=5, timeout=1.5)
+        assert report.ok and report.working_transports == ["tcp"]
+        assert report.turn_required is True
+    finally:
+        silent.close()
+
+
+async def test_reads_a_saved_twilio_tokens_response(server: RunningServer, tmp_path: Path) -> None:
+    async with aiohttp.ClientSession() as session:
+        import base64
+
+        auth = base64.b64encode(f"{ACCOUNT_SID}:{AUTH_TOKEN}".encode()).decode()
+        async with session.post(
+            f"{server.api_base}/2010-04-01/Accounts/{ACCOUNT_SID}/Tokens.json",
+            headers={"Authorization": f"Basic {auth}"},
+        ) as resp:
+            saved = tmp_path / "token.json"
+            saved.write_text(json.dumps(await resp.json()))
+    from turnserver.ops.preflight import load_ice_servers
+
+    uris = load_ice_servers(str(saved))
+    assert {u.scheme for u in uris} == {"stun", "turn", "turns"}
+    report = await run(uris, packets=5, timeout=3, ssl_context=client_ssl_context())
+    assert report.ok and set(report.working_transports) == {"udp", "tcp", "tls"}
+
+
+def _coturn() -> str:
+    uclient = require_tool("turnutils_uclient")
+    exe = str(Path(uclient).parent / "turnserver")  # coturn's, not our console script
+    if not os.path.exists(exe):
+        if IN_CI:
+            pytest.fail(f"coturn's turnserver not found next to {uclient}")
+        pytest.skip("coturn's turnserver is not installed")
+    return exe
+
+
+def test_cli_against_coturn(tmp_path: Path) -> None:
+    exe = _coturn()
+    port, tls_port = free_port(), free_port(socket.SOCK_STREAM)
+    cert, key = str(tmp_path / "c.pem"), str(tmp_path / "k.pem")
+    ensure_self_signed(cert, key, ["localhost", "127.0.0.1"])
+    proc = subprocess.Popen(
+        [
+            exe,
+            "-n",
+            "--listening-ip=127.0.0.1",
+            f"--listening-port={port}",
+            f"--tls-listening-port={tls_port}",
+            f"--cert={cert}",
+            f"--pkey={key}",
+            "--relay-ip=127.0.0.1",
+            "--min-port=41000",
+            "--max-port=41100",
+            "--use-auth-secret",
+            "--static-auth-secret=coturn-secret",
+            "--realm=example.org",
+            "--allow-loopback-peers",
+            "--no-dtls",
+            "--no-cli",
+            "--log-file=/dev/null",
+            "--no-stdout-log",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while not stun_ping(("127.0.0.1", port)):
+            assert proc.poll() is None and time.monotonic() < deadline, "coturn did not start"
+        base = [
+            sys.executable,
+            "-m",
+            "turnserver",
+            "preflight",
+            "--secret",
+            "coturn-secret",
+            "--ca",
+            cert,
+            "--packets",
+            "10",
+            "--timeout",
+            "3",
+        ]
+        uris = [
+            f"stun:127.0.0.1:{port}",
+            f"turn:127.0.0.1:{port}?transport=udp",
+            f"turn:127.0.0.1:{port}?transport=tcp",
+            f"turns:127.0.0.1:{tls_port}",
+        ]
+        done = subprocess.run([*base, "--json", *uris], capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stdout + done.stderr
+        report = json.loads(done.stdout)
+        assert report["working_transports"] == ["udp", "tcp", "tls"]
+        table = subprocess.run([*base, *uris], capture_output=True, text=True, timeout=60)
+        assert "verdict: media can flow through udp, tcp, tls" in table.stdout
+        wrong = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "turnserver",
+                "preflight",
+                "--secret",
+                "nope",
+                "--timeout",
+                "2",
+                f"turn:127.0.0.1:{port}?transport=udp",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert wrong.returncode == 1
+        assert "credentials refused" in wrong.stdout
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    _ = (shutil, ssl, asyncio, CERT_FILE)

@@ -1,0 +1,396 @@
+"""Preflight: which network path to a STUN/TURN server works, and why not.
+
+A client that works against any TURN server. For each URI: STUN Binding, an allocation
+over the URI's transport (the server's error code explained), and a media round trip
+through the relay to a second local socket of ours (N packets at 50/s: loss, RTT,
+jitter). Then a verdict per path and overall, like Twilio's preflight: which transports
+work, whether TURN is required, the iceServers order to use, the likely root cause.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import os
+import ssl
+import statistics
+import time
+import urllib.parse
+import urllib.request
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from turnserver.ops.turnclient import TurnClient, TurnClientError
+from turnserver.stun.attributes import Address
+
+CHANNEL = 0x4000
+
+
+@dataclass(frozen=True)
+class IceUri:
+    """A parsed stun:, turn: or turns: URI (RFC 7064, RFC 7065)."""
+
+    scheme: str  # stun, turn, turns
+    host: str
+    port: int
+    transport: str  # udp, tcp, tls
+    username: str = ""
+    credential: str = ""
+
+    @property
+    def text(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        query = (
+            ""
+            if self.scheme == "stun"
+            else (f"?transport={'tcp' if self.transport == 'tls' else self.transport}")
+        )
+        return f"{self.scheme}:{host}:{self.port}{query}"
+
+
+def parse_uri(uri: str, username: str = "", credential: str = "") -> IceUri:
+    """stun:host[:port], turn:host[:port][?transport=udp|tcp], turns:host[:port]."""
+    scheme, sep, rest = uri.partition(":")
+    scheme = scheme.lower()
+    if not sep or scheme not in ("stun", "stuns", "turn", "turns"):
+        raise ValueError(f"not a STUN/TURN URI: {uri!r}")
+    rest, _, query = rest.partition("?")
+    params = urllib.parse.parse_qs(query)
+    transport = params.get("transport", ["udp" if scheme in ("stun", "turn") else "tcp"])[0]
+    if transport not in ("udp", "tcp"):
+        raise ValueError(f"unknown transport in {uri!r}")
+    secure = scheme in ("turns", "stuns")
+    if rest.startswith("["):
+        host, _, port_text = rest[1:].partition("]")
+        port_text = port_text.lstrip(":")
+    else:
+        host, _, port_text = rest.partition(":")
+    port = int(port_text) if port_text else (5349 if secure else 3478)
+    return IceUri(
+        "stun" if scheme.startswith("stun") else scheme,
+        host,
+        port,
+        "tls" if secure else transport,
+        username,
+        credential,
+    )
+
+
+def load_ice_servers(source: str, timeout: float = 10.0) -> list[IceUri]:
+    """URIs and credentials from a credentials endpoint (URL) or a saved JSON file:
+    Twilio's Tokens response, the TURN REST draft, or an RTCConfiguration."""
+    if source.startswith(("http://", "https://")):
+        with urllib.request.urlopen(source, timeout=timeout) as resp:
+            data = json.loads(resp.read())
+    else:
+        with open(source, encoding="utf-8") as fh:
+            data = json.load(fh)
+    out: list[IceUri] = []
+    if "ice_servers" in data or "iceServers" in data:
+        for entry in data.get("ice_servers") or data.get("iceServers") or []:
+            urls = entry.get("urls") or entry.get("url") or []
+            for url in [urls] if isinstance(urls, str) else urls:
+                out.append(parse_uri(url, entry.get("username", ""), entry.get("credential", "")))
+    elif "uris" in data:
+        out += [
+            parse_uri(u, data.get("username", ""), data.get("password", "")) for u in data["uris"]
+        ]
+    else:
+        raise ValueError("no ice_servers, iceServers or uris in the credentials")
+    return out
+
+
+@dataclass
+class PathResult:
+    """One URI's outcome."""
+
+    uri: str
+    transport: str
+    reachable: bool = False
+    reflexive: str = ""
+    relayed: str = ""
+    allocation: str = ""  # "ok" or the error
+    error_code: int | None = None
+    explanation: str = ""
+    media_ok: bool = False
+    sent: int = 0
+    received: int = 0
+    loss: float | None = None
+    rtt_ms: float | None = None
+    jitter_ms: float | None = None
+    seconds: float = 0.0
+
+
+@dataclass
+class Report:
+    paths: list[PathResult] = field(default_factory=list)
+    nat_mapping: str = "unknown"
+    working_transports: list[str] = field(default_factory=list)
+    turn_required: bool | None = None
+    ice_servers_order: list[str] = field(default_factory=list)
+    verdict: str = ""
+    root_cause: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.working_transports)
+
+
+EXPLAIN = {
+    401: "credentials refused: wrong shared secret or password, wrong realm, or the "
+    "credential has expired (check the minting secret and TTL)",
+    438: "stale nonce: the server kept rejecting our nonce (clock skew between servers "
+    "behind one name, or a load balancer moving us between servers)",
+    403: "the server's peer policy refused the media peer (a private address?)",
+    437: "allocation mismatch: this 5-tuple already had an allocation",
+    440: "the server has no relay address of the requested family",
+    441: "wrong credentials for this allocation",
+    442: "the server does not support this transport",
+    486: "allocation quota reached for this user or the server",
+    508: "the server is out of capacity (relay ports exhausted) or draining",
+    300: "the server is draining and sent us to an alternate server",
+}
+
+
+def explain(exc: TurnClientError, transport: str) -> str:
+    if exc.code is not None:
+        return EXPLAIN.get(exc.code, f"the server refused with {exc.code} {exc.reason}")
+    text = str(exc)
+    if "cannot reach" in text and ("refused" in text.lower() or "Errno 111" in text):
+        return f"nothing listens there over {transport} (connection refused)"
+    if "no answer" in text or "timed out" in text.lower():
+        return (
+            f"no answer over {transport}: a firewall drops it, or nothing listens "
+            "(UDP gives no error)"
+        )
+    if "CERTIFICATE" in text.upper() or "SSL" in text.upper():
+        return "TLS failed: the server's certificate is not trusted or not valid"
+    return text
+
+
+async def _peer_socket(family_v6: bool) -> tuple[asyncio.DatagramTransport, Any]:
+    class Echo(asyncio.DatagramProtocol):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            self.transport = transport
+
+        def datagram_received(self, data: bytes, addr: Address) -> None:
+            self.transport.sendto(data, addr)  # type: ignore[attr-defined]
+
+    loop = asyncio.get_running_loop()
+    transport, proto = await loop.create_datagram_endpoint(
+        Echo, local_addr=("::" if family_v6 else "0.0.0.0", 0)
+    )
+    return transport, proto
+
+
+async def _peer_reflexive(
+    uri: IceUri, peer_port: int, timeout: float, local_host: str
+) -> Address | None:
+    """How the server sees our peer socket's address: ask over STUN from a socket of the
+    same address (the peer socket itself is busy echoing)."""
+    try:
+        probe = await TurnClient.connect("udp", (uri.host, uri.port), timeout=timeout)
+    except TurnClientError:
+        return None
+    try:
+        mapped = await probe.binding()
+        return mapped[0], peer_port
+    except TurnClientError:
+        return None
+    finally:
+        probe.close()
+
+
+async def check_path(
+    uri: IceUri, *, packets: int, timeout: float, ssl_context: ssl.SSLContext | None
+) -> PathResult:
+    """STUN Binding, then for turn/turns an allocation and a media round trip."""
+    result = PathResult(uri.text, uri.transport)
+    started = time.monotonic()
+    client: TurnClient | None = None
+    peer_transport: asyncio.DatagramTransport | None = None
+    try:
+        client = await TurnClient.connect(
+            uri.transport,
+            (uri.host, uri.port),
+            uri.username,
+            uri.credential,
+            ssl_context=ssl_context,
+            server_hostname=uri.host,
+            timeout=timeout,
+        )
+        mapped = await client.binding()
+        result.reachable = True
+        result.reflexive = f"{mapped[0]}:{mapped[1]}"
+        if uri.scheme == "stun":
+            result.allocation = "n/a"
+            return result
+        relayed, _ = await client.allocate(lifetime=120)
+        result.relayed = f"{relayed[0]}:{relayed[1]}"
+        result.allocation = "ok"
+        # The media peer: a second local UDP socket, as the server sees it
+        v6 = ":" in relayed[0]
+        peer_transport, _ = await _peer_socket(v6)
+        peer_port = peer_transport.get_extra_info("sockname")[1]
+        if uri.host in ("127.0.0.1", "::1", "localhost"):
+            peer: Address | None = (uri.host if uri.host != "localhost" else "127.0.0.1", peer_port)
+        else:
+            peer = await _peer_reflexive(uri, peer_port, timeout, client.local[0])
+        if peer is None:
+            result.explanation = "could not learn our media peer's address over STUN"
+            return result
+        await client.create_permission(peer)
+        await client.channel_bind(CHANNEL, peer)
+        rtts: list[float] = []
+        for seq in range(packets):
+            stamp = time.perf_counter()
+            client.send_channel(CHANNEL, seq.to_bytes(4, "big") + os.urandom(156))
+            result.sent += 1
+            try:
+                _, data = await client.receive(0.02 if seq < packets - 1 else 1.0)
+                if int.from_bytes(data[:4], "big") == seq:
+                    rtts.append(time.perf_counter() - stamp)
+                    result.received += 1
+            except TurnClientError:
+                pass
+            await asyncio.sleep(max(0.0, 0.02 - (time.perf_counter() - stamp)))
+        result.loss = 1 - result.received / max(1, result.sent)
+        if rtts:
+            result.rtt_ms = statistics.median(rtts) * 1000
+            result.jitter_ms = (
+                statistics.mean(abs(a - b) for a, b in itertools.pairwise(rtts)) * 1000
+                if len(rtts) > 1
+                else 0.0
+            )
+        result.media_ok = result.received > 0 and (result.loss or 0) < 0.5
+        if not result.media_ok:
+            result.explanation = "allocated, but media did not come back through the relay"
+        await client.refresh(0)
+    except TurnClientError as exc:
+        result.error_code = exc.code
+        result.explanation = explain(exc, uri.transport)
+        if result.reachable:
+            result.allocation = f"{exc.code} {exc.reason}" if exc.code else str(exc)
+    finally:
+        if client is not None:
+            client.close()
+        if peer_transport is not None:
+            peer_transport.close()
+        result.seconds = round(time.monotonic() - started, 3)
+    return result
+
+
+async def nat_mapping(uris: list[IceUri], timeout: float) -> str:
+    """Compare the reflexive address one local socket gets from two server addresses."""
+    targets = sorted({(u.host, u.port) for u in uris if u.transport == "udp"})
+    if len(targets) < 2:
+        return "unknown (one UDP server address only)"
+    mapped: list[Address] = []
+    try:
+        client = await TurnClient.connect("udp", targets[0], timeout=timeout)
+        mapped.append(await client.binding())
+        local = client.local
+        client.close()
+        await asyncio.sleep(0.05)
+        other = await TurnClient.connect("udp", targets[1], timeout=timeout, local=local)
+        mapped.append(await other.binding())
+        other.close()
+    except (TurnClientError, OSError):
+        return "unknown (binding failed)"
+    if mapped[0] == mapped[1]:
+        return "endpoint-independent (direct connections likely work)"
+    return "address-dependent or symmetric (direct connections likely fail: TURN needed)"
+
+
+def verdict(report: Report) -> None:
+    turn_paths = [p for p in report.paths if p.uri.startswith("turn")]
+    working = [p for p in turn_paths if p.media_ok]
+    order = {"udp": 0, "tcp": 1, "tls": 2}
+    report.working_transports = sorted({p.transport for p in working}, key=order.__getitem__)
+    report.ice_servers_order = [
+        p.uri for p in sorted(working, key=lambda p: (order[p.transport], p.rtt_ms or 0))
+    ]
+    udp_ok = any(p.transport == "udp" and p.reachable for p in report.paths)
+    symmetric = report.nat_mapping.startswith("address-dependent")
+    report.turn_required = (not udp_ok) or symmetric
+    if working:
+        report.verdict = "media can flow through " + ", ".join(report.working_transports)
+        failed = [p for p in turn_paths if not p.media_ok]
+        if failed:
+            report.root_cause = "; ".join(f"{p.uri}: {p.explanation}" for p in failed)
+        return
+    report.verdict = "no media path works"
+    codes = {p.error_code for p in turn_paths if p.error_code}
+    if codes & {401, 438, 441}:
+        report.root_cause = EXPLAIN[401] if 401 in codes else EXPLAIN[min(codes & {438, 441})]
+    elif not any(p.reachable for p in report.paths):
+        report.root_cause = (
+            "the server is unreachable on every transport tried: a firewall, "
+            "a wrong address, or the server is down"
+        )
+    elif turn_paths and all(p.allocation == "ok" for p in turn_paths):
+        report.root_cause = (
+            "allocations work but media does not come back: the server's "
+            "advertised relay address is wrong (NAT) or its peer policy "
+            "refuses us"
+        )
+    else:
+        report.root_cause = (
+            "; ".join(f"{p.uri}: {p.explanation}" for p in turn_paths) or "no TURN URI was given"
+        )
+
+
+async def run(
+    uris: list[IceUri],
+    *,
+    packets: int = 50,
+    timeout: float = 5.0,
+    ssl_context: ssl.SSLContext | None = None,
+) -> Report:
+    report = Report()
+    report.paths = list(
+        await asyncio.gather(
+            *(
+                check_path(u, packets=packets, timeout=timeout, ssl_context=ssl_context)
+                for u in uris
+            )
+        )
+    )
+    report.nat_mapping = await nat_mapping(uris, timeout)
+    verdict(report)
+    return report
+
+
+def as_json(report: Report) -> str:
+    return json.dumps({**asdict(report), "ok": report.ok}, indent=2)
+
+
+def as_table(report: Report) -> str:
+    rows = [("URI", "reach", "allocation", "media", "loss", "RTT ms", "jitter ms", "why")]
+    for p in report.paths:
+        rows.append(
+            (
+                p.uri,
+                "yes" if p.reachable else "no",
+                p.allocation or "-",
+                "ok" if p.media_ok else ("-" if p.uri.startswith("stun") else "FAIL"),
+                f"{p.loss:.0%}" if p.loss is not None else "-",
+                f"{p.rtt_ms:.1f}" if p.rtt_ms is not None else "-",
+                f"{p.jitter_ms:.1f}" if p.jitter_ms is not None else "-",
+                p.explanation or "",
+            )
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+    lines = [
+        "  ".join(c.ljust(w) for c, w in zip(r[:-1], widths, strict=True)) + "  " + r[-1]
+        for r in rows
+    ]
+    lines.append("")
+    lines.append(f"verdict: {report.verdict}")
+    lines.append(f"TURN required: {report.turn_required}   NAT mapping: {report.nat_mapping}")
+    if report.ice_servers_order:
+        lines.append("use iceServers in this order: " + ", ".join(report.ice_servers_order))
+    if report.root_cause:
+        lines.append(f"likely cause: {report.root_cause}")
+    return "\n".join(lines)
