@@ -15,6 +15,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from importlib import resources
 from typing import Any
 
 from aiohttp import web
@@ -45,6 +46,7 @@ class ApiConfig:
     max_ttl: int = 86400
     rate_per_second: float = 10.0
     rate_burst: int = 20
+    preflight_page: bool = True
 
 
 @dataclass
@@ -84,6 +86,10 @@ def _equal(a: str, b: str) -> bool:
     return hmac.compare_digest(a.encode(), b.encode())
 
 
+def _static(name: str) -> str:
+    return resources.files("turnserver.ops").joinpath("static", name).read_text("utf-8")
+
+
 def twilio_error(status: int, code: int, message: str) -> web.Response:
     """Twilio's error body: code, message, more_info, status."""
     return web.json_response(
@@ -113,7 +119,10 @@ class CredentialsApi:
         )
         self.app.router.add_get("/api/v1/turn-credentials", self.turn_credentials)
         self.app.router.add_get("/api/v1/ice-servers", self.ice_servers)
-        self.extra_routes: list[str] = []
+        # The browser network test page (plain HTML and JS, no build step)
+        self.app.router.add_get("/preflight", self.preflight_page)
+        self.app.router.add_get("/preflight.js", self.preflight_script)
+        self.app.router.add_get("/preflight/credentials", self.preflight_credentials)
 
     def reconfigure(self, config: ApiConfig) -> None:
         """New secrets, accounts, keys or URIs (SIGHUP)."""
@@ -232,6 +241,29 @@ class CredentialsApi:
         if not self.config.secrets:
             return json_error(503, "no shared secret configured"), None
         return None, mint(self.config.secrets[0], username, ttl, self.clock())
+
+    async def preflight_page(self, request: web.Request) -> web.Response:
+        if not self.config.preflight_page:
+            return json_error(404, "the network test page is turned off (api.preflight_page)")
+        return web.Response(text=_static("preflight.html"), content_type="text/html")
+
+    async def preflight_script(self, request: web.Request) -> web.Response:
+        if not self.config.preflight_page:
+            return json_error(404, "the network test page is turned off (api.preflight_page)")
+        return web.Response(text=_static("preflight.js"), content_type="application/javascript")
+
+    async def preflight_credentials(self, request: web.Request) -> web.Response:
+        """A 5-minute credential for the test page (rate limited like every endpoint).
+        `?bad=1` hands out a wrong password, to show what a credential failure looks like."""
+        if not self.config.preflight_page:
+            return json_error(404, "the network test page is turned off (api.preflight_page)")
+        if not self.config.secrets:
+            return json_error(503, "no shared secret configured")
+        cred = mint(self.config.secrets[0], "preflight-page", 300, self.clock())
+        body = rest_api_credential(cred, self.config.uris)
+        if request.query.get("bad"):
+            body["password"] = "deliberately-wrong"
+        return web.json_response(body, headers={"Cache-Control": "no-store"})
 
     async def turn_credentials(self, request: web.Request) -> web.Response:
         """GET /api/v1/turn-credentials?service=turn&username=ID (TURN REST API draft)."""

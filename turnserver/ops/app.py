@@ -194,6 +194,7 @@ def api_config(settings: Settings, listen: list[ListenAddress]) -> ApiConfig:
         max_ttl=settings.api_max_ttl,
         rate_per_second=settings.api_rate,
         rate_burst=settings.api_burst,
+        preflight_page=settings.preflight_page,
     )
 
 

@@ -73,6 +73,7 @@ class Settings:
     api_rate: float = 10.0
     api_burst: int = 20
     public_host: str | None = None
+    preflight_page: bool = True
     uris: tuple[str, ...] = ()
     bandwidth_kbps: int = 0
     challenge_rate: float = 1000.0
@@ -312,6 +313,7 @@ SCHEMA: dict[str, tuple[str, Check]] = {
     "api.rate_burst": ("api_burst", _int(1, 100000)),
     "api.public_host": ("public_host", _opt_str),
     "api.uris": ("uris", _str_list),
+    "api.preflight_page": ("preflight_page", _bool),
     "auth.nonce_lifetime": ("nonce_lifetime", _int(30, 86400)),
     "auth.strict_expiry": ("strict_expiry", _bool),
     "relay.ip": ("relay_ips", _ip_list),

@@ -1,0 +1,130 @@
+"""The /preflight page in headless Chromium: relay/relay over UDP, TCP and TLS against our
+server, and the failure for a bad credential. Driven over the DevTools protocol."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from turnserver.ops.selfsigned import spki_sha256
+
+from .conftest import CERT_FILE, IN_CI, RunningServer
+
+pytestmark = pytest.mark.asyncio(loop_factories=["asyncio"])
+
+
+def chromium() -> str:
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        path = shutil.which(name)
+        if path:
+            return path
+    if IN_CI:
+        pytest.fail("chromium not found (apt-get install chromium); .ci/run installs it")
+    pytest.skip("chromium not found (apt-get install chromium)")
+
+
+async def run_page(url: str, timeout: float = 90.0) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory() as profile:
+        proc = await asyncio.create_subprocess_exec(
+            chromium(),
+            "--headless=new",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            f"--user-data-dir={profile}",
+            "--remote-debugging-port=0",
+            "--allow-loopback-in-peer-connection",
+            f"--ignore-certificate-errors-spki-list={spki_sha256(CERT_FILE)}",
+            "--use-fake-ui-for-media-stream",
+            "--use-fake-device-for-media-stream",
+            "--autoplay-policy=no-user-gesture-required",
+            url,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL,
+        )
+        try:
+            port_file = Path(profile) / "DevToolsActivePort"
+            for _ in range(200):
+                if port_file.exists() and port_file.read_text().strip():
+                    break
+                await asyncio.sleep(0.05)
+            port = int(port_file.read_text().split()[0])
+            async with aiohttp.ClientSession() as session:
+                pages: list[dict[str, Any]] = []
+                for _ in range(100):
+                    async with session.get(f"http://127.0.0.1:{port}/json/list") as resp:
+                        pages = [p for p in await resp.json() if "/preflight" in p.get("url", "")]
+                    if pages:
+                        break
+                    await asyncio.sleep(0.1)
+                async with session.ws_connect(
+                    pages[0]["webSocketDebuggerUrl"], max_msg_size=0
+                ) as ws:
+                    deadline = asyncio.get_running_loop().time() + timeout
+                    ident = 0
+                    while asyncio.get_running_loop().time() < deadline:
+                        ident += 1
+                        await ws.send_json(
+                            {
+                                "id": ident,
+                                "method": "Runtime.evaluate",
+                                "params": {
+                                    "expression": "JSON.stringify(window.preflightReport || null)",
+                                    "returnByValue": True,
+                                },
+                            }
+                        )
+                        while True:
+                            msg = await ws.receive_json(timeout=10)
+                            if msg.get("id") == ident:
+                                break
+                        value = msg["result"]["result"].get("value")
+                        if value and value != "null":
+                            report: dict[str, Any] = json.loads(value)
+                            return report
+                        await asyncio.sleep(0.5)
+            raise AssertionError("the page did not finish")
+        finally:
+            proc.terminate()
+            await proc.wait()
+
+
+async def test_page_connects_relay_relay_over_every_transport(server: RunningServer) -> None:
+    report = await run_page(f"{server.api_base}/preflight")
+    assert "error" not in report, report
+    by_transport = {r["transport"]: r for r in report["results"]}
+    assert set(by_transport) == {"udp", "tcp", "tls"}, report
+    for transport, r in by_transport.items():
+        assert r["ok"], (transport, r)
+        assert r["pair"]["localType"] == "relay" and r["pair"]["remoteType"] == "relay"
+        assert r["dataEcho"]
+        assert r["rttMs"] is not None
+    assert report["verdict"] == "media flows through udp, tcp, tls"
+
+
+async def test_page_shows_a_bad_credential(server: RunningServer) -> None:
+    report = await run_page(f"{server.api_base}/preflight?bad=1", timeout=120)
+    assert report["results"] and not any(r["ok"] for r in report["results"])
+    errors = " ".join(e for r in report["results"] for e in r["turnErrors"])
+    assert "401" in errors or any(r["error"] for r in report["results"]), report
+    assert report["verdict"] == "no relay path works"
+
+
+@pytest.mark.server_settings(preflight_page=False)
+async def test_page_can_be_turned_off(server: RunningServer) -> None:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"{server.api_base}/preflight") as resp,
+    ):
+        assert resp.status == 404
