@@ -232,10 +232,20 @@ class Metrics:
         r.register(self.collector)
         self._last_duration: float | None = None
         self.internal_users: frozenset[str] = frozenset()
+        self._children: dict[tuple[int, tuple[str, ...]], Counter] = {}
+        self._histograms: dict[tuple[int, tuple[str, ...]], Histogram] = {}
 
     def observe_request_duration(self, seconds: float | None) -> None:
         """The I/O layer timed the call whose events follow (None: no longer timing)."""
         self._last_duration = seconds
+
+    def _child(self, metric: Counter, *labels: str) -> Counter:
+        """metric.labels(...) with a cache: the lookup is slow on the request path."""
+        key = (id(metric), labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
 
     def on_event(self, event: ev.Event) -> None:
         """The event sink: one counter update per control-plane event."""
@@ -243,22 +253,29 @@ class Metrics:
             return  # the self-probe reports through turn_probe_*, not as user traffic
         if isinstance(event, ev.RequestHandled):
             result = "success" if event.code == 0 else str(int(event.code))
-            self.requests.labels(event.method, result).inc()
+            self._child(self.requests, event.method, result).inc()
             if self._last_duration is not None:
-                self.request_duration.labels(event.method).observe(self._last_duration)
+                key = (id(self.request_duration), (event.method,))
+                hist = self._histograms.get(key)
+                if hist is None:
+                    hist = self._histograms[key] = self.request_duration.labels(event.method)
+                hist.observe(self._last_duration)
         elif isinstance(event, ev.AllocationCreated):
-            self.allocations_total.labels(event.five_tuple.transport.value).inc()
+            self._child(self.allocations_total, event.five_tuple.transport.value).inc()
         elif isinstance(event, ev.AllocationRefused):
-            self.allocation_failures.labels(
-                event.five_tuple.transport.value, str(int(event.code)), event.reason
+            self._child(
+                self.allocation_failures,
+                event.five_tuple.transport.value,
+                str(int(event.code)),
+                event.reason,
             ).inc()
             if event.reason == "unauthenticated":
-                self.auth_failures.labels("unauthenticated").inc()
+                self._child(self.auth_failures, "unauthenticated").inc()
         elif isinstance(event, ev.AuthFailed):
-            self.auth_failures.labels(event.reason).inc()
+            self._child(self.auth_failures, event.reason).inc()
         elif isinstance(event, ev.AllocationEnded):
             self.allocation_lifetime.observe(event.duration)
         elif isinstance(event, ev.PeerDenied):
             self.peer_denied.inc()
         elif isinstance(event, ev.ConnectionClosed):
-            self.connections_closed.labels(event.reason).inc()
+            self._child(self.connections_closed, event.reason).inc()

@@ -11,6 +11,7 @@ import ipaddress
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 from turnserver.stun.constants import MAGIC_COOKIE, MAGIC_COOKIE_BYTES, AddressFamily, Attr
@@ -37,11 +38,16 @@ def _decode_address(raw: bytes, tid: bytes) -> Address:
     raise StunDecodeError(f"bad address family {family} or length {len(raw)}")
 
 
-def _encode_address(value: Address, tid: bytes) -> bytes:
-    host, port = value[0], value[1]
+@lru_cache(maxsize=8192)
+def _pack_ip(host: str) -> tuple[int, bytes]:
+    """(address family octet, packed address); parsing text addresses is slow."""
     ip = ipaddress.ip_address(host)
-    family = AddressFamily.IPV4 if ip.version == 4 else AddressFamily.IPV6
-    return _ADDR_HEAD.pack(family, port) + ip.packed
+    return (AddressFamily.IPV4 if ip.version == 4 else AddressFamily.IPV6), ip.packed
+
+
+def _encode_address(value: Address, tid: bytes) -> bytes:
+    family, packed = _pack_ip(value[0])
+    return _ADDR_HEAD.pack(family, value[1]) + packed
 
 
 def _xor_bytes(body: bytes, tid: bytes) -> bytes:
@@ -66,10 +72,8 @@ def _decode_xor_address(raw: bytes, tid: bytes) -> Address:
 
 
 def _encode_xor_address(value: Address, tid: bytes) -> bytes:
-    host, port = value[0], value[1]
-    ip = ipaddress.ip_address(host)
-    family = AddressFamily.IPV4 if ip.version == 4 else AddressFamily.IPV6
-    return _ADDR_HEAD.pack(family, port ^ _XOR_PORT) + _xor_bytes(ip.packed, tid)
+    family, packed = _pack_ip(value[0])
+    return _ADDR_HEAD.pack(family, value[1] ^ _XOR_PORT) + _xor_bytes(packed, tid)
 
 
 def _decode_u32(raw: bytes, tid: bytes) -> int:
