@@ -19,7 +19,6 @@ import time
 import urllib.parse
 import urllib.request
 from dataclasses import asdict, dataclass, field
-from typing import Any
 
 from turnserver.ops.turnclient import TurnClient, TurnClientError
 from turnserver.stun.attributes import Address
@@ -169,37 +168,14 @@ def explain(exc: TurnClientError, transport: str) -> str:
     return text
 
 
-async def _peer_socket(family_v6: bool) -> tuple[asyncio.DatagramTransport, Any]:
-    class Echo(asyncio.DatagramProtocol):
-        def connection_made(self, transport: asyncio.BaseTransport) -> None:
-            self.transport = transport
-
-        def datagram_received(self, data: bytes, addr: Address) -> None:
-            self.transport.sendto(data, addr)  # type: ignore[attr-defined]
-
-    loop = asyncio.get_running_loop()
-    transport, proto = await loop.create_datagram_endpoint(
-        Echo, local_addr=("::" if family_v6 else "0.0.0.0", 0)
-    )
-    return transport, proto
-
-
-async def _peer_reflexive(
-    uri: IceUri, peer_port: int, timeout: float, local_host: str
-) -> Address | None:
-    """How the server sees our peer socket's address: ask over STUN from a socket of the
-    same address (the peer socket itself is busy echoing)."""
-    try:
-        probe = await TurnClient.connect("udp", (uri.host, uri.port), timeout=timeout)
-    except TurnClientError:
-        return None
-    try:
-        mapped = await probe.binding()
-        return mapped[0], peer_port
-    except TurnClientError:
-        return None
-    finally:
-        probe.close()
+async def _echo(peer: TurnClient, to: Address) -> None:
+    """Send back whatever arrives at the peer allocation (a Send indication to `to`)."""
+    while True:
+        try:
+            _, data = await peer.receive(3600)
+        except TurnClientError:
+            return
+        peer.send_indication(to, data)
 
 
 async def check_path(
@@ -209,7 +185,6 @@ async def check_path(
     result = PathResult(uri.text, uri.transport)
     started = time.monotonic()
     client: TurnClient | None = None
-    peer_transport: asyncio.DatagramTransport | None = None
     try:
         client = await TurnClient.connect(
             uri.transport,
@@ -229,32 +204,43 @@ async def check_path(
         relayed, _ = await client.allocate(lifetime=120)
         result.relayed = f"{relayed[0]}:{relayed[1]}"
         result.allocation = "ok"
-        # The media peer: a second local UDP socket, as the server sees it
-        v6 = ":" in relayed[0]
-        peer_transport, _ = await _peer_socket(v6)
-        peer_port = peer_transport.get_extra_info("sockname")[1]
-        if uri.host in ("127.0.0.1", "::1", "localhost"):
-            peer: Address | None = (uri.host if uri.host != "localhost" else "127.0.0.1", peer_port)
-        else:
-            peer = await _peer_reflexive(uri, peer_port, timeout, client.local[0])
-        if peer is None:
-            result.explanation = "could not learn our media peer's address over STUN"
-            return result
-        await client.create_permission(peer)
-        await client.channel_bind(CHANNEL, peer)
+        # The media peer: a second allocation of ours over the same transport, so both
+        # legs use the path under test whatever NAT or firewall we sit behind.
+        peer_client = await TurnClient.connect(
+            uri.transport,
+            (uri.host, uri.port),
+            uri.username,
+            uri.credential,
+            ssl_context=ssl_context,
+            server_hostname=uri.host,
+            timeout=timeout,
+        )
+        peer_relayed, _ = await peer_client.allocate(lifetime=120)
+        await client.create_permission(peer_relayed)
+        await client.channel_bind(CHANNEL, peer_relayed)
+        await peer_client.create_permission(relayed)
+        echo = asyncio.get_running_loop().create_task(_echo(peer_client, relayed))
         rtts: list[float] = []
-        for seq in range(packets):
-            stamp = time.perf_counter()
-            client.send_channel(CHANNEL, seq.to_bytes(4, "big") + os.urandom(156))
-            result.sent += 1
-            try:
-                _, data = await client.receive(0.02 if seq < packets - 1 else 1.0)
-                if int.from_bytes(data[:4], "big") == seq:
-                    rtts.append(time.perf_counter() - stamp)
-                    result.received += 1
-            except TurnClientError:
-                pass
-            await asyncio.sleep(max(0.0, 0.02 - (time.perf_counter() - stamp)))
+        try:
+            for seq in range(packets):
+                stamp = time.perf_counter()
+                client.send_channel(CHANNEL, seq.to_bytes(4, "big") + os.urandom(156))
+                result.sent += 1
+                deadline = stamp + (0.02 if seq < packets - 1 else 1.0)
+                while (left := deadline - time.perf_counter()) > 0:
+                    try:
+                        _, data = await client.receive(left)
+                    except TurnClientError:
+                        break
+                    if int.from_bytes(data[:4], "big") == seq:
+                        rtts.append(time.perf_counter() - stamp)
+                        result.received += 1
+                        break
+                await asyncio.sleep(max(0.0, 0.02 - (time.perf_counter() - stamp)))
+        finally:
+            echo.cancel()
+            await peer_client.refresh(0)
+            peer_client.close()
         result.loss = 1 - result.received / max(1, result.sent)
         if rtts:
             result.rtt_ms = statistics.median(rtts) * 1000
@@ -275,8 +261,6 @@ async def check_path(
     finally:
         if client is not None:
             client.close()
-        if peer_transport is not None:
-            peer_transport.close()
         result.seconds = round(time.monotonic() - started, 3)
     return result
 
