@@ -103,3 +103,10 @@ def test_own_listener_addresses_are_never_peers() -> None:
     assert opener.live[0].sent == [] and core.stats.dropped_peer_denied == 1
     c.indication(Method.SEND, [(Attr.XOR_PEER_ADDRESS, PEER), (Attr.DATA, b"fine")])
     assert opener.live[0].sent == [(b"fine", PEER)]
+
+
+def test_binding_names_the_other_address_when_configured() -> None:
+    core, _ = make_core(other_address=("192.0.2.2", 3479))
+    c = CoreClient(core)
+    resp = c.request(Method.BINDING, auth=False)
+    assert resp.get(Attr.OTHER_ADDRESS) == ("192.0.2.2", 3479)  # RFC 5780 §7.3

@@ -110,6 +110,11 @@ def _serve_parser(sub: Any) -> None:
         help="self-probe every N seconds (default 30; 0 turns it off)",
     )
     p.add_argument(
+        "--other-address",
+        metavar="IP:PORT",
+        help="a second udp:// listener, named in Binding responses (RFC 5780 OTHER-ADDRESS)",
+    )
+    p.add_argument(
         "--workers",
         metavar="N",
         type=int,
@@ -242,6 +247,8 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         if not 1 <= args.workers <= 256:
             raise ConfigError("--workers: between 1 and 256")
         o["workers"] = args.workers
+    if args.other_address is not None:
+        o["other_address"] = parse_host_port(args.other_address, "--other-address")
     if args.drain_timeout is not None:
         o["drain_timeout"] = args.drain_timeout
     if args.alternate_server is not None:

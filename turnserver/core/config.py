@@ -40,6 +40,7 @@ class CoreConfig:
     challenge_burst: int = 2000  # (many clients may share one NAT address)
 
     alternate_server: Address | None = None  # 300 Try Alternate while draining
+    other_address: Address | None = None  # RFC 5780 OTHER-ADDRESS in Binding responses
 
     # Transport addresses that are never valid peers (our own listeners).
     reserved_peers: frozenset[Address] = field(default_factory=frozenset)

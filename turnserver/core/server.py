@@ -395,7 +395,11 @@ class TurnServer:
             klass = MessageClass.ERROR
         elif msg.magic_cookie:
             attrs = [(Attr.XOR_MAPPED_ADDRESS, ft.client)]
+            if self.config.other_address is not None and ft.transport == ClientTransport.UDP:
+                # RFC 5780 §7.3: where a client can test its NAT's mapping from
+                attrs.append((Attr.OTHER_ADDRESS, self.config.other_address))
             klass = MessageClass.SUCCESS
+
         else:  # RFC 3489 client: MAPPED-ADDRESS, echo its 16-byte transaction id
             attrs = [(Attr.MAPPED_ADDRESS, ft.client)]
             klass = MessageClass.SUCCESS

@@ -52,6 +52,7 @@ def core_config(settings: Settings) -> CoreConfig:
         challenge_rate=settings.challenge_rate,
         challenge_burst=settings.challenge_burst,
         alternate_server=settings.alternate_server,
+        other_address=settings.other_address,
     )
 
 

@@ -81,6 +81,7 @@ class Settings:
 
     drain_timeout: float = 60.0
     alternate_server: tuple[str, int] | None = None
+    other_address: tuple[str, int] | None = None
     workers: int = field(default_factory=lambda: os.cpu_count() or 1)
     reuse_port: bool = False  # set for worker processes, not a config key
     metrics_listen: tuple[str, int] | None = ("127.0.0.1", 9641)
@@ -334,6 +335,7 @@ SCHEMA: dict[str, tuple[str, Check]] = {
     "limits.challenge_burst": ("challenge_burst", _int(1, 1_000_000)),
     "drain.timeout": ("drain_timeout", _float(0, 86400)),
     "drain.alternate_server": ("alternate_server", _host_port),
+    "stun.other_address": ("other_address", _host_port),
     "workers": ("workers", _int(1, 256)),
     "metrics.listen": ("metrics_listen", _host_port_or_off),
     "probe.interval": ("probe_interval", _float(0, 86400)),
@@ -466,6 +468,10 @@ def validate(s: Settings) -> None:
         raise ConfigError(
             "tls.cert: a tls:// listener needs a certificate and key (--cert FILE --key FILE)"
         )
+    if s.other_address and not any(
+        spec.scheme == "udp" and (spec.host, spec.port) == s.other_address for spec in s.listen
+    ):
+        raise ConfigError("stun.other_address: must be one of the udp:// listeners")
     if s.api_default_ttl > s.api_max_ttl:
         raise ConfigError("api.default_ttl: above api.max_ttl")
     if s.api_listen and not (s.secrets or s.api_keys or s.accounts):

@@ -266,23 +266,30 @@ async def check_path(
 
 
 async def nat_mapping(uris: list[IceUri], timeout: float) -> str:
-    """Compare the reflexive address one local socket gets from two server addresses."""
-    targets = sorted({(u.host, u.port) for u in uris if u.transport == "udp"})
-    if len(targets) < 2:
-        return "unknown (one UDP server address only)"
-    mapped: list[Address] = []
+    """Compare the reflexive address one local socket gets from two server addresses: the
+    server's RFC 5780 OTHER-ADDRESS when it offers one, else a second UDP URI's address."""
+    targets = list(dict.fromkeys((u.host, u.port) for u in uris if u.transport == "udp"))
+    if not targets:
+        return "unknown (no UDP server address)"
     try:
         client = await TurnClient.connect("udp", targets[0], timeout=timeout)
-        mapped.append(await client.binding())
-        local = client.local
-        client.close()
+        try:
+            first, other = await client.binding_response()
+            local = client.local
+        finally:
+            client.close()
+        second = other or next((t for t in targets[1:] if t != targets[0]), None)
+        if second is None:
+            return "unknown (one UDP server address and no RFC 5780 OTHER-ADDRESS)"
         await asyncio.sleep(0.05)
-        other = await TurnClient.connect("udp", targets[1], timeout=timeout, local=local)
-        mapped.append(await other.binding())
-        other.close()
+        again = await TurnClient.connect("udp", second, timeout=timeout, local=local)
+        try:
+            mapped = await again.binding()
+        finally:
+            again.close()
     except (TurnClientError, OSError):
         return "unknown (binding failed)"
-    if mapped[0] == mapped[1]:
+    if mapped == first:
         return "endpoint-independent (direct connections likely work)"
     return "address-dependent or symmetric (direct connections likely fail: TURN needed)"
 

@@ -235,7 +235,16 @@ class TurnClient:
 
     async def binding(self) -> Address:
         """STUN Binding: the server-reflexive address."""
+        return (await self.binding_response())[0]
+
+    async def binding_response(self) -> tuple[Address, Address | None]:
+        """STUN Binding: (reflexive address, RFC 5780 OTHER-ADDRESS if offered)."""
         resp = await self.request(Method.BINDING, auth=False)
+        other: Address | None = resp.get(Attr.OTHER_ADDRESS)
+        return await self._mapped(resp), other
+
+    async def _mapped(self, resp: StunMessage) -> Address:
+
         mapped: Address | None = resp.get(Attr.XOR_MAPPED_ADDRESS) or resp.get(Attr.MAPPED_ADDRESS)
         if mapped is None:
             raise TurnClientError("Binding response without a mapped address")
