@@ -48,6 +48,8 @@ class Client:
     password: str
     state: str = "challenge"
     tid: bytes = b""
+    last: bytes = b""  # the request in flight, resent as is (same transaction id)
+
     sent_at: float = 0.0
     realm: str = ""
     nonce: str = ""
@@ -88,7 +90,8 @@ class LoadGen:
         if auth:
             full += [(Attr.USERNAME, c.username), (Attr.REALM, c.realm), (Attr.NONCE, c.nonce)]
             key = c.key
-        c.sock.send(encode_message(method, MessageClass.REQUEST, c.tid, full, integrity_key=key))
+        c.last = encode_message(method, MessageClass.REQUEST, c.tid, full, integrity_key=key)
+        c.sock.send(c.last)
         c.sent_at = time.monotonic()
 
     def _step(self, c: Client) -> None:
@@ -165,8 +168,9 @@ class LoadGen:
                 self._step(c)
             now = time.monotonic()
             for c in list(active.values()):
-                if now - c.sent_at > 1.0:
-                    self._step(c)  # retransmit
+                if now - c.sent_at > 1.0:  # retransmit the same request (RFC 8489 §6.2.1)
+                    c.sock.send(c.last)
+                    c.sent_at = now
         result.failed += len(active) + len(pending)
         result.seconds = time.monotonic() - started
         return result

@@ -140,7 +140,6 @@ def start_ours(workers: int) -> Target:
             "error",
             "--config",
             str(Path(__file__).parent / "bench.yaml"),
-
         ],
         stdout=subprocess.DEVNULL,
     )

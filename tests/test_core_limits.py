@@ -110,3 +110,12 @@ def test_binding_names_the_other_address_when_configured() -> None:
     c = CoreClient(core)
     resp = c.request(Method.BINDING, auth=False)
     assert resp.get(Attr.OTHER_ADDRESS) == ("192.0.2.2", 3479)  # RFC 5780 §7.3
+
+
+def test_change_request_is_refused_not_ignored() -> None:
+    core, _ = make_core()
+    c = CoreClient(core)
+    resp = c.request(Method.BINDING, [(Attr.CHANGE_REQUEST, 0x06)], auth=False)
+    assert error_code(resp) == 420 and resp.get(Attr.UNKNOWN_ATTRIBUTES) == [Attr.CHANGE_REQUEST]
+    ok = c.request(Method.BINDING, [(Attr.CHANGE_REQUEST, 0)], auth=False)
+    assert ok.message_class == MessageClass.SUCCESS

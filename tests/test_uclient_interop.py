@@ -72,8 +72,9 @@ class Lab:
             return dict(zip(cases, results, strict=True))
 
 
-@pytest.fixture(scope="module")
-def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
+@pytest.fixture(scope="module", params=["uvloop", "asyncio"])
+def lab(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Iterator[Lab]:
+    """Our server (as a process, on each event loop) with coturn's echo peer."""
     uclient = require_tool("turnutils_uclient")
     peer = require_tool("turnutils_peer")
     tmp = tmp_path_factory.mktemp("uclient")
@@ -87,8 +88,9 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
         "--secret", SECRET, "--user", "user:pass", "--realm", "example.org",
         "--relay-ip", "127.0.0.1", *(["--relay-ip", "::1"] if HAS_IPV6 else []),
         "--allow-loopback-peers", "--min-port", str(lo), "--max-port", str(lo + 999),
-        "--log-level", "info", "--cert", cert, "--key", key,
+        "--log-level", "info", "--cert", cert, "--key", key, "--loop", request.param,
     ]  # fmt: skip
+
     with (
         background([peer, "-L", "127.0.0.1", *v6, "-p", str(peer_port)]),
         turnserver_process(Path(tmp), *server_args, streams=True, tls_port=tls_port) as server,

@@ -387,6 +387,10 @@ class TurnServer:
     def _binding(self, msg: StunMessage, ft: FiveTuple) -> bytes:
         """RFC 8489 §6.3: reflect the source address; no authentication."""
         unknown = msg.unknown_required_attributes()
+        change = msg.get(Attr.CHANGE_REQUEST) if msg.has(Attr.CHANGE_REQUEST) else 0
+        if change:
+            # RFC 5780 §6.1: we cannot answer from another address or port
+            unknown = [*unknown, Attr.CHANGE_REQUEST]
         if unknown:
             attrs: Attributes = [
                 (Attr.ERROR_CODE, (420, "Unknown Attribute")),

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, cast
 
 from turnserver.core.allocation import Allocation
 from turnserver.io.sinks import ClientSink
+from turnserver.io.sockets import bind_socket
 from turnserver.stun.attributes import Address
 
 if TYPE_CHECKING:
@@ -25,19 +26,8 @@ CONNECT_TIMEOUT = 30.0  # RFC 6062 §5.2
 
 
 def _tcp_socket(host: str, port: int) -> socket.socket:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        if family == socket.AF_INET6:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        sock.setblocking(False)
-        sock.bind((host, port))
-    except OSError:
-        sock.close()
-        raise
-    return sock
+    # The listening relay socket and outbound Connect sockets share the relayed port
+    return bind_socket(host, port, socket.SOCK_STREAM, reuse_port=True, reuse_addr=True)
 
 
 class PeerTcpConnection(asyncio.Protocol):

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 from turnserver.core.allocation import Allocation, SendTo
 from turnserver.core.five_tuple import ClientTransport, FiveTuple
 from turnserver.io.sinks import ClientSink
+from turnserver.io.sockets import bind_socket
 from turnserver.io.tcp_relay import TcpRelay, open_tcp_relay
 from turnserver.stun.attributes import Address
 from turnserver.stun.channeldata import CHANNEL_HEADER
@@ -40,19 +41,7 @@ def _tune_buffers(sock: socket.socket) -> None:
 
 def bind_udp_socket(host: str, port: int, *, reuse_port: bool = False) -> socket.socket:
     """A non-blocking UDP socket bound to host:port (raises OSError)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_DGRAM)
-    try:
-        if family == socket.AF_INET6:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        if reuse_port:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        sock.setblocking(False)
-        sock.bind((host, port))
-    except OSError:
-        sock.close()
-        raise
-    return sock
+    return bind_socket(host, port, socket.SOCK_DGRAM, reuse_port=reuse_port)
 
 
 class UdpClientSink:

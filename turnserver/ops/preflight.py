@@ -178,6 +178,18 @@ async def _echo(peer: TurnClient, to: Address) -> None:
         peer.send_indication(to, data)
 
 
+async def _connect(uri: IceUri, ssl_context: ssl.SSLContext | None, timeout: float) -> TurnClient:
+    return await TurnClient.connect(
+        uri.transport,
+        (uri.host, uri.port),
+        uri.username,
+        uri.credential,
+        ssl_context=ssl_context,
+        server_hostname=uri.host,
+        timeout=timeout,
+    )
+
+
 async def check_path(
     uri: IceUri, *, packets: int, timeout: float, ssl_context: ssl.SSLContext | None
 ) -> PathResult:
@@ -186,15 +198,7 @@ async def check_path(
     started = time.monotonic()
     client: TurnClient | None = None
     try:
-        client = await TurnClient.connect(
-            uri.transport,
-            (uri.host, uri.port),
-            uri.username,
-            uri.credential,
-            ssl_context=ssl_context,
-            server_hostname=uri.host,
-            timeout=timeout,
-        )
+        client = await _connect(uri, ssl_context, timeout)
         mapped = await client.binding()
         result.reachable = True
         result.reflexive = f"{mapped[0]}:{mapped[1]}"
@@ -206,15 +210,7 @@ async def check_path(
         result.allocation = "ok"
         # The media peer: a second allocation of ours over the same transport, so both
         # legs use the path under test whatever NAT or firewall we sit behind.
-        peer_client = await TurnClient.connect(
-            uri.transport,
-            (uri.host, uri.port),
-            uri.username,
-            uri.credential,
-            ssl_context=ssl_context,
-            server_hostname=uri.host,
-            timeout=timeout,
-        )
+        peer_client = await _connect(uri, ssl_context, timeout)
         peer_relayed, _ = await peer_client.allocate(lifetime=120)
         await client.create_permission(peer_relayed)
         await client.channel_bind(CHANNEL, peer_relayed)
