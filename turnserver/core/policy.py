@@ -76,6 +76,19 @@ def parse_networks(cidrs: Iterable[str]) -> tuple[IPNetwork, ...]:
     return tuple(out)
 
 
+def _ranges(networks: Iterable[IPNetwork]) -> dict[int, tuple[tuple[int, int], ...]]:
+    """Networks as integer ranges per IP version: containment is two comparisons."""
+    out: dict[int, list[tuple[int, int]]] = {4: [], 6: []}
+    for net in networks:
+        out[net.version].append((int(net.network_address), int(net.broadcast_address)))
+    return {v: tuple(r) for v, r in out.items()}
+
+
+def _contains(ranges: dict[int, tuple[tuple[int, int], ...]], ip: IPAddress) -> bool:
+    value = int(ip)
+    return any(lo <= value <= hi for lo, hi in ranges[ip.version])
+
+
 class DefaultPeerPolicy:
     """The default-deny policy with configurable allow and deny lists."""
 
@@ -87,15 +100,14 @@ class DefaultPeerPolicy:
         allow_loopback: bool = False,
     ) -> None:
         self.allow = parse_networks(allow)
-        extra_allow = parse_networks(LOOPBACK_NETWORKS) if allow_loopback else ()
-        self._allow_loopback = extra_allow
         self.deny = parse_networks(DEFAULT_DENIED_NETWORKS) + parse_networks(deny)
+        loopback = parse_networks(LOOPBACK_NETWORKS) if allow_loopback else ()
+        self._allow = _ranges((*self.allow, *loopback))
+        self._deny = _ranges(self.deny)
 
     def is_allowed(self, ip: IPAddress) -> bool:
         """Canonicalize first so ::ffff:127.0.0.1 is judged as 127.0.0.1."""
         ip = canonical_ip(ip)
-        if any(ip in n for n in self.allow):
+        if _contains(self._allow, ip):
             return True
-        if any(ip in n for n in self._allow_loopback):
-            return True
-        return not any(ip in n for n in self.deny)
+        return not _contains(self._deny, ip)
