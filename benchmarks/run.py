@@ -22,7 +22,6 @@ import platform
 import resource
 import shutil
 import socket
-import statistics
 import subprocess
 import sys
 import time
@@ -444,7 +443,6 @@ def main() -> int:
     text = "\n".join(lines) + "\n"
     print(text)
     Path(args.out).write_text(text)
-    _ = statistics
     return 0
 
 

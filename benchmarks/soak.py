@@ -12,7 +12,7 @@ import argparse
 import asyncio
 import os
 import secrets
-import socket
+import signal
 import subprocess
 import sys
 import time
@@ -20,21 +20,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from run import free_port, rss_bytes
+
 from turnserver.ops.credentials import mint
 from turnserver.ops.turnclient import TurnClient, TurnClientError
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 def rss_fds(pid: int) -> tuple[float, int]:
-    status = Path(f"/proc/{pid}/status").read_text()
-    kb = int(next(x for x in status.splitlines() if x.startswith("VmRSS")).split()[1])
-    return kb / 1024, len(os.listdir(f"/proc/{pid}/fd"))
+    return rss_bytes(pid) / (1024 * 1024), len(os.listdir(f"/proc/{pid}/fd"))
 
 
 class Echo(asyncio.DatagramProtocol):
@@ -67,6 +62,8 @@ async def run(args: argparse.Namespace) -> int:
             "off",
             "--log-level",
             "warning",
+            "--workers",
+            "1",
         ],
         stdout=subprocess.DEVNULL,
     )
@@ -133,8 +130,8 @@ async def run(args: argparse.Namespace) -> int:
         await asyncio.gather(churn(), sample(), *(stream(n) for n in range(args.streams)))
     finally:
         echo.close()
-        server.terminate()
-        server.wait(10)
+        server.send_signal(signal.SIGINT)  # stop now; SIGTERM would drain
+        server.wait(20)
     if len(samples) < 3:
         print("too short to judge")
         return 1

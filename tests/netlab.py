@@ -141,13 +141,6 @@ class Lab:
             )
             self.run(router, "iptables", "-A", "FORWARD", "-j", "DROP")
 
-    def flush_conntrack(self) -> None:
-        for router in ("natc", "natp"):
-            # Removing and re-adding the rules is enough for new flows; old entries expire
-            self.run(
-                router, "sysctl", "-qw", "net.netfilter.nf_conntrack_udp_timeout=5", check=False
-            )
-
     def close(self) -> None:
         for name in reversed(self.created):
             sh("ip", "netns", "del", self.ns(name), check=False)

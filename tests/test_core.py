@@ -415,9 +415,9 @@ def test_channel_bind_rules_and_channel_data() -> None:
     assert PEER[0] in alloc.permissions  # ChannelBind installs the permission
     assert alloc.channel_routes[0x4000][1] == PEER
     assert alloc.peer_channels[PEER] == 0x4000
-    core.handle_channel_data(0x4000, b"media", c.ft)
+    core.handle_channel_data(0x4000, b"media", c.ft, NOW)
     assert relay.sent[-1] == (b"media", PEER)
-    core.handle_channel_data(0x4444, b"x", c.ft)
+    core.handle_channel_data(0x4444, b"x", c.ft, NOW)
     assert core.stats.dropped_unknown_channel == 1
 
 

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
-import shutil
 import socket
-import ssl
 import subprocess
 import sys
 import time
@@ -23,7 +20,6 @@ from turnserver.ops.selfsigned import ensure_self_signed
 from .conftest import (
     ACCOUNT_SID,
     AUTH_TOKEN,
-    CERT_FILE,
     IN_CI,
     SECRET,
     RunningServer,
@@ -216,4 +212,3 @@ def test_cli_against_coturn(tmp_path: Path) -> None:
     finally:
         proc.terminate()
         proc.wait(10)
-    _ = (shutil, ssl, asyncio, CERT_FILE)

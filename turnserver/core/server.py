@@ -49,6 +49,7 @@ from turnserver.core.five_tuple import ClientTransport, FiveTuple
 from turnserver.core.policy import PeerPolicy
 from turnserver.core.ports import RelayPortPool
 from turnserver.core.quota import LocalQuotaLedger, QuotaLedger
+from turnserver.core.ratelimit import TokenBuckets
 from turnserver.stun.attributes import Address
 from turnserver.stun.channeldata import is_valid_channel_number
 from turnserver.stun.constants import (
@@ -163,7 +164,7 @@ class TurnServer:
         self.peer_connections: dict[int, PeerConnection] = {}
         # The self-probe may reach its own echo socket whatever the peer policy says.
         self.probe_users: set[str] = set()
-        self._challenges: dict[str, tuple[float, float]] = {}  # client IP -> (tokens, time)
+        self._challenges = TokenBuckets(config.challenge_rate, config.challenge_burst)
         self.probe_peer_ips: set[str] = set()
 
     # ---- entry points -------------------------------------------------------------
@@ -183,10 +184,15 @@ class TurnServer:
         return None
 
     def handle_channel_data(
-        self, number: int, payload: bytes, five_tuple: FiveTuple, now: float = 0.0
+        self, number: int, payload: bytes, five_tuple: FiveTuple, now: float
     ) -> None:
         """ChannelData from a client when the I/O fast path did not take it (RFC 8656 §12.6)."""
-        alloc = self.allocations.get(five_tuple)
+        self.relay_channel_data(self.allocations.get(five_tuple), number, payload, now)
+
+    def relay_channel_data(
+        self, alloc: Allocation | None, number: int, payload: bytes, now: float
+    ) -> None:
+        """Send a client's ChannelData payload to the channel's peer, or count the drop."""
         if alloc is None:
             self.stats.dropped_no_allocation += 1
             return
@@ -197,7 +203,10 @@ class TurnServer:
         if alloc.rate and not alloc.spend(len(payload), now):
             self.stats.dropped_rate_limited += 1
             return
-        route[0](payload, route[1])
+        try:
+            route[0](payload, route[1])
+        except OSError:  # the relay socket's send failed: a lost datagram, as UDP allows
+            return
         alloc.packets_to_peer += 1
         alloc.bytes_to_peer += len(payload)
 
@@ -330,15 +339,10 @@ class TurnServer:
 
     def _challenge_allowed(self, client_ip: str, now: float) -> bool:
         """Token bucket per client IP for answers to unauthenticated requests."""
-        cfg = self.config
-        buckets = self._challenges
-        tokens, last = buckets.get(client_ip, (float(cfg.challenge_burst), now))
-        tokens = min(float(cfg.challenge_burst), tokens + max(0.0, now - last) * cfg.challenge_rate)
-        allowed = tokens >= 1.0
-        if client_ip not in buckets and len(buckets) >= 100_000:
-            buckets.pop(next(iter(buckets)))  # forget the oldest sender
-        buckets[client_ip] = (tokens - 1.0 if allowed else tokens, now)
-        return allowed
+        limiter = self._challenges
+        limiter.rate = self.config.challenge_rate  # follows reloads
+        limiter.burst = self.config.challenge_burst
+        return limiter.allow(client_ip, now)
 
     def _report_failure(
         self,
@@ -571,26 +575,7 @@ class TurnServer:
         alloc.rate, alloc.tokens, alloc.stamp = cfg.bandwidth, float(cfg.bandwidth), now
         alloc.is_tcp = True
         alloc.allocate_transaction_id = msg.transaction_id
-        addr = self.relay_addresses[version]
-        pool = self.port_pools[version]
-        busy: list[int] = []
-        try:
-            for _ in range(_BIND_ATTEMPTS):
-                port = pool.take_random()
-                if port is None:
-                    break
-                endpoint = self.relay_opener.open_tcp_relay(alloc, addr.bind_ip, port)
-                if endpoint is not None:
-                    alloc.relays[version] = Relay(
-                        endpoint, (addr.advertised_ip, port), version, tcp=endpoint
-                    )
-                    break
-                busy.append(port)
-        finally:
-            for p in busy:
-                pool.give_back(p)
-        if not alloc.relays:
-            raise InsufficientCapacity(f"no free TCP relay port for IPv{version}")
+        alloc.relays[version] = self._open_relay(alloc, version, tcp=True)
         self._reserve_quota(alloc, ident)
         self.allocations[ft] = alloc
         self._push(alloc.expires, TimerKind.ALLOCATION, alloc, None)
@@ -766,53 +751,57 @@ class TurnServer:
                     return Reservation(family, port, now)
         return None
 
-    def _open_relay(self, alloc: Allocation, version: int, port: int | None = None) -> Relay:
+    def _bind_relay(self, alloc: Allocation, version: int, port: int, tcp: bool) -> Relay | None:
+        """Ask the I/O layer for a relay socket on `port`; None when it is taken."""
         addr = self.relay_addresses[version]
+        advertised = (addr.advertised_ip, port)
+        if tcp:
+            tcp_endpoint = self.relay_opener.open_tcp_relay(alloc, addr.bind_ip, port)
+            return (
+                Relay(tcp_endpoint, advertised, version, tcp=tcp_endpoint) if tcp_endpoint else None
+            )
+        endpoint = self.relay_opener.open_relay(
+            alloc, addr.bind_ip, port, dont_fragment=alloc.dont_fragment
+        )
+        return Relay(endpoint, advertised, version, sendto=endpoint.sendto) if endpoint else None
+
+    def _open_relay(
+        self, alloc: Allocation, version: int, port: int | None = None, *, tcp: bool = False
+    ) -> Relay:
         pool = self.port_pools[version]
         if port is not None:  # a reserved port: already out of the pool
-            endpoint = self.relay_opener.open_relay(
-                alloc, addr.bind_ip, port, dont_fragment=alloc.dont_fragment
-            )
-            if endpoint is None:
+            relay = self._bind_relay(alloc, version, port, tcp)
+            if relay is None:
                 pool.give_back(port)
                 raise InsufficientCapacity("reserved relay port could not be bound")
-            return Relay(endpoint, (addr.advertised_ip, port), version, sendto=endpoint.sendto)
+            return relay
         busy: list[int] = []
         try:
             for _ in range(_BIND_ATTEMPTS):
                 candidate = pool.take_random()
                 if candidate is None:
                     break
-                endpoint = self.relay_opener.open_relay(
-                    alloc, addr.bind_ip, candidate, dont_fragment=alloc.dont_fragment
-                )
-                if endpoint is not None:
-                    return Relay(
-                        endpoint, (addr.advertised_ip, candidate), version, sendto=endpoint.sendto
-                    )
+                relay = self._bind_relay(alloc, version, candidate, tcp)
+                if relay is not None:
+                    return relay
                 busy.append(candidate)
         finally:
             for p in busy:
                 pool.give_back(p)
-        raise InsufficientCapacity(f"no free relay port for IPv{version}")
+        raise InsufficientCapacity(f"no free {'TCP ' if tcp else ''}relay port for IPv{version}")
 
     def _open_even_relay(
         self, alloc: Allocation, version: int, reserve_next: bool
     ) -> tuple[Relay, int | None]:
         """RFC 8656 §7.2 EVEN-PORT: an even port, and port+1 held when R is set."""
-        addr = self.relay_addresses[version]
         pool = self.port_pools[version]
         for _ in range(_BIND_ATTEMPTS):
             port = pool.take_even(reserve_next)
             if port is None:
                 break
-            endpoint = self.relay_opener.open_relay(
-                alloc, addr.bind_ip, port, dont_fragment=alloc.dont_fragment
-            )
-            if endpoint is not None:
-                return Relay(
-                    endpoint, (addr.advertised_ip, port), version, sendto=endpoint.sendto
-                ), (port + 1 if reserve_next else None)
+            relay = self._bind_relay(alloc, version, port, tcp=False)
+            if relay is not None:
+                return relay, (port + 1 if reserve_next else None)
             pool.give_back(port)
             if reserve_next:
                 pool.give_back(port + 1)

@@ -96,25 +96,9 @@ class StreamConnection(asyncio.Protocol):
                 break
 
     def _channel_data(self, frame: bytes) -> None:
-        alloc = self.alloc
-        stats = self.runtime.core.stats
-        if alloc is None:
-            stats.dropped_no_allocation += 1
-            return
-        route = alloc.channel_routes.get((frame[0] << 8) | frame[1])
-        if route is None:
-            stats.dropped_unknown_channel += 1
-            return
-        payload = frame[4:]
-        if alloc.rate and not alloc.spend(len(payload), self.runtime.now()):
-            stats.dropped_rate_limited += 1
-            return
-        try:
-            route[0](payload, route[1])
-        except OSError:
-            return
-        alloc.packets_to_peer += 1
-        alloc.bytes_to_peer += len(payload)
+        runtime = self.runtime
+        number = (frame[0] << 8) | frame[1]
+        runtime.core.relay_channel_data(self.alloc, number, frame[4:], runtime.now())
 
     def pause_writing(self) -> None:
         self.paused = True

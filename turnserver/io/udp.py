@@ -150,7 +150,7 @@ class UdpListener:
 class UdpRelay:
     """A relayed transport address: one UDP socket bound for one allocation."""
 
-    __slots__ = ("_fd", "_loop", "_runtime", "address", "alloc", "sendto", "sink", "sock", "v6")
+    __slots__ = ("_fd", "_loop", "_runtime", "address", "alloc", "sendto", "sock", "v6")
 
     def __init__(
         self,
@@ -167,7 +167,6 @@ class UdpRelay:
         host, port = sock.getsockname()[:2]
         self.address: Address = (host, port)
         self.sendto: SendTo = sock.sendto
-        self.sink: UdpClientSink | None = None
         self._fd = sock.fileno()
         loop.add_reader(self._fd, self._on_readable)
 

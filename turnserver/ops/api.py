@@ -20,6 +20,7 @@ from typing import Any
 
 from aiohttp import web
 
+from turnserver.core.ratelimit import TokenBuckets
 from turnserver.ops.credentials import (
     ServerUris,
     ice_servers_config,
@@ -61,27 +62,6 @@ class ApiStats:
         self.requests[key] = self.requests.get(key, 0) + 1
 
 
-class RateLimiter:
-    """A token bucket per client address, bounded in how many addresses it remembers."""
-
-    def __init__(self, rate: float, burst: int, max_clients: int = 10000) -> None:
-        self.rate = rate
-        self.burst = burst
-        self.max_clients = max_clients
-        self._buckets: dict[str, tuple[float, float]] = {}
-
-    def allow(self, client: str, now: float) -> bool:
-        tokens, last = self._buckets.get(client, (float(self.burst), now))
-        tokens = min(float(self.burst), tokens + (now - last) * self.rate)
-        allowed = tokens >= 1.0
-        if allowed:
-            tokens -= 1.0
-        if client not in self._buckets and len(self._buckets) >= self.max_clients:
-            self._buckets.pop(next(iter(self._buckets)))
-        self._buckets[client] = (tokens, now)
-        return allowed
-
-
 def _equal(a: str, b: str) -> bool:
     return hmac.compare_digest(a.encode(), b.encode())
 
@@ -112,7 +92,7 @@ class CredentialsApi:
         self.config = config
         self.clock = clock
         self.stats = ApiStats()
-        self.limiter = RateLimiter(config.rate_per_second, config.rate_burst)
+        self.limiter = TokenBuckets(config.rate_per_second, config.rate_burst, max_keys=10_000)
         self.app = web.Application(client_max_size=MAX_BODY, middlewares=[self._middleware])
         self.app.router.add_post(
             "/2010-04-01/Accounts/{account_sid}/Tokens.json", self.twilio_tokens

@@ -76,7 +76,7 @@ class SelfProbe:
         self.password = password or secrets.token_urlsafe(24)
 
         self.results: dict[str, ProbeResult] = {}
-        self._echo: asyncio.DatagramTransport | None = None
+        self._echoes: list[asyncio.BaseTransport] = []
         self.echo_addresses: dict[int, Address] = {}
         self._task: asyncio.Task[None] | None = None
         self.runs = 0
@@ -109,7 +109,7 @@ class SelfProbe:
             addr = transport.get_extra_info("sockname")
             self.echo_addresses[relay.family] = (addr[0], addr[1])
             core.probe_peer_ips.add(addr[0])
-            self._echo = transport
+            self._echoes.append(transport)
         core.probe_users.add(PROBE_USER)
         core.auth.internal_keys[PROBE_USER] = long_term_key(
             PROBE_USER, core.auth.realm, self.password
@@ -125,8 +125,9 @@ class SelfProbe:
             except asyncio.CancelledError:
                 pass
             self._task = None
-        if self._echo is not None:
-            self._echo.close()
+        for echo in self._echoes:
+            echo.close()
+        self._echoes.clear()
 
     @property
     def ready(self) -> tuple[bool, str]:

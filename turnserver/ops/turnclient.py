@@ -241,9 +241,10 @@ class TurnClient:
         """STUN Binding: (reflexive address, RFC 5780 OTHER-ADDRESS if offered)."""
         resp = await self.request(Method.BINDING, auth=False)
         other: Address | None = resp.get(Attr.OTHER_ADDRESS)
-        return await self._mapped(resp), other
+        return self._mapped(resp), other
 
-    async def _mapped(self, resp: StunMessage) -> Address:
+    @staticmethod
+    def _mapped(resp: StunMessage) -> Address:
 
         mapped: Address | None = resp.get(Attr.XOR_MAPPED_ADDRESS) or resp.get(Attr.MAPPED_ADDRESS)
         if mapped is None:
