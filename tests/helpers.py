@@ -66,6 +66,10 @@ class FakeRelayOpener:
         self.tcp_opened: list[FakeTcpRelay] = []
 
         self.busy: set[int] = set()
+        self.max_sockets: int | None = None  # like a file descriptor budget
+
+    def has_capacity(self, sockets: int) -> bool:
+        return self.max_sockets is None or len(self.live) + sockets <= self.max_sockets
 
     def open_relay(
         self, allocation: Allocation, host: str, port: int, *, dont_fragment: bool

@@ -52,6 +52,10 @@ class RelayOpener(Protocol):
         self, allocation: Allocation, host: str, port: int
     ) -> TcpRelayEndpoint | None: ...
 
+    def has_capacity(self, sockets: int) -> bool:
+        """May `sockets` more file descriptors be opened for clients now?"""
+        ...
+
 
 class Relay:
     """One relayed transport address of an allocation (one per address family)."""
@@ -143,8 +147,10 @@ class Allocation:
         "permissions",
         "rate",
         "relays",
+        "send_errors",
         "sink",
         "stamp",
+        "timer_at",
         "tokens",
         "user",
         "username",
@@ -166,6 +172,7 @@ class Allocation:
         self.key = key
         self.created = now
         self.expires = now + lifetime
+        self.timer_at = self.expires  # when the allocation's one expiry timer fires
         self.credential_expires = credential_expires
         self.relays: dict[int, Relay] = {}
         self.permissions: dict[str, float] = {}  # peer IP -> expiry (RFC 8656 §9)
@@ -183,6 +190,8 @@ class Allocation:
         self.allocate_response = b""
         self.dont_fragment = False
         self.live = True
+        # errno -> (last reported, suppressed since): send errors are logged sparingly
+        self.send_errors: dict[int, tuple[float, int]] | None = None
         # Opaque to the core: the I/O layer's way back to the client.
         self.sink: object = None
         self.packets_to_peer = 0

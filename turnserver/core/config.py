@@ -31,8 +31,11 @@ class CoreConfig:
     reservation_lifetime: int = 30  # RFC 8656 §7.2 (EVEN-PORT R bit)
     max_allocations: int = 0  # 0: unlimited
     max_allocations_per_user: int = 0
+    max_allocations_per_client_ip: int = 0
     max_permissions_per_allocation: int = 0
     max_channels_per_allocation: int = 0
+    max_peer_connections_per_allocation: int = 0  # RFC 6062, each one a descriptor
+    max_pending_connects_per_allocation: int = 0
     strict_expiry: bool = False
     tcp_relay: bool = True  # RFC 6062 TCP allocations
     bandwidth: int = 0  # bytes per second per allocation, both directions; 0: unlimited

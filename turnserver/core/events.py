@@ -61,6 +61,7 @@ class AuthFailed:
     five_tuple: FiveTuple
     username: str
     reason: str
+    method: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +74,30 @@ class PermissionInstalled:
 class PermissionExpired:
     five_tuple: FiveTuple
     peer_ip: str
+
+
+@dataclass(frozen=True, slots=True)
+class PermissionRevoked:
+    """A permission (with its channels and RFC 6062 connections) removed before it
+    expired, e.g. because a reloaded peer policy now denies the peer."""
+
+    five_tuple: FiveTuple
+    username: str
+    peer_ip: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class RelaySendFailed:
+    """A relayed packet could not be sent (EMSGSIZE, unreachable route, ...); reported at
+    most once per allocation, errno and interval, with how many were not reported."""
+
+    five_tuple: FiveTuple
+    username: str
+    peer: Address
+    errno: int
+    detail: str
+    suppressed: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,6 +140,16 @@ class ConnectionClosed:
 
 
 @dataclass(frozen=True, slots=True)
+class TlsHandshakeFailed:
+    """A TLS client connection whose handshake failed or timed out (`reason` is bounded:
+    handshake_timeout, certificate_unknown, unknown_ca, not_tls, ...)."""
+
+    five_tuple: FiveTuple
+    reason: str
+    detail: str
+
+
+@dataclass(frozen=True, slots=True)
 class MessageDiscarded:
     """A datagram or message from a client that was dropped (malformed, no allocation...)."""
 
@@ -132,10 +167,13 @@ Event = (
     | AuthFailed
     | PermissionInstalled
     | PermissionExpired
+    | PermissionRevoked
+    | RelaySendFailed
     | ChannelBound
     | ChannelExpired
     | PeerDenied
     | MessageDiscarded
     | ConnectionClosed
+    | TlsHandshakeFailed
     | PeerConnectionBound
 )

@@ -1,5 +1,6 @@
-"""Allocation quotas: total and per user. The ledger is injected so that worker
-processes can share one (see ops/workers.py); this one is for a single process."""
+"""Allocation quotas: in all, per user and per client IP address. The ledger is injected
+so that worker processes can share one (see ops/workers.py); this one is for a single
+process."""
 
 from __future__ import annotations
 
@@ -9,11 +10,14 @@ from typing import Protocol
 class QuotaLedger(Protocol):
     """Counts live allocations; `reserve` checks and counts in one step."""
 
-    def reserve(self, user: str, max_total: int, max_per_user: int) -> str | None:
-        """Count one more allocation for user, or return why not (a metrics reason)."""
+    def reserve(
+        self, user: str, client_ip: str, max_total: int, max_per_user: int, max_per_ip: int
+    ) -> str | None:
+        """Count one more allocation for user and client IP, or return why not (a metrics
+        reason: quota_total, quota_user or quota_client_ip)."""
 
-    def release(self, user: str) -> None:
-        """One allocation of user ended."""
+    def release(self, user: str, client_ip: str) -> None:
+        """One allocation of user from client IP ended."""
 
 
 class LocalQuotaLedger:
@@ -22,21 +26,33 @@ class LocalQuotaLedger:
     def __init__(self) -> None:
         self.total = 0
         self.per_user: dict[str, int] = {}
+        self.per_ip: dict[str, int] = {}
 
-    def reserve(self, user: str, max_total: int, max_per_user: int) -> str | None:
+    def reserve(
+        self, user: str, client_ip: str, max_total: int, max_per_user: int, max_per_ip: int
+    ) -> str | None:
         if max_total and self.total >= max_total:
             return "quota_total"
         count = self.per_user.get(user, 0)
         if max_per_user and count >= max_per_user:
             return "quota_user"
+        from_ip = self.per_ip.get(client_ip, 0)
+        if max_per_ip and from_ip >= max_per_ip:
+            return "quota_client_ip"
         self.total += 1
         self.per_user[user] = count + 1
+        self.per_ip[client_ip] = from_ip + 1
         return None
 
-    def release(self, user: str) -> None:
-        count = self.per_user.get(user, 0) - 1
-        if count > 0:
-            self.per_user[user] = count
-        else:
-            self.per_user.pop(user, None)
+    def release(self, user: str, client_ip: str) -> None:
+        _decrement(self.per_user, user)
+        _decrement(self.per_ip, client_ip)
         self.total = max(0, self.total - 1)
+
+
+def _decrement(counts: dict[str, int], key: str) -> None:
+    left = counts.get(key, 0) - 1
+    if left > 0:
+        counts[key] = left
+    else:
+        counts.pop(key, None)

@@ -69,6 +69,12 @@ _FAMILY_VERSION = {AddressFamily.IPV4: 4, AddressFamily.IPV6: 6}
 _VERSION_FAMILY = {4: AddressFamily.IPV4, 6: AddressFamily.IPV6}
 _BIND_ATTEMPTS = 16
 CONNECTION_TIMEOUT = 30.0  # RFC 6062 §5.2, §5.3
+# Requests and indications other than Send are small; a larger one is refused before
+# it is decoded (a Send indication may carry up to a datagram of data).
+MAX_CONTROL_MESSAGE = 4096
+_SEND_INDICATION_TYPE = b"\x00\x16"
+MAX_PEERS_PER_REQUEST = 32  # XOR-PEER-ADDRESS entries in one CreatePermission
+SEND_ERROR_LOG_INTERVAL = 60.0  # one log line per allocation and errno per interval
 
 
 class TimerKind(IntEnum):
@@ -102,8 +108,10 @@ class RelayStats:
         "dropped_malformed",
         "dropped_no_allocation",
         "dropped_no_permission",
+        "dropped_oversized",
         "dropped_peer_denied",
         "dropped_rate_limited",
+        "dropped_send_error",
         "dropped_unknown_channel",
         "ended_bytes_to_client",
         "ended_bytes_to_peer",
@@ -116,7 +124,9 @@ class RelayStats:
         self.dropped_no_allocation = 0
         self.dropped_no_permission = 0
         self.dropped_peer_denied = 0
+        self.dropped_oversized = 0
         self.dropped_rate_limited = 0
+        self.dropped_send_error = 0
         self.dropped_unknown_channel = 0
         self.ended_bytes_to_client = 0
         self.ended_bytes_to_peer = 0
@@ -171,6 +181,9 @@ class TurnServer:
 
     def handle_message(self, data: bytes, five_tuple: FiveTuple, now: float) -> bytes | None:
         """A STUN message from a client; returns the response to send back, if any."""
+        if len(data) > MAX_CONTROL_MESSAGE and data[:2] != _SEND_INDICATION_TYPE:
+            self.stats.dropped_oversized += 1
+            return None
         try:
             msg = decode_message(data)
         except StunDecodeError as exc:
@@ -205,10 +218,33 @@ class TurnServer:
             return
         try:
             route[0](payload, route[1])
-        except OSError:  # the relay socket's send failed: a lost datagram, as UDP allows
+        except OSError as exc:  # a lost datagram, as UDP allows: counted, never fatal
+            self.send_failed(alloc, route[1], exc, now)
             return
         alloc.packets_to_peer += 1
         alloc.bytes_to_peer += len(payload)
+
+    def send_failed(self, alloc: Allocation, peer: Address, exc: OSError, now: float) -> bool:
+        """Count a failed send on a relay path (either direction); report it at most once
+        per allocation, errno and SEND_ERROR_LOG_INTERVAL. True when an event was added."""
+        self.stats.dropped_send_error += 1
+        errno = exc.errno or 0
+        log = alloc.send_errors
+        if log is None:
+            log = alloc.send_errors = {}
+        last = log.get(errno)
+        if last is not None and now - last[0] < SEND_ERROR_LOG_INTERVAL:
+            log[errno] = (last[0], last[1] + 1)
+            return False
+        suppressed = last[1] if last is not None else 0
+        if len(log) < 16:  # bounded: errno values are few
+            log[errno] = (now, 0)
+        self.events.append(
+            ev.RelaySendFailed(
+                alloc.five_tuple, alloc.username, peer, errno, exc.strerror or "", suppressed
+            )
+        )
+        return True
 
     def data_indication(
         self, alloc: Allocation, payload: bytes, peer: Address, now: float
@@ -243,10 +279,14 @@ class TurnServer:
         """Expire allocations, permissions, channels and reservations that are due."""
         timers = self._timers
         while timers and timers[0][0] <= now:
-            _, _, kind, owner, key = heapq.heappop(timers)
+            when, _, kind, owner, key = heapq.heappop(timers)
             if kind == TimerKind.ALLOCATION:
-                if owner.live and owner.expires <= now:
+                if not owner.live:
+                    continue
+                if owner.expires <= now:
                     self._delete(owner, now, "expired")
+                elif when == owner.timer_at:  # refreshed since: one entry, moved later
+                    self._arm_allocation(owner)
             elif kind == TimerKind.CREDENTIAL:
                 if owner.live:
                     self._delete(owner, now, "credential_expired")
@@ -355,7 +395,7 @@ class TurnServer:
         username = identity.username if identity else (_safe_username(msg))
         self.events.append(ev.RequestHandled(ft, method_name, err.code, err.reason, username))
         if isinstance(err, Unauthorized | StaleNonce) and err.reason != "unauthenticated":
-            self.events.append(ev.AuthFailed(ft, username, err.reason))
+            self.events.append(ev.AuthFailed(ft, username, err.reason, method_name))
         if msg.method == Method.ALLOCATE:
             self.events.append(ev.AllocationRefused(ft, username, err.code, err.reason, err.detail))
 
@@ -500,6 +540,7 @@ class TurnServer:
             families = [4]
             address_error = 6  # RFC 8656 §7.2: ADDRESS-ERROR-CODE for the missing family
 
+        self._check_descriptors(len(families))
         lifetime = self._lifetime(msg.get(Attr.LIFETIME))
         alloc = Allocation(ft, ident.username, ident.user, ident.key, now, lifetime, ident.expires)
         alloc.rate, alloc.tokens, alloc.stamp = cfg.bandwidth, float(cfg.bandwidth), now
@@ -529,7 +570,7 @@ class TurnServer:
 
         self._reserve_quota(alloc, ident)
         self.allocations[ft] = alloc
-        self._push(alloc.expires, TimerKind.ALLOCATION, alloc, None)
+        self._arm_allocation(alloc)
         if cfg.strict_expiry and ident.expires is not None:
             self._push(ident.expires, TimerKind.CREDENTIAL, alloc, None)
         attrs: Attributes = [
@@ -570,6 +611,7 @@ class TurnServer:
         version = _FAMILY_VERSION[AddressFamily(family)] if family is not None else 4
         if version not in self.relay_addresses:
             raise AddressFamilyNotSupported(f"no IPv{version} relay address configured")
+        self._check_descriptors(1)
         lifetime = self._lifetime(msg.get(Attr.LIFETIME))
         alloc = Allocation(ft, ident.username, ident.user, ident.key, now, lifetime, ident.expires)
         alloc.rate, alloc.tokens, alloc.stamp = cfg.bandwidth, float(cfg.bandwidth), now
@@ -578,7 +620,7 @@ class TurnServer:
         alloc.relays[version] = self._open_relay(alloc, version, tcp=True)
         self._reserve_quota(alloc, ident)
         self.allocations[ft] = alloc
-        self._push(alloc.expires, TimerKind.ALLOCATION, alloc, None)
+        self._arm_allocation(alloc)
         if cfg.strict_expiry and ident.expires is not None:
             self._push(ident.expires, TimerKind.CREDENTIAL, alloc, None)
         self.events.append(
@@ -589,6 +631,27 @@ class TurnServer:
             (Attr.LIFETIME, lifetime),
             (Attr.XOR_MAPPED_ADDRESS, ft.client),
         ]
+
+    def _check_descriptors(self, sockets: int) -> None:
+        """Refuse with 508 before the process would run out of file descriptors."""
+        if not self.relay_opener.has_capacity(sockets):
+            raise InsufficientCapacity("file descriptor limit reached", reason="fd_limit")
+
+    def _check_peer_connection_limits(self, alloc: Allocation, connecting: bool) -> None:
+        """RFC 6062 limits per allocation: peer connections, and Connects in flight."""
+        cfg = self.config
+        conns = alloc.peer_connections
+        if cfg.max_peer_connections_per_allocation and (
+            len(conns) >= cfg.max_peer_connections_per_allocation
+        ):
+            raise InsufficientCapacity("too many peer connections", reason="quota_connections")
+        if connecting and cfg.max_pending_connects_per_allocation:
+            pending = sum(pc.state == PeerConnection.CONNECTING for pc in conns.values())
+            if pending >= cfg.max_pending_connects_per_allocation:
+                raise InsufficientCapacity(
+                    "too many Connect requests in progress", reason="quota_pending_connects"
+                )
+        self._check_descriptors(1)
 
     def _new_connection_id(self) -> int:
         while True:
@@ -608,6 +671,7 @@ class TurnServer:
         peer = (ip, peer[1])
         if peer in alloc.peer_connections:
             raise ConnectionAlreadyExists(f"a connection to {peer[0]}:{peer[1]} exists")
+        self._check_peer_connection_limits(alloc, connecting=True)
         relay = alloc.relays.get(6 if ":" in ip else 4)
         assert relay is not None and relay.tcp is not None
         pc = PeerConnection(
@@ -668,6 +732,11 @@ class TurnServer:
         if not alloc.live or peer[0] not in alloc.permissions or peer in alloc.peer_connections:
             self.stats.dropped_no_permission += 1
             return None
+        try:
+            self._check_peer_connection_limits(alloc, connecting=False)
+        except InsufficientCapacity as err:
+            self.events.append(ev.MessageDiscarded(alloc.five_tuple, err.reason, err.detail))
+            return None
         pc = PeerConnection(
             self._new_connection_id(),
             alloc,
@@ -724,11 +793,22 @@ class TurnServer:
     def _reserve_quota(self, alloc: Allocation, ident: Identity) -> None:
         """Count the allocation against the quotas, last, so no failure needs undoing."""
         cfg = self.config
-        why = self.quotas.reserve(ident.user, cfg.max_allocations, cfg.max_allocations_per_user)
+        why = self.quotas.reserve(
+            ident.user,
+            alloc.five_tuple.client[0],
+            cfg.max_allocations,
+            cfg.max_allocations_per_user,
+            cfg.max_allocations_per_client_ip,
+        )
         if why is not None:
             self._close_relays(alloc)
             if why == "quota_total":
                 raise AllocationQuotaReached("server allocation limit reached", reason=why)
+            if why == "quota_client_ip":
+                raise AllocationQuotaReached(
+                    f"client address {alloc.five_tuple.client[0]} has too many allocations",
+                    reason=why,
+                )
             raise AllocationQuotaReached(
                 f"user {ident.user!r} has too many allocations", reason=why
             )
@@ -835,7 +915,8 @@ class TurnServer:
             return [(Attr.LIFETIME, 0)]
         lifetime = self._lifetime(requested)
         alloc.expires = now + lifetime
-        self._push(alloc.expires, TimerKind.ALLOCATION, alloc, None)
+        if alloc.expires < alloc.timer_at:  # shortened: fire earlier; a later expiry waits
+            self._arm_allocation(alloc)
         self.events.append(ev.AllocationRefreshed(ft, lifetime))
         return [(Attr.LIFETIME, lifetime)]
 
@@ -851,12 +932,38 @@ class TurnServer:
             raise Forbidden(f"peer {peer[0]} is not allowed by the peer policy")
         return str(ip)
 
+    def revoke_denied_peers(self) -> int:
+        """After the peer policy changed (SIGHUP): remove at once every permission whose
+        peer it now denies, with its channels and RFC 6062 connections. Returns how many."""
+        removed = 0
+        policy = self.peer_policy
+        for alloc in list(self.allocations.values()):
+            probe = alloc.username in self.probe_users
+            for ip in list(alloc.permissions):
+                if probe and ip in self.probe_peer_ips:
+                    continue
+                if not policy.is_allowed(ipaddress.ip_address(ip)):
+                    self._revoke_permission(alloc, ip, "peer_policy")
+                    removed += 1
+        return removed
+
+    def _revoke_permission(self, alloc: Allocation, ip: str, reason: str) -> None:
+        del alloc.permissions[ip]
+        for binding in [b for b in alloc.bindings.values() if b.peer[0] == ip]:
+            del alloc.bindings[binding.number]
+            del alloc.bindings_by_peer[binding.peer]
+            alloc.channel_routes.pop(binding.number, None)
+            alloc.peer_channels.pop(binding.peer, None)
+        for pc in [pc for pc in alloc.peer_connections.values() if pc.peer[0] == ip]:
+            self._forget_peer_connection(pc, close=True)
+        self.events.append(ev.PermissionRevoked(alloc.five_tuple, alloc.username, ip, reason))
+
     def _install_permission(self, alloc: Allocation, ip: str, now: float) -> None:
         new = ip not in alloc.permissions
         expires = now + self.config.permission_lifetime
         alloc.permissions[ip] = max(expires, alloc.permissions.get(ip, 0.0))
-        self._push(expires, TimerKind.PERMISSION, alloc, ip)
-        if new:
+        if new:  # one timer per permission; a refresh moves it when it fires
+            self._push(expires, TimerKind.PERMISSION, alloc, ip)
             alloc.update_routes(ip)
             self.events.append(ev.PermissionInstalled(alloc.five_tuple, ip))
 
@@ -868,9 +975,14 @@ class TurnServer:
         peers: list[Address] = msg.get_all(Attr.XOR_PEER_ADDRESS)
         if not peers:
             raise BadRequest("CreatePermission without XOR-PEER-ADDRESS")
-        ips = [self._check_peer(alloc, p, ft) for p in peers]
+        if len(peers) > MAX_PEERS_PER_REQUEST:
+            raise BadRequest(f"more than {MAX_PEERS_PER_REQUEST} XOR-PEER-ADDRESS attributes")
+        ips = list(dict.fromkeys(self._check_peer(alloc, p, ft) for p in peers))
         limit = self.config.max_permissions_per_allocation
-        if limit and len(set(alloc.permissions) | set(ips)) > limit:
+        if (
+            limit
+            and len(alloc.permissions) + sum(ip not in alloc.permissions for ip in ips) > limit
+        ):
             raise InsufficientCapacity("too many permissions", reason="quota_permissions")
         for ip in ips:
             self._install_permission(alloc, ip, now)
@@ -905,9 +1017,9 @@ class TurnServer:
             binding = ChannelBinding(number, peer, expires)
             alloc.bindings[number] = binding
             alloc.bindings_by_peer[peer] = binding
+            self._push(expires, TimerKind.CHANNEL, alloc, number)  # one timer per channel
             self.events.append(ev.ChannelBound(ft, number, peer))
         binding.expires = expires
-        self._push(expires, TimerKind.CHANNEL, alloc, number)
         self._install_permission(alloc, ip, now)  # RFC 8656 §12.2 also refreshes it
         alloc.update_routes(ip)
         return []
@@ -937,13 +1049,14 @@ class TurnServer:
             self.stats.dropped_rate_limited += 1
             return
         relay = alloc.relays.get(6 if ":" in peer[0] else 4)
-        if relay is None:
+        if relay is None or relay.sendto is None:
             self.stats.dropped_no_permission += 1
             return
-        if relay.sendto is None:
-            self.stats.dropped_no_permission += 1
+        try:
+            relay.sendto(data, peer)
+        except OSError as exc:  # EMSGSIZE with DONT-FRAGMENT, unreachable routes, ...
+            self.send_failed(alloc, peer, exc, now)
             return
-        relay.sendto(data, peer)
         alloc.packets_to_peer += 1
         alloc.bytes_to_peer += len(data)
 
@@ -953,9 +1066,16 @@ class TurnServer:
         self._seq += 1
         heapq.heappush(self._timers, (when, self._seq, kind, owner, key))
 
+    def _arm_allocation(self, alloc: Allocation) -> None:
+        alloc.timer_at = alloc.expires
+        self._push(alloc.expires, TimerKind.ALLOCATION, alloc, None)
+
     def _expire_permission(self, alloc: Allocation, ip: str, now: float) -> None:
         expires = alloc.permissions.get(ip)
-        if not alloc.live or expires is None or expires > now:
+        if not alloc.live or expires is None:
+            return
+        if expires > now:  # refreshed: the same timer fires again later
+            self._push(expires, TimerKind.PERMISSION, alloc, ip)
             return
         del alloc.permissions[ip]
         alloc.update_routes(ip)
@@ -963,7 +1083,10 @@ class TurnServer:
 
     def _expire_channel(self, alloc: Allocation, number: int, now: float) -> None:
         binding = alloc.bindings.get(number)
-        if not alloc.live or binding is None or binding.expires > now:
+        if not alloc.live or binding is None:
+            return
+        if binding.expires > now:  # refreshed: the same timer fires again later
+            self._push(binding.expires, TimerKind.CHANNEL, alloc, number)
             return
         del alloc.bindings[number]
         del alloc.bindings_by_peer[binding.peer]
@@ -976,7 +1099,7 @@ class TurnServer:
             return
         alloc.live = False
         self.allocations.pop(alloc.five_tuple, None)
-        self.quotas.release(alloc.user)
+        self.quotas.release(alloc.user, alloc.five_tuple.client[0])
         relayed = alloc.relayed_addresses
         for pc in list(alloc.peer_connections.values()):
             self._forget_peer_connection(pc, close=False)  # closing the relay closes them

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import socket
+import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -13,6 +15,7 @@ from turnserver.core.config import CoreConfig
 from turnserver.core.five_tuple import ClientTransport, FiveTuple
 from turnserver.core.policy import PeerPolicy
 from turnserver.core.server import TurnServer
+from turnserver.io.descriptors import DescriptorBudget
 from turnserver.io.stream import StreamConnection
 from turnserver.io.tcp_relay import TcpRelay
 from turnserver.io.tls import ReloadableTLS
@@ -42,6 +45,11 @@ class StreamOptions:
     idle_timeout: float = 30.0  # a connection with no allocation and no traffic
     handshake_timeout: float = 10.0  # TLS
     backlog: int = 1024
+    frame_timeout: float = 10.0  # to finish a STUN message or ChannelData frame once begun
+    first_request_timeout: float = 15.0  # to get a first successful answer (slowloris)
+    write_timeout: float = 30.0  # a client that stops reading is closed after this
+    max_connections: int = 0  # TCP/TLS client connections in all (0: half the fd budget)
+    max_connections_per_ip: int = 256  # from one client IP address (0: no cap)
 
 
 class ServerRuntime:
@@ -59,6 +67,8 @@ class ServerRuntime:
         stream_options: StreamOptions | None = None,
         reuse_port: bool = False,
         clock: Callable[[], float] = time.time,
+        descriptors: DescriptorBudget | None = None,
+        inherited: dict[int, socket.socket] | None = None,
     ) -> None:
         self.loop = loop
         self.listen = listen
@@ -66,10 +76,16 @@ class ServerRuntime:
         self.stream_options = stream_options or StreamOptions()
         self.reuse_port = reuse_port
         self.now = clock
+        self.descriptors = descriptors or DescriptorBudget(0)
+        # Listener sockets made by a parent process, by index in `listen` (workers)
+        self.inherited = inherited or {}
         self.core = TurnServer(core_config, authenticator, SocketRelayOpener(self), peer_policy)
         self.udp_listeners: dict[Address, UdpListener] = {}
         self.stream_servers: list[tuple[ListenAddress, asyncio.Server]] = []
         self.stream_connections: dict[FiveTuple, StreamConnection] = {}
+        self.streams_per_ip: dict[str, int] = {}
+        self.stream_refusals: dict[str, int] = {}  # cap -> connections refused
+        self.last_cap_hit = 0.0  # loop time a stream cap last refused a connection
         self.event_sinks: list[EventSink] = []
         self.request_timer: Callable[[float | None], None] | None = None
         self.draining = False
@@ -79,21 +95,38 @@ class ServerRuntime:
         self._timer_when: float | None = None
         self._sweeper: asyncio.TimerHandle | None = None
 
+    @property
+    def stream_limit(self) -> int:
+        """TCP/TLS client connections allowed in all (configured, or half the fd budget)."""
+        configured = self.stream_options.max_connections
+        derived = self.descriptors.limit // 2
+        if configured and derived:
+            return min(configured, derived)
+        return configured or derived
+
+    @property
+    def handshake_timeout(self) -> float:
+        return self.stream_options.handshake_timeout
+
+    def tls_context(self) -> ssl.SSLContext | None:
+        return self.tls.listener_context if self.tls is not None else None
+
     async def start(self) -> None:
         """Bind every listener (raises OSError naming the address that failed)."""
         try:
-            for spec in self.listen:
-                await self._bind(spec)
+            for index, spec in enumerate(self.listen):
+                await self._bind(spec, self.inherited.get(index))
         except BaseException:
             self.stop()
             raise
         self.listeners_bound = True
         self._schedule_sweep()
 
-    async def _bind(self, spec: ListenAddress) -> None:
+    async def _bind(self, spec: ListenAddress, sock: socket.socket | None = None) -> None:
         try:
             if spec.scheme == "udp":
-                sock = bind_udp_socket(spec.host, spec.port, reuse_port=self.reuse_port)
+                if sock is None:
+                    sock = bind_udp_socket(spec.host, spec.port, reuse_port=self.reuse_port)
                 listener = UdpListener(self, sock)
                 listener.start(self.loop)
                 self.udp_listeners[listener.local] = listener
@@ -101,19 +134,22 @@ class ServerRuntime:
             if spec.scheme == "tls" and self.tls is None:
                 raise ValueError(f"{spec}: a tls:// listener needs --cert and --key")
             kind = ClientTransport.TLS if spec.scheme == "tls" else ClientTransport.TCP
-            ssl_ctx = (
-                self.tls.listener_context if kind == ClientTransport.TLS and self.tls else None
-            )
             holder: list[Address] = []
-            server = await self.loop.create_server(
-                lambda: StreamConnection(self, holder[0], kind),
-                spec.host,
-                spec.port,
-                ssl=ssl_ctx,
-                ssl_handshake_timeout=self.stream_options.handshake_timeout if ssl_ctx else None,
-                reuse_port=self.reuse_port or None,
-                backlog=self.stream_options.backlog,
-            )
+            # TLS runs through start_tls in StreamConnection, where failures are visible
+            if sock is not None:
+                server = await self.loop.create_server(
+                    lambda: StreamConnection(self, holder[0], kind),
+                    sock=sock,
+                    backlog=self.stream_options.backlog,
+                )
+            else:
+                server = await self.loop.create_server(
+                    lambda: StreamConnection(self, holder[0], kind),
+                    spec.host,
+                    spec.port,
+                    reuse_port=self.reuse_port or None,
+                    backlog=self.stream_options.backlog,
+                )
             host, port = server.sockets[0].getsockname()[:2]
             holder.append((host, port))
             self.stream_servers.append((ListenAddress(spec.scheme, host, port), server))
@@ -182,28 +218,73 @@ class ServerRuntime:
 
     # ---- stream connections ------------------------------------------------------------
 
-    def stream_opened(self, conn: StreamConnection) -> None:
-        assert conn.five_tuple is not None
-        self.stream_connections[conn.five_tuple] = conn
+    def stream_opened(self, conn: StreamConnection) -> bool:
+        """Admit a new TCP/TLS connection, or refuse it (counted) over a cap."""
+        ft = conn.five_tuple
+        assert ft is not None
+        ip = ft.client[0]
+        per_ip = self.streams_per_ip.get(ip, 0)
+        cap_per_ip = self.stream_options.max_connections_per_ip
+        refused = ""
+        if len(self.stream_connections) >= self.stream_limit > 0:
+            refused = "stream_limit"
+        elif cap_per_ip and per_ip >= cap_per_ip:
+            refused = "per_ip_limit"
+        elif not self.descriptors.has(1):
+            refused = "fd_limit"
+        if refused:
+            self.stream_refusals[refused] = self.stream_refusals.get(refused, 0) + 1
+            self.last_cap_hit = self.loop.time()
+            self.emit(ev.ConnectionClosed(ft, refused, ""))
+            return False
+        self.descriptors.take(1)
+        self.streams_per_ip[ip] = per_ip + 1
+        self.stream_connections[ft] = conn
+        return True
 
     def stream_closed(self, conn: StreamConnection, reason: str) -> None:
         ft = conn.five_tuple
-        if ft is None:
+        if ft is None or self.stream_connections.get(ft) is not conn:
             return
-        self.stream_connections.pop(ft, None)
+        del self.stream_connections[ft]
+        self.descriptors.give(1)
+        ip = ft.client[0]
+        left = self.streams_per_ip.get(ip, 1) - 1
+        if left > 0:
+            self.streams_per_ip[ip] = left
+        else:
+            self.streams_per_ip.pop(ip, None)
         self.core.close_five_tuple(ft, self.now())
         self.after_core_call()
 
     def _schedule_sweep(self) -> None:
-        interval = max(0.2, min(5.0, self.stream_options.idle_timeout / 4))
+        o = self.stream_options
+        shortest = min(o.idle_timeout, o.frame_timeout, o.first_request_timeout, o.write_timeout)
+        interval = max(0.2, min(5.0, shortest / 4))
         self._sweeper = self.loop.call_later(interval, self._sweep)
 
     def _sweep(self) -> None:
-        """Close TCP/TLS connections that hold no allocation and sent nothing lately."""
-        deadline = self.loop.time() - self.stream_options.idle_timeout
+        """Close TCP/TLS connections past a deadline: idle without an allocation, a frame
+        left unfinished, no successful request yet, or a write buffer that stays full."""
+        now = self.loop.time()
+        o = self.stream_options
+        idle_before = now - o.idle_timeout
+        frame_before = now - o.frame_timeout
+        first_before = now - o.first_request_timeout
+        write_before = now - o.write_timeout
         for conn in list(self.stream_connections.values()):
-            if conn.alloc is None and conn.pipe is None and conn.last_active < deadline:
-                conn.close("idle_timeout", f"no allocation and idle {conn.last_active:.0f}")
+            if conn.closing:
+                continue
+            if conn.paused_since and conn.paused_since < write_before:
+                conn.close("write_timeout", "the client does not read its responses")
+            elif conn.pipe is not None:
+                continue  # RFC 6062 data connection: raw bytes, the peer decides
+            elif conn.frame_started and conn.frame_started < frame_before:
+                conn.close("frame_timeout", f"frame unfinished after {o.frame_timeout:g} s")
+            elif not conn.answered and conn.opened_at < first_before:
+                conn.close("first_request_timeout", "no successful request")
+            elif conn.alloc is None and conn.last_active < idle_before:
+                conn.close("idle_timeout", f"no allocation and idle {now - conn.last_active:.0f} s")
         self._schedule_sweep()
 
     # ---- routing ---------------------------------------------------------------------

@@ -1,65 +1,164 @@
 """TCP and TLS client connections (RFC 8656 §3.1, §12.5).
 
 Each connection is its own 5-tuple; its allocation dies with it. Frames come out of
-a bounded StreamFramer; ChannelData takes the same fast path as over UDP. Writes
-that would pile up beyond a high-water mark are dropped and counted, as UDP would.
+a bounded StreamFramer; ChannelData takes the same fast path as over UDP.
+
+What one connection may cost is bounded: it must finish each frame within
+`frame_timeout` and get a successful answer within `first_request_timeout`; when its
+write buffer passes the high-water mark the server stops reading from it (so a client
+that never reads cannot grow memory) and closes it if the buffer stays full for
+`write_timeout`. TLS handshakes run through `loop.start_tls`, so their failures and
+timeouts are seen, counted by reason and closed like any other connection.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ssl
 from time import perf_counter
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from turnserver.core import events as ev
 from turnserver.core.allocation import Allocation
 from turnserver.core.five_tuple import ClientTransport, FiveTuple
+from turnserver.io.host import AdapterHost
 from turnserver.stun.attributes import Address
 from turnserver.stun.channeldata import CHANNEL_HEADER
-from turnserver.stun.constants import MessageClass, Method
 from turnserver.stun.errors import StunDecodeError
 from turnserver.stun.framing import StreamFramer
-from turnserver.stun.message import message_type
 
 if TYPE_CHECKING:
-    from turnserver.io.runtime import ServerRuntime
     from turnserver.io.tcp_relay import PeerTcpConnection
 
 WRITE_HIGH_WATER = 256 * 1024
-_CONNECTION_BIND_REQUEST = message_type(Method.CONNECTION_BIND, MessageClass.REQUEST).to_bytes(
-    2, "big"
-)
 _PAD = (b"", b"\x00\x00\x00", b"\x00\x00", b"\x00")
+
+
+def is_success_response(response: bytes) -> bool:
+    """STUN class bits C1=1, C0=0 (RFC 8489 §5): a success response."""
+    return bool(response[0] & 0x01) and not response[1] & 0x10
+
+
+def tls_failure_reason(exc: BaseException) -> str:
+    """A bounded label for why a TLS handshake failed."""
+    if isinstance(exc, TimeoutError) or (
+        isinstance(exc, ConnectionAbortedError) and "longer than" in str(exc)
+    ):
+        return "handshake_timeout"
+    if isinstance(exc, ssl.SSLError):
+        text = f"{exc.reason or ''} {exc}".upper()
+        for needle, label in (
+            ("CERTIFICATE_UNKNOWN", "certificate_unknown"),
+            ("UNKNOWN_CA", "unknown_ca"),
+            ("BAD_CERTIFICATE", "bad_certificate"),
+            ("CERTIFICATE_EXPIRED", "certificate_expired"),
+            ("UNSUPPORTED_PROTOCOL", "protocol_version"),
+            ("PROTOCOL_VERSION", "protocol_version"),
+            ("NO_SHARED_CIPHER", "no_shared_cipher"),
+            ("NO_APPLICATION_PROTOCOL", "no_application_protocol"),
+            ("HTTP_REQUEST", "not_tls"),
+            ("WRONG_VERSION_NUMBER", "not_tls"),
+            ("UNEXPECTED_EOF", "client_aborted"),
+        ):
+            if needle in text:
+                return label
+        return "ssl_error"
+    if isinstance(exc, ConnectionError | EOFError):
+        return "client_aborted"  # often a client that refused our certificate
+    return "other"
 
 
 class StreamConnection(asyncio.Protocol):
     """One TCP or TLS connection from a client."""
 
-    def __init__(self, runtime: ServerRuntime, local: Address, kind: ClientTransport) -> None:
+    def __init__(self, runtime: AdapterHost, local: Address, kind: ClientTransport) -> None:
         self.runtime = runtime
         self.local = local
         self.kind = kind
         self.framer = StreamFramer()
         self.transport: asyncio.Transport | None = None
+        self._raw: asyncio.Transport | None = None  # the TCP transport under TLS
         self.five_tuple: FiveTuple | None = None
         self.alloc: Allocation | None = None
+        self.opened_at = 0.0
         self.last_active = 0.0
+        self.frame_started = 0.0  # when the unfinished frame in the framer began
+        self.answered = False  # a request of this connection got a success response
+        self.paused_since = 0.0  # write buffer above the high-water mark since (0: not)
         self.close_reason = "client_closed"
-        self.paused = False
+        self.closing = False
+        self.registered = False
         self.pipe: PeerTcpConnection | None = None  # set once ConnectionBind succeeds
+
+    @property
+    def paused(self) -> bool:
+        return self.paused_since > 0.0
 
     # ---- asyncio.Protocol ------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it
-        transport = cast(asyncio.Transport, transport)
-        self.transport = transport
-
-        peer = transport.get_extra_info("peername")
+        raw = cast(asyncio.Transport, transport)
+        self._raw = raw
+        peer = raw.get_extra_info("peername")
         self.five_tuple = FiveTuple((peer[0], peer[1]), self.local, self.kind)
-        self.last_active = self.runtime.loop.time()
+        now = self.runtime.loop.time()
+        self.opened_at = self.last_active = now
+        if not self.runtime.stream_opened(self):
+            raw.abort()  # over a connection cap: refused and counted by the runtime
+            return
+        self.registered = True
+        if self.kind == ClientTransport.TLS:
+            self._start_tls(raw)
+            return
+        self._ready(raw)
+
+    def _ready(self, transport: asyncio.Transport) -> None:
+        self.transport = transport
         transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
-        self.runtime.stream_opened(self)
+        if self.framer.buffered:  # asyncio may deliver data before start_tls returns
+            self._process()
+
+    def _start_tls(self, raw: asyncio.Transport) -> None:
+        """Begin the TLS handshake inside connection_made. loop.start_tls is driven by
+        hand rather than as a Task: its first step swaps the transport's protocol, and
+        it must do so before the loop reads the ClientHello (uvloop starts reading right
+        after connection_made returns, and bytes read before the swap would be lost)."""
+        ctx = self.runtime.tls_context()
+        if ctx is None:
+            raw.abort()
+            return
+        coro = self.runtime.loop.start_tls(
+            raw, self, ctx, server_side=True, ssl_handshake_timeout=self.runtime.handshake_timeout
+        )
+        self._drive_handshake(raw, coro)
+
+    def _drive_handshake(self, raw: asyncio.Transport, coro: Any) -> None:
+        try:
+            waiting = coro.send(None)
+        except StopIteration as done:
+            if self.closing or done.value is None:
+                raw.abort()
+            else:
+                self._ready(done.value)
+            return
+        except (OSError, ssl.SSLError, TimeoutError, EOFError, RuntimeError) as exc:
+            self._handshake_failed(raw, exc)
+            return
+        waiting.add_done_callback(lambda _: self._drive_handshake(raw, coro))
+
+    def _handshake_failed(self, raw: asyncio.Transport, exc: BaseException) -> None:
+        reason = tls_failure_reason(exc)
+        assert self.five_tuple is not None
+        if not self.closing:
+            self.closing = True
+            self.close_reason = "handshake_timeout" if reason == "handshake_timeout" else "tls"
+            self.runtime.emit(ev.TlsHandshakeFailed(self.five_tuple, reason, str(exc)[:200]))
+            self.runtime.emit(ev.ConnectionClosed(self.five_tuple, self.close_reason, reason))
+        raw.abort()
+        if self._raw is raw and self.registered:
+            # start_tls took the transport: connection_lost may never reach us
+            self._lost()
 
     def data_received(self, data: bytes) -> None:
         self.last_active = self.runtime.loop.time()
@@ -68,17 +167,21 @@ class StreamConnection(asyncio.Protocol):
             if pipe.transport is not None:
                 pipe.transport.write(data)
             return
+        self.framer.append(data)
+        if self.transport is not None:
+            self._process()
+
+    def _process(self) -> None:
         framer = self.framer
-        framer.append(data)
         runtime = self.runtime
         ft = self.five_tuple
         assert ft is not None
-        while True:
+        while not self.paused:  # a client that does not read gets no more answers
             try:
                 frame = framer.pop()
             except StunDecodeError as exc:
                 self.close("framing_error", str(exc))
-                break
+                return
             if frame is None:
                 break
             if frame[0] >= 0x40:
@@ -86,35 +189,55 @@ class StreamConnection(asyncio.Protocol):
                 continue
             started = perf_counter()
             response = runtime.core.handle_message(frame, ft, runtime.now())
-            if response is not None and self.transport is not None:
-                self.transport.write(response)
+            if response is not None:
+                if self.transport is not None:
+                    self.transport.write(response)
+                if not self.answered and is_success_response(response):
+                    self.answered = True
             runtime.after_core_call(perf_counter() - started)
             if self.pipe is not None:  # ConnectionBind made this a data connection
                 rest = framer.take_rest()
                 if rest and self.pipe.transport is not None:
                     self.pipe.transport.write(rest)
                 break
+        self.frame_started = (self.frame_started or self.last_active) if framer.buffered else 0.0
 
     def _channel_data(self, frame: bytes) -> None:
         runtime = self.runtime
         number = (frame[0] << 8) | frame[1]
-        runtime.core.relay_channel_data(self.alloc, number, frame[4:], runtime.now())
+        core = runtime.core
+        core.relay_channel_data(self.alloc, number, frame[4:], runtime.now())
+        if core.events:
+            runtime.after_core_call()
 
     def pause_writing(self) -> None:
-        self.paused = True
-        if self.pipe is not None and self.pipe.transport is not None:
-            self.pipe.transport.pause_reading()
+        self.paused_since = self.runtime.loop.time()
+        if self.pipe is not None:  # RFC 6062: stop reading the peer instead
+            if self.pipe.transport is not None:
+                self.pipe.transport.pause_reading()
+        elif self.transport is not None:
+            self.transport.pause_reading()  # backpressure: stop taking requests
 
     def resume_writing(self) -> None:
-        self.paused = False
+        self.paused_since = 0.0
         if self.pipe is not None and self.pipe.transport is not None:
             self.pipe.transport.resume_reading()
+        if self.transport is not None and not self.closing:
+            self.transport.resume_reading()
+            if self.pipe is None and self.framer.buffered:
+                self._process()  # frames read before the pause
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._lost()
+
+    def _lost(self) -> None:
+        if not self.registered:
+            return
+        self.registered = False
+        self.closing = True
         self.transport = None
         if self.pipe is not None:
             self.pipe.close(graceful=True)
-
         self.runtime.stream_closed(self, self.close_reason)
 
     # ---- ClientSink ------------------------------------------------------------------
@@ -137,16 +260,22 @@ class StreamConnection(asyncio.Protocol):
     # ---- helpers ---------------------------------------------------------------------
 
     def close(self, reason: str, detail: str = "") -> None:
-        """Close the connection, reporting why."""
-        if self.transport is None:
+        """Close the connection, reporting why (once, however often it is called)."""
+        if self.closing:
             return
+        self.closing = True
         self.close_reason = reason
         if self.five_tuple is not None and reason != "client_closed":
             self.runtime.emit(ev.ConnectionClosed(self.five_tuple, reason, detail))
+        transport = self.transport
+        if transport is None:  # TLS handshake not done yet
+            if self._raw is not None:
+                self._raw.abort()
+            return
         if reason in ("peer_closed", "shutdown"):
-            self.transport.close()  # flush what the peer sent; TLS sends close_notify
+            transport.close()  # flush what the peer sent; TLS sends close_notify
         else:
-            self.transport.abort()
+            transport.abort()
 
 
 __all__ = ["StreamConnection"]

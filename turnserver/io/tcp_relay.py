@@ -13,12 +13,11 @@ import socket
 from typing import TYPE_CHECKING, cast
 
 from turnserver.core.allocation import Allocation
-from turnserver.io.sinks import ClientSink
+from turnserver.io.host import AdapterHost, ClientSink
 from turnserver.io.sockets import bind_socket
 from turnserver.stun.attributes import Address
 
 if TYPE_CHECKING:
-    from turnserver.io.runtime import ServerRuntime
     from turnserver.io.stream import StreamConnection
 
 PENDING_LIMIT = 64 * 1024  # peer bytes held while waiting for ConnectionBind
@@ -33,9 +32,10 @@ def _tcp_socket(host: str, port: int) -> socket.socket:
 class PeerTcpConnection(asyncio.Protocol):
     """The relay's TCP connection to one peer."""
 
-    def __init__(self, relay: TcpRelay, connection_id: int = 0) -> None:
+    def __init__(self, relay: TcpRelay, connection_id: int = 0, *, counted: bool = False) -> None:
         self.relay = relay
         self.connection_id = connection_id
+        self.counted = counted  # holds one descriptor of the budget
         self.transport: asyncio.Transport | None = None
         self.data_conn: StreamConnection | None = None
         self.pending = bytearray()
@@ -46,7 +46,9 @@ class PeerTcpConnection(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         self.peer = (peer[0], peer[1])
         if not self.connection_id:  # a peer dialled the relayed address
-            self.relay.inbound(self)
+            if self.relay.inbound(self):
+                self.counted = True
+                self.relay.runtime.descriptors.take(1)
 
     def data_received(self, data: bytes) -> None:
         data_conn = self.data_conn
@@ -67,6 +69,9 @@ class PeerTcpConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
+        if self.counted:
+            self.counted = False
+            self.relay.runtime.descriptors.give(1)
         self.relay.lost(self)
 
     def attach(self, data_conn: StreamConnection, early: bytes) -> None:
@@ -92,8 +97,9 @@ class PeerTcpConnection(asyncio.Protocol):
 class TcpRelay:
     """Implements core.allocation.TcpRelayEndpoint."""
 
-    def __init__(self, runtime: ServerRuntime, alloc: Allocation, sock: socket.socket) -> None:
+    def __init__(self, runtime: AdapterHost, alloc: Allocation, sock: socket.socket) -> None:
         self.runtime = runtime
+        runtime.descriptors.take(1)  # the listening socket
         self.alloc = alloc
         host, port = sock.getsockname()[:2]
         self.address: Address = (host, port)
@@ -120,18 +126,20 @@ class TcpRelay:
         sink = self.alloc.sink
         return sink if isinstance(sink, ClientSink) else None
 
-    def inbound(self, conn: PeerTcpConnection) -> None:
+    def inbound(self, conn: PeerTcpConnection) -> bool:
         """A peer connected: tell the client with ConnectionAttempt, or refuse."""
         core = self.runtime.core
         result = core.peer_connection_received(self.alloc, conn.peer, self.runtime.now())
         sink = self._sink()
         if result is None or sink is None:
             conn.close()
-            return
+            self.runtime.after_core_call()
+            return False
         conn.connection_id, indication = result
         self.connections[conn.connection_id] = conn
         sink.send(indication)
         self.runtime.after_core_call()
+        return True
 
     def connect(self, connection_id: int, peer: Address) -> None:
         self._spawn(self._connect(connection_id, peer))
@@ -139,16 +147,19 @@ class TcpRelay:
     async def _connect(self, connection_id: int, peer: Address) -> None:
         loop = self.runtime.loop
         conn: PeerTcpConnection | None = None
+        budget = self.runtime.descriptors
         try:
             sock = _tcp_socket(*self.address)
+            budget.take(1)
             try:
                 await asyncio.wait_for(loop.sock_connect(sock, peer), CONNECT_TIMEOUT)
                 _, proto = await loop.create_connection(
-                    lambda: PeerTcpConnection(self, connection_id), sock=sock
+                    lambda: PeerTcpConnection(self, connection_id, counted=True), sock=sock
                 )
                 conn = proto
             except BaseException:
                 sock.close()
+                budget.give(1)
                 raise
         except (TimeoutError, OSError):
             conn = None
@@ -189,7 +200,10 @@ class TcpRelay:
                 conn.data_conn.close("peer_closed")
 
     def close(self) -> None:
+        if self._closed:
+            return
         self._closed = True
+        self.runtime.descriptors.give(1)
         if self._server is not None:
             self._server.close()
         else:
@@ -202,7 +216,7 @@ class TcpRelay:
 
 
 def open_tcp_relay(
-    runtime: ServerRuntime, alloc: Allocation, host: str, port: int
+    runtime: AdapterHost, alloc: Allocation, host: str, port: int
 ) -> TcpRelay | None:
     """Bind and listen on host:port, or None when the port is taken."""
     try:

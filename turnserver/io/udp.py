@@ -11,18 +11,15 @@ from __future__ import annotations
 import asyncio
 import socket
 from time import perf_counter
-from typing import TYPE_CHECKING
 
 from turnserver.core.allocation import Allocation, SendTo
 from turnserver.core.five_tuple import ClientTransport, FiveTuple
-from turnserver.io.sinks import ClientSink
+from turnserver.core.server import RelayStats
+from turnserver.io.host import AdapterHost, ClientSink
 from turnserver.io.sockets import bind_socket
 from turnserver.io.tcp_relay import TcpRelay, open_tcp_relay
 from turnserver.stun.attributes import Address
 from turnserver.stun.channeldata import CHANNEL_HEADER
-
-if TYPE_CHECKING:
-    from turnserver.io.runtime import ServerRuntime
 
 READ_BATCH = 64
 MAX_DATAGRAM = 65535
@@ -47,17 +44,18 @@ def bind_udp_socket(host: str, port: int, *, reuse_port: bool = False) -> socket
 class UdpClientSink:
     """Sends to one client over a UDP listener socket."""
 
-    __slots__ = ("addr", "sock")
+    __slots__ = ("addr", "sock", "stats")
 
-    def __init__(self, sock: socket.socket, addr: Address) -> None:
+    def __init__(self, sock: socket.socket, addr: Address, stats: RelayStats) -> None:
         self.sock = sock
         self.addr = addr
+        self.stats = stats
 
     def send(self, data: bytes) -> None:
         try:
             self.sock.sendto(data, self.addr)
         except OSError:
-            pass
+            self.stats.dropped_send_error += 1
 
     def send_channel_data(self, number: int, payload: bytes) -> None:
         try:
@@ -65,13 +63,13 @@ class UdpClientSink:
                 (CHANNEL_HEADER.pack(number, len(payload)), payload), (), 0, self.addr
             )
         except OSError:
-            pass
+            self.stats.dropped_send_error += 1
 
 
 class UdpListener:
     """A TURN/STUN listener on one UDP address."""
 
-    def __init__(self, runtime: ServerRuntime, sock: socket.socket) -> None:
+    def __init__(self, runtime: AdapterHost, sock: socket.socket) -> None:
         self.runtime = runtime
         self.sock = sock
         host, port = sock.getsockname()[:2]
@@ -88,12 +86,13 @@ class UdpListener:
         self.sock.close()
 
     def sink_for(self, client: Address) -> UdpClientSink:
-        return UdpClientSink(self.sock, client)
+        return UdpClientSink(self.sock, client, self.runtime.core.stats)
 
     def _on_readable(self) -> None:
         recvfrom = self.sock.recvfrom
         by_client = self.by_client
-        stats = self.runtime.core.stats
+        core = self.runtime.core
+        stats = core.stats
         v6 = self.v6
         now = self.runtime.now
 
@@ -127,7 +126,9 @@ class UdpListener:
                     continue
                 try:
                     route[0](data[4 : 4 + length], route[1])
-                except OSError:
+                except OSError as exc:  # counted; never ends the allocation
+                    if core.send_failed(alloc, route[1], exc, now()):
+                        self.runtime.after_core_call()
                     continue
                 alloc.packets_to_peer += 1
                 alloc.bytes_to_peer += length
@@ -143,7 +144,7 @@ class UdpListener:
             try:
                 self.sock.sendto(response, addr)
             except OSError:
-                pass
+                runtime.core.stats.dropped_send_error += 1
         runtime.after_core_call(perf_counter() - started)
 
 
@@ -154,7 +155,7 @@ class UdpRelay:
 
     def __init__(
         self,
-        runtime: ServerRuntime,
+        runtime: AdapterHost,
         loop: asyncio.AbstractEventLoop,
         alloc: Allocation,
         sock: socket.socket,
@@ -168,6 +169,7 @@ class UdpRelay:
         self.address: Address = (host, port)
         self.sendto: SendTo = sock.sendto
         self._fd = sock.fileno()
+        runtime.descriptors.take(1)
         loop.add_reader(self._fd, self._on_readable)
 
     def close(self) -> None:
@@ -175,6 +177,7 @@ class UdpRelay:
             self._loop.remove_reader(self._fd)
             self._fd = -1
             self.sock.close()
+            self._runtime.descriptors.give(1)
 
     def _on_readable(self) -> None:
         alloc = self.alloc
@@ -189,7 +192,8 @@ class UdpRelay:
         pack = CHANNEL_HEADER.pack
         v6 = self.v6
         now = self._runtime.now
-        stats = self._runtime.core.stats
+        core = self._runtime.core
+        stats = core.stats
         for _ in range(READ_BATCH):
             try:
                 data, addr = recvfrom(MAX_DATAGRAM)
@@ -206,17 +210,20 @@ class UdpRelay:
                     continue
                 try:
                     client_sock.sendmsg((pack(number, len(data)), data), (), 0, client_addr)
-                except OSError:
+                except OSError as exc:
+                    if core.send_failed(alloc, client_addr, exc, now()):
+                        self._runtime.after_core_call()
                     continue
                 alloc.packets_to_client += 1
                 alloc.bytes_to_client += len(data)
                 continue
-            indication = self._runtime.core.data_indication(alloc, data, addr, now())
+            indication = core.data_indication(alloc, data, addr, now())
             if indication is not None:
                 try:
                     client_sock.sendto(indication, client_addr)
-                except OSError:
-                    continue
+                except OSError as exc:
+                    if core.send_failed(alloc, client_addr, exc, now()):
+                        self._runtime.after_core_call()
 
     def _drain_to_stream(self, sink: object) -> None:
         """Peer data for a client on a stream transport (TCP/TLS)."""
@@ -253,8 +260,11 @@ class UdpRelay:
 class SocketRelayOpener:
     """Implements core.allocation.RelayOpener: UDP relays, and RFC 6062 TCP relays."""
 
-    def __init__(self, runtime: ServerRuntime) -> None:
+    def __init__(self, runtime: AdapterHost) -> None:
         self.runtime = runtime
+
+    def has_capacity(self, sockets: int) -> bool:
+        return self.runtime.descriptors.has(sockets)
 
     def open_relay(
         self, allocation: Allocation, host: str, port: int, *, dont_fragment: bool

@@ -12,7 +12,9 @@ import base64
 import binascii
 import hmac
 import logging
+import re
 import time
+import unicodedata
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from importlib import resources
@@ -28,10 +30,37 @@ from turnserver.ops.credentials import (
     rest_api_credential,
     twilio_token,
 )
+from turnserver.ops.eventlog import safe_text
 
 log = logging.getLogger("turnserver.api")
 
 MAX_BODY = 16 * 1024
+_TTL = re.compile(r"[0-9]{1,9}")  # ASCII digits only: str.isdigit() takes '²' and '٣'
+
+
+def parse_ttl_param(raw: str, max_ttl: int) -> int | None:
+    """A ttl query/form value in 1..max_ttl, or None when it is not one."""
+    if not _TTL.fullmatch(raw):
+        return None
+    ttl = int(raw)
+    return ttl if 1 <= ttl <= max_ttl else None
+
+
+def username_problem(username: str) -> str | None:
+    """Why a requested username is refused: too long, ':' (the REST separator), or
+    control, format (bidi overrides) and line-separator characters that would let it
+    forge or reorder log lines."""
+    if len(username) > 128:
+        return "username must be at most 128 characters"
+    if ":" in username:
+        return "username must not contain ':'"
+    for ch in username:
+        category = unicodedata.category(ch)
+        if category[0] == "C" or category in ("Zl", "Zp"):
+            return f"username must not contain control or formatting characters (U+{ord(ch):04X})"
+    return None
+
+
 TWILIO_DOCS = "https://www.twilio.com/docs/errors/"
 
 
@@ -141,8 +170,21 @@ class CredentialsApi:
                     if twilio
                     else json_error(exc.status, exc.reason)
                 )
+            except Exception:  # a bug: answered and counted like any other request
+                log.exception("api %s %s failed", request.method, safe_text(request.path))
+                response = (
+                    twilio_error(500, 20500, "Internal server error")
+                    if twilio
+                    else json_error(500, "internal server error")
+                )
         self.stats.count(endpoint, response.status)
-        log.info("api %s %s -> %d from %s", request.method, request.path, response.status, peer)
+        log.info(
+            "api %s %s -> %d from %s",
+            request.method,
+            safe_text(request.path),
+            response.status,
+            peer,
+        )
         return response
 
     # ---- Twilio -----------------------------------------------------------------------
@@ -172,7 +214,9 @@ class CredentialsApi:
         sid = request.match_info["account_sid"]
         authed = self._basic_auth(request)
         if authed is None:
-            return twilio_error(401, 20003, "Authenticate")
+            response = twilio_error(401, 20003, "Authenticate")
+            response.headers["WWW-Authenticate"] = 'Basic realm="Twilio API"'
+            return response
         if sid not in self.config.accounts or not _equal(sid, authed):
             return twilio_error(
                 404,
@@ -183,11 +227,16 @@ class CredentialsApi:
         raw_ttl = form.get("Ttl", None)
         ttl = self.config.default_ttl
         if raw_ttl is not None:
-            if not isinstance(raw_ttl, str) or not raw_ttl.strip().isdigit():
-                return twilio_error(400, 20001, "Ttl must be a positive integer")
-            ttl = int(raw_ttl)
-            if not 1 <= ttl <= self.config.max_ttl:
-                return twilio_error(400, 20001, f"Ttl must be between 1 and {self.config.max_ttl}")
+            parsed = (
+                parse_ttl_param(raw_ttl.strip(), self.config.max_ttl)
+                if isinstance(raw_ttl, str)
+                else None
+            )
+            if parsed is None:
+                return twilio_error(
+                    400, 20001, f"Ttl must be an integer between 1 and {self.config.max_ttl}"
+                )
+            ttl = parsed
         if not self.config.secrets:
             return twilio_error(503, 20500, "No shared secret configured")
         now = self.clock()
@@ -210,14 +259,17 @@ class CredentialsApi:
         if not self._api_key_ok(request):
             return json_error(401, "missing or wrong API key (X-API-Key header or key=)"), None
         username = request.query.get("username", "")
-        if len(username) > 128 or ":" in username:
-            return json_error(400, "username must be at most 128 characters, without ':'"), None
+        problem = username_problem(username)
+        if problem is not None:
+            return json_error(400, problem), None
         ttl = self.config.default_ttl
         if "ttl" in request.query:
-            raw = request.query["ttl"]
-            if not raw.isdigit() or not 1 <= int(raw) <= self.config.max_ttl:
-                return json_error(400, f"ttl must be between 1 and {self.config.max_ttl}"), None
-            ttl = int(raw)
+            parsed = parse_ttl_param(request.query["ttl"], self.config.max_ttl)
+            if parsed is None:
+                return json_error(
+                    400, f"ttl must be an integer between 1 and {self.config.max_ttl}"
+                ), None
+            ttl = parsed
         if not self.config.secrets:
             return json_error(503, "no shared secret configured"), None
         return None, mint(self.config.secrets[0], username, ttl, self.clock())

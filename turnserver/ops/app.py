@@ -8,6 +8,7 @@ import json
 import logging
 import secrets
 import signal
+import socket
 import ssl
 import sys
 import time
@@ -19,6 +20,7 @@ from aiohttp import web
 from turnserver.core.auth import Authenticator, Credentials, NonceIssuer
 from turnserver.core.config import CoreConfig, RelayAddress
 from turnserver.core.policy import DefaultPeerPolicy
+from turnserver.io.descriptors import DescriptorBudget
 from turnserver.io.loop import loop_factory
 from turnserver.io.runtime import ListenAddress, ServerRuntime, StreamOptions
 from turnserver.io.tls import ReloadableTLS
@@ -44,8 +46,11 @@ def core_config(settings: Settings) -> CoreConfig:
         max_lifetime=settings.max_lifetime,
         max_allocations=settings.max_allocations,
         max_allocations_per_user=settings.max_allocations_per_user,
+        max_allocations_per_client_ip=settings.max_allocations_per_client_ip,
         max_permissions_per_allocation=settings.max_permissions_per_allocation,
         max_channels_per_allocation=settings.max_channels_per_allocation,
+        max_peer_connections_per_allocation=settings.max_peer_connections_per_allocation,
+        max_pending_connects_per_allocation=settings.max_pending_connects_per_allocation,
         strict_expiry=settings.strict_expiry,
         reserved_peers=reserved_peers(settings),
         bandwidth=settings.bandwidth_kbps * 1000 // 8,
@@ -98,7 +103,24 @@ def peer_policy(settings: Settings) -> DefaultPeerPolicy:
     )
 
 
-def build_runtime(settings: Settings, loop: asyncio.AbstractEventLoop) -> ServerRuntime:
+def stream_options(settings: Settings) -> StreamOptions:
+    """Limits and deadlines of TCP/TLS client connections."""
+    return StreamOptions(
+        idle_timeout=settings.idle_timeout,
+        handshake_timeout=settings.handshake_timeout,
+        frame_timeout=settings.frame_timeout,
+        first_request_timeout=settings.first_request_timeout,
+        write_timeout=settings.write_timeout,
+        max_connections=settings.max_stream_connections,
+        max_connections_per_ip=settings.max_stream_connections_per_ip,
+    )
+
+
+def build_runtime(
+    settings: Settings,
+    loop: asyncio.AbstractEventLoop,
+    inherited: dict[int, socket.socket] | None = None,
+) -> ServerRuntime:
     """A ServerRuntime wired to logging; listeners not yet bound (raises on a bad cert)."""
     auth = Authenticator(
         credentials(settings), NonceIssuer(nonce_key(settings), settings.nonce_lifetime)
@@ -113,8 +135,10 @@ def build_runtime(settings: Settings, loop: asyncio.AbstractEventLoop) -> Server
         list(settings.listen),
         loop,
         tls=tls,
-        stream_options=StreamOptions(settings.idle_timeout, settings.handshake_timeout),
+        stream_options=stream_options(settings),
         reuse_port=settings.reuse_port,
+        descriptors=DescriptorBudget.from_rlimit(),
+        inherited=inherited,
     )
 
     runtime.event_sinks.append(log_event)
@@ -125,6 +149,7 @@ def apply_reload(runtime: ServerRuntime, new: Settings) -> None:
     """SIGHUP: new credentials, peer policy, limits and certificate; allocations stay."""
     runtime.core.auth.credentials = credentials(new)
     runtime.core.peer_policy = peer_policy(new)
+    runtime.stream_options = stream_options(new)
     fresh = core_config(new)
     runtime.core.config = replace(
         runtime.core.config,
@@ -132,15 +157,22 @@ def apply_reload(runtime: ServerRuntime, new: Settings) -> None:
         max_lifetime=fresh.max_lifetime,
         max_allocations=fresh.max_allocations,
         max_allocations_per_user=fresh.max_allocations_per_user,
+        max_allocations_per_client_ip=fresh.max_allocations_per_client_ip,
         max_permissions_per_allocation=fresh.max_permissions_per_allocation,
         max_channels_per_allocation=fresh.max_channels_per_allocation,
+        max_peer_connections_per_allocation=fresh.max_peer_connections_per_allocation,
+        max_pending_connects_per_allocation=fresh.max_pending_connects_per_allocation,
         strict_expiry=fresh.strict_expiry,
         software=fresh.software,
         bandwidth=fresh.bandwidth,
         challenge_rate=fresh.challenge_rate,
         challenge_burst=fresh.challenge_burst,
         alternate_server=fresh.alternate_server,
+        reserved_peers=fresh.reserved_peers,
     )
+    # Flows to peers the new policy denies end now, not when their permission expires
+    runtime.core.revoke_denied_peers()
+    runtime.after_core_call()
 
     if runtime.tls is not None and new.cert_file and new.key_file:
         try:
@@ -244,10 +276,15 @@ ReloadSettings = Callable[[], Settings]
 class Server:
     """A TURN server and its credentials API in one event loop."""
 
-    def __init__(self, settings: Settings, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        loop: asyncio.AbstractEventLoop,
+        inherited: dict[int, socket.socket] | None = None,
+    ) -> None:
         self.settings = settings
         self.loop = loop
-        self.runtime = build_runtime(settings, loop)
+        self.runtime = build_runtime(settings, loop, inherited)
         self.metrics = Metrics()
         self.metrics.collector.runtime = self.runtime
         self.runtime.event_sinks.append(self.metrics.on_event)

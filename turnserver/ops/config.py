@@ -53,10 +53,14 @@ class Settings:
     deny_peers: tuple[str, ...] = ()
     default_lifetime: int = 600
     max_lifetime: int = 3600
-    max_allocations: int = 0
+    max_allocations: int = 0  # 0: bounded only by the file descriptor budget
     max_allocations_per_user: int = 0
-    max_permissions_per_allocation: int = 0
-    max_channels_per_allocation: int = 0
+    max_allocations_per_client_ip: int = 0
+    # Per allocation; sized for WebRTC (README "Limits"). 0 means unlimited.
+    max_permissions_per_allocation: int = 128
+    max_channels_per_allocation: int = 128
+    max_peer_connections_per_allocation: int = 32
+    max_pending_connects_per_allocation: int = 8
     strict_expiry: bool = False
     nonce_secret: str | None = None
     nonce_lifetime: int = 600
@@ -91,6 +95,11 @@ class Settings:
     key_file: str | None = None
     idle_timeout: float = 30.0
     handshake_timeout: float = 10.0
+    frame_timeout: float = 10.0
+    first_request_timeout: float = 15.0
+    write_timeout: float = 30.0
+    max_stream_connections: int = 0  # 0: half the file descriptor budget
+    max_stream_connections_per_ip: int = 256
     log_level: str = "info"
     log_format: str = "text"
     loop: str = "auto"
@@ -328,8 +337,11 @@ SCHEMA: dict[str, tuple[str, Check]] = {
     "allocations.max_lifetime": ("max_lifetime", _int(30, 86400)),
     "allocations.max_total": ("max_allocations", _int(0, 10_000_000)),
     "allocations.max_per_user": ("max_allocations_per_user", _int(0, 10_000_000)),
+    "allocations.max_per_client_ip": ("max_allocations_per_client_ip", _int(0, 10_000_000)),
     "allocations.max_permissions": ("max_permissions_per_allocation", _int(0, 100_000)),
     "allocations.max_channels": ("max_channels_per_allocation", _int(0, 16384)),
+    "allocations.max_peer_connections": ("max_peer_connections_per_allocation", _int(0, 65535)),
+    "allocations.max_pending_connects": ("max_pending_connects_per_allocation", _int(0, 65535)),
     "allocations.bandwidth_kbps": ("bandwidth_kbps", _int(0, 10_000_000)),
     "limits.challenge_rate": ("challenge_rate", _float(0.01, 1_000_000)),
     "limits.challenge_burst": ("challenge_burst", _int(1, 1_000_000)),
@@ -344,6 +356,11 @@ SCHEMA: dict[str, tuple[str, Check]] = {
     "tls.key": ("key_file", _opt_str),
     "stream.idle_timeout": ("idle_timeout", _int(1, 3600)),
     "stream.handshake_timeout": ("handshake_timeout", _int(1, 600)),
+    "stream.frame_timeout": ("frame_timeout", _float(0.5, 600)),
+    "stream.first_request_timeout": ("first_request_timeout", _float(1, 3600)),
+    "stream.write_timeout": ("write_timeout", _float(1, 3600)),
+    "stream.max_connections": ("max_stream_connections", _int(0, 10_000_000)),
+    "stream.max_connections_per_ip": ("max_stream_connections_per_ip", _int(0, 10_000_000)),
     "log.level": ("log_level", _choice(LOG_LEVELS)),
     "log.format": ("log_format", _choice(LOG_FORMATS)),
 }
@@ -357,7 +374,13 @@ def load_file(path: str) -> dict[str, Any]:
             text = fh.read()
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read config file: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: {_not_utf8(exc)}") from None
     return parse_yaml(text, os.path.basename(path))
+
+
+def _not_utf8(exc: UnicodeDecodeError) -> str:
+    return f"not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start})"
 
 
 def parse_yaml(text: str, name: str = "<config>") -> dict[str, Any]:
@@ -424,6 +447,8 @@ def _read_lines(path: str, key: str) -> list[str]:
             return [ln.strip() for ln in fh if ln.strip() and not ln.lstrip().startswith("#")]
     except OSError as exc:
         raise ConfigError(f"{key}: cannot read {path}: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{key}: {path}: {_not_utf8(exc)}") from None
 
 
 def _with_external_secrets(s: Settings) -> Settings:

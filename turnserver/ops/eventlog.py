@@ -6,8 +6,10 @@ answer "why did alice's call fail"), 5-tuples and refusal reasons always.
 
 from __future__ import annotations
 
+import errno as errno_names
 import json
 import logging
+import re
 import sys
 import time
 from typing import Any
@@ -93,7 +95,8 @@ def log_event(event: ev.Event) -> None:
     elif isinstance(event, ev.AllocationRefreshed):
         _emit(logging.DEBUG, "allocation refreshed", event.five_tuple, lifetime=event.lifetime)
     elif isinstance(event, ev.RequestHandled):
-        if event.code and event.reason != "unauthenticated":
+        # Allocate refusals and authentication failures have their own line
+        if event.code and event.code not in (401, 438) and event.method != "allocate":
             _emit(
                 logging.INFO,
                 "request refused",
@@ -103,6 +106,8 @@ def log_event(event: ev.Event) -> None:
                 reason=event.reason,
             )
     elif isinstance(event, ev.AuthFailed):
+        if event.method == "allocate":
+            return  # the "allocation refused" line says it (one line per failure)
         _emit(
             logging.WARNING,
             "authentication failed",
@@ -116,6 +121,36 @@ def log_event(event: ev.Event) -> None:
         _emit(logging.DEBUG, "permission installed", event.five_tuple, peer=event.peer_ip)
     elif isinstance(event, ev.PermissionExpired):
         _emit(logging.DEBUG, "permission expired", event.five_tuple, peer=event.peer_ip)
+    elif isinstance(event, ev.PermissionRevoked):
+        _emit(
+            logging.WARNING,
+            "permission revoked",
+            event.five_tuple,
+            user=event.username,
+            peer=event.peer_ip,
+            reason=event.reason,
+        )
+    elif isinstance(event, ev.RelaySendFailed):
+        _emit(
+            logging.WARNING,
+            "relay send failed",
+            event.five_tuple,
+            user=event.username,
+            peer=format_address(event.peer),
+            errno=errno_names.errorcode.get(event.errno, str(event.errno)),
+            detail=event.detail,
+            suppressed=event.suppressed,
+        )
+    elif isinstance(event, ev.TlsHandshakeFailed):
+        if _throttle.allow(f"tls:{event.reason}"):
+            _emit(
+                logging.WARNING,
+                "tls handshake failed",
+                event.five_tuple,
+                reason=event.reason,
+                detail=event.detail,
+                suppressed=_throttle.take_suppressed(f"tls:{event.reason}"),
+            )
     elif isinstance(event, ev.ChannelBound):
         _emit(
             logging.DEBUG,
@@ -133,6 +168,18 @@ def log_event(event: ev.Event) -> None:
             peer=format_address(event.peer),
         )
     elif isinstance(event, ev.ConnectionClosed):
+        if event.reason in CAP_REASONS:  # one line per cap and interval under a flood
+            if _throttle.allow(event.reason):
+                _emit(
+                    logging.WARNING,
+                    "connection refused",
+                    event.five_tuple,
+                    reason=event.reason,
+                    suppressed=_throttle.take_suppressed(event.reason),
+                )
+            return
+        if event.reason in ("tls", "handshake_timeout"):
+            return  # logged as "tls handshake failed"
         _emit(
             logging.INFO,
             "connection closed",
@@ -151,6 +198,34 @@ def log_event(event: ev.Event) -> None:
 
 
 QUIET_USERS = {"turnserver-self-probe"}  # the self-probe: debug level only
+CAP_REASONS = frozenset({"stream_limit", "per_ip_limit", "fd_limit"})
+
+
+class Throttle:
+    """At most one log line per key and interval; counts what it held back."""
+
+    def __init__(self, interval: float = 10.0, clock: Any = time.monotonic) -> None:
+        self.interval = interval
+        self.clock = clock
+        self.last: dict[str, float] = {}
+        self.suppressed: dict[str, int] = {}
+
+    def allow(self, key: str) -> bool:
+        now = self.clock()
+        last = self.last.get(key)
+        if last is not None and now - last < self.interval:
+            self.suppressed[key] = self.suppressed.get(key, 0) + 1
+            return False
+        if len(self.last) > 1000:  # keys are bounded labels; stay bounded regardless
+            self.last.clear()
+        self.last[key] = now
+        return True
+
+    def take_suppressed(self, key: str) -> int:
+        return self.suppressed.pop(key, 0)
+
+
+_throttle = Throttle()
 
 
 def _emit(level: int, msg: str, five_tuple: object, **fields: Any) -> None:
@@ -163,6 +238,17 @@ def _emit(level: int, msg: str, five_tuple: object, **fields: Any) -> None:
     log.log(level, "%s %s", msg, text, extra={"fields": {"event": msg, **fields}})
 
 
+_BARE = re.compile(r"[!#-~]+")  # printable ASCII without space and '"'
+
+
 def _quote(value: Any) -> str:
+    """A field value for the text log: bare when it is plain printable ASCII, else a JSON
+    string, so that client-supplied text (USERNAME, REALM, SOFTWARE, API parameters)
+    can never break a line, forge one, or reorder it with bidi controls."""
     s = str(value)
-    return json.dumps(s) if (" " in s or not s or '"' in s) else s
+    return s if _BARE.fullmatch(s) else json.dumps(s)
+
+
+def safe_text(value: object) -> str:
+    """Client-supplied text for a log message: quoted and escaped like a field value."""
+    return _quote(value)

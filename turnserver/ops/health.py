@@ -88,6 +88,7 @@ class Health:
                     for name, r in self.probe.results.items()
                 },
             }
+        checks["capacity"] = self.capacity()
         checks["draining"] = {"ok": not self.runtime.draining}
         ready = all(c["ok"] for c in checks.values())
         failed = [name for name, c in checks.items() if not c["ok"]]
@@ -96,6 +97,32 @@ class Health:
             "failed": failed,
             "checks": checks,
         }
+
+    def capacity(self) -> dict[str, Any]:
+        """Not ready while the stream or descriptor caps are reached; a per-IP cap that
+        refused someone recently is reported but keeps the server ready (one abusive
+        address must not take the server out of a load balancer)."""
+        rt = self.runtime
+        budget = rt.descriptors
+        streams = len(rt.stream_connections)
+        limit = rt.stream_limit
+        at_stream_cap = bool(limit) and streams >= limit
+        at_fd_cap = bool(budget.limit) and budget.used >= budget.limit
+        recent = rt.last_cap_hit and rt.loop.time() - rt.last_cap_hit < 60
+        out: dict[str, Any] = {
+            "ok": not (at_stream_cap or at_fd_cap),
+            "stream_connections": streams,
+            "stream_limit": limit,
+            "descriptors_used": budget.used,
+            "descriptor_limit": budget.limit,
+        }
+        if recent:
+            out["refused_last_minute"] = dict(rt.stream_refusals)
+        if at_stream_cap:
+            out["error"] = "TCP/TLS connection limit reached"
+        elif at_fd_cap:
+            out["error"] = "file descriptor budget spent"
+        return out
 
     async def handle_metrics(self, request: web.Request) -> web.Response:
         body = generate_latest(self.metrics.registry)

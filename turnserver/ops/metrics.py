@@ -53,6 +53,22 @@ DROP_REASONS = (
     "rate_limited",
     "no_allocation",
     "peer_denied",
+    "send_error",
+    "oversized",
+)
+TLS_FAILURE_REASONS = (
+    "handshake_timeout",
+    "certificate_unknown",
+    "unknown_ca",
+    "bad_certificate",
+    "certificate_expired",
+    "protocol_version",
+    "no_shared_cipher",
+    "no_application_protocol",
+    "not_tls",
+    "client_aborted",
+    "ssl_error",
+    "other",
 )
 
 
@@ -115,6 +131,8 @@ class TurnCollector(Collector):
                 s.dropped_rate_limited,
                 s.dropped_no_allocation,
                 s.dropped_peer_denied,
+                s.dropped_send_error,
+                s.dropped_oversized,
             ),
             strict=True,
         ):
@@ -144,6 +162,7 @@ class TurnCollector(Collector):
             "RFC 6062 peer TCP connections",
             value=len(core.peer_connections),
         )
+        yield from self._limits(runtime)
         api = self.api
         if api is not None:
             requests = CounterMetricFamily(
@@ -157,6 +176,49 @@ class TurnCollector(Collector):
                 "API requests refused with 429",
                 value=api.stats.rate_limited,
             )
+
+    @staticmethod
+    def _limits(runtime: ServerRuntime) -> Iterator[Metric]:
+        """The limits in force (0: unlimited), so a dashboard can show headroom."""
+        cfg = runtime.core.config
+        budget = runtime.descriptors
+        limits = GaugeMetricFamily(
+            "turn_limit", "Limits in force (0 means unlimited)", labels=["name"]
+        )
+        derived_allocations = budget.limit  # one descriptor per relayed address at least
+        configured = cfg.max_allocations
+        for name, value in (
+            ("descriptors", budget.limit),
+            (
+                "allocations",
+                min(configured, derived_allocations)
+                if configured and derived_allocations
+                else configured or derived_allocations,
+            ),
+            ("allocations_per_user", cfg.max_allocations_per_user),
+            ("allocations_per_client_ip", cfg.max_allocations_per_client_ip),
+            ("permissions_per_allocation", cfg.max_permissions_per_allocation),
+            ("channels_per_allocation", cfg.max_channels_per_allocation),
+            ("peer_connections_per_allocation", cfg.max_peer_connections_per_allocation),
+            ("pending_connects_per_allocation", cfg.max_pending_connects_per_allocation),
+            ("stream_connections", runtime.stream_limit),
+            ("stream_connections_per_ip", runtime.stream_options.max_connections_per_ip),
+        ):
+            limits.add_metric([name], value)
+        yield limits
+        yield GaugeMetricFamily(
+            "turn_descriptors_used",
+            "File descriptors held for clients (connections, relay sockets)",
+            value=budget.used,
+        )
+        refused = CounterMetricFamily(
+            "turn_stream_connections_refused",
+            "TCP/TLS connections refused at a cap",
+            labels=["reason"],
+        )
+        for reason in ("stream_limit", "per_ip_limit", "fd_limit"):
+            refused.add_metric([reason], runtime.stream_refusals.get(reason, 0))
+        yield refused
 
 
 class Metrics:
@@ -209,6 +271,24 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        self.request_failures = Counter(
+            "turn_request_failures_total",
+            "Requests other than Allocate refused, by method, code and reason",
+            ["method", "code", "reason"],
+            registry=r,
+        )
+        self.tls_handshake_failures = Counter(
+            "turn_tls_handshake_failures_total",
+            "TLS handshakes that failed or timed out, by reason",
+            ["reason"],
+            registry=r,
+        )
+        self.permissions_revoked = Counter(
+            "turn_permissions_revoked_total",
+            "Permissions removed before they expired (e.g. a reloaded peer policy)",
+            ["reason"],
+            registry=r,
+        )
         self.probe_success = Gauge(
             "turn_probe_success", "1 if the last self-probe passed", ["transport"], registry=r
         )
@@ -228,6 +308,8 @@ class Metrics:
             self.allocations_total.labels(transport)
         for reason in ("unauthenticated", "bad_credentials", "expired_credentials", "stale_nonce"):
             self.auth_failures.labels(reason)
+        for reason in TLS_FAILURE_REASONS:
+            self.tls_handshake_failures.labels(reason)
         self.collector = TurnCollector()
         r.register(self.collector)
         self._last_duration: float | None = None
@@ -254,6 +336,8 @@ class Metrics:
         if isinstance(event, ev.RequestHandled):
             result = "success" if event.code == 0 else str(int(event.code))
             self._child(self.requests, event.method, result).inc()
+            if event.code and event.method != "allocate" and event.code not in (401, 438):
+                self._child(self.request_failures, event.method, result, event.reason).inc()
             if self._last_duration is not None:
                 key = (id(self.request_duration), (event.method,))
                 hist = self._histograms.get(key)
@@ -279,3 +363,7 @@ class Metrics:
             self.peer_denied.inc()
         elif isinstance(event, ev.ConnectionClosed):
             self._child(self.connections_closed, event.reason).inc()
+        elif isinstance(event, ev.TlsHandshakeFailed):
+            self._child(self.tls_handshake_failures, event.reason).inc()
+        elif isinstance(event, ev.PermissionRevoked):
+            self._child(self.permissions_revoked, event.reason).inc()

@@ -35,9 +35,12 @@ BUCKETS = 4096  # per-user counts are kept by hash bucket (collisions only make 
 MAX_RESTARTS_PER_MINUTE = 10
 
 
+STRIDE = 1 + 2 * BUCKETS  # per worker: the total, user buckets, client IP buckets
+
+
 class SharedQuotaLedger:
     """Implements core.quota.QuotaLedger across processes: per worker, a total and
-    per-bucket user counts in shared memory, updated under one lock."""
+    per-bucket user and client IP counts in shared memory, updated under one lock."""
 
     def __init__(
         self, shm_name: str, workers: int, index: int, lock: multiprocessing.synchronize.Lock
@@ -52,23 +55,35 @@ class SharedQuotaLedger:
 
     @staticmethod
     def size(workers: int) -> int:
-        return workers * (BUCKETS + 1) * 4
+        return workers * STRIDE * 4
 
-    def _bucket(self, user: str) -> int:
-        return 1 + zlib.crc32(user.encode()) % BUCKETS
+    @staticmethod
+    def _buckets(user: str, client_ip: str) -> tuple[int, int]:
+        return (
+            1 + zlib.crc32(user.encode()) % BUCKETS,
+            1 + BUCKETS + zlib.crc32(client_ip.encode()) % BUCKETS,
+        )
 
-    def reserve(self, user: str, max_total: int, max_per_user: int) -> str | None:
+    def _sum(self, offset: int) -> int:
         t = self._table
-        stride = BUCKETS + 1
-        b = self._bucket(user)
+        return sum(t[w * STRIDE + offset] for w in range(self.workers))
+
+    def reserve(
+        self, user: str, client_ip: str, max_total: int, max_per_user: int, max_per_ip: int
+    ) -> str | None:
+        t = self._table
+        b_user, b_ip = self._buckets(user, client_ip)
         with self.lock:
-            if max_total and sum(t[w * stride] for w in range(self.workers)) >= max_total:
+            if max_total and self._sum(0) >= max_total:
                 return "quota_total"
-            if max_per_user and sum(t[w * stride + b] for w in range(self.workers)) >= max_per_user:
+            if max_per_user and self._sum(b_user) >= max_per_user:
                 return "quota_user"
-            base = self.index * stride
+            if max_per_ip and self._sum(b_ip) >= max_per_ip:
+                return "quota_client_ip"
+            base = self.index * STRIDE
             t[base] += 1
-            t[base + b] += 1
+            t[base + b_user] += 1
+            t[base + b_ip] += 1
         return None
 
     def close(self) -> None:
@@ -76,13 +91,13 @@ class SharedQuotaLedger:
         self._table.release()
         self._shm.close()
 
-    def release(self, user: str) -> None:
+    def release(self, user: str, client_ip: str) -> None:
         t = self._table
-        base = self.index * (BUCKETS + 1)
-        b = self._bucket(user)
+        base = self.index * STRIDE
+        b_user, b_ip = self._buckets(user, client_ip)
         with self.lock:
-            t[base] = max(0, t[base] - 1)
-            t[base + b] = max(0, t[base + b] - 1)
+            for i in (base, base + b_user, base + b_ip):
+                t[i] = max(0, t[i] - 1)
 
 
 def clear_worker(shm: SharedMemory, index: int, lock: multiprocessing.synchronize.Lock) -> None:
@@ -90,9 +105,8 @@ def clear_worker(shm: SharedMemory, index: int, lock: multiprocessing.synchroniz
     buf = shm.buf
     assert buf is not None
     table = buf.cast("I")
-    stride = BUCKETS + 1
     with lock:
-        for i in range(index * stride, (index + 1) * stride):
+        for i in range(index * STRIDE, (index + 1) * STRIDE):
             table[i] = 0
     table.release()
 

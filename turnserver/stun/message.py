@@ -31,6 +31,9 @@ _U32 = struct.Struct("!I")
 _LENGTH = struct.Struct("!H")
 
 MAX_MESSAGE_SIZE = 65535 + HEADER_LENGTH
+# No real client sends more than ~20 attributes; without a cap a 64 KB datagram of
+# 16,000 empty attributes costs 33 ms to walk (issue: unauthenticated CPU amplification).
+MAX_ATTRIBUTES = 64
 
 
 def message_type(method: int, message_class: int) -> int:
@@ -128,7 +131,11 @@ def decode_message(data: bytes) -> StunMessage:
     offset = HEADER_LENGTH
     end = len(data)
     after_integrity = False
+    count = 0
     while offset < end:
+        count += 1
+        if count > MAX_ATTRIBUTES:
+            raise StunDecodeError(f"more than {MAX_ATTRIBUTES} attributes")
         if end - offset < 4:
             raise StunDecodeError("truncated attribute header")
         attr_type, attr_len = _ATTR_HEAD.unpack_from(data, offset)
