@@ -45,10 +45,9 @@ class PeerTcpConnection(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)
         peer = transport.get_extra_info("peername")
         self.peer = (peer[0], peer[1])
-        if not self.connection_id:  # a peer dialled the relayed address
-            if self.relay.inbound(self):
-                self.counted = True
-                self.relay.runtime.descriptors.take(1)
+        if not self.connection_id and self.relay.inbound(self):  # a peer dialled in
+            self.counted = True
+            self.relay.runtime.descriptors.take(1)
 
     def data_received(self, data: bytes) -> None:
         data_conn = self.data_conn
