@@ -316,7 +316,11 @@ def main(argv: list[str] | None = None) -> int:
             from turnserver.ops.workers import Supervisor
 
             setup_logging(settings.log_level, settings.log_format)
-            supervisor = Supervisor(settings, config_path, overrides, args.show_credential)
+            try:
+                supervisor = Supervisor(settings, config_path, overrides, args.show_credential)
+            except OSError as exc:
+                print(f"turnserver: {exc.strerror or exc}", file=sys.stderr)
+                return 1
             return asyncio.run(supervisor.run())
         return serve(settings, args.show_credential, reload_settings)
 

@@ -24,3 +24,37 @@ def bind_socket(
         sock.close()
         raise
     return sock
+
+
+def _socket_kind(scheme: str) -> int:
+    return socket.SOCK_DGRAM if scheme == "udp" else socket.SOCK_STREAM
+
+
+def bind_listener_group(
+    scheme: str, host: str, port: int, count: int, *, backlog: int = 1024
+) -> list[socket.socket]:
+    """`count` SO_REUSEPORT sockets on one listener address, one per worker process.
+
+    The port is first bound without SO_REUSEPORT, so that start-up fails with
+    EADDRINUSE when anything else (another instance of ours included) holds it: with
+    SO_REUSEPORT alone, a second server of the same user would silently join the group
+    and take a share of the traffic. TCP sockets are listening when returned, so
+    connections queue while a worker restarts."""
+    kind = _socket_kind(scheme)
+    probe = bind_socket(host, port, kind, reuse_addr=kind == socket.SOCK_STREAM)
+    port = probe.getsockname()[1]  # port 0: the kernel's choice, shared by the group
+    probe.close()
+    group: list[socket.socket] = []
+    try:
+        for _ in range(count):
+            sock = bind_socket(
+                host, port, kind, reuse_port=True, reuse_addr=kind == socket.SOCK_STREAM
+            )
+            group.append(sock)
+            if kind == socket.SOCK_STREAM:
+                sock.listen(backlog)
+    except OSError:
+        for sock in group:
+            sock.close()
+        raise
+    return group

@@ -87,6 +87,7 @@ class StreamConnection(asyncio.Protocol):
         self.paused_since = 0.0  # write buffer above the high-water mark since (0: not)
         self.close_reason = "client_closed"
         self.closing = False
+        self.closed_by_server = False
         self.registered = False
         self.pipe: PeerTcpConnection | None = None  # set once ConnectionBind succeeds
 
@@ -150,8 +151,8 @@ class StreamConnection(asyncio.Protocol):
     def _handshake_failed(self, raw: asyncio.Transport, exc: BaseException) -> None:
         reason = tls_failure_reason(exc)
         assert self.five_tuple is not None
-        if not self.closing:
-            self.closing = True
+        if not self.closed_by_server:  # (connection_lost may have come first)
+            self.closing = self.closed_by_server = True
             self.close_reason = "handshake_timeout" if reason == "handshake_timeout" else "tls"
             self.runtime.emit(ev.TlsHandshakeFailed(self.five_tuple, reason, str(exc)[:200]))
             self.runtime.emit(ev.ConnectionClosed(self.five_tuple, self.close_reason, reason))
@@ -263,7 +264,7 @@ class StreamConnection(asyncio.Protocol):
         """Close the connection, reporting why (once, however often it is called)."""
         if self.closing:
             return
-        self.closing = True
+        self.closing = self.closed_by_server = True
         self.close_reason = reason
         if self.five_tuple is not None and reason != "client_closed":
             self.runtime.emit(ev.ConnectionClosed(self.five_tuple, reason, detail))

@@ -15,6 +15,7 @@ import multiprocessing.synchronize
 import os
 import secrets
 import signal
+import socket
 import sys
 import zlib
 from dataclasses import replace
@@ -26,6 +27,7 @@ import aiohttp
 from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
+from turnserver.io.sockets import bind_listener_group
 from turnserver.ops.config import ConfigError, Settings, build_settings, load_file
 from turnserver.ops.eventlog import setup_logging
 from turnserver.ops.systemd import notify, start_watchdog
@@ -129,8 +131,10 @@ def _worker_main(
     ports: Any,
     config_path: str | None,
     overrides: dict[str, Any],
+    listeners: list[socket.socket],
 ) -> None:
-    """Entry point of one worker process."""
+    """Entry point of one worker process; `listeners` are its sockets, one per
+    configured listener, owned by the parent (they outlive a crash of this worker)."""
     from turnserver.io.loop import loop_factory
     from turnserver.ops.app import Server
 
@@ -149,13 +153,14 @@ def _worker_main(
 
     async def main() -> int:
         loop = asyncio.get_running_loop()
-        server = Server(mine, loop)
+        server = Server(mine, loop, inherited=dict(enumerate(listeners)))
         ledger = SharedQuotaLedger(shm_name, workers, index, lock)
         server.runtime.core.quotas = ledger
         try:
             await server.start()
         except (OSError, ValueError) as exc:
             log.error("worker %d: %s", index, exc)
+            ledger.close()
             return 1
         ports[index] = server.health.port
         stop = asyncio.Event()
@@ -256,6 +261,24 @@ class Supervisor:
         self.overrides = overrides
         self.show_credential = show_credential
         self.n = settings.workers
+        # The parent binds every worker's listener sockets and keeps them: a worker that
+        # dies leaves its sockets in the SO_REUSEPORT group, so the kernel keeps hashing
+        # every other client to the same socket as before (survivors lose nothing), and
+        # its replacement takes over the same socket with the datagrams queued meanwhile.
+        # (A reuseport BPF program could steer instead; owning the sockets needs no
+        # privilege and keeps the queued packets.) Raises OSError naming the listener.
+        self.listeners: list[list[socket.socket]] = [[] for _ in range(self.n)]
+        try:
+            for spec in settings.listen:
+                try:
+                    group = bind_listener_group(spec.scheme, spec.host, spec.port, self.n)
+                except OSError as exc:
+                    raise OSError(exc.errno, f"cannot bind {spec}: {exc.strerror}") from exc
+                for i, sock in enumerate(group):
+                    self.listeners[i].append(sock)
+        except OSError:
+            self.close_listeners()
+            raise
         self.ctx = multiprocessing.get_context("spawn")
         self.lock = self.ctx.Lock()
         self.shm = SharedMemory(create=True, size=SharedQuotaLedger.size(self.n))
@@ -278,11 +301,18 @@ class Supervisor:
                 self.ports,
                 self.config_path,
                 self.overrides,
+                self.listeners[index],
             ),
         )
         proc.start()
         self.procs[index] = proc
         log.info("worker %d started (pid %d)", index, proc.pid)
+
+    def close_listeners(self) -> None:
+        for group in self.listeners:
+            for sock in group:
+                sock.close()
+        self.listeners = []
 
     async def _fetch(
         self, session: aiohttp.ClientSession, index: int, path: str
@@ -377,6 +407,7 @@ class Supervisor:
                     await api_runner.cleanup()
                 self.shm.close()
                 self.shm.unlink()
+                self.close_listeners()
                 return 1
             await asyncio.sleep(0.05)
 
@@ -462,6 +493,7 @@ class Supervisor:
             await api_runner.cleanup()
         self.shm.close()
         self.shm.unlink()
+        self.close_listeners()
         notify("STOPPING=1")
         log.info("all workers stopped")
 
