@@ -7,6 +7,7 @@ import asyncio
 import os
 import signal
 import socket
+import sys
 import time
 from pathlib import Path
 
@@ -124,3 +125,118 @@ async def test_two_workers(tmp_path: Path, echo_peer: tuple[tuple[str, int], Ech
         server.proc.send_signal(signal.SIGINT)
         assert server.proc.wait(15) == 0
         assert "all workers stopped" in server.log()
+
+
+def _worker_of(relayed_port: int, lo: int, hi: int, workers: int) -> int:
+    size = (hi - lo + 1) // workers
+    return min((relayed_port - lo) // size, workers - 1)
+
+
+async def test_a_worker_crash_costs_other_workers_nothing(
+    tmp_path: Path, echo_peer: tuple[tuple[str, int], EchoProtocol]
+) -> None:
+    """kill -9 each worker in turn while clients on every worker relay: the clients of
+    the surviving worker lose nothing (their packets still hash to the same socket)."""
+    mport = free_port(socket.SOCK_STREAM)
+    lo = 36000 + os.getpid() % 500
+    hi = lo + 99
+    with turnserver_process(
+        tmp_path,
+        "--secret",
+        SECRET,
+        "--allow-loopback-peers",
+        "--min-port",
+        str(lo),
+        "--max-port",
+        str(hi),
+        "--probe-interval",
+        "0",
+        "--metrics-listen",
+        f"127.0.0.1:{mport}",
+        "--workers",
+        "2",
+    ) as server:
+        for victim_index in (0, 1):
+            status, body = await _get(mport, "/readyz")
+            for _ in range(100):
+                if status == 200:
+                    break
+                await asyncio.sleep(0.1)
+                status, body = await _get(mport, "/readyz")
+            assert status == 200, body
+            pids = {
+                int(k): int(v)
+                for k, v in __import__("re").findall(r'"(\d)": \{"ok": true, "pid": (\d+)', body)
+            }
+            clients: list[tuple[TurnClient, int]] = []
+            for i in range(12):  # enough that both workers hold some
+                cred = mint(SECRET, f"crash-{victim_index}-{i}", 600, time.time())
+                c = await TurnClient.connect(
+                    "udp", ("127.0.0.1", server.port), cred.username, cred.password, timeout=3
+                )
+                relayed, _ = await c.allocate()
+                await c.channel_bind(0x4000, echo_peer[0])
+                clients.append((c, _worker_of(relayed[1], lo, hi, 2)))
+            assert {w for _, w in clients} == {0, 1}, "clients landed on one worker only"
+            os.kill(pids[victim_index], signal.SIGKILL)
+            lost: dict[int, int] = {}
+            for round_ in range(20):  # 20 rounds over ~2 s, across the crash and restart
+                for n, (c, worker) in enumerate(clients):
+                    if worker == victim_index:
+                        continue
+                    payload = b"%d-%d" % (n, round_)
+                    c.send_channel(0x4000, payload)
+                    try:
+                        _, data = await c.receive(1.0)
+                        ok = data == payload
+                    except TurnClientError:
+                        ok = False
+                    lost[n] = lost.get(n, 0) + (not ok)
+                await asyncio.sleep(0.1)
+            assert sum(lost.values()) == 0, lost
+            # Survivors can still refresh (their allocation is where it was)
+            for c, worker in clients:
+                if worker != victim_index:
+                    assert await c.refresh(600) == 600
+            for c, _ in clients:
+                c.close()
+        assert "exited with -9; restarting" in server.log()
+
+
+async def test_a_second_instance_cannot_join_the_ports(tmp_path: Path) -> None:
+    port = free_port()
+    with turnserver_process(
+        tmp_path,
+        "--secret",
+        SECRET,
+        "--probe-interval",
+        "0",
+        "--workers",
+        "2",
+        port=port,
+        streams=True,
+    ):
+        for workers in ("2", "1"):
+            run = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "turnserver",
+                "serve",
+                "--secret",
+                "another-secret",
+                "--listen",
+                f"udp://127.0.0.1:{port}",
+                "--listen",
+                f"tcp://127.0.0.1:{port}",
+                "--metrics-listen",
+                "off",
+                "--workers",
+                workers,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+            )
+            out, err = await asyncio.wait_for(run.communicate(), 30)
+            text = (out + err).decode()
+            assert run.returncode == 1, text
+            assert f"cannot bind udp://127.0.0.1:{port}" in text
+            assert "Traceback" not in text and "Exception ignored" not in text
