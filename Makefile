@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 RUNDIR := .run
 
-.PHONY: run test lint typecheck unit venv clean bench fuzz fmt soak
+.PHONY: run test lint typecheck unit venv clean bench fuzz fmt soak abuse
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -54,6 +54,10 @@ fuzz: $(STAMP)
 bench: $(STAMP)
 	@command -v turnutils_peer >/dev/null || { echo "make bench needs coturn: apt-get install -y coturn"; exit 2; }
 	$(BIN)/python benchmarks/run.py
+
+# What abuse costs: CPU of the worst inputs, a good client's loss and RTT under attacks.
+abuse: $(STAMP)
+	$(BIN)/python benchmarks/abuse.py
 
 # Allocation churn plus relay traffic; prints RSS and fds over time (must stay flat).
 

@@ -180,3 +180,14 @@ def test_usernames_with_newlines_cannot_forge_log_lines() -> None:
         [(Attr.REQUESTED_TRANSPORT, 17), (Attr.USERNAME, "x\nforged line")],
     )
     assert "\n" not in _quote(decode_message(data).get(Attr.USERNAME))
+
+
+def test_binding_with_a_malformed_change_request_gets_400() -> None:
+    """Found by the extended fuzz harness: the decode error escaped the core."""
+    core, _ = make_core()
+    c = CoreClient(core)
+    data = encode_message(
+        Method.BINDING, MessageClass.REQUEST, os.urandom(12), [(Attr.CHANGE_REQUEST, b"\x00\x06")]
+    )
+    resp = c.raw(data)
+    assert resp is not None and error_code(resp) == 400

@@ -49,6 +49,9 @@ class _Opener:
     def open_tcp_relay(self, allocation: Allocation, host: str, port: int) -> _Relay:
         return _Relay()
 
+    def has_capacity(self, sockets: int) -> bool:
+        return True
+
 
 def _core() -> TurnServer:
     config = CoreConfig(
@@ -87,17 +90,22 @@ def test_one_input(data: bytes) -> None:
         decode_channel_data(data)
     except StunDecodeError:
         pass
-    # 2. the stream framer, fed in uneven pieces
+    # 2. the stream framer, fed in uneven pieces, its frames into the core as over TCP
     framer = StreamFramer()
     step = 1 + (data[0] % 7 if data else 0)
     try:
         for i in range(0, len(data), step):
-            framer.feed(data[i : i + step])
+            for frame in framer.feed(data[i : i + step]):
+                if frame[0] < 0x40:
+                    CORE.handle_message(frame, TCP, NOW)
+                else:
+                    CORE.handle_channel_data((frame[0] << 8) | frame[1], frame[4:], TCP, NOW)
     except StunDecodeError:
         pass
     # 3. the core: never raises, whatever arrives
     CORE.handle_message(data, UDP, NOW)
     CORE.handle_message(data, TCP, NOW)
+    CORE.handle_timer(NOW + 400)  # expiry paths with whatever state the input made
     if len(CORE.allocations) > 32:
         CORE.shutdown(NOW)
     CORE.drain_events()

@@ -431,12 +431,18 @@ class TurnServer:
     def _binding(self, msg: StunMessage, ft: FiveTuple) -> bytes:
         """RFC 8489 §6.3: reflect the source address; no authentication."""
         unknown = msg.unknown_required_attributes()
-        change = msg.get(Attr.CHANGE_REQUEST) if msg.has(Attr.CHANGE_REQUEST) else 0
+        try:
+            change = msg.get(Attr.CHANGE_REQUEST) if msg.has(Attr.CHANGE_REQUEST) else 0
+        except StunDecodeError:  # found by the fuzzer: a CHANGE-REQUEST of the wrong size
+            change = None
         if change:
             # RFC 5780 §6.1: we cannot answer from another address or port
             unknown = [*unknown, Attr.CHANGE_REQUEST]
-        if unknown:
-            attrs: Attributes = [
+        if change is None:
+            attrs: Attributes = [(Attr.ERROR_CODE, (400, "Bad Request"))]
+            klass = MessageClass.ERROR
+        elif unknown:
+            attrs = [
                 (Attr.ERROR_CODE, (420, "Unknown Attribute")),
                 (Attr.UNKNOWN_ATTRIBUTES, unknown),
             ]
@@ -453,7 +459,9 @@ class TurnServer:
             klass = MessageClass.SUCCESS
         # No SOFTWARE here: a Binding answer should not be much larger than its request.
         cookie = int.from_bytes(msg.raw[4:8], "big")
-        self.events.append(ev.RequestHandled(ft, "binding", 0 if klass == 2 else 420, ""))
+        code = 0 if klass == MessageClass.SUCCESS else 420 if change is not None else 400
+        reason = {0: "", 420: "unknown_attribute"}.get(code, "bad_request")
+        self.events.append(ev.RequestHandled(ft, "binding", code, reason))
         return encode_message(
             Method.BINDING,
             klass,
