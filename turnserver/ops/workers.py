@@ -162,6 +162,8 @@ def _worker_main(
             log.error("worker %d: %s", index, exc)
             ledger.close()
             return 1
+        if index == 0:
+            server.log_limits()
         ports[index] = server.health.port
         stop = asyncio.Event()
         drain = asyncio.Event()
