@@ -68,7 +68,7 @@ async def test_one_credential_meets_each_default_and_others_relay(
         assert await _code(greedy.create_permission(peers[limit])) == 508
         for n in range(DEFAULTS.max_channels_per_allocation):
             await greedy.channel_bind(0x4000 + n, peers[n])
-        code = await _code(greedy.channel_bind(0x4000 + limit, peers[0][:1] + (10,)))
+        code = await _code(greedy.channel_bind(0x4000 + limit, (peers[0][0], 10)))
         assert code == 508
         failures = server.server.metrics.registry.get_sample_value(
             "turn_request_failures_total",
