@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 RUNDIR := .run
 
-.PHONY: run test lint typecheck unit venv clean bench fuzz fmt soak abuse
+.PHONY: run mint test lint typecheck unit venv clean bench fuzz fmt soak abuse
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,15 +20,23 @@ venv: $(STAMP)
 # ready-to-use credential printed at start.
 
 run: $(STAMP)
-	@mkdir -p $(RUNDIR)
-	@test -s $(RUNDIR)/secret || $(BIN)/python -c "import secrets; print(secrets.token_urlsafe(24))" > $(RUNDIR)/secret
-	@test -s $(RUNDIR)/account || $(BIN)/python -c "import secrets; print('AC' + secrets.token_hex(16) + ':' + secrets.token_urlsafe(24))" > $(RUNDIR)/account
-	@test -s $(RUNDIR)/api-key || $(BIN)/python -c "import secrets; print(secrets.token_urlsafe(24))" > $(RUNDIR)/api-key
+	@mkdir -p $(RUNDIR) && chmod 700 $(RUNDIR)
+	@umask 077; test -s $(RUNDIR)/secret || $(BIN)/python -c "import secrets; print(secrets.token_urlsafe(24))" > $(RUNDIR)/secret
+	@umask 077; test -s $(RUNDIR)/account || $(BIN)/python -c "import secrets; print('AC' + secrets.token_hex(16) + ':' + secrets.token_urlsafe(24))" > $(RUNDIR)/account
+	@umask 077; test -s $(RUNDIR)/api-key || $(BIN)/python -c "import secrets; print(secrets.token_urlsafe(24))" > $(RUNDIR)/api-key
+	@chmod 600 $(RUNDIR)/secret $(RUNDIR)/account $(RUNDIR)/api-key
 	@$(BIN)/turnserver selfsigned --cert $(RUNDIR)/cert.pem --key $(RUNDIR)/key.pem
-	$(BIN)/turnserver serve --config config/dev.yaml --secret "$$(cat $(RUNDIR)/secret)" \
-		--account "$$(cat $(RUNDIR)/account)" --api-key "$$(cat $(RUNDIR)/api-key)" \
+	$(BIN)/turnserver serve --config config/dev.yaml --secrets-file $(RUNDIR)/secret \
+		--accounts-file $(RUNDIR)/account --api-keys-file $(RUNDIR)/api-key \
 		--cert $(RUNDIR)/cert.pem --key $(RUNDIR)/key.pem --show-credential dev
 
+# Another credential for the `make run` server (MINT_USER=name TTL=1h FORMAT=ice-servers)
+MINT_USER ?= dev
+TTL ?= 1d
+FORMAT ?= rest
+mint: $(STAMP)
+	@$(BIN)/turnserver mint --config config/dev.yaml --secrets-file $(RUNDIR)/secret \
+		--user $(MINT_USER) --ttl $(TTL) --format $(FORMAT)
 
 lint: $(STAMP)
 	$(BIN)/ruff check turnserver tests benchmarks

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shutil
+import signal
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -30,7 +32,50 @@ def chromium() -> str:
     pytest.skip("chromium not found (apt-get install chromium)")
 
 
+async def _stop_group(proc: asyncio.subprocess.Process) -> None:
+    """Stop Chromium and every child it started, and wait until none is left: its
+    children write into the profile until they exit (removing it earlier raced)."""
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        pass
+    try:
+        await asyncio.wait_for(proc.wait(), 10)
+    except TimeoutError:
+        pass
+    for _ in range(100):
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            return
+        await asyncio.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGKILL)
+    await proc.wait()
+    for _ in range(50):
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            return
+        await asyncio.sleep(0.1)
+
+
+async def _evaluate(ws: aiohttp.ClientWebSocketResponse, ident: int, expr: str) -> Any:
+    await ws.send_json(
+        {
+            "id": ident,
+            "method": "Runtime.evaluate",
+            "params": {"expression": expr, "returnByValue": True, "userGesture": True},
+        }
+    )
+    while True:
+        msg = await ws.receive_json(timeout=10)
+        if msg.get("id") == ident:
+            return msg["result"]["result"].get("value")
+
+
 async def run_page(url: str, timeout: float = 90.0) -> dict[str, Any]:
+    """Open the page, click Start (a user gesture, so audio may play) and wait for the
+    report. No autoplay flag: the page must work as in a normal browser."""
     with tempfile.TemporaryDirectory() as profile:
         proc = await asyncio.create_subprocess_exec(
             chromium(),
@@ -48,10 +93,10 @@ async def run_page(url: str, timeout: float = 90.0) -> dict[str, Any]:
             f"--ignore-certificate-errors-spki-list={spki_sha256(CERT_FILE)}",
             "--use-fake-ui-for-media-stream",
             "--use-fake-device-for-media-stream",
-            "--autoplay-policy=no-user-gesture-required",
             url,
             stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.DEVNULL,
+            start_new_session=True,  # its own process group, stopped as a whole
         )
         try:
             port_file = Path(profile) / "DevToolsActivePort"
@@ -72,32 +117,29 @@ async def run_page(url: str, timeout: float = 90.0) -> dict[str, Any]:
                     pages[0]["webSocketDebuggerUrl"], max_msg_size=0
                 ) as ws:
                     deadline = asyncio.get_running_loop().time() + timeout
-                    ident = 0
+                    ident = 1
+                    clicked = None
+                    while not clicked and asyncio.get_running_loop().time() < deadline:
+                        ident += 1
+                        clicked = await _evaluate(
+                            ws,
+                            ident,
+                            "(() => { const b = document.getElementById('start');"
+                            " if (!b) return false; b.click(); return true; })()",
+                        )
+                        await asyncio.sleep(0.1)
                     while asyncio.get_running_loop().time() < deadline:
                         ident += 1
-                        await ws.send_json(
-                            {
-                                "id": ident,
-                                "method": "Runtime.evaluate",
-                                "params": {
-                                    "expression": "JSON.stringify(window.preflightReport || null)",
-                                    "returnByValue": True,
-                                },
-                            }
+                        value = await _evaluate(
+                            ws, ident, "JSON.stringify(window.preflightReport || null)"
                         )
-                        while True:
-                            msg = await ws.receive_json(timeout=10)
-                            if msg.get("id") == ident:
-                                break
-                        value = msg["result"]["result"].get("value")
                         if value and value != "null":
                             report: dict[str, Any] = json.loads(value)
                             return report
                         await asyncio.sleep(0.5)
             raise AssertionError("the page did not finish")
         finally:
-            proc.terminate()
-            await proc.wait()
+            await _stop_group(proc)
 
 
 async def test_page_connects_relay_relay_over_every_transport(server: RunningServer) -> None:
@@ -110,6 +152,8 @@ async def test_page_connects_relay_relay_over_every_transport(server: RunningSer
         assert r["pair"]["localType"] == "relay" and r["pair"]["remoteType"] == "relay"
         assert r["dataEcho"]
         assert r["rttMs"] is not None
+        assert r["audioPacketsReceived"] > 0, (transport, r)  # audio plays after the click
+    assert report["audioContextState"] == "running"
     assert report["verdict"] == "media flows through udp, tcp, tls"
 
 

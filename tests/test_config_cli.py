@@ -314,3 +314,98 @@ def test_mint_errors(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["mint", "--user", "a", "--secret", "S", "--uri", "http://x"]) == 2
     assert main(["mint", "--user", "a", "--config", str(ROOT / "config/turnserver.yaml")]) == 0
     assert "turn:192.0.2.10:3478?transport=udp" in capsys.readouterr().out
+
+
+def _serve(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "turnserver", "serve", "--secret", "s", *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+
+
+def test_relay_address_not_on_this_host_fails_at_start() -> None:
+    done = _serve("--listen", "udp://127.0.0.1:1", "--relay-ip", "192.0.2.10")
+    assert done.returncode == 2, done.stderr
+    assert "relay.ip: 192.0.2.10 is not an address of this host" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
+
+
+def test_certificate_errors_name_the_file_and_the_problem(tmp_path: Path) -> None:
+    from turnserver.ops.selfsigned import ensure_self_signed
+
+    cert, key = tmp_path / "c.pem", tmp_path / "k.pem"
+    other_cert, other_key = tmp_path / "c2.pem", tmp_path / "k2.pem"
+    ensure_self_signed(str(cert), str(key), ["localhost"])
+    ensure_self_signed(str(other_cert), str(other_key), ["localhost"])
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("not a certificate\n")
+    listen = ("--listen", "tls://127.0.0.1:1")
+    cases = [
+        ((str(tmp_path / "missing.pem"), str(key)), "missing.pem: No such file"),
+        ((str(garbage), str(key)), "garbage.pem is not a PEM file"),
+        ((str(cert), str(other_key)), "does not belong to the certificate"),
+    ]
+    for (c, k), expected in cases:
+        done = _serve(*listen, "--cert", c, "--key", k)
+        assert done.returncode == 2, done.stderr
+        assert expected in done.stderr, done.stderr
+        assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1
+
+
+def test_preflight_page_is_on_only_for_loopback_api_by_default() -> None:
+    from turnserver.ops.config import Settings, preflight_page_enabled
+
+    assert preflight_page_enabled(Settings(api_listen=("127.0.0.1", 8080)))
+    assert not preflight_page_enabled(Settings(api_listen=("0.0.0.0", 8080)))
+    assert not preflight_page_enabled(Settings(api_listen=("10.1.2.3", 8080)))
+    assert preflight_page_enabled(Settings(api_listen=("0.0.0.0", 8080), preflight_page=True))
+    assert not preflight_page_enabled(Settings(api_listen=("::1", 8080), preflight_page=False))
+
+
+def test_secrets_starting_with_a_dash_work_from_files(tmp_path: Path) -> None:
+    """`make run` passes secrets as files (mode 0600), never on the command line."""
+    secret = tmp_path / "secret"
+    secret.write_text("-starts-with-a-dash\n")
+    secret.chmod(0o600)
+    port = free_port()
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "turnserver",
+            "serve",
+            "--secrets-file",
+            str(secret),
+            "--listen",
+            f"udp://127.0.0.1:{port}",
+            "--metrics-listen",
+            "off",
+            "--workers",
+            "1",
+            "--show-credential",
+            "dev",
+            "--probe-interval",
+            "0",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        seen = ""
+        deadline = time.monotonic() + 15
+        while "password:" not in seen and time.monotonic() < deadline:
+            seen += proc.stdout.readline()
+        assert "password:" in seen, seen
+        cmdline = Path(f"/proc/{proc.pid}/cmdline").read_bytes()
+        assert b"starts-with-a-dash" not in cmdline
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    recipe = subprocess.run(
+        ["make", "-n", "run", "STAMP=/dev/null"], capture_output=True, text=True, cwd=ROOT
+    ).stdout
+    assert "--secrets-file" in recipe and "$(cat" not in recipe and "umask 077" in recipe

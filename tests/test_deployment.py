@@ -135,6 +135,8 @@ def test_dockerfile_copies_existing_paths_and_its_command_starts() -> None:
             *args,
             "--listen",
             f"udp://127.0.0.1:{port}",
+            "--relay-ip",  # the example's 192.0.2.10 is a placeholder: the host's own
+            "127.0.0.1",
             "--metrics-listen",
             "127.0.0.1:0",
             "--workers",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any
+from typing import Any, NoReturn
 
 from turnserver import __version__
 from turnserver.io.loop import LOOP_CHOICES
@@ -15,6 +15,8 @@ from turnserver.ops.config import (
     Settings,
     _host_port_or_off,
     build_settings,
+    check_certificate,
+    check_host_addresses,
     load_file,
     parse_account,
     parse_host_port,
@@ -42,6 +44,21 @@ def _serve_parser(sub: Any) -> None:
         metavar="NAME:PASSWORD",
         action="append",
         help="static long-term user (repeatable)",
+    )
+    p.add_argument(
+        "--secrets-file",
+        metavar="FILE",
+        help="shared secrets, one per line (keeps them out of `ps`; YAML auth.secrets_file)",
+    )
+    p.add_argument(
+        "--accounts-file",
+        metavar="FILE",
+        help="SID:AUTH_TOKEN lines for the Tokens API (YAML api.accounts_file)",
+    )
+    p.add_argument(
+        "--api-keys-file",
+        metavar="FILE",
+        help="API keys, one per line (YAML api.keys_file)",
     )
     p.add_argument(
         "--listen",
@@ -143,13 +160,23 @@ def _serve_parser(sub: Any) -> None:
     )
 
 
+class ShortErrorParser(argparse.ArgumentParser):
+    """One line and a hint on a bad argument, not the whole usage (exit 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        hint = f"see: {self.prog} --help"
+        if "expected one argument" in message:
+            hint = "a value that starts with '-' must be written --option=VALUE; " + hint
+        self.exit(2, f"{self.prog}: {message}\n  ({hint})\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ShortErrorParser(
         prog="turnserver",
         description="A self-hosted TURN/STUN relay with health monitoring.",
     )
     parser.add_argument("--version", action="version", version=f"turnserver {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=ShortErrorParser)
     _serve_parser(sub)
     p = sub.add_parser(
         "mint",
@@ -169,7 +196,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--relay-only", action="store_true", help="ice-servers: iceTransportPolicy relay"
     )
     p.add_argument("--config", metavar="FILE", help="take the secret and URIs from this config")
-    p.add_argument("--secret", metavar="S", help="shared secret (instead of --config)")
+    p.add_argument(
+        "--secret", metavar="S", help="shared secret (overrides the config's; alone: no URIs)"
+    )
+    p.add_argument(
+        "--secrets-file", metavar="FILE", help="read the shared secret from this file instead"
+    )
+    p.add_argument(
+        "--account-sid",
+        metavar="SID",
+        help="twilio format: the account_sid to put in the response (default: the first "
+        "account of the config, else a placeholder AC000...)",
+    )
     p.add_argument(
         "--uri",
         metavar="URI",
@@ -190,9 +228,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="URI",
         help="stun:/turn:/turns: URIs (e.g. turn:turn.example.com:3478?transport=udp)",
     )
-    p.add_argument("--username", default="", help="TURN username for the URIs given")
+    p.add_argument(
+        "--username", default="", help="TURN username (with --secret: the REST user part)"
+    )
     p.add_argument("--password", default="", help="TURN password for the URIs given")
-    p.add_argument("--secret", help="mint the credential from this TURN REST shared secret")
+    p.add_argument(
+        "--secret", help="mint the credential from this TURN REST shared secret (no --password)"
+    )
     p.add_argument(
         "--credentials",
         metavar="URL_OR_FILE",
@@ -270,6 +312,9 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         "loop": "loop",
         "cert": "cert_file",
         "key": "key_file",
+        "secrets_file": "secrets_file",
+        "accounts_file": "accounts_file",
+        "api_keys_file": "api_keys_file",
     }
     for arg, attr in simple.items():
         value = getattr(args, arg)
@@ -282,8 +327,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
-        parser.print_help()
-        return 0
+        parser.print_help(sys.stderr)
+        return 2
     if args.command == "serve":
         from turnserver.ops.app import serve
         from turnserver.ops.config import _cidr_list, _ip_list
@@ -300,6 +345,9 @@ def main(argv: list[str] | None = None) -> int:
                 if key in overrides:
                     overrides[key] = check(list(overrides[key]), flag)
             settings = build_settings(file_values, overrides, args.config or "flags")
+            check_host_addresses(settings)
+            if settings.cert_file and settings.key_file:
+                check_certificate(settings.cert_file, settings.key_file)
         except ConfigError as exc:
             print(f"turnserver: configuration error: {exc}", file=sys.stderr)
             return 2
@@ -365,27 +413,44 @@ def _mint(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"turnserver mint: {exc}", file=sys.stderr)
         return 2
-    if bool(args.config) == bool(args.secret):
-        print("turnserver mint: give either --config FILE or --secret S", file=sys.stderr)
+    overrides: dict[str, Any] = {}
+    if args.secret:
+        overrides["secrets"] = (args.secret,)
+    if args.secrets_file:
+        overrides["secrets_file"] = args.secrets_file
+    if not (args.config or overrides):
+        print(
+            "turnserver mint: give --config FILE and/or --secret S (or --secrets-file F)",
+            file=sys.stderr,
+        )
         return 2
+    account_sid = args.account_sid or "AC" + "0" * 32
     if args.config:
         try:
-            settings = build_settings(load_file(args.config), {}, args.config)
+            # a secret given here replaces the config's (make run keeps it in .run/secret)
+            values = load_file(args.config)
+            if overrides:
+                values.pop("secrets", None)
+                values.pop("secrets_file", None)
+            if not values.get("cert_file"):  # minting needs no certificate
+                overrides.update(cert_file="unused", key_file="unused")
+            settings = build_settings(values, overrides, args.config)
         except ConfigError as exc:
             print(f"turnserver mint: configuration error: {exc}", file=sys.stderr)
             return 2
-        if not settings.secrets:
-            print("turnserver mint: the config has no auth.secrets", file=sys.stderr)
-            return 2
         secret = settings.secrets[0]
         uris = server_uris(settings, list(settings.listen))
-        if args.uri:
-            uris = ServerUris(
-                tuple(u for u in args.uri if u.startswith("stun")),
-                tuple(u for u in args.uri if u.startswith("turn")),
-            )
+        if settings.accounts and not args.account_sid:
+            account_sid = settings.accounts[0][0]
     else:
-        secret = args.secret
+        try:
+            settings = build_settings({}, overrides, "flags")
+        except ConfigError as exc:
+            print(f"turnserver mint: {exc}", file=sys.stderr)
+            return 2
+        secret = settings.secrets[0]
+        uris = ServerUris((), ())
+    if args.uri:
         uris = ServerUris(
             tuple(u for u in args.uri if u.startswith("stun")),
             tuple(u for u in args.uri if u.startswith("turn")),
@@ -397,7 +462,7 @@ def _mint(args: argparse.Namespace) -> int:
     now = time.time()
     cred = mint(secret, args.user, ttl, now)
     if args.format == "twilio":
-        out = twilio_token(cred, uris, args.user, now)
+        out = twilio_token(cred, uris, account_sid, now)
     elif args.format == "ice-servers":
         out = ice_servers_config(cred, uris, args.relay_only)
     else:
@@ -424,6 +489,10 @@ def _preflight(args: argparse.Namespace) -> int:
     try:
         uris: list[IceUri] = []
         username, password = args.username, args.password
+        if args.secret and args.password:
+            raise ValueError(
+                "give either --secret (to mint a credential) or --username/--password, not both"
+            )
         if args.secret:
             cred = mint(args.secret, username or "preflight", 600, time.time())
             username, password = cred.username, cred.password
@@ -435,6 +504,13 @@ def _preflight(args: argparse.Namespace) -> int:
         return 2
     if not uris:
         print("turnserver preflight: give URIs or --credentials", file=sys.stderr)
+        return 2
+    if any(u.scheme != "stun" and not (u.username and u.credential) for u in uris):
+        print(
+            "turnserver preflight: no credentials given for the turn:/turns: URIs; "
+            "use --secret, --username with --password, or --credentials",
+            file=sys.stderr,
+        )
         return 2
     ctx = ssl.create_default_context(cafile=args.ca) if args.ca else ssl.create_default_context()
     if args.insecure:

@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 import json
 import logging
+import os
 import resource
 import secrets
 import signal
@@ -26,7 +27,13 @@ from turnserver.io.loop import loop_factory
 from turnserver.io.runtime import ListenAddress, ServerRuntime, StreamOptions
 from turnserver.io.tls import ReloadableTLS
 from turnserver.ops.api import ApiConfig, CredentialsApi, start_api
-from turnserver.ops.config import ConfigError, Settings, relay_layout
+from turnserver.ops.config import (
+    ConfigError,
+    Settings,
+    check_certificate,
+    preflight_page_enabled,
+    relay_layout,
+)
 from turnserver.ops.credentials import ServerUris, mint
 from turnserver.ops.eventlog import log, log_event, setup_logging
 from turnserver.ops.health import Health
@@ -177,8 +184,9 @@ def apply_reload(runtime: ServerRuntime, new: Settings) -> None:
 
     if runtime.tls is not None and new.cert_file and new.key_file:
         try:
+            check_certificate(new.cert_file, new.key_file)
             runtime.tls.reload(new.cert_file, new.key_file)
-        except (OSError, ssl.SSLError) as exc:
+        except (ConfigError, OSError, ssl.SSLError) as exc:
             log.error("certificate reload failed, keeping the old one: %s", exc)
 
 
@@ -228,7 +236,7 @@ def api_config(settings: Settings, listen: list[ListenAddress]) -> ApiConfig:
         max_ttl=settings.api_max_ttl,
         rate_per_second=settings.api_rate,
         rate_burst=settings.api_burst,
-        preflight_page=settings.preflight_page,
+        preflight_page=preflight_page_enabled(settings),
     )
 
 
@@ -258,13 +266,13 @@ def credential_banner_text(settings: Settings, listen: list[ListenAddress], user
     lines.append(f"  username: {username}")
     lines.append(f"  password: {password}   ({note})")
     if settings.cert_file and any(s.scheme == "tls" for s in listen):
-        lines.append(f"  TLS certificate: {settings.cert_file} (self-signed? trust it with")
+        cert = os.path.abspath(settings.cert_file)
+        lines.append(f"  TLS certificate: {cert}")
+        lines.append("    If it is self-signed, clients must trust it: start Chromium with")
+        lines.append(f"    --ignore-certificate-errors-spki-list={spki_sha256(settings.cert_file)}")
         lines.append(
-            f"    Chromium --ignore-certificate-errors-spki-list={spki_sha256(settings.cert_file)}"
-        )
-        lines.append(
-            "    or add it to your system store: cp CERT /usr/local/share/ca-certificates/"
-            "turnserver.crt && update-ca-certificates)"
+            f"    or install it system-wide: sudo cp {cert} "
+            "/usr/local/share/ca-certificates/turnserver.crt && sudo update-ca-certificates"
         )
     lines.append("  RTCPeerConnection config:")
     lines.append("  " + json.dumps(ice))
@@ -324,7 +332,12 @@ class Server:
                 raise OSError(
                     exc.errno, f"cannot bind metrics on {host}:{port}: {exc.strerror}"
                 ) from exc
-            log.info("metrics, /healthz and /readyz on http://%s:%d", host, self.health.port)
+            log.log(
+                logging.DEBUG if settings.reuse_port else logging.INFO,  # a worker's is internal
+                "metrics, /healthz and /readyz on http://%s:%d",
+                host,
+                self.health.port,
+            )
         if self.probe is not None:
             await self.probe.start()
         if settings.api_listen:
@@ -449,6 +462,8 @@ async def _serve(
                 f"{server.api_base}/2010-04-01/Accounts/{sid}/Tokens.json",
                 flush=True,
             )
+        if settings.api_listen and preflight_page_enabled(settings):
+            print(f"  Network test page: {server.api_base}/preflight", flush=True)
         if settings.api_listen and settings.api_keys:
             print(
                 f"  RTCConfiguration: curl -s '{server.api_base}/api/v1/ice-servers?"

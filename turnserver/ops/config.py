@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import socket
+import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
@@ -77,7 +79,9 @@ class Settings:
     api_rate: float = 10.0
     api_burst: int = 20
     public_host: str | None = None
-    preflight_page: bool = True
+    # The /preflight page and its anonymous 5-minute credential; None: on only when the
+    # API listens on loopback (anyone who reaches the page gets a working credential)
+    preflight_page: bool | None = None
     uris: tuple[str, ...] = ()
     bandwidth_kbps: int = 0
     challenge_rate: float = 1000.0
@@ -510,6 +514,13 @@ def validate(s: Settings) -> None:
         )
 
 
+def preflight_page_enabled(s: Settings) -> bool:
+    """api.preflight_page, or by default: on for a loopback API listener only."""
+    if s.preflight_page is not None:
+        return s.preflight_page
+    return s.api_listen is not None and ipaddress.ip_address(s.api_listen[0]).is_loopback
+
+
 def relay_layout(s: Settings) -> list[tuple[str, str, int]]:
     """(bind ip, advertised ip, family) per address family the server relays on."""
     out: list[tuple[str, str, int]] = []
@@ -526,3 +537,46 @@ def relay_layout(s: Settings) -> list[tuple[str, str, int]]:
             continue
         out.append((bind, advertised, fam))
     return out
+
+
+def check_host_addresses(s: Settings) -> None:
+    """Relay addresses must be addresses of this host (or wildcards): a relay IP that
+    cannot be bound would make every Allocate fail with 508, so refuse it at start."""
+    for bind, _, family in relay_layout(s):
+        if ipaddress.ip_address(bind).is_unspecified:
+            continue
+        sock = socket.socket(socket.AF_INET6 if family == 6 else socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            sock.bind((bind, 0))
+        except OSError as exc:
+            key = "relay.ip" if bind in s.relay_ips else "listen"
+            raise ConfigError(
+                f"{key}: {bind} is not an address of this host ({exc.strerror}); "
+                "give the host's own address, and --external-ip for the public one behind NAT"
+            ) from None
+        finally:
+            sock.close()
+
+
+def check_certificate(cert_file: str, key_file: str) -> None:
+    """Load the TLS certificate and key; a ConfigError names the file and the problem."""
+    for key, path in (("tls.cert", cert_file), ("tls.key", key_file)):
+        try:
+            with open(path, "rb") as fh:
+                head = fh.read(65536)
+        except OSError as exc:
+            raise ConfigError(f"{key}: cannot read {path}: {exc.strerror}") from None
+        if b"-----BEGIN " not in head:
+            raise ConfigError(f"{key}: {path} is not a PEM file (no -----BEGIN line)")
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        ctx.load_cert_chain(cert_file, key_file)
+    except ssl.SSLError as exc:
+        text = f"{exc.reason or ''} {exc}".upper()
+        if "KEY_VALUES_MISMATCH" in text:
+            problem = f"the key in {key_file} does not belong to the certificate in {cert_file}"
+        elif "PEM" in text or "NO_START_LINE" in text or "BAD_BASE64" in text:
+            problem = f"{cert_file} or {key_file} is not a valid PEM certificate/key ({exc.reason})"
+        else:
+            problem = f"{cert_file} / {key_file}: {exc.reason or exc}"
+        raise ConfigError(f"tls.cert: {problem}") from None

@@ -17,6 +17,7 @@ from prometheus_client import (
     Histogram,
     PlatformCollector,
     ProcessCollector,
+    disable_created_metrics,
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -28,6 +29,8 @@ from turnserver.core.five_tuple import ClientTransport
 if TYPE_CHECKING:
     from turnserver.io.runtime import ServerRuntime
     from turnserver.ops.api import CredentialsApi
+
+disable_created_metrics()  # type: ignore[no-untyped-call]  # no *_created series
 
 TRANSPORTS = tuple(t.value for t in ClientTransport)
 REQUEST_BUCKETS = (
@@ -267,7 +270,8 @@ class Metrics:
         )
         self.connections_closed = Counter(
             "turn_connections_closed_total",
-            "TCP/TLS connections closed by the server",
+            "TCP/TLS client connections closed, by reason: the server's decision (timeouts, "
+            "caps, framing errors, shutdown) or peer_closed (the RFC 6062 peer side ended)",
             ["reason"],
             registry=r,
         )

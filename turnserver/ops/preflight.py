@@ -16,6 +16,7 @@ import os
 import ssl
 import statistics
 import time
+import urllib.error
 import urllib.parse
 import urllib.request
 from dataclasses import asdict, dataclass, field
@@ -80,8 +81,17 @@ def load_ice_servers(source: str, timeout: float = 10.0) -> list[IceUri]:
     """URIs and credentials from a credentials endpoint (URL) or a saved JSON file:
     Twilio's Tokens response, the TURN REST draft, or an RTCConfiguration."""
     if source.startswith(("http://", "https://")):
-        with urllib.request.urlopen(source, timeout=timeout) as resp:
-            data = json.loads(resp.read())
+        try:
+            with urllib.request.urlopen(source, timeout=timeout) as resp:
+                data = json.loads(resp.read())
+        except urllib.error.HTTPError as exc:
+            raise ValueError(
+                f"credentials endpoint answered HTTP {exc.code} {exc.reason}"
+            ) from None
+        except urllib.error.URLError as exc:
+            raise ValueError(f"cannot reach the credentials endpoint: {exc.reason}") from None
+        except (TimeoutError, json.JSONDecodeError) as exc:
+            raise ValueError(f"bad answer from the credentials endpoint: {exc}") from None
     else:
         with open(source, encoding="utf-8") as fh:
             data = json.load(fh)
@@ -300,7 +310,9 @@ def verdict(report: Report) -> None:
     ]
     udp_ok = any(p.transport == "udp" and p.reachable for p in report.paths)
     symmetric = report.nat_mapping.startswith("address-dependent")
-    report.turn_required = (not udp_ok) or symmetric
+    # Unknown when nothing answered at all: we learned nothing about the network
+    reachable = any(p.reachable for p in report.paths)
+    report.turn_required = ((not udp_ok) or symmetric) if reachable else None
     if working:
         report.verdict = "media can flow through " + ", ".join(report.working_transports)
         failed = [p for p in turn_paths if not p.media_ok]
@@ -336,11 +348,12 @@ async def run(
     ssl_context: ssl.SSLContext | None = None,
 ) -> Report:
     report = Report()
+    unique = list({u.text: u for u in reversed(uris)}.values())[::-1]  # first of each URI
     report.paths = list(
         await asyncio.gather(
             *(
                 check_path(u, packets=packets, timeout=timeout, ssl_context=ssl_context)
-                for u in uris
+                for u in unique
             )
         )
     )
@@ -375,7 +388,8 @@ def as_table(report: Report) -> str:
     ]
     lines.append("")
     lines.append(f"verdict: {report.verdict}")
-    lines.append(f"TURN required: {report.turn_required}   NAT mapping: {report.nat_mapping}")
+    required = {True: "yes", False: "no", None: "unknown (nothing answered)"}[report.turn_required]
+    lines.append(f"TURN required: {required}   NAT mapping: {report.nat_mapping}")
     if report.ice_servers_order:
         lines.append("use iceServers in this order: " + ", ".join(report.ice_servers_order))
     if report.root_cause:

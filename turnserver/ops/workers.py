@@ -357,8 +357,10 @@ class Supervisor:
             }
         ok = all(w["ok"] for w in workers.values())
         failed = [k for k, w in workers.items() if not w["ok"]]
+        # the same words as one process's /healthz ("ok") and /readyz ("ready")
+        good, bad = ("ready", "not ready") if path == "/readyz" else ("ok", "not ok")
         return web.json_response(
-            {"status": "ok" if ok else "not ok", "failed_workers": failed, "workers": workers},
+            {"status": good if ok else bad, "failed_workers": failed, "workers": workers},
             status=200 if ok else 503,
         )
 
@@ -384,6 +386,10 @@ class Supervisor:
             runner = web.AppRunner(app, access_log=None)
             await runner.setup()
             await web.TCPSite(runner, *self.settings.metrics_listen).start()
+            log.info(
+                "metrics, /healthz and /readyz on http://%s:%d (all workers)",
+                *self.settings.metrics_listen,
+            )
         api = None
         api_runner = None
         if self.settings.api_listen:

@@ -7,13 +7,31 @@ function transportOf(url) {
   return /transport=tcp/.test(url) ? "tcp" : "udp";
 }
 
+// One AudioContext, made inside the Start click: browsers refuse audio without a gesture.
+let audioContext = null;
+
 function fakeAudioTrack() {
-  const ctx = new AudioContext();
-  const osc = ctx.createOscillator();
-  const dest = ctx.createMediaStreamDestination();
+  const osc = audioContext.createOscillator();
+  const dest = audioContext.createMediaStreamDestination();
   osc.connect(dest);
   osc.start();
-  return { track: dest.stream.getAudioTracks()[0], stream: dest.stream, ctx };
+  return { track: dest.stream.getAudioTracks()[0], stream: dest.stream, stop: () => osc.stop() };
+}
+
+function hintFor(result) {
+  if (result.ok) return null;
+  if (result.transport === "tls") {
+    return "TLS (turns:) failed: if the other transports work, the browser most likely does " +
+           "not trust the server's certificate (self-signed, expired, or not for this host " +
+           "name). `turnserver preflight` names the exact TLS error.";
+  }
+  if (result.turnErrors.some((e) => e.startsWith("401"))) {
+    return "the credential was refused (401): wrong shared secret, realm, or an expired credential";
+  }
+  if (result.turnErrors.some((e) => e.startsWith("701"))) {
+    return "the TURN server could not be reached over this transport (blocked by a firewall?)";
+  }
+  return null;
 }
 
 async function selectedPair(pc) {
@@ -81,10 +99,11 @@ async function testUri(url, username, credential) {
   } catch (e) {
     result.error = String(e.message || e);
   } finally {
-    a.close(); b.close(); audio.ctx.close();
+    a.close(); b.close(); audio.stop();
   }
   result.ok = result.connected && result.dataEcho &&
               !!result.pair && result.pair.localType === "relay" && result.pair.remoteType === "relay";
+  result.hint = hintFor(result);
   return result;
 }
 
@@ -100,7 +119,7 @@ function render(results) {
       r.rttMs != null ? `${r.rttMs} ms` : "-",
       String(r.audioPacketsReceived),
       r.dataEcho ? "echoed" : "-",
-      [r.error, ...r.turnErrors].filter(Boolean).join("; ") || "-",
+      [r.error, ...r.turnErrors, r.hint].filter(Boolean).join("; ") || "-",
     ];
     cells.forEach((text, i) => {
       const td = document.createElement("td");
@@ -114,6 +133,7 @@ function render(results) {
 
 async function main() {
   const status = document.getElementById("status");
+  document.getElementById("start").disabled = true;
   const report = { startedAt: new Date().toISOString(), userAgent: navigator.userAgent, results: [] };
   try {
     const params = new URLSearchParams(location.search);
@@ -127,6 +147,7 @@ async function main() {
       render(report.results);
     }
     const working = report.results.filter((r) => r.ok).map((r) => r.transport);
+    report.audioContextState = audioContext.state;
     report.working = working;
     report.verdict = working.length ? `media flows through ${working.join(", ")}` : "no relay path works";
     status.textContent = report.verdict;
@@ -141,4 +162,8 @@ async function main() {
 
 document.getElementById("copy").onclick = () =>
   navigator.clipboard.writeText(document.getElementById("report").textContent);
-main();
+document.getElementById("start").onclick = async () => {
+  audioContext = new AudioContext();  // created by the click: allowed to run
+  await audioContext.resume();
+  main();
+};
