@@ -70,8 +70,33 @@ def test_flags_override_file(tmp_path: Path) -> None:
 
 
 def test_cli_without_command_prints_help(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main([]) == 0
-    assert "serve" in capsys.readouterr().out
+    assert main([]) == 2  # like any argparse usage error
+    assert "serve" in capsys.readouterr().err
+
+
+def test_argument_errors_are_one_line_with_a_hint() -> None:
+    for args, expected in (
+        (["serve", "--workers", "abc"], "invalid int value"),
+        (["serve", "--secret", "-abc"], "--option=VALUE"),
+    ):
+        done = subprocess.run(
+            [sys.executable, "-m", "turnserver", *args], capture_output=True, text=True, timeout=30
+        )
+        assert done.returncode == 2 and expected in done.stderr, done.stderr
+        assert len(done.stderr.strip().splitlines()) == 2  # the error and the hint
+
+
+def test_mint_for_the_make_run_server(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    secret = tmp_path / "secret"
+    secret.write_text("-dash-secret\n")
+    dev = str(ROOT / "config/dev.yaml")
+    assert main(["mint", "--user", "u", "--config", dev, "--secrets-file", str(secret)]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert "turns:127.0.0.1:5349?transport=tcp" in out["uris"]
+    args = ["mint", "--user", "u", "--config", dev, "--secret", "s", "--format", "twilio"]
+    assert main(args) == 0
+    token = json.loads(capsys.readouterr().out)
+    assert token["account_sid"].startswith("AC") and token["account_sid"] != "u"
 
 
 def test_cli_bad_config_exits_2(tmp_path: Path) -> None:

@@ -212,3 +212,35 @@ def test_cli_against_coturn(tmp_path: Path) -> None:
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def _preflight(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "turnserver", "preflight", "--timeout", "0.5", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_cli_input_mistakes_are_named() -> None:
+    port = free_port()
+    done = _preflight(f"turn:127.0.0.1:{port}?transport=udp")
+    assert done.returncode == 2 and "no credentials given" in done.stderr
+    done = _preflight("--secret", "s", "--password", "p", f"turn:127.0.0.1:{port}")
+    assert done.returncode == 2 and "not both" in done.stderr
+    done = _preflight("--credentials", f"http://127.0.0.1:{port}/creds")
+    assert done.returncode == 2 and "cannot reach the credentials endpoint" in done.stderr
+    assert "<urlopen" not in done.stderr
+
+
+def test_nothing_reachable_says_unknown_and_duplicates_collapse() -> None:
+    port = free_port()  # nothing listens there
+    uri = f"turn:127.0.0.1:{port}?transport=udp"
+    done = _preflight("--secret", "s", "--json", uri, uri, "--packets", "1")
+    report = json.loads(done.stdout)
+    assert done.returncode == 1
+    assert report["turn_required"] is None
+    assert len(report["paths"]) == 1
+    table = _preflight("--secret", "s", uri, "--packets", "1").stdout
+    assert "TURN required: unknown" in table

@@ -17,6 +17,7 @@ from turnserver.ops.config import (
     build_settings,
     check_certificate,
     check_host_addresses,
+    read_secret_lines,
     load_file,
     parse_account,
     parse_host_port,
@@ -444,11 +445,10 @@ def _mint(args: argparse.Namespace) -> int:
             account_sid = settings.accounts[0][0]
     else:
         try:
-            settings = build_settings({}, overrides, "flags")
-        except ConfigError as exc:
-            print(f"turnserver mint: {exc}", file=sys.stderr)
+            secret = args.secret or read_secret_lines(args.secrets_file, "--secrets-file")[0]
+        except (ConfigError, IndexError) as exc:
+            print(f"turnserver mint: {exc or 'the secrets file is empty'}", file=sys.stderr)
             return 2
-        secret = settings.secrets[0]
         uris = ServerUris((), ())
     if args.uri:
         uris = ServerUris(

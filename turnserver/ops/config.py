@@ -444,6 +444,11 @@ def build_settings(file_values: dict[str, Any], overrides: dict[str, Any], sourc
     return settings
 
 
+def read_secret_lines(path: str, key: str) -> list[str]:
+    """Non-empty, non-comment lines of a secrets file (ConfigError names the key)."""
+    return _read_lines(path, key)
+
+
 def _read_lines(path: str, key: str) -> list[str]:
     """Non-empty, non-comment lines of a file (e.g. a Kubernetes Secret mount)."""
     try:
