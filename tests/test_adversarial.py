@@ -371,3 +371,29 @@ async def test_tokens_401_carries_www_authenticate(server: RunningServer) -> Non
     ):
         assert resp.status == 401
         assert resp.headers["WWW-Authenticate"].startswith("Basic ")
+
+
+async def test_a_connection_close_is_reported_once(server: RunningServer) -> None:
+    """RFC 6062 data connections were closed (and counted) twice as peer_closed."""
+    seen: list[ev.ConnectionClosed] = []
+    server.runtime.event_sinks.append(
+        lambda e: seen.append(e) if isinstance(e, ev.ConnectionClosed) else None
+    )
+    loop = asyncio.get_running_loop()
+    s = socket.socket()
+    s.setblocking(False)
+    await loop.sock_connect(s, server.address_of("tcp"))
+    try:
+        for _ in range(100):
+            if server.runtime.stream_connections:
+                break
+            await asyncio.sleep(0.01)
+        conn = next(iter(server.runtime.stream_connections.values()))
+        conn.close("peer_closed")
+        conn.close("peer_closed")
+        conn.close("idle_timeout")
+        await asyncio.sleep(0.1)
+        assert [e.reason for e in seen] == ["peer_closed"]
+        assert not server.runtime.stream_connections
+    finally:
+        s.close()

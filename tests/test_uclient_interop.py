@@ -163,3 +163,15 @@ def test_uclient_wrong_password_gets_401(lab: Lab) -> None:
     assert "tot_recv_bytes" not in result.output
     log = lab.server.log()
     assert re.search(r"allocation refused .*code=401 reason=bad_credentials", log)
+
+
+def test_uclient_rfc6062_client_to_client_in_a_loop(lab: Lab) -> None:
+    """uclient -T without -e: its TCP allocations Connect to each other's relayed
+    addresses on this same server. Run repeatedly, two at a time, so a race between
+    ConnectionAttempt and ConnectionBind would show (it was reported in 2 of 4 runs)."""
+    cases = {f"c2c-{i}": ["-u", "user", "-W", SECRET, "-T"] for i in range(6)}
+    results = lab.run_all(dict(list(cases.items())[:3]))
+    results |= lab.run_all(dict(list(cases.items())[3:]))
+    for name, result in results.items():
+        assert "bind error" not in result.output, f"{name}: {result.output[-1500:]}"
+    _assert_zero_loss(results)

@@ -17,12 +17,12 @@ from turnserver.ops.config import (
     build_settings,
     check_certificate,
     check_host_addresses,
-    read_secret_lines,
     load_file,
     parse_account,
     parse_host_port,
     parse_listen,
     parse_user,
+    read_secret_lines,
 )
 
 

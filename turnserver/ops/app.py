@@ -314,7 +314,7 @@ class Server:
                 password=shared,
             )
 
-        self.health = Health(self.runtime, self.metrics, self.probe)
+        self.health = Health(self.runtime, self.metrics, self.probe, settings.public_host)
         self.api: CredentialsApi | None = None
         self._api_runner: web.AppRunner | None = None
         self.api_port = 0

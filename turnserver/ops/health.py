@@ -4,10 +4,14 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+import time
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from turnserver.ops.certcheck import CertificateCheck
 
 if TYPE_CHECKING:
     from turnserver.io.runtime import ServerRuntime
@@ -16,13 +20,26 @@ if TYPE_CHECKING:
 
 HEARTBEAT = 0.5
 UNRESPONSIVE_AFTER = 5.0
+CERTIFICATE_WARNING_INTERVAL = 6 * 3600
+log = logging.getLogger("turnserver")
 
 
 class Health:
     """Liveness and readiness, and the HTTP endpoints that report them."""
 
-    def __init__(self, runtime: ServerRuntime, metrics: Metrics, probe: SelfProbe | None) -> None:
+    def __init__(
+        self,
+        runtime: ServerRuntime,
+        metrics: Metrics,
+        probe: SelfProbe | None,
+        public_host: str | None = None,
+    ) -> None:
         self.runtime = runtime
+        self.certificate = (
+            CertificateCheck(runtime.tls.cert_file, public_host) if runtime.tls else None
+        )
+        self._warned: dict[str, float] = {}
+        self._beats = 0
         self.metrics = metrics
         self.probe = probe
         self.last_beat = runtime.loop.time()
@@ -35,11 +52,32 @@ class Health:
         self._runner: web.AppRunner | None = None
         self.port = 0
 
+    def certificate_check(self) -> dict[str, Any] | None:
+        """The TLS certificate's expiry and problems; warns in the log now and then."""
+        if self.certificate is None:
+            return None
+        if self.runtime.tls is not None:  # follows SIGHUP reloads
+            self.certificate.cert_file = self.runtime.tls.cert_file
+        now = time.time()
+        status = self.certificate.status(now)
+        self.metrics.certificate_expiry.set(status.not_after)
+        for problem in status.problems:
+            if now - self._warned.get(problem, 0.0) > CERTIFICATE_WARNING_INTERVAL:
+                self._warned[problem] = now
+                log.warning("tls certificate: %s", problem)
+        out: dict[str, Any] = {"ok": not status.expired, "expires_at": int(status.not_after)}
+        if status.problems:
+            out["warnings"] = status.problems
+        return out
+
     def _heartbeat(self) -> None:
         now = self.runtime.loop.time()
         self.lag = max(0.0, now - self.last_beat - HEARTBEAT)
         self.metrics.loop_lag.set(self.lag)
         self.last_beat = now
+        self._beats += 1
+        if self._beats % 120 == 1:  # every minute: the certificate's expiry and name
+            self.certificate_check()
         self._beat = self.runtime.loop.call_later(HEARTBEAT, self._heartbeat)
 
     async def start(self, host: str, port: int) -> None:
@@ -89,6 +127,9 @@ class Health:
                 },
             }
         checks["capacity"] = self.capacity()
+        certificate = self.certificate_check()
+        if certificate is not None:
+            checks["certificate"] = certificate
         checks["draining"] = {"ok": not self.runtime.draining}
         ready = all(c["ok"] for c in checks.values())
         failed = [name for name, c in checks.items() if not c["ok"]]

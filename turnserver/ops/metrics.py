@@ -305,6 +305,11 @@ class Metrics:
         self.probe_runs = Counter(
             "turn_probe_runs_total", "Self-probes run", ["transport", "result"], registry=r
         )
+        self.certificate_expiry = Gauge(
+            "turn_tls_certificate_expiry_timestamp_seconds",
+            "When the served TLS certificate expires (Unix time; 0: unreadable)",
+            registry=r,
+        )
         self.loop_lag = Gauge(
             "turn_event_loop_lag_seconds", "How late the event loop ran its heartbeat", registry=r
         )

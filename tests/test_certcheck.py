@@ -1,0 +1,62 @@
+"""The TLS certificate check behind /readyz, the expiry metric and the log warnings."""
+
+from __future__ import annotations
+
+import datetime
+import time
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from turnserver.ops.certcheck import CertificateCheck
+
+from .conftest import RunningServer
+
+
+def _cert(path: Path, names: list[str], not_after: datetime.datetime) -> str:
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])])
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(not_after - datetime.timedelta(days=400))
+        .not_valid_after(not_after)
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(n) for n in names]), False)
+        .sign(key, hashes.SHA256())
+    )
+    path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return str(path)
+
+
+def test_expired_expiring_and_wrong_name(tmp_path: Path) -> None:
+    now = datetime.datetime.now(datetime.UTC)
+    expired = _cert(tmp_path / "old.pem", ["turn.example.com"], now - datetime.timedelta(days=1))
+    soon = _cert(tmp_path / "soon.pem", ["*.example.com"], now + datetime.timedelta(days=3))
+    good = _cert(tmp_path / "good.pem", ["turn.example.com"], now + datetime.timedelta(days=90))
+    status = CertificateCheck(expired, "turn.example.com").status(time.time())
+    assert status.expired and "has expired" in status.problems[0]
+    status = CertificateCheck(soon, "turn.example.com").status(time.time())
+    assert not status.expired and "expires in 3.0 days" in status.problems[0]
+    assert len(status.problems) == 1  # the wildcard covers turn.example.com
+    status = CertificateCheck(good, "other.example.org").status(time.time())
+    assert "does not cover api.public_host 'other.example.org'" in status.problems[0]
+    assert CertificateCheck(good, "turn.example.com").status(time.time()).problems == []
+
+
+@pytest.mark.server_settings(public_host="turn.example.net")
+async def test_readyz_warns_about_the_certificate(server: RunningServer) -> None:
+    ok, body = server.server.health.readiness()
+    cert = body["checks"]["certificate"]
+    assert ok and cert["ok"]  # a warning, not a failure: only an expired one fails
+    assert any("does not cover api.public_host" in w for w in cert["warnings"])
+    value = server.server.metrics.registry.get_sample_value(
+        "turn_tls_certificate_expiry_timestamp_seconds"
+    )
+    assert value is not None and value > time.time()
