@@ -17,6 +17,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from turnserver.core import events as ev
 from turnserver.ops.credentials import mint
 from turnserver.ops.turnclient import TurnClient
 from turnserver.stun import MessageClass, Method, encode_message
