@@ -253,3 +253,36 @@ async def test_draft_credentials_work_with_uclient(server: RunningServer, tmp_pa
     out = done.stdout + done.stderr
     assert re.search(r"Total lost packets 0 ", out), out[-1500:]
     assert int(re.findall(r"tot_recv_bytes ~ (\d+)", out)[-1]) > 0
+
+
+@pytest.mark.server_settings(api_tls=True)
+async def test_api_serves_https_with_the_certificate(server: RunningServer) -> None:
+    from .conftest import client_ssl_context
+
+    assert server.api_base.startswith("https://")
+    async with aiohttp.ClientSession() as session:
+        async with session.get(
+            f"{server.api_base}/api/v1/ice-servers",
+            params={"username": "tls-user", "key": API_KEY},
+            ssl=client_ssl_context(),
+        ) as resp:
+            assert resp.status == 200
+            assert (await resp.json())["iceServers"]
+        plain = server.api_base.replace("https://", "http://")
+        with pytest.raises(aiohttp.ClientError):
+            async with session.get(f"{plain}/api/v1/ice-servers") as resp:
+                await resp.read()
+
+
+def test_api_https_defaults() -> None:
+    from turnserver.ops.config import Settings, api_certificate
+
+    with_cert = {"cert_file": "c.pem", "key_file": "k.pem"}
+    assert api_certificate(Settings(api_listen=("127.0.0.1", 8080), **with_cert)) is None
+    assert api_certificate(Settings(api_listen=("0.0.0.0", 8080), **with_cert)) == (
+        "c.pem",
+        "k.pem",
+    )
+    assert api_certificate(Settings(api_listen=("0.0.0.0", 8080))) is None
+    own = Settings(api_listen=("::", 443), api_cert_file="a.pem", api_key_file="b.pem")
+    assert api_certificate(own) == ("a.pem", "b.pem")

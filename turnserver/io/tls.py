@@ -12,13 +12,16 @@ import ssl
 ALPN_PROTOCOLS = ["stun.turn"]  # RFC 7443
 
 
-def build_context(cert_file: str, key_file: str) -> ssl.SSLContext:
+def build_context(
+    cert_file: str, key_file: str, alpn: list[str] | None = ALPN_PROTOCOLS
+) -> ssl.SSLContext:
     """A server context with the stdlib's default ciphers; raises ssl.SSLError/OSError."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.maximum_version = ssl.TLSVersion.TLSv1_3
     ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
-    ctx.set_alpn_protocols(ALPN_PROTOCOLS)
+    if alpn:
+        ctx.set_alpn_protocols(alpn)
     ctx.load_cert_chain(cert_file, key_file)
     return ctx
 
@@ -26,11 +29,14 @@ def build_context(cert_file: str, key_file: str) -> ssl.SSLContext:
 class ReloadableTLS:
     """Holds the current certificate; listeners use `listener_context`."""
 
-    def __init__(self, cert_file: str, key_file: str) -> None:
+    def __init__(
+        self, cert_file: str, key_file: str, alpn: list[str] | None = ALPN_PROTOCOLS
+    ) -> None:
         self.cert_file = cert_file
         self.key_file = key_file
-        self.current = build_context(cert_file, key_file)
-        self.listener_context = build_context(cert_file, key_file)
+        self.alpn = alpn
+        self.current = build_context(cert_file, key_file, alpn)
+        self.listener_context = build_context(cert_file, key_file, alpn)
         self.listener_context.sni_callback = self._select
 
     def _select(
@@ -43,5 +49,5 @@ class ReloadableTLS:
         """Load the (possibly new) files; on error keep the old certificate and raise."""
         cert = cert_file or self.cert_file
         key = key_file or self.key_file
-        self.current = build_context(cert, key)
+        self.current = build_context(cert, key, self.alpn)
         self.cert_file, self.key_file = cert, key

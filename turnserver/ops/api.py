@@ -13,6 +13,7 @@ import binascii
 import hmac
 import logging
 import re
+import ssl
 import time
 import unicodedata
 from collections.abc import Awaitable, Callable
@@ -318,11 +319,13 @@ class CredentialsApi:
         return web.json_response(ice_servers_config(cred, self.config.uris, policy == "relay"))
 
 
-async def start_api(api: CredentialsApi, host: str, port: int) -> tuple[web.AppRunner, int]:
-    """Serve the API on host:port; returns the runner and the bound port."""
+async def start_api(
+    api: CredentialsApi, host: str, port: int, ssl_context: ssl.SSLContext | None = None
+) -> tuple[web.AppRunner, int]:
+    """Serve the API on host:port (HTTPS with ssl_context); returns the runner and port."""
     runner = web.AppRunner(api.app, access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, host, port)
+    site = web.TCPSite(runner, host, port, ssl_context=ssl_context)
     await site.start()
     bound: int = runner.addresses[0][1] if runner.addresses else port
     return runner, bound

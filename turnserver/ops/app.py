@@ -30,6 +30,7 @@ from turnserver.ops.api import ApiConfig, CredentialsApi, start_api
 from turnserver.ops.config import (
     ConfigError,
     Settings,
+    api_certificate,
     check_certificate,
     preflight_page_enabled,
     relay_layout,
@@ -318,6 +319,9 @@ class Server:
         self.api: CredentialsApi | None = None
         self._api_runner: web.AppRunner | None = None
         self.api_port = 0
+        api_cert = api_certificate(settings)
+        # HTTPS for the API: reloadable like the TURN certificate, no TURN ALPN
+        self.api_tls = ReloadableTLS(*api_cert, alpn=None) if api_cert else None
 
     async def start(self) -> None:
         """Bind listeners, then the API (raises OSError/ValueError naming what failed)."""
@@ -343,7 +347,11 @@ class Server:
         if settings.api_listen:
             self.api = CredentialsApi(api_config(settings, self.runtime.bound_addresses()))
             try:
-                self._api_runner, self.api_port = await start_api(self.api, *settings.api_listen)
+                self._api_runner, self.api_port = await start_api(
+                    self.api,
+                    *settings.api_listen,
+                    self.api_tls.listener_context if self.api_tls else None,
+                )
             except OSError as exc:
                 self.runtime.stop()
                 host, port = settings.api_listen
@@ -351,19 +359,26 @@ class Server:
                     exc.errno, f"cannot bind the API on {host}:{port}: {exc.strerror}"
                 ) from exc
             self.metrics.collector.api = self.api
-            log.info("credentials API on http://%s:%d", settings.api_listen[0], self.api_port)
+            log.info("credentials API on %s", self.api_base)
 
     @property
     def api_base(self) -> str:
         assert self.settings.api_listen is not None
         host = self.settings.api_listen[0]
-        return (
-            f"http://[{host}]:{self.api_port}" if ":" in host else f"http://{host}:{self.api_port}"
-        )
+        scheme = "https" if self.api_tls else "http"
+        hostport = f"[{host}]:{self.api_port}" if ":" in host else f"{host}:{self.api_port}"
+        return f"{scheme}://{hostport}"
 
     def reload(self, new: Settings) -> None:
         """Apply a new configuration (SIGHUP); listeners and allocations stay."""
         apply_reload(self.runtime, new)
+        cert = api_certificate(new)
+        if self.api_tls is not None and cert is not None:
+            try:
+                check_certificate(*cert)
+                self.api_tls.reload(*cert)
+            except (ConfigError, OSError, ssl.SSLError) as exc:
+                log.error("API certificate reload failed, keeping the old one: %s", exc)
         if self.api is not None:
             self.api.reconfigure(api_config(new, self.runtime.bound_addresses()))
         self.settings = new

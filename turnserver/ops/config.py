@@ -74,6 +74,11 @@ class Settings:
     accounts_file: str | None = None
     api_keys: tuple[str, ...] = ()
     api_keys_file: str | None = None
+    # HTTPS for the API listener; None: when a certificate is configured and the API
+    # does not listen on loopback. Its own certificate, or the TURN one (tls.cert).
+    api_tls: bool | None = None
+    api_cert_file: str | None = None
+    api_key_file: str | None = None
     api_default_ttl: int = 86400
     api_max_ttl: int = 86400
     api_rate: float = 10.0
@@ -328,6 +333,9 @@ SCHEMA: dict[str, tuple[str, Check]] = {
     "api.public_host": ("public_host", _opt_str),
     "api.uris": ("uris", _str_list),
     "api.preflight_page": ("preflight_page", _bool),
+    "api.tls": ("api_tls", _bool),
+    "api.cert": ("api_cert_file", _opt_str),
+    "api.key": ("api_key_file", _opt_str),
     "auth.nonce_lifetime": ("nonce_lifetime", _int(30, 86400)),
     "auth.strict_expiry": ("strict_expiry", _bool),
     "relay.ip": ("relay_ips", _ip_list),
@@ -512,11 +520,31 @@ def validate(s: Settings) -> None:
         raise ConfigError("api.listen: the API needs auth.secrets to mint with")
     if bool(s.cert_file) != bool(s.key_file):
         raise ConfigError("tls.key: give both a certificate and its key")
+    if bool(s.api_cert_file) != bool(s.api_key_file):
+        raise ConfigError("api.key: give both a certificate and its key")
+    api_certificate(s)
     if not relay_layout(s):
         raise ConfigError(
             "relay.ip: no relay address; give --relay-ip (and --external-ip "
             "behind NAT) when listening on a wildcard address"
         )
+
+
+def api_certificate(s: Settings) -> tuple[str, str] | None:
+    """(cert, key) the API serves HTTPS with, or None for plain HTTP."""
+    cert = s.api_cert_file or s.cert_file
+    key = s.api_key_file or s.key_file
+    if s.api_tls is False or s.api_listen is None:
+        return None
+    if s.api_tls is None and ipaddress.ip_address(s.api_listen[0]).is_loopback:
+        return None
+    if not (cert and key):
+        if s.api_tls:
+            raise ConfigError(
+                "api.tls: HTTPS for the API needs api.cert/api.key or tls.cert/tls.key"
+            )
+        return None
+    return cert, key
 
 
 def preflight_page_enabled(s: Settings) -> bool:

@@ -28,7 +28,8 @@ from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
 from turnserver.io.sockets import bind_listener_group
-from turnserver.ops.config import ConfigError, Settings, build_settings, load_file
+from turnserver.io.tls import build_context
+from turnserver.ops.config import ConfigError, Settings, api_certificate, build_settings, load_file
 from turnserver.ops.eventlog import setup_logging
 from turnserver.ops.systemd import notify, start_watchdog
 
@@ -394,7 +395,9 @@ class Supervisor:
         api_runner = None
         if self.settings.api_listen:
             api = CredentialsApi(api_config(self.settings, list(self.settings.listen)))
-            api_runner, _ = await start_api(api, *self.settings.api_listen)
+            api_cert = api_certificate(self.settings)
+            api_ctx = build_context(*api_cert, alpn=None) if api_cert else None
+            api_runner, _ = await start_api(api, *self.settings.api_listen, api_ctx)
         # Wait until every worker reports its metrics port (its listeners are bound)
         for _ in range(600):
             if all(self.ports[i] for i in range(self.n)):
