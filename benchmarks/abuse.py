@@ -36,7 +36,7 @@ from turnserver.core.five_tuple import ClientTransport, FiveTuple
 from turnserver.core.policy import DefaultPeerPolicy
 from turnserver.core.server import TurnServer
 from turnserver.ops.credentials import mint
-from turnserver.ops.turnclient import TurnClient, TurnClientError
+from turnserver.client.turnclient import TurnClient, TurnClientError
 from turnserver.stun import Attr, MessageClass, Method, encode_message, long_term_key
 
 REALM = "abuse.test"

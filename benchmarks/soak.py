@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from run import free_port, rss_bytes
 
 from turnserver.ops.credentials import mint
-from turnserver.ops.turnclient import TurnClient, TurnClientError
+from turnserver.client.turnclient import TurnClient, TurnClientError
 
 
 def rss_fds(pid: int) -> tuple[float, int]:

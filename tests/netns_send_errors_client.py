@@ -10,7 +10,7 @@ import sys
 import time
 
 from turnserver.ops.credentials import mint
-from turnserver.ops.turnclient import TurnClient
+from turnserver.client.turnclient import TurnClient
 from turnserver.stun import Attr, Method
 
 SERVER = ("192.0.2.1", int(sys.argv[1]))

@@ -19,7 +19,7 @@ import pytest
 
 from turnserver.core import events as ev
 from turnserver.ops.credentials import mint
-from turnserver.ops.turnclient import TurnClient
+from turnserver.client.turnclient import TurnClient
 from turnserver.stun import MessageClass, Method, encode_message
 
 from .conftest import SECRET, EchoProtocol, RunningServer, client_ssl_context

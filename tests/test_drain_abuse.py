@@ -15,7 +15,7 @@ import pytest
 
 from turnserver.ops.credentials import mint
 from turnserver.ops.selfsigned import ensure_self_signed
-from turnserver.ops.turnclient import TurnClient, TurnClientError
+from turnserver.client.turnclient import TurnClient, TurnClientError
 from turnserver.stun import Attr, MessageClass, Method, encode_message
 
 from .conftest import EchoProtocol

@@ -44,3 +44,69 @@ def test_sans_io_layers_import_no_io(layer: str) -> None:
 def test_stun_imports_nothing_from_core() -> None:
     for path in (PACKAGE / "stun").glob("*.py"):
         assert "turnserver.core" not in path.read_text(), path.name
+
+
+# Arrows run one way: cli -> ops -> io -> core -> stun, and client -> stun.
+ALLOWED = {
+    "stun": set(),
+    "core": {"stun"},
+    "io": {"core", "stun"},
+    "client": {"stun"},
+    "ops": {"io", "core", "stun", "client"},
+}
+
+
+def _turnserver_imports(path: Path) -> set[str]:
+    """Every turnserver module a file imports, TYPE_CHECKING blocks included."""
+    out: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names if a.name.startswith("turnserver.")}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            if node.module.startswith("turnserver."):
+                out.add(node.module)
+                out |= {f"{node.module}.{a.name}" for a in node.names}
+    return out
+
+
+def _module(path: Path) -> str:
+    rel = path.relative_to(PACKAGE.parent).with_suffix("")
+    return ".".join(rel.parts).removesuffix(".__init__")
+
+
+def test_arrows_run_one_way() -> None:
+    for layer, allowed in ALLOWED.items():
+        for path in (PACKAGE / layer).glob("*.py"):
+            for name in _turnserver_imports(path):
+                target = name.split(".")[1]
+                assert target == layer or target in allowed or target == "__init__", (
+                    f"{path.relative_to(PACKAGE)} imports {name}"
+                )
+
+
+def test_no_import_circles_even_under_type_checking() -> None:
+    modules = {_module(p): p for p in PACKAGE.rglob("*.py")}
+    graph = {
+        m: {n for n in _turnserver_imports(p) if n in modules and n != m}
+        for m, p in modules.items()
+    }
+    state: dict[str, int] = {}
+
+    def visit(m: str, stack: list[str]) -> None:
+        state[m] = 1
+        for n in sorted(graph[m]):
+            if state.get(n) == 1:
+                raise AssertionError("import circle: " + " -> ".join([*stack, m, n]))
+            if n not in state:
+                visit(n, [*stack, m])
+        state[m] = 2
+
+    for m in sorted(graph):
+        if m not in state:
+            visit(m, [])
+
+
+def test_no_module_over_500_lines() -> None:
+    for path in PACKAGE.rglob("*.py"):
+        lines = len(path.read_text().splitlines())
+        assert lines <= 520, f"{path.relative_to(PACKAGE)} has {lines} lines"

@@ -15,7 +15,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from turnserver.ops.credentials import mint
-from turnserver.ops.turnclient import TurnClient, TurnClientError
+from turnserver.client.turnclient import TurnClient, TurnClientError
 from turnserver.stun import Attr, Method
 
 from .conftest import SECRET, RunningServer, free_port_range, require_tool

@@ -14,7 +14,7 @@ import aiohttp
 import pytest
 
 from turnserver.ops.credentials import mint
-from turnserver.ops.preflight import IceUri, parse_uri, run
+from turnserver.client.preflight import IceUri, parse_uri, run
 from turnserver.ops.selfsigned import ensure_self_signed
 
 from .conftest import (
@@ -114,7 +114,7 @@ async def test_reads_a_saved_twilio_tokens_response(server: RunningServer, tmp_p
         ) as resp:
             saved = tmp_path / "token.json"
             saved.write_text(json.dumps(await resp.json()))
-    from turnserver.ops.preflight import load_ice_servers
+    from turnserver.client.preflight import load_ice_servers
 
     uris = load_ice_servers(str(saved))
     assert {u.scheme for u in uris} == {"stun", "turn", "turns"}

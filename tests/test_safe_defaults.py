@@ -18,7 +18,7 @@ import pytest
 
 from turnserver.ops.config import Settings
 from turnserver.ops.credentials import mint
-from turnserver.ops.turnclient import TurnClient, TurnClientError
+from turnserver.client.turnclient import TurnClient, TurnClientError
 from turnserver.stun import Attr, Method
 
 from .conftest import SECRET, EchoProtocol, RunningServer

@@ -15,7 +15,7 @@ import aiohttp
 import pytest
 
 from turnserver.ops.credentials import mint
-from turnserver.ops.turnclient import TurnClient, TurnClientError
+from turnserver.client.turnclient import TurnClient, TurnClientError
 
 from .conftest import EchoProtocol
 from .procs import free_port, turnserver_process

@@ -11,18 +11,19 @@ from turnserver.io.loop import LOOP_CHOICES
 from turnserver.ops.config import (
     LOG_FORMATS,
     LOG_LEVELS,
-    ConfigError,
     Settings,
-    _host_port_or_off,
     build_settings,
     check_certificate,
     check_host_addresses,
     load_file,
+)
+from turnserver.ops.config_values import (
+    ConfigError,
+    _host_port_or_off,
     parse_account,
     parse_host_port,
     parse_listen,
     parse_user,
-    read_secret_lines,
 )
 
 
@@ -332,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.command == "serve":
         from turnserver.ops.app import serve
-        from turnserver.ops.config import _cidr_list, _ip_list
+        from turnserver.ops.config_values import _cidr_list, _ip_list
 
         try:
             file_values = load_file(args.config) if args.config else {}
@@ -374,9 +375,13 @@ def main(argv: list[str] | None = None) -> int:
         return serve(settings, args.show_credential, reload_settings)
 
     if args.command == "mint":
-        return _mint(args)
+        from turnserver.ops.commands import mint_command
+
+        return mint_command(args)
     if args.command == "preflight":
-        return _preflight(args)
+        from turnserver.ops.commands import preflight_command
+
+        return preflight_command(args)
     if args.command == "selfsigned":
         from turnserver.ops.selfsigned import ensure_self_signed
 
@@ -393,131 +398,3 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-
-
-def _mint(args: argparse.Namespace) -> int:
-    import json
-    import time
-
-    from turnserver.ops.app import server_uris
-    from turnserver.ops.credentials import (
-        ServerUris,
-        ice_servers_config,
-        mint,
-        parse_ttl,
-        rest_api_credential,
-        twilio_token,
-    )
-
-    try:
-        ttl = parse_ttl(args.ttl)
-    except ValueError as exc:
-        print(f"turnserver mint: {exc}", file=sys.stderr)
-        return 2
-    overrides: dict[str, Any] = {}
-    if args.secret:
-        overrides["secrets"] = (args.secret,)
-    if args.secrets_file:
-        overrides["secrets_file"] = args.secrets_file
-    if not (args.config or overrides):
-        print(
-            "turnserver mint: give --config FILE and/or --secret S (or --secrets-file F)",
-            file=sys.stderr,
-        )
-        return 2
-    account_sid = args.account_sid or "AC" + "0" * 32
-    if args.config:
-        try:
-            # a secret given here replaces the config's (make run keeps it in .run/secret)
-            values = load_file(args.config)
-            if overrides:
-                values.pop("secrets", None)
-                values.pop("secrets_file", None)
-            if not values.get("cert_file"):  # minting needs no certificate
-                overrides.update(cert_file="unused", key_file="unused")
-            settings = build_settings(values, overrides, args.config)
-        except ConfigError as exc:
-            print(f"turnserver mint: configuration error: {exc}", file=sys.stderr)
-            return 2
-        secret = settings.secrets[0]
-        uris = server_uris(settings, list(settings.listen))
-        if settings.accounts and not args.account_sid:
-            account_sid = settings.accounts[0][0]
-    else:
-        try:
-            secret = args.secret or read_secret_lines(args.secrets_file, "--secrets-file")[0]
-        except (ConfigError, IndexError) as exc:
-            print(f"turnserver mint: {exc or 'the secrets file is empty'}", file=sys.stderr)
-            return 2
-        uris = ServerUris((), ())
-    if args.uri:
-        uris = ServerUris(
-            tuple(u for u in args.uri if u.startswith("stun")),
-            tuple(u for u in args.uri if u.startswith("turn")),
-        )
-    bad = [u for u in args.uri if not u.startswith(("stun:", "stuns:", "turn:", "turns:"))]
-    if bad:
-        print(f"turnserver mint: not a STUN/TURN URI: {bad[0]}", file=sys.stderr)
-        return 2
-    now = time.time()
-    cred = mint(secret, args.user, ttl, now)
-    if args.format == "twilio":
-        out = twilio_token(cred, uris, account_sid, now)
-    elif args.format == "ice-servers":
-        out = ice_servers_config(cred, uris, args.relay_only)
-    else:
-        out = rest_api_credential(cred, uris)
-    print(json.dumps(out, indent=2))
-    return 0
-
-
-def _preflight(args: argparse.Namespace) -> int:
-    import asyncio
-    import ssl
-    import time
-
-    from turnserver.ops.credentials import mint
-    from turnserver.ops.preflight import (
-        IceUri,
-        as_json,
-        as_table,
-        load_ice_servers,
-        parse_uri,
-        run,
-    )
-
-    try:
-        uris: list[IceUri] = []
-        username, password = args.username, args.password
-        if args.secret and args.password:
-            raise ValueError(
-                "give either --secret (to mint a credential) or --username/--password, not both"
-            )
-        if args.secret:
-            cred = mint(args.secret, username or "preflight", 600, time.time())
-            username, password = cred.username, cred.password
-        uris += [parse_uri(u, username, password) for u in args.uris]
-        if args.credentials:
-            uris += load_ice_servers(args.credentials, args.timeout)
-    except (ValueError, OSError) as exc:
-        print(f"turnserver preflight: {exc}", file=sys.stderr)
-        return 2
-    if not uris:
-        print("turnserver preflight: give URIs or --credentials", file=sys.stderr)
-        return 2
-    if any(u.scheme != "stun" and not (u.username and u.credential) for u in uris):
-        print(
-            "turnserver preflight: no credentials given for the turn:/turns: URIs; "
-            "use --secret, --username with --password, or --credentials",
-            file=sys.stderr,
-        )
-        return 2
-    ctx = ssl.create_default_context(cafile=args.ca) if args.ca else ssl.create_default_context()
-    if args.insecure:
-        ctx.check_hostname = False
-        ctx.verify_mode = ssl.CERT_NONE
-    elif args.ca:
-        ctx.check_hostname = False  # a self-signed test certificate has no matching name
-    report = asyncio.run(run(uris, packets=args.packets, timeout=args.timeout, ssl_context=ctx))
-    print(as_json(report) if args.json else as_table(report))
-    return 0 if report.ok else 1

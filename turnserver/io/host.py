@@ -6,14 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import ssl
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 from turnserver.core import events as ev
+from turnserver.core.five_tuple import FiveTuple
 from turnserver.core.server import TurnServer
 from turnserver.io.descriptors import DescriptorBudget
-
-if TYPE_CHECKING:
-    from turnserver.io.stream import StreamConnection
 
 
 @runtime_checkable
@@ -23,6 +21,24 @@ class ClientSink(Protocol):
     def send(self, data: bytes) -> None: ...
 
     def send_channel_data(self, number: int, payload: bytes) -> None: ...
+
+
+class PeerPipe(Protocol):
+    """An RFC 6062 peer connection, as the client's data connection sees it."""
+
+    transport: asyncio.Transport | None
+
+    def close(self, graceful: bool = False) -> None: ...
+
+
+class ClientStream(Protocol):
+    """A client's TCP/TLS connection, as the runtime and RFC 6062 relays see it."""
+
+    five_tuple: FiveTuple | None
+    transport: asyncio.Transport | None
+    pipe: PeerPipe | None
+
+    def close(self, reason: str, detail: str = "") -> None: ...
 
 
 class AdapterHost(Protocol):
@@ -40,10 +56,10 @@ class AdapterHost(Protocol):
     def after_core_call(self, duration: float | None = None) -> None:
         """Dispatch the core's events and re-arm its timer."""
 
-    def stream_opened(self, conn: StreamConnection) -> bool:
+    def stream_opened(self, conn: ClientStream) -> bool:
         """Admit a new TCP/TLS connection (False: refused over a cap)."""
 
-    def stream_closed(self, conn: StreamConnection, reason: str) -> None: ...
+    def stream_closed(self, conn: ClientStream, reason: str) -> None: ...
 
     def tls_context(self) -> ssl.SSLContext | None: ...
 

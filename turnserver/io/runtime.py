@@ -8,6 +8,7 @@ import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import cast
 
 from turnserver.core import events as ev
 from turnserver.core.auth import Authenticator
@@ -16,6 +17,7 @@ from turnserver.core.five_tuple import ClientTransport, FiveTuple
 from turnserver.core.policy import PeerPolicy
 from turnserver.core.server import TurnServer
 from turnserver.io.descriptors import DescriptorBudget
+from turnserver.io.host import ClientStream
 from turnserver.io.stream import StreamConnection
 from turnserver.io.tcp_relay import TcpRelay
 from turnserver.io.tls import ReloadableTLS
@@ -218,7 +220,7 @@ class ServerRuntime:
 
     # ---- stream connections ------------------------------------------------------------
 
-    def stream_opened(self, conn: StreamConnection) -> bool:
+    def stream_opened(self, conn: ClientStream) -> bool:
         """Admit a new TCP/TLS connection, or refuse it (counted) over a cap."""
         ft = conn.five_tuple
         assert ft is not None
@@ -239,10 +241,10 @@ class ServerRuntime:
             return False
         self.descriptors.take(1)
         self.streams_per_ip[ip] = per_ip + 1
-        self.stream_connections[ft] = conn
+        self.stream_connections[ft] = cast(StreamConnection, conn)  # the only kind we make
         return True
 
-    def stream_closed(self, conn: StreamConnection, reason: str) -> None:
+    def stream_closed(self, conn: ClientStream, reason: str) -> None:
         ft = conn.five_tuple
         if ft is None or self.stream_connections.get(ft) is not conn:
             return

@@ -16,19 +16,16 @@ from __future__ import annotations
 import asyncio
 import ssl
 from time import perf_counter
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any, cast
 
 from turnserver.core import events as ev
 from turnserver.core.allocation import Allocation
 from turnserver.core.five_tuple import ClientTransport, FiveTuple
-from turnserver.io.host import AdapterHost
+from turnserver.io.host import AdapterHost, PeerPipe
 from turnserver.stun.attributes import Address
 from turnserver.stun.channeldata import CHANNEL_HEADER
 from turnserver.stun.errors import StunDecodeError
 from turnserver.stun.framing import StreamFramer
-
-if TYPE_CHECKING:
-    from turnserver.io.tcp_relay import PeerTcpConnection
 
 WRITE_HIGH_WATER = 256 * 1024
 _PAD = (b"", b"\x00\x00\x00", b"\x00\x00", b"\x00")
@@ -89,7 +86,7 @@ class StreamConnection(asyncio.Protocol):
         self.closing = False
         self.closed_by_server = False
         self.registered = False
-        self.pipe: PeerTcpConnection | None = None  # set once ConnectionBind succeeds
+        self.pipe: PeerPipe | None = None  # set once ConnectionBind succeeds
 
     @property
     def paused(self) -> bool:

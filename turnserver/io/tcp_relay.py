@@ -10,15 +10,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-from typing import TYPE_CHECKING, cast
+from typing import cast
 
 from turnserver.core.allocation import Allocation
-from turnserver.io.host import AdapterHost, ClientSink
+from turnserver.io.host import AdapterHost, ClientSink, ClientStream
 from turnserver.io.sockets import bind_socket
 from turnserver.stun.attributes import Address
-
-if TYPE_CHECKING:
-    from turnserver.io.stream import StreamConnection
 
 PENDING_LIMIT = 64 * 1024  # peer bytes held while waiting for ConnectionBind
 CONNECT_TIMEOUT = 30.0  # RFC 6062 §5.2
@@ -37,7 +34,7 @@ class PeerTcpConnection(asyncio.Protocol):
         self.connection_id = connection_id
         self.counted = counted  # holds one descriptor of the budget
         self.transport: asyncio.Transport | None = None
-        self.data_conn: StreamConnection | None = None
+        self.data_conn: ClientStream | None = None
         self.pending = bytearray()
         self.peer: Address = ("", 0)
 
@@ -73,7 +70,7 @@ class PeerTcpConnection(asyncio.Protocol):
             self.relay.runtime.descriptors.give(1)
         self.relay.lost(self)
 
-    def attach(self, data_conn: StreamConnection, early: bytes) -> None:
+    def attach(self, data_conn: ClientStream, early: bytes) -> None:
         """Become one pipe with the client's data connection (after ConnectionBind)."""
         self.data_conn = data_conn
         data_conn.pipe = self
@@ -177,7 +174,7 @@ class TcpRelay:
             self.close_connection(connection_id)
         self.runtime.after_core_call()
 
-    def bind(self, connection_id: int, data_conn: StreamConnection, early: bytes) -> bool:
+    def bind(self, connection_id: int, data_conn: ClientStream, early: bytes) -> bool:
         conn = self.connections.get(connection_id)
         if conn is None:
             return False

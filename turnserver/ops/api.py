@@ -97,7 +97,7 @@ def _equal(a: str, b: str) -> bool:
 
 
 def _static(name: str) -> str:
-    return resources.files("turnserver.ops").joinpath("static", name).read_text("utf-8")
+    return resources.files("turnserver.client").joinpath("static", name).read_text("utf-8")
 
 
 def twilio_error(status: int, code: int, message: str) -> web.Response:

@@ -4,16 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import logging
-import os
 import resource
 import secrets
 import signal
 import socket
 import ssl
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import replace
 
@@ -27,21 +24,21 @@ from turnserver.io.loop import loop_factory
 from turnserver.io.runtime import ListenAddress, ServerRuntime, StreamOptions
 from turnserver.io.tls import ReloadableTLS
 from turnserver.ops.api import ApiConfig, CredentialsApi, start_api
+from turnserver.ops.banner import credential_banner
 from turnserver.ops.config import (
-    ConfigError,
     Settings,
     api_certificate,
     check_certificate,
     preflight_page_enabled,
     relay_layout,
 )
-from turnserver.ops.credentials import ServerUris, mint
+from turnserver.ops.config_values import ConfigError
 from turnserver.ops.eventlog import log, log_event, setup_logging
 from turnserver.ops.health import Health
 from turnserver.ops.metrics import Metrics
 from turnserver.ops.probe import PROBE_USER, SelfProbe
-from turnserver.ops.selfsigned import spki_sha256
 from turnserver.ops.systemd import notify, start_watchdog
+from turnserver.ops.uris import server_uris
 
 
 def core_config(settings: Settings) -> CoreConfig:
@@ -191,38 +188,6 @@ def apply_reload(runtime: ServerRuntime, new: Settings) -> None:
             log.error("certificate reload failed, keeping the old one: %s", exc)
 
 
-def server_uris(settings: Settings, listen: list[ListenAddress]) -> ServerUris:
-    """STUN and TURN URIs (RFC 7064, RFC 7065) for the listeners.
-
-    `api.uris` wins when set; otherwise the host is `api.public_host`, or the
-    advertised relay address for wildcard listeners, or the listener's address."""
-    if settings.uris:
-        return ServerUris(
-            tuple(u for u in settings.uris if u.startswith("stun")),
-            tuple(u for u in settings.uris if u.startswith("turn")),
-        )
-    stun: list[str] = []
-    turn: list[str] = []
-    layout = relay_layout(settings)
-    for spec in listen:
-        host = settings.public_host or spec.host
-        if host in ("0.0.0.0", "::") and layout:
-            host = layout[0][1]
-        hostport = f"[{host}]:{spec.port}" if ":" in host else f"{host}:{spec.port}"
-        if spec.scheme == "tls":
-            turn.append(f"turns:{hostport}?transport=tcp")
-        else:
-            turn.append(f"turn:{hostport}?transport={spec.scheme}")
-            if spec.scheme == "udp":
-                stun.append(f"stun:{hostport}")
-    return ServerUris(tuple(stun), tuple(turn))
-
-
-def ice_uris(settings: Settings, listen: list[ListenAddress]) -> list[str]:
-    """TURN URIs for the listeners (see server_uris)."""
-    return list(server_uris(settings, listen).turn)
-
-
 def api_config(settings: Settings, listen: list[ListenAddress]) -> ApiConfig:
     """The credentials API's view of the settings."""
     accounts: dict[str, tuple[str, ...]] = {}
@@ -239,45 +204,6 @@ def api_config(settings: Settings, listen: list[ListenAddress]) -> ApiConfig:
         rate_burst=settings.api_burst,
         preflight_page=preflight_page_enabled(settings),
     )
-
-
-def credential_banner(settings: Settings, runtime: ServerRuntime, user: str) -> str:
-    """A ready-to-use credential and iceServers JSON for a developer."""
-    return credential_banner_text(settings, runtime.bound_addresses(), user)
-
-
-def credential_banner_text(settings: Settings, listen: list[ListenAddress], user: str) -> str:
-    """The banner for these listeners."""
-    urls = ice_uris(settings, listen)
-    lines = []
-    if settings.secrets:
-        cred = mint(settings.secrets[0], user, 86400, time.time())
-        username, password = cred.username, cred.password
-        note = "valid for 24 h, minted from the shared secret"
-    else:
-        first = settings.users[0]
-        username, password = first.name, first.password or "<precomputed key>"
-        note = "static user"
-    ice = {
-        "iceServers": [{"urls": urls, "username": username, "credential": password}],
-        "iceTransportPolicy": "relay",
-    }
-    lines.append(f"TURN server ready on {', '.join(str(s) for s in listen)}")
-    lines.append(f"  realm:    {settings.realm}")
-    lines.append(f"  username: {username}")
-    lines.append(f"  password: {password}   ({note})")
-    if settings.cert_file and any(s.scheme == "tls" for s in listen):
-        cert = os.path.abspath(settings.cert_file)
-        lines.append(f"  TLS certificate: {cert}")
-        lines.append("    If it is self-signed, clients must trust it: start Chromium with")
-        lines.append(f"    --ignore-certificate-errors-spki-list={spki_sha256(settings.cert_file)}")
-        lines.append(
-            f"    or install it system-wide: sudo cp {cert} "
-            "/usr/local/share/ca-certificates/turnserver.crt && sudo update-ca-certificates"
-        )
-    lines.append("  RTCPeerConnection config:")
-    lines.append("  " + json.dumps(ice))
-    return "\n".join(lines)
 
 
 ReloadSettings = Callable[[], Settings]

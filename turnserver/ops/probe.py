@@ -17,8 +17,8 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from turnserver.client.turnclient import TurnClient, TurnClientError
 from turnserver.io.runtime import ListenAddress
-from turnserver.ops.turnclient import TurnClient, TurnClientError
 from turnserver.stun.attributes import Address
 from turnserver.stun.message import long_term_key
 

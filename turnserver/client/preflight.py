@@ -21,7 +21,7 @@ import urllib.parse
 import urllib.request
 from dataclasses import asdict, dataclass, field
 
-from turnserver.ops.turnclient import TurnClient, TurnClientError
+from turnserver.client.turnclient import TurnClient, TurnClientError
 from turnserver.stun.attributes import Address
 
 CHANNEL = 0x4000

@@ -1,0 +1,361 @@
+"""Allocate and Refresh (RFC 8656 §7, RFC 6062 §5.1): relayed addresses, lifetimes,
+EVEN-PORT reservations, quotas, and the end of an allocation."""
+
+from __future__ import annotations
+
+import hmac
+
+from turnserver.core import events as ev
+from turnserver.core.allocation import (
+    Allocation,
+    Relay,
+)
+from turnserver.core.auth import Identity
+from turnserver.core.errors import (
+    AddressFamilyNotSupported,
+    AllocationMismatch,
+    AllocationQuotaReached,
+    BadRequest,
+    InsufficientCapacity,
+    PeerAddressFamilyMismatch,
+    TryAlternate,
+    UnsupportedTransport,
+)
+from turnserver.core.five_tuple import ClientTransport, FiveTuple
+from turnserver.core.state import (
+    BIND_ATTEMPTS,
+    FAMILY_VERSION,
+    VERSION_FAMILY,
+    Attributes,
+    CoreState,
+    Reservation,
+    TimerKind,
+)
+from turnserver.stun.constants import (
+    AddressFamily,
+    Attr,
+    TransportProtocol,
+)
+from turnserver.stun.message import StunMessage
+
+
+class AllocationHandlers(CoreState):
+    """Allocate, Refresh and deletion."""
+
+    def _lifetime(self, requested: int | None) -> int:
+        """RFC 8656 §7.2/§7.4: min(requested, max), but never below the default."""
+        cfg = self.config
+        if requested is None:
+            return min(cfg.default_lifetime, cfg.max_lifetime)
+        return max(min(requested, cfg.max_lifetime), min(cfg.default_lifetime, cfg.max_lifetime))
+
+    def _allocate(self, msg: StunMessage, ft: FiveTuple, ident: Identity, now: float) -> Attributes:
+        """RFC 8656 §7.2."""
+        cfg = self.config
+        if ft in self.allocations:
+            raise AllocationMismatch("5-tuple already has an allocation")
+        if not self.accepting:
+            if cfg.alternate_server is not None:
+                raise TryAlternate(cfg.alternate_server, "server is draining")
+            raise InsufficientCapacity("server is draining", reason="draining")
+        transport = msg.get(Attr.REQUESTED_TRANSPORT)
+        if transport is None:
+            raise BadRequest("missing REQUESTED-TRANSPORT")
+        if transport == TransportProtocol.TCP and cfg.tcp_relay:
+            return self._allocate_tcp(msg, ft, ident, now)
+        if transport != TransportProtocol.UDP:
+            raise UnsupportedTransport(f"REQUESTED-TRANSPORT {transport} is not supported")
+        token: bytes | None = msg.get(Attr.RESERVATION_TOKEN)
+        even_port: bool | None = msg.get(Attr.EVEN_PORT)
+        requested_family = msg.get(Attr.REQUESTED_ADDRESS_FAMILY)
+        additional_family = msg.get(Attr.ADDITIONAL_ADDRESS_FAMILY)
+        address_error_attr = Attr.ADDRESS_ERROR_CODE
+        if additional_family is None:
+            additional_family = msg.get(Attr.ADDITIONAL_ADDRESS_FAMILY_DRAFT)
+            address_error_attr = Attr.ADDRESS_ERROR_CODE_DRAFT
+        if token is not None and even_port is not None:
+            raise BadRequest("RESERVATION-TOKEN together with EVEN-PORT")
+        if token is not None and (requested_family is not None or additional_family is not None):
+            raise BadRequest("RESERVATION-TOKEN together with an address family")
+        if requested_family is not None and additional_family is not None:
+            raise BadRequest("REQUESTED- and ADDITIONAL-ADDRESS-FAMILY together")
+        if additional_family is not None and additional_family != AddressFamily.IPV6:
+            raise BadRequest("ADDITIONAL-ADDRESS-FAMILY must be IPv6")
+        if requested_family is not None and requested_family not in FAMILY_VERSION:
+            raise AddressFamilyNotSupported(f"unknown address family {requested_family}")
+
+        reservation: Reservation | None = None
+        if token is not None:
+            reservation = self.reservations.pop(token, None)
+            if reservation is None:
+                # Another worker process may have issued it: tokens are stateless
+                reservation = self._check_reservation_token(token, now)
+                if reservation is not None:
+                    self.port_pools[reservation.family].take(reservation.port)
+
+            if reservation is None:
+                raise InsufficientCapacity(
+                    "unknown or expired RESERVATION-TOKEN", reason="bad_reservation"
+                )
+            families = [reservation.family]
+        elif requested_family is not None:
+            families = [FAMILY_VERSION[AddressFamily(requested_family)]]
+        elif additional_family is not None:
+            families = [4, 6]
+        else:
+            families = [4]
+        address_error: int | None = None
+        if families[0] not in self.relay_addresses:
+            raise AddressFamilyNotSupported(f"no IPv{families[0]} relay address configured")
+        if len(families) == 2 and 6 not in self.relay_addresses:
+            families = [4]
+            address_error = 6  # RFC 8656 §7.2: ADDRESS-ERROR-CODE for the missing family
+
+        self._check_descriptors(len(families))
+        lifetime = self._lifetime(msg.get(Attr.LIFETIME))
+        alloc = Allocation(ft, ident.username, ident.user, ident.key, now, lifetime, ident.expires)
+        alloc.rate, alloc.tokens, alloc.stamp = cfg.bandwidth, float(cfg.bandwidth), now
+        alloc.allocate_transaction_id = msg.transaction_id
+        alloc.dont_fragment = msg.has(Attr.DONT_FRAGMENT)
+        new_token: bytes | None = None
+        try:
+            for i, version in enumerate(families):
+                if reservation is not None:
+                    relay = self._open_relay(alloc, version, port=reservation.port)
+                elif i == 0 and even_port is not None:
+                    relay, reserved = self._open_even_relay(alloc, version, even_port)
+                    if reserved is not None:
+                        new_token = self._reservation_token(version, reserved, now)
+                        self.reservations[new_token] = Reservation(
+                            version, reserved, now + cfg.reservation_lifetime
+                        )
+                        self._push(
+                            now + cfg.reservation_lifetime, TimerKind.RESERVATION, None, new_token
+                        )
+                else:
+                    relay = self._open_relay(alloc, version)
+                alloc.relays[version] = relay
+        except InsufficientCapacity:
+            self._close_relays(alloc)
+            raise
+
+        self._reserve_quota(alloc, ident)
+        self.allocations[ft] = alloc
+        self._arm_allocation(alloc)
+        if cfg.strict_expiry and ident.expires is not None:
+            self._push(ident.expires, TimerKind.CREDENTIAL, alloc, None)
+        attrs: Attributes = [
+            (Attr.XOR_RELAYED_ADDRESS, r.advertised) for r in alloc.relays.values()
+        ]
+        attrs.append((Attr.LIFETIME, lifetime))
+        if new_token is not None:
+            attrs.append((Attr.RESERVATION_TOKEN, new_token))
+        attrs.append((Attr.XOR_MAPPED_ADDRESS, ft.client))
+        if address_error is not None:
+            attrs.append(
+                (
+                    address_error_attr,
+                    (VERSION_FAMILY[address_error], 440, "Address Family not Supported"),
+                )
+            )
+        self.events.append(
+            ev.AllocationCreated(ft, ident.username, alloc.relayed_addresses, lifetime)
+        )
+        return attrs
+
+    def _allocate_tcp(
+        self, msg: StunMessage, ft: FiveTuple, ident: Identity, now: float
+    ) -> Attributes:
+        """RFC 6062 §5.1: a TCP relayed address, only for clients on TCP or TLS."""
+        if ft.transport == ClientTransport.UDP:
+            raise BadRequest("TCP allocations need a TCP or TLS control connection")
+        if msg.has(Attr.EVEN_PORT) or msg.has(Attr.RESERVATION_TOKEN):
+            raise BadRequest("EVEN-PORT and RESERVATION-TOKEN do not apply to TCP allocations")
+        if msg.has(Attr.ADDITIONAL_ADDRESS_FAMILY) or msg.has(Attr.ADDITIONAL_ADDRESS_FAMILY_DRAFT):
+            raise BadRequest("dual allocations are UDP only")
+        cfg = self.config
+        family = msg.get(Attr.REQUESTED_ADDRESS_FAMILY)
+        if family is not None and family not in FAMILY_VERSION:
+            raise AddressFamilyNotSupported(f"unknown address family {family}")
+        version = FAMILY_VERSION[AddressFamily(family)] if family is not None else 4
+        if version not in self.relay_addresses:
+            raise AddressFamilyNotSupported(f"no IPv{version} relay address configured")
+        self._check_descriptors(1)
+        lifetime = self._lifetime(msg.get(Attr.LIFETIME))
+        alloc = Allocation(ft, ident.username, ident.user, ident.key, now, lifetime, ident.expires)
+        alloc.rate, alloc.tokens, alloc.stamp = cfg.bandwidth, float(cfg.bandwidth), now
+        alloc.is_tcp = True
+        alloc.allocate_transaction_id = msg.transaction_id
+        alloc.relays[version] = self._open_relay(alloc, version, tcp=True)
+        self._reserve_quota(alloc, ident)
+        self.allocations[ft] = alloc
+        self._arm_allocation(alloc)
+        if cfg.strict_expiry and ident.expires is not None:
+            self._push(ident.expires, TimerKind.CREDENTIAL, alloc, None)
+        self.events.append(
+            ev.AllocationCreated(ft, ident.username, alloc.relayed_addresses, lifetime)
+        )
+        return [
+            (Attr.XOR_RELAYED_ADDRESS, alloc.relays[version].advertised),
+            (Attr.LIFETIME, lifetime),
+            (Attr.XOR_MAPPED_ADDRESS, ft.client),
+        ]
+
+    def _reserve_quota(self, alloc: Allocation, ident: Identity) -> None:
+        """Count the allocation against the quotas, last, so no failure needs undoing."""
+        cfg = self.config
+        why = self.quotas.reserve(
+            ident.user,
+            alloc.five_tuple.client[0],
+            cfg.max_allocations,
+            cfg.max_allocations_per_user,
+            cfg.max_allocations_per_client_ip,
+        )
+        if why is not None:
+            self._close_relays(alloc)
+            if why == "quota_total":
+                raise AllocationQuotaReached("server allocation limit reached", reason=why)
+            if why == "quota_client_ip":
+                raise AllocationQuotaReached(
+                    f"client address {alloc.five_tuple.client[0]} has too many allocations",
+                    reason=why,
+                )
+            raise AllocationQuotaReached(
+                f"user {ident.user!r} has too many allocations", reason=why
+            )
+
+    def _token_mac(self, family: int, port: int, window: int) -> bytes:
+        return self.auth.nonces.sign(b"reservation|%d|%d|%d" % (family, port, window))[:6]
+
+    def _reservation_token(self, family: int, port: int, now: float) -> bytes:
+        """RFC 8656 §14.9: 8 bytes, here the port and a MAC over it and the time window,
+        so that any worker process sharing the key can honour it."""
+        window = int(now // self.config.reservation_lifetime)
+        return port.to_bytes(2, "big") + self._token_mac(family, port, window)
+
+    def _check_reservation_token(self, token: bytes, now: float) -> Reservation | None:
+        port = int.from_bytes(token[:2], "big")
+        window = int(now // self.config.reservation_lifetime)
+        for family in self.relay_addresses:
+            for w in (window, window - 1):
+                if hmac.compare_digest(token[2:], self._token_mac(family, port, w)):
+                    return Reservation(family, port, now)
+        return None
+
+    def _bind_relay(self, alloc: Allocation, version: int, port: int, tcp: bool) -> Relay | None:
+        """Ask the I/O layer for a relay socket on `port`; None when it is taken."""
+        addr = self.relay_addresses[version]
+        advertised = (addr.advertised_ip, port)
+        if tcp:
+            tcp_endpoint = self.relay_opener.open_tcp_relay(alloc, addr.bind_ip, port)
+            return (
+                Relay(tcp_endpoint, advertised, version, tcp=tcp_endpoint) if tcp_endpoint else None
+            )
+        endpoint = self.relay_opener.open_relay(
+            alloc, addr.bind_ip, port, dont_fragment=alloc.dont_fragment
+        )
+        return Relay(endpoint, advertised, version, sendto=endpoint.sendto) if endpoint else None
+
+    def _open_relay(
+        self, alloc: Allocation, version: int, port: int | None = None, *, tcp: bool = False
+    ) -> Relay:
+        pool = self.port_pools[version]
+        if port is not None:  # a reserved port: already out of the pool
+            relay = self._bind_relay(alloc, version, port, tcp)
+            if relay is None:
+                pool.give_back(port)
+                raise InsufficientCapacity("reserved relay port could not be bound")
+            return relay
+        busy: list[int] = []
+        try:
+            for _ in range(BIND_ATTEMPTS):
+                candidate = pool.take_random()
+                if candidate is None:
+                    break
+                relay = self._bind_relay(alloc, version, candidate, tcp)
+                if relay is not None:
+                    return relay
+                busy.append(candidate)
+        finally:
+            for p in busy:
+                pool.give_back(p)
+        raise InsufficientCapacity(f"no free {'TCP ' if tcp else ''}relay port for IPv{version}")
+
+    def _open_even_relay(
+        self, alloc: Allocation, version: int, reserve_next: bool
+    ) -> tuple[Relay, int | None]:
+        """RFC 8656 §7.2 EVEN-PORT: an even port, and port+1 held when R is set."""
+        pool = self.port_pools[version]
+        for _ in range(BIND_ATTEMPTS):
+            port = pool.take_even(reserve_next)
+            if port is None:
+                break
+            relay = self._bind_relay(alloc, version, port, tcp=False)
+            if relay is not None:
+                return relay, (port + 1 if reserve_next else None)
+            pool.give_back(port)
+            if reserve_next:
+                pool.give_back(port + 1)
+        raise InsufficientCapacity("no free even relay port")
+
+    def _refresh(self, msg: StunMessage, ft: FiveTuple, ident: Identity, now: float) -> Attributes:
+        """RFC 8656 §7.4; LIFETIME 0 deletes the allocation."""
+        alloc = self._allocation_of(ft, ident)
+        family = msg.get(Attr.REQUESTED_ADDRESS_FAMILY)
+        version = FAMILY_VERSION.get(family) if family is not None else None
+        if family is not None and version not in alloc.relays:
+            raise PeerAddressFamilyMismatch("REQUESTED-ADDRESS-FAMILY not in this allocation")
+        requested = msg.get(Attr.LIFETIME)
+        if requested == 0:
+            if version is not None and len(alloc.relays) > 1:
+                # RFC 8656 §7.4: delete one family of a dual allocation
+                relay = alloc.relays.pop(version)
+                relay.endpoint.close()
+                self.port_pools[version].give_back(relay.port)
+                for ip in [ip for ip in alloc.permissions if (":" in ip) == (version == 6)]:
+                    del alloc.permissions[ip]
+                    alloc.update_routes(ip)
+                return [(Attr.LIFETIME, 0)]
+            self._delete(alloc, now, "deleted")
+            return [(Attr.LIFETIME, 0)]
+        lifetime = self._lifetime(requested)
+        alloc.expires = now + lifetime
+        if alloc.expires < alloc.timer_at:  # shortened: fire earlier; a later expiry waits
+            self._arm_allocation(alloc)
+        self.events.append(ev.AllocationRefreshed(ft, lifetime))
+        return [(Attr.LIFETIME, lifetime)]
+
+    def _delete(self, alloc: Allocation, now: float, cause: str) -> None:
+        if not alloc.live:
+            return
+        alloc.live = False
+        self.allocations.pop(alloc.five_tuple, None)
+        self.quotas.release(alloc.user, alloc.five_tuple.client[0])
+        relayed = alloc.relayed_addresses
+        for pc in list(alloc.peer_connections.values()):
+            self._forget_peer_connection(pc, close=False)  # closing the relay closes them
+        self._close_relays(alloc)
+
+        alloc.channel_routes.clear()
+        alloc.peer_channels.clear()
+        alloc.bindings.clear()
+        alloc.bindings_by_peer.clear()
+        alloc.permissions.clear()
+        stats = self.stats
+        stats.ended_packets_to_peer += alloc.packets_to_peer
+        stats.ended_bytes_to_peer += alloc.bytes_to_peer
+        stats.ended_packets_to_client += alloc.packets_to_client
+        stats.ended_bytes_to_client += alloc.bytes_to_client
+        self.events.append(
+            ev.AllocationEnded(
+                alloc.five_tuple,
+                alloc.username,
+                relayed,
+                cause,
+                now - alloc.created,
+                alloc.packets_to_peer,
+                alloc.bytes_to_peer,
+                alloc.packets_to_client,
+                alloc.bytes_to_client,
+            )
+        )

@@ -1,0 +1,245 @@
+"""Permissions and channels (RFC 8656 §9-§12): CreatePermission, ChannelBind, Send and
+Data indications, ChannelData, their expiry and revocation, and failed sends."""
+
+from __future__ import annotations
+
+import ipaddress
+import random
+
+from turnserver.core import events as ev
+from turnserver.core.allocation import (
+    Allocation,
+    ChannelBinding,
+)
+from turnserver.core.auth import Identity
+from turnserver.core.errors import (
+    BadRequest,
+    InsufficientCapacity,
+)
+from turnserver.core.five_tuple import FiveTuple
+from turnserver.core.state import (
+    MAX_PEERS_PER_REQUEST,
+    SEND_ERROR_LOG_INTERVAL,
+    Attributes,
+    CoreState,
+    TimerKind,
+)
+from turnserver.stun.attributes import Address
+from turnserver.stun.channeldata import is_valid_channel_number
+from turnserver.stun.constants import (
+    Attr,
+    MessageClass,
+    Method,
+)
+from turnserver.stun.errors import StunDecodeError
+from turnserver.stun.message import StunMessage, encode_message
+
+
+class PermissionHandlers(CoreState):
+    """CreatePermission, ChannelBind, Send/Data and ChannelData."""
+
+    def relay_channel_data(
+        self, alloc: Allocation | None, number: int, payload: bytes, now: float
+    ) -> None:
+        """Send a client's ChannelData payload to the channel's peer, or count the drop."""
+        if alloc is None:
+            self.stats.dropped_no_allocation += 1
+            return
+        route = alloc.channel_routes.get(number)
+        if route is None:
+            self.stats.dropped_unknown_channel += 1
+            return
+        if alloc.rate and not alloc.spend(len(payload), now):
+            self.stats.dropped_rate_limited += 1
+            return
+        try:
+            route[0](payload, route[1])
+        except OSError as exc:  # a lost datagram, as UDP allows: counted, never fatal
+            self.send_failed(alloc, route[1], exc, now)
+            return
+        alloc.packets_to_peer += 1
+        alloc.bytes_to_peer += len(payload)
+
+    def send_failed(self, alloc: Allocation, peer: Address, exc: OSError, now: float) -> bool:
+        """Count a failed send on a relay path (either direction); report it at most once
+        per allocation, errno and SEND_ERROR_LOG_INTERVAL. True when an event was added."""
+        self.stats.dropped_send_error += 1
+        errno = exc.errno or 0
+        log = alloc.send_errors
+        if log is None:
+            log = alloc.send_errors = {}
+        last = log.get(errno)
+        if last is not None and now - last[0] < SEND_ERROR_LOG_INTERVAL:
+            log[errno] = (last[0], last[1] + 1)
+            return False
+        suppressed = last[1] if last is not None else 0
+        if len(log) < 16:  # bounded: errno values are few
+            log[errno] = (now, 0)
+        self.events.append(
+            ev.RelaySendFailed(
+                alloc.five_tuple, alloc.username, peer, errno, exc.strerror or "", suppressed
+            )
+        )
+        return True
+
+    def data_indication(
+        self, alloc: Allocation, payload: bytes, peer: Address, now: float
+    ) -> bytes | None:
+        """Wrap peer data in a Data indication when a permission exists (RFC 8656 §11.3)."""
+        if peer[0] not in alloc.permissions:
+            self.stats.dropped_no_permission += 1
+            return None
+        if alloc.rate and not alloc.spend(len(payload), now):
+            self.stats.dropped_rate_limited += 1
+            return None
+        alloc.packets_to_client += 1
+        alloc.bytes_to_client += len(payload)
+        return encode_message(
+            Method.DATA,
+            MessageClass.INDICATION,
+            random.randbytes(12),
+            [(Attr.XOR_PEER_ADDRESS, peer), (Attr.DATA, payload)],
+        )
+
+    def revoke_denied_peers(self) -> int:
+        """After the peer policy changed (SIGHUP): remove at once every permission whose
+        peer it now denies, with its channels and RFC 6062 connections. Returns how many."""
+        removed = 0
+        policy = self.peer_policy
+        for alloc in list(self.allocations.values()):
+            probe = alloc.username in self.probe_users
+            for ip in list(alloc.permissions):
+                if probe and ip in self.probe_peer_ips:
+                    continue
+                if not policy.is_allowed(ipaddress.ip_address(ip)):
+                    self._revoke_permission(alloc, ip, "peer_policy")
+                    removed += 1
+        return removed
+
+    def _revoke_permission(self, alloc: Allocation, ip: str, reason: str) -> None:
+        del alloc.permissions[ip]
+        for binding in [b for b in alloc.bindings.values() if b.peer[0] == ip]:
+            del alloc.bindings[binding.number]
+            del alloc.bindings_by_peer[binding.peer]
+            alloc.channel_routes.pop(binding.number, None)
+            alloc.peer_channels.pop(binding.peer, None)
+        for pc in [pc for pc in alloc.peer_connections.values() if pc.peer[0] == ip]:
+            self._forget_peer_connection(pc, close=True)
+        self.events.append(ev.PermissionRevoked(alloc.five_tuple, alloc.username, ip, reason))
+
+    def _create_permission(
+        self, msg: StunMessage, ft: FiveTuple, ident: Identity, now: float
+    ) -> Attributes:
+        """RFC 8656 §10.2: all XOR-PEER-ADDRESS must pass, or none is installed."""
+        alloc = self._allocation_of(ft, ident)
+        peers: list[Address] = msg.get_all(Attr.XOR_PEER_ADDRESS)
+        if not peers:
+            raise BadRequest("CreatePermission without XOR-PEER-ADDRESS")
+        if len(peers) > MAX_PEERS_PER_REQUEST:
+            raise BadRequest(f"more than {MAX_PEERS_PER_REQUEST} XOR-PEER-ADDRESS attributes")
+        ips = list(dict.fromkeys(self._check_peer(alloc, p, ft) for p in peers))
+        limit = self.config.max_permissions_per_allocation
+        if (
+            limit
+            and len(alloc.permissions) + sum(ip not in alloc.permissions for ip in ips) > limit
+        ):
+            raise InsufficientCapacity("too many permissions", reason="quota_permissions")
+        for ip in ips:
+            self._install_permission(alloc, ip, now)
+        return []
+
+    def _channel_bind(
+        self, msg: StunMessage, ft: FiveTuple, ident: Identity, now: float
+    ) -> Attributes:
+        """RFC 8656 §12.2."""
+        alloc = self._allocation_of(ft, ident)
+        number = msg.get(Attr.CHANNEL_NUMBER)
+        peer: Address | None = msg.get(Attr.XOR_PEER_ADDRESS)
+        if alloc.is_tcp:
+            raise BadRequest("ChannelBind does not apply to TCP allocations (RFC 6062)")
+        if number is None or peer is None:
+            raise BadRequest("ChannelBind needs CHANNEL-NUMBER and XOR-PEER-ADDRESS")
+        if not is_valid_channel_number(number):
+            raise BadRequest(f"channel number 0x{number:04x} out of range")
+        ip = self._check_peer(alloc, peer, ft)
+        peer = (ip, peer[1])
+        binding = alloc.bindings.get(number)
+        if binding is not None and binding.peer != peer:
+            raise BadRequest(f"channel 0x{number:04x} is bound to another peer")
+        other = alloc.bindings_by_peer.get(peer)
+        if other is not None and other.number != number:
+            raise BadRequest(f"peer is bound to channel 0x{other.number:04x}")
+        limit = self.config.max_channels_per_allocation
+        if binding is None and limit and len(alloc.bindings) >= limit:
+            raise InsufficientCapacity("too many channels", reason="quota_channels")
+        expires = now + self.config.channel_lifetime
+        if binding is None:
+            binding = ChannelBinding(number, peer, expires)
+            alloc.bindings[number] = binding
+            alloc.bindings_by_peer[peer] = binding
+            self._push(expires, TimerKind.CHANNEL, alloc, number)  # one timer per channel
+            self.events.append(ev.ChannelBound(ft, number, peer))
+        binding.expires = expires
+        self._install_permission(alloc, ip, now)  # RFC 8656 §12.2 also refreshes it
+        alloc.update_routes(ip)
+        return []
+
+    def _handle_send(self, msg: StunMessage, ft: FiveTuple, now: float) -> None:
+        """RFC 8656 §11.2: relay DATA to the peer if a permission exists, else drop."""
+        alloc = self.allocations.get(ft)
+        if alloc is None:
+            self.stats.dropped_no_allocation += 1
+            return
+        try:
+            peer: Address | None = msg.get(Attr.XOR_PEER_ADDRESS)
+            data: bytes | None = msg.get(Attr.DATA)
+        except StunDecodeError:
+            peer = None
+            data = None
+        if peer is None or data is None or msg.unknown_required_attributes():
+            self.stats.dropped_malformed += 1
+            return
+        if peer[0] not in alloc.permissions:
+            self.stats.dropped_no_permission += 1
+            return
+        if peer in self.config.reserved_peers:
+            self.stats.dropped_peer_denied += 1
+            return
+        if alloc.rate and not alloc.spend(len(data), now):
+            self.stats.dropped_rate_limited += 1
+            return
+        relay = alloc.relays.get(6 if ":" in peer[0] else 4)
+        if relay is None or relay.sendto is None:
+            self.stats.dropped_no_permission += 1
+            return
+        try:
+            relay.sendto(data, peer)
+        except OSError as exc:  # EMSGSIZE with DONT-FRAGMENT, unreachable routes, ...
+            self.send_failed(alloc, peer, exc, now)
+            return
+        alloc.packets_to_peer += 1
+        alloc.bytes_to_peer += len(data)
+
+    def _expire_permission(self, alloc: Allocation, ip: str, now: float) -> None:
+        expires = alloc.permissions.get(ip)
+        if not alloc.live or expires is None:
+            return
+        if expires > now:  # refreshed: the same timer fires again later
+            self._push(expires, TimerKind.PERMISSION, alloc, ip)
+            return
+        del alloc.permissions[ip]
+        alloc.update_routes(ip)
+        self.events.append(ev.PermissionExpired(alloc.five_tuple, ip))
+
+    def _expire_channel(self, alloc: Allocation, number: int, now: float) -> None:
+        binding = alloc.bindings.get(number)
+        if not alloc.live or binding is None:
+            return
+        if binding.expires > now:  # refreshed: the same timer fires again later
+            self._push(binding.expires, TimerKind.CHANNEL, alloc, number)
+            return
+        del alloc.bindings[number]
+        del alloc.bindings_by_peer[binding.peer]
+        alloc.channel_routes.pop(number, None)
+        alloc.peer_channels.pop(binding.peer, None)
+        self.events.append(ev.ChannelExpired(alloc.five_tuple, number, binding.peer))

@@ -1,0 +1,205 @@
+"""What every TURN request handler shares: the allocations, quotas, timers, statistics
+and events of one process, and the small steps several handlers take (the one expiry
+timer heap, peer checks, permissions, RFC 6062 connection bookkeeping). The handlers
+live beside it, one module per concern (`allocate`, `permissions`, `tcp_connections`);
+`server.TurnServer` combines them behind the sans-IO entry points.
+"""
+
+from __future__ import annotations
+
+import heapq
+import ipaddress
+from collections.abc import Callable
+from enum import IntEnum
+from typing import Any
+
+from turnserver.core import events as ev
+from turnserver.core.allocation import (
+    Allocation,
+    PeerConnection,
+    RelayOpener,
+)
+from turnserver.core.auth import Authenticator, Identity
+from turnserver.core.config import CoreConfig, RelayAddress
+from turnserver.core.errors import (
+    AllocationMismatch,
+    Forbidden,
+    InsufficientCapacity,
+    PeerAddressFamilyMismatch,
+    WrongCredentials,
+)
+from turnserver.core.five_tuple import FiveTuple
+from turnserver.core.policy import PeerPolicy
+from turnserver.core.ports import RelayPortPool
+from turnserver.core.quota import LocalQuotaLedger, QuotaLedger
+from turnserver.core.ratelimit import TokenBuckets
+from turnserver.stun.attributes import Address
+from turnserver.stun.constants import (
+    AddressFamily,
+)
+from turnserver.stun.message import StunMessage
+
+Attributes = list[tuple[int, Any]]
+Handler = Callable[[StunMessage, FiveTuple, Identity, float], Attributes]
+
+FAMILY_VERSION = {AddressFamily.IPV4: 4, AddressFamily.IPV6: 6}
+VERSION_FAMILY = {4: AddressFamily.IPV4, 6: AddressFamily.IPV6}
+BIND_ATTEMPTS = 16
+CONNECTION_TIMEOUT = 30.0  # RFC 6062 §5.2, §5.3
+# Requests and indications other than Send are small; a larger one is refused before
+# it is decoded (a Send indication may carry up to a datagram of data).
+MAX_CONTROL_MESSAGE = 4096
+SEND_INDICATION_TYPE = b"\x00\x16"
+MAX_PEERS_PER_REQUEST = 32  # XOR-PEER-ADDRESS entries in one CreatePermission
+SEND_ERROR_LOG_INTERVAL = 60.0  # one log line per allocation and errno per interval
+
+
+class TimerKind(IntEnum):
+    ALLOCATION = 0
+    PERMISSION = 1
+    CHANNEL = 2
+    RESERVATION = 3
+    CREDENTIAL = 4
+    PEER_CONNECTION = 5
+
+
+class DeferredResponse(Exception):
+    """A handler started work whose outcome (and response) comes later (RFC 6062 Connect)."""
+
+
+class Reservation:
+    """A port held by an EVEN-PORT R-bit allocation for a later RESERVATION-TOKEN."""
+
+    __slots__ = ("expires", "family", "port")
+
+    def __init__(self, family: int, port: int, expires: float) -> None:
+        self.family = family
+        self.port = port
+        self.expires = expires
+
+
+class RelayStats:
+    """Plain-int counters the relay path bumps; folded into metrics on scrape."""
+
+    __slots__ = (
+        "dropped_malformed",
+        "dropped_no_allocation",
+        "dropped_no_permission",
+        "dropped_oversized",
+        "dropped_peer_denied",
+        "dropped_rate_limited",
+        "dropped_send_error",
+        "dropped_unknown_channel",
+        "ended_bytes_to_client",
+        "ended_bytes_to_peer",
+        "ended_packets_to_client",
+        "ended_packets_to_peer",
+    )
+
+    def __init__(self) -> None:
+        self.dropped_malformed = 0
+        self.dropped_no_allocation = 0
+        self.dropped_no_permission = 0
+        self.dropped_peer_denied = 0
+        self.dropped_oversized = 0
+        self.dropped_rate_limited = 0
+        self.dropped_send_error = 0
+        self.dropped_unknown_channel = 0
+        self.ended_bytes_to_client = 0
+        self.ended_bytes_to_peer = 0
+        self.ended_packets_to_client = 0
+        self.ended_packets_to_peer = 0
+
+
+class CoreState:
+    """The state of one process's TURN server and the steps handlers share."""
+
+    def __init__(
+        self,
+        config: CoreConfig,
+        authenticator: Authenticator,
+        relay_opener: RelayOpener,
+        peer_policy: PeerPolicy,
+    ) -> None:
+        self.config = config
+        self.auth = authenticator
+        self.relay_opener = relay_opener
+        self.peer_policy = peer_policy
+        self.allocations: dict[FiveTuple, Allocation] = {}
+        self.quotas: QuotaLedger = LocalQuotaLedger()
+        self.reservations: dict[bytes, Reservation] = {}
+        self.relay_addresses: dict[int, RelayAddress] = {
+            r.family: r for r in config.relay_addresses
+        }
+        self.port_pools: dict[int, RelayPortPool] = {
+            r.family: RelayPortPool(config.min_port, config.max_port)
+            for r in config.relay_addresses
+        }
+        self.stats = RelayStats()
+        self.events: list[ev.Event] = []
+        self.accepting = True
+        self._timers: list[tuple[float, int, TimerKind, Any, Any]] = []
+        self._seq = 0
+        self.peer_connections: dict[int, PeerConnection] = {}
+        # The self-probe may reach its own echo socket whatever the peer policy says.
+        self.probe_users: set[str] = set()
+        self._challenges = TokenBuckets(config.challenge_rate, config.challenge_burst)
+        self.probe_peer_ips: set[str] = set()
+
+    def _push(self, when: float, kind: TimerKind, owner: Any, key: Any) -> None:
+        self._seq += 1
+        heapq.heappush(self._timers, (when, self._seq, kind, owner, key))
+
+    def _arm_allocation(self, alloc: Allocation) -> None:
+        alloc.timer_at = alloc.expires
+        self._push(alloc.expires, TimerKind.ALLOCATION, alloc, None)
+
+    def _allocation_of(self, ft: FiveTuple, identity: Identity) -> Allocation:
+        alloc = self.allocations.get(ft)
+        if alloc is None:
+            raise AllocationMismatch("no allocation for this 5-tuple")
+        if identity.username != alloc.username:
+            raise WrongCredentials("username differs from the allocation's")  # RFC 8656 §5
+        return alloc
+
+    def _check_descriptors(self, sockets: int) -> None:
+        """Refuse with 508 before the process would run out of file descriptors."""
+        if not self.relay_opener.has_capacity(sockets):
+            raise InsufficientCapacity("file descriptor limit reached", reason="fd_limit")
+
+    def _check_peer(self, alloc: Allocation, peer: Address, ft: FiveTuple) -> str:
+        """Family and policy checks shared by CreatePermission and ChannelBind."""
+        ip = ipaddress.ip_address(peer[0])
+        if ip.version not in alloc.relays:
+            raise PeerAddressFamilyMismatch(f"peer {peer[0]} has no relay of its family")
+        if alloc.username in self.probe_users and peer[0] in self.probe_peer_ips:
+            return str(ip)  # the self-probe's echo sockets (any worker's)
+        if not self.peer_policy.is_allowed(ip) or peer in self.config.reserved_peers:
+            self.events.append(ev.PeerDenied(ft, peer[0]))
+            raise Forbidden(f"peer {peer[0]} is not allowed by the peer policy")
+        return str(ip)
+
+    def _install_permission(self, alloc: Allocation, ip: str, now: float) -> None:
+        new = ip not in alloc.permissions
+        expires = now + self.config.permission_lifetime
+        alloc.permissions[ip] = max(expires, alloc.permissions.get(ip, 0.0))
+        if new:  # one timer per permission; a refresh moves it when it fires
+            self._push(expires, TimerKind.PERMISSION, alloc, ip)
+            alloc.update_routes(ip)
+            self.events.append(ev.PermissionInstalled(alloc.five_tuple, ip))
+
+    def _forget_peer_connection(self, pc: PeerConnection, *, close: bool) -> None:
+        self.peer_connections.pop(pc.id, None)
+        alloc = pc.alloc
+        if alloc.peer_connections.get(pc.peer) is pc:
+            del alloc.peer_connections[pc.peer]
+        if close:
+            relay = alloc.relays.get(6 if ":" in pc.peer[0] else 4)
+            if relay is not None and relay.tcp is not None:
+                relay.tcp.close_connection(pc.id)
+
+    def _close_relays(self, alloc: Allocation) -> None:
+        for version, relay in alloc.relays.items():
+            relay.endpoint.close()
+            self.port_pools[version].give_back(relay.port)
+        alloc.relays.clear()

@@ -1,0 +1,183 @@
+"""RFC 6062 TCP connections: Connect, ConnectionAttempt, ConnectionBind, and the limits
+on peer connections per allocation."""
+
+from __future__ import annotations
+
+import random
+import secrets
+
+from turnserver.core import events as ev
+from turnserver.core.allocation import (
+    Allocation,
+    PeerConnection,
+)
+from turnserver.core.auth import Identity
+from turnserver.core.errors import (
+    BadRequest,
+    ConnectionAlreadyExists,
+    ConnectionTimeoutOrFailure,
+    InsufficientCapacity,
+    WrongCredentials,
+)
+from turnserver.core.five_tuple import ClientTransport, FiveTuple
+from turnserver.core.state import (
+    CONNECTION_TIMEOUT,
+    Attributes,
+    CoreState,
+    DeferredResponse,
+    TimerKind,
+)
+from turnserver.stun.attributes import Address
+from turnserver.stun.constants import (
+    Attr,
+    MessageClass,
+    Method,
+)
+from turnserver.stun.message import StunMessage, encode_message
+
+
+class TcpConnectionHandlers(CoreState):
+    """Connect and ConnectionBind (RFC 6062 §5.2-§5.4)."""
+
+    def _check_peer_connection_limits(self, alloc: Allocation, connecting: bool) -> None:
+        """RFC 6062 limits per allocation: peer connections, and Connects in flight."""
+        cfg = self.config
+        conns = alloc.peer_connections
+        if cfg.max_peer_connections_per_allocation and (
+            len(conns) >= cfg.max_peer_connections_per_allocation
+        ):
+            raise InsufficientCapacity("too many peer connections", reason="quota_connections")
+        if connecting and cfg.max_pending_connects_per_allocation:
+            pending = sum(pc.state == PeerConnection.CONNECTING for pc in conns.values())
+            if pending >= cfg.max_pending_connects_per_allocation:
+                raise InsufficientCapacity(
+                    "too many Connect requests in progress", reason="quota_pending_connects"
+                )
+        self._check_descriptors(1)
+
+    def _new_connection_id(self) -> int:
+        while True:
+            cid = secrets.randbits(32)
+            if cid and cid not in self.peer_connections:
+                return cid
+
+    def _connect(self, msg: StunMessage, ft: FiveTuple, ident: Identity, now: float) -> Attributes:
+        """RFC 6062 §5.2: dial the peer from the relayed address; answer when it is done."""
+        alloc = self._allocation_of(ft, ident)
+        if not alloc.is_tcp:
+            raise BadRequest("Connect needs a TCP allocation")
+        peer: Address | None = msg.get(Attr.XOR_PEER_ADDRESS)
+        if peer is None:
+            raise BadRequest("Connect without XOR-PEER-ADDRESS")
+        ip = self._check_peer(alloc, peer, ft)
+        peer = (ip, peer[1])
+        if peer in alloc.peer_connections:
+            raise ConnectionAlreadyExists(f"a connection to {peer[0]}:{peer[1]} exists")
+        self._check_peer_connection_limits(alloc, connecting=True)
+        relay = alloc.relays.get(6 if ":" in ip else 4)
+        assert relay is not None and relay.tcp is not None
+        pc = PeerConnection(
+            self._new_connection_id(),
+            alloc,
+            peer,
+            PeerConnection.CONNECTING,
+            now + CONNECTION_TIMEOUT,
+        )
+        pc.connect_transaction_id = msg.transaction_id
+        pc.connect_fingerprint = msg.fingerprint_offset >= 0
+        self.peer_connections[pc.id] = pc
+        alloc.peer_connections[peer] = pc
+        self._install_permission(alloc, ip, now)
+        relay.tcp.connect(pc.id, peer)
+        raise DeferredResponse
+
+    def connect_result(self, connection_id: int, ok: bool, now: float) -> bytes | None:
+        """The I/O layer finished dialling; returns the Connect response for the client."""
+        pc = self.peer_connections.get(connection_id)
+        if pc is None or pc.state != PeerConnection.CONNECTING:
+            return None
+        alloc = pc.alloc
+        ft = alloc.five_tuple
+        if ok:
+            pc.state = PeerConnection.PENDING_BIND
+            pc.expires = now + CONNECTION_TIMEOUT
+            self._push(pc.expires, TimerKind.PEER_CONNECTION, None, pc.id)
+            attrs: Attributes = [(Attr.CONNECTION_ID, pc.id)]
+            klass = MessageClass.SUCCESS
+            self.events.append(ev.RequestHandled(ft, "connect", 0, "", alloc.username))
+        else:
+            self._forget_peer_connection(pc, close=False)
+            err = ConnectionTimeoutOrFailure(f"could not connect to {pc.peer[0]}:{pc.peer[1]}")
+            attrs = [(Attr.ERROR_CODE, (err.code, err.phrase))]
+            klass = MessageClass.ERROR
+            self.events.append(
+                ev.RequestHandled(ft, "connect", err.code, err.reason, alloc.username)
+            )
+        if self.config.software:
+            attrs.append((Attr.SOFTWARE, self.config.software))
+        return encode_message(
+            Method.CONNECT,
+            klass,
+            pc.connect_transaction_id,
+            attrs,
+            integrity_key=alloc.key,
+            fingerprint=pc.connect_fingerprint,
+        )
+
+    def peer_connection_received(
+        self, alloc: Allocation, peer: Address, now: float
+    ) -> tuple[int, bytes] | None:
+        """A peer connected to a TCP relayed address (RFC 6062 §5.3).
+
+        Returns the CONNECTION-ID and the ConnectionAttempt indication for the client, or
+        None when the peer has no permission (the I/O layer closes the connection)."""
+        if not alloc.live or peer[0] not in alloc.permissions or peer in alloc.peer_connections:
+            self.stats.dropped_no_permission += 1
+            return None
+        try:
+            self._check_peer_connection_limits(alloc, connecting=False)
+        except InsufficientCapacity as err:
+            self.events.append(ev.MessageDiscarded(alloc.five_tuple, err.reason, err.detail))
+            return None
+        pc = PeerConnection(
+            self._new_connection_id(),
+            alloc,
+            peer,
+            PeerConnection.PENDING_BIND,
+            now + CONNECTION_TIMEOUT,
+        )
+        self.peer_connections[pc.id] = pc
+        alloc.peer_connections[peer] = pc
+        self._push(pc.expires, TimerKind.PEER_CONNECTION, None, pc.id)
+        return pc.id, encode_message(
+            Method.CONNECTION_ATTEMPT,
+            MessageClass.INDICATION,
+            random.randbytes(12),
+            [(Attr.XOR_PEER_ADDRESS, peer), (Attr.CONNECTION_ID, pc.id)],
+        )
+
+    def _connection_bind(
+        self, msg: StunMessage, ft: FiveTuple, ident: Identity, now: float
+    ) -> Attributes:
+        """RFC 6062 §5.4: a new client connection takes over one peer connection."""
+        if ft.transport == ClientTransport.UDP or ft in self.allocations:
+            raise BadRequest("ConnectionBind must come on a new TCP connection")
+        cid = msg.get(Attr.CONNECTION_ID)
+        pc = self.peer_connections.get(cid) if cid is not None else None
+        if pc is None or pc.state != PeerConnection.PENDING_BIND:
+            raise BadRequest("unknown or already bound CONNECTION-ID")
+        if ident.username != pc.alloc.username:
+            raise WrongCredentials("username differs from the allocation's")
+        return []
+
+    def _finish_connection_bind(self, msg: StunMessage, ft: FiveTuple) -> None:
+        pc = self.peer_connections[msg.get(Attr.CONNECTION_ID)]
+        pc.state = PeerConnection.BOUND
+        pc.data_five_tuple = ft
+        self.events.append(ev.PeerConnectionBound(ft, pc.alloc.five_tuple, pc.id, pc.peer))
+
+    def peer_connection_closed(self, connection_id: int) -> None:
+        """The peer side or the data connection closed; forget the connection."""
+        pc = self.peer_connections.get(connection_id)
+        if pc is not None:
+            self._forget_peer_connection(pc, close=False)

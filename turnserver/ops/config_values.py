@@ -1,0 +1,223 @@
+"""What each configuration value may be: parsers that turn YAML or flag values into
+typed ones and raise ConfigError naming the key (used by ops/config.py's SCHEMA)."""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+from turnserver.io.runtime import ListenAddress
+
+DEFAULT_PORTS = {"udp": 3478, "tcp": 3478, "tls": 5349}
+
+
+class ConfigError(ValueError):
+    """A configuration problem, naming the key and where it came from."""
+
+
+@dataclass(frozen=True, slots=True)
+class StaticUser:
+    """A static long-term credential: a password or a precomputed MD5 key."""
+
+    name: str
+    password: str | None = None
+    key: bytes | None = None
+
+
+Check = Callable[[Any, str], Any]
+
+
+def _int(lo: int, hi: int) -> Check:
+    def check(v: Any, key: str) -> int:
+        if isinstance(v, bool) or not isinstance(v, int):
+            try:
+                v = int(str(v), 10)
+            except ValueError:
+                raise ConfigError(f"{key}: expected an integer, got {v!r}") from None
+        if not lo <= v <= hi:
+            raise ConfigError(f"{key}: {v} is outside {lo}..{hi}")
+        return int(v)
+
+    return check
+
+
+def _bool(v: Any, key: str) -> bool:
+    if isinstance(v, bool):
+        return v
+    if isinstance(v, str) and v.lower() in ("true", "yes", "on", "1", "false", "no", "off", "0"):
+        return v.lower() in ("true", "yes", "on", "1")
+    raise ConfigError(f"{key}: expected true or false, got {v!r}")
+
+
+def _str(v: Any, key: str) -> str:
+    if not isinstance(v, str) or not v:
+        raise ConfigError(f"{key}: expected a non-empty string, got {v!r}")
+    return v
+
+
+def _opt_str(v: Any, key: str) -> str | None:
+    if v is None or v == "":
+        return None
+    return _str(v, key)
+
+
+def _choice(options: tuple[str, ...]) -> Check:
+    def check(v: Any, key: str) -> str:
+        if not isinstance(v, str) or v.lower() not in options:
+            raise ConfigError(f"{key}: expected one of {', '.join(options)}, got {v!r}")
+        return v.lower()
+
+    return check
+
+
+def _str_list(v: Any, key: str) -> tuple[str, ...]:
+    if isinstance(v, str):
+        v = [v]
+    if not isinstance(v, list | tuple) or not all(isinstance(x, str) and x for x in v):
+        raise ConfigError(f"{key}: expected a list of strings, got {v!r}")
+    return tuple(v)
+
+
+def _ip_list(v: Any, key: str) -> tuple[str, ...]:
+    out = []
+    for item in _str_list(v, key):
+        try:
+            out.append(str(ipaddress.ip_address(item)))
+        except ValueError:
+            raise ConfigError(f"{key}: {item!r} is not an IP address") from None
+    return tuple(out)
+
+
+def _cidr_list(v: Any, key: str) -> tuple[str, ...]:
+    out = []
+    for item in _str_list(v, key):
+        try:
+            out.append(str(ipaddress.ip_network(item, strict=False)))
+        except ValueError:
+            raise ConfigError(f"{key}: {item!r} is not a CIDR network") from None
+    return tuple(out)
+
+
+def parse_listen(uri: str, key: str = "listen") -> ListenAddress:
+    """Parse `udp://IP:PORT` (also tcp://, tls://; the port may be left out)."""
+    parts = urlsplit(uri)
+    scheme = parts.scheme.lower()
+    if scheme not in DEFAULT_PORTS:
+        raise ConfigError(f"{key}: {uri!r} must start with udp://, tcp:// or tls://")
+    try:
+        host = parts.hostname
+        port = parts.port
+    except ValueError:
+        raise ConfigError(f"{key}: {uri!r} has a bad port") from None
+    if not host:
+        raise ConfigError(f"{key}: {uri!r} has no IP address")
+    try:
+        host = str(ipaddress.ip_address(host))
+    except ValueError:
+        raise ConfigError(f"{key}: {uri!r}: {host!r} is not an IP address") from None
+    if parts.path not in ("", "/") or parts.query:
+        raise ConfigError(f"{key}: {uri!r} has trailing parts")
+    return ListenAddress(scheme, host, port if port is not None else DEFAULT_PORTS[scheme])
+
+
+def _listen_list(v: Any, key: str) -> tuple[ListenAddress, ...]:
+    items = _str_list(v, key)
+    if not items:
+        raise ConfigError(f"{key}: at least one listener is needed")
+    return tuple(parse_listen(u, key) for u in items)
+
+
+def parse_user(text: str, key: str = "user") -> StaticUser:
+    """`NAME:PASSWORD` from the command line."""
+    name, sep, password = text.partition(":")
+    if not sep or not name or not password:
+        raise ConfigError(f"{key}: expected NAME:PASSWORD, got {text!r}")
+    return StaticUser(name, password=password)
+
+
+def _users(v: Any, key: str) -> tuple[StaticUser, ...]:
+    if not isinstance(v, list):
+        raise ConfigError(f"{key}: expected a list of {{name, password}} or {{name, key}}")
+    out = []
+    for i, item in enumerate(v):
+        where = f"{key}[{i}]"
+        if isinstance(item, str):
+            out.append(parse_user(item, where))
+            continue
+        if not isinstance(item, dict) or "name" not in item:
+            raise ConfigError(f"{where}: expected a mapping with name and password or key")
+        unknown = set(item) - {"name", "password", "key"}
+        if unknown:
+            raise ConfigError(f"{where}: unknown key {sorted(unknown)[0]!r}")
+        name = _str(item["name"], f"{where}.name")
+        if ("password" in item) == ("key" in item):
+            raise ConfigError(f"{where}: give exactly one of password or key")
+        if "password" in item:
+            out.append(StaticUser(name, password=_str(str(item["password"]), f"{where}.password")))
+        else:
+            raw = _str(str(item["key"]), f"{where}.key").removeprefix("0x")
+            try:
+                key_bytes = bytes.fromhex(raw)
+            except ValueError:
+                raise ConfigError(f"{where}.key: expected 32 hex digits (MD5 key)") from None
+            if len(key_bytes) != 16:
+                raise ConfigError(f"{where}.key: expected 32 hex digits (MD5 key)")
+            out.append(StaticUser(name, key=key_bytes))
+    return tuple(out)
+
+
+def parse_host_port(text: str, key: str = "api.listen") -> tuple[str, int]:
+    """`IP:PORT` or `[IPv6]:PORT`."""
+    host, sep, port = text.rpartition(":")
+    host = host.strip("[]")
+    try:
+        ip = str(ipaddress.ip_address(host))
+        number = int(port)
+    except ValueError:
+        raise ConfigError(f"{key}: expected IP:PORT, got {text!r}") from None
+    if not sep or not 0 <= number <= 65535:
+        raise ConfigError(f"{key}: expected IP:PORT, got {text!r}")
+    return ip, number
+
+
+def _host_port(v: Any, key: str) -> tuple[str, int] | None:
+    if v is None or v == "":
+        return None
+    return parse_host_port(_str(v, key), key)
+
+
+def _host_port_or_off(v: Any, key: str) -> tuple[str, int] | None:
+    if v is False or (isinstance(v, str) and v.lower() in ("off", "none", "")):
+        return None
+    return parse_host_port(_str(v, key), key)
+
+
+def parse_account(text: str, key: str = "api.accounts") -> tuple[str, str]:
+    """`SID:AUTH_TOKEN`."""
+    sid, sep, token = text.strip().partition(":")
+    if not sep or not sid or not token or not sid.isalnum():
+        raise ConfigError(f"{key}: expected ACCOUNT_SID:AUTH_TOKEN")  # never echo a token
+    return sid, token
+
+
+def _accounts(v: Any, key: str) -> tuple[tuple[str, str], ...]:
+    return tuple(parse_account(item, key) for item in _str_list(v, key))
+
+
+def _float(lo: float, hi: float) -> Check:
+    def check(v: Any, key: str) -> float:
+        try:
+            value = float(v)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: expected a number, got {v!r}") from None
+        if not lo <= value <= hi:
+            raise ConfigError(f"{key}: {value} is outside {lo}..{hi}")
+        return value
+
+    return check
+
+
+# YAML key -> (Settings field, check)

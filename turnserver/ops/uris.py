@@ -1,0 +1,39 @@
+"""The STUN and TURN URIs (RFC 7064, RFC 7065) clients are given for our listeners."""
+
+from __future__ import annotations
+
+from turnserver.io.runtime import ListenAddress
+from turnserver.ops.config import Settings, relay_layout
+from turnserver.ops.credentials import ServerUris
+
+
+def server_uris(settings: Settings, listen: list[ListenAddress]) -> ServerUris:
+    """STUN and TURN URIs (RFC 7064, RFC 7065) for the listeners.
+
+    `api.uris` wins when set; otherwise the host is `api.public_host`, or the
+    advertised relay address for wildcard listeners, or the listener's address."""
+    if settings.uris:
+        return ServerUris(
+            tuple(u for u in settings.uris if u.startswith("stun")),
+            tuple(u for u in settings.uris if u.startswith("turn")),
+        )
+    stun: list[str] = []
+    turn: list[str] = []
+    layout = relay_layout(settings)
+    for spec in listen:
+        host = settings.public_host or spec.host
+        if host in ("0.0.0.0", "::") and layout:
+            host = layout[0][1]
+        hostport = f"[{host}]:{spec.port}" if ":" in host else f"{host}:{spec.port}"
+        if spec.scheme == "tls":
+            turn.append(f"turns:{hostport}?transport=tcp")
+        else:
+            turn.append(f"turn:{hostport}?transport={spec.scheme}")
+            if spec.scheme == "udp":
+                stun.append(f"stun:{hostport}")
+    return ServerUris(tuple(stun), tuple(turn))
+
+
+def ice_uris(settings: Settings, listen: list[ListenAddress]) -> list[str]:
+    """TURN URIs for the listeners (see server_uris)."""
+    return list(server_uris(settings, listen).turn)
