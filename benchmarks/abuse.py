@@ -30,13 +30,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from run import free_port, rss_bytes
 
+from turnserver.client.turnclient import TurnClient, TurnClientError
 from turnserver.core.auth import Authenticator, Credentials, NonceIssuer
 from turnserver.core.config import CoreConfig, RelayAddress
 from turnserver.core.five_tuple import ClientTransport, FiveTuple
 from turnserver.core.policy import DefaultPeerPolicy
 from turnserver.core.server import TurnServer
 from turnserver.ops.credentials import mint
-from turnserver.client.turnclient import TurnClient, TurnClientError
 from turnserver.stun import Attr, MessageClass, Method, encode_message, long_term_key
 
 REALM = "abuse.test"

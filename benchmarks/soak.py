@@ -24,8 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from run import free_port, rss_bytes
 
-from turnserver.ops.credentials import mint
 from turnserver.client.turnclient import TurnClient, TurnClientError
+from turnserver.ops.credentials import mint
 
 
 def rss_fds(pid: int) -> tuple[float, int]:

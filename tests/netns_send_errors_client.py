@@ -9,8 +9,8 @@ import json
 import sys
 import time
 
-from turnserver.ops.credentials import mint
 from turnserver.client.turnclient import TurnClient
+from turnserver.ops.credentials import mint
 from turnserver.stun import Attr, Method
 
 SERVER = ("192.0.2.1", int(sys.argv[1]))

@@ -17,9 +17,9 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from turnserver.client.turnclient import TurnClient
 from turnserver.core import events as ev
 from turnserver.ops.credentials import mint
-from turnserver.client.turnclient import TurnClient
 from turnserver.stun import MessageClass, Method, encode_message
 
 from .conftest import SECRET, EchoProtocol, RunningServer, client_ssl_context

@@ -13,9 +13,9 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from turnserver.client.turnclient import TurnClient, TurnClientError
 from turnserver.ops.credentials import mint
 from turnserver.ops.selfsigned import ensure_self_signed
-from turnserver.client.turnclient import TurnClient, TurnClientError
 from turnserver.stun import Attr, MessageClass, Method, encode_message
 
 from .conftest import EchoProtocol

@@ -14,8 +14,8 @@ import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from turnserver.ops.credentials import mint
 from turnserver.client.turnclient import TurnClient, TurnClientError
+from turnserver.ops.credentials import mint
 from turnserver.stun import Attr, Method
 
 from .conftest import SECRET, RunningServer, free_port_range, require_tool

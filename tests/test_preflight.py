@@ -13,8 +13,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from turnserver.ops.credentials import mint
 from turnserver.client.preflight import IceUri, parse_uri, run
+from turnserver.ops.credentials import mint
 from turnserver.ops.selfsigned import ensure_self_signed
 
 from .conftest import (

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
+from turnserver.client.turnclient import TurnClient, TurnClientError
 from turnserver.ops.config import Settings
 from turnserver.ops.credentials import mint
-from turnserver.client.turnclient import TurnClient, TurnClientError
 from turnserver.stun import Attr, Method
 
 from .conftest import SECRET, EchoProtocol, RunningServer

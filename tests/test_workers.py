@@ -14,8 +14,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from turnserver.ops.credentials import mint
 from turnserver.client.turnclient import TurnClient, TurnClientError
+from turnserver.ops.credentials import mint
 
 from .conftest import EchoProtocol
 from .procs import free_port, turnserver_process
