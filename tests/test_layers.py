@@ -62,10 +62,13 @@ def _turnserver_imports(path: Path) -> set[str]:
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
             out |= {a.name for a in node.names if a.name.startswith("turnserver.")}
-        elif isinstance(node, ast.ImportFrom) and node.module:
-            if node.module.startswith("turnserver."):
-                out.add(node.module)
-                out |= {f"{node.module}.{a.name}" for a in node.names}
+        elif (
+            isinstance(node, ast.ImportFrom)
+            and node.module
+            and node.module.startswith("turnserver.")
+        ):
+            out.add(node.module)
+            out |= {f"{node.module}.{a.name}" for a in node.names}
     return out
 
 
