@@ -28,7 +28,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from run import free_port, rss_bytes
 
 from turnserver.client.turnclient import TurnClient, TurnClientError
 from turnserver.core.auth import Authenticator, Credentials, NonceIssuer
@@ -38,6 +37,7 @@ from turnserver.core.policy import DefaultPeerPolicy
 from turnserver.core.server import TurnServer
 from turnserver.ops.credentials import mint
 from turnserver.stun import Attr, MessageClass, Method, encode_message, long_term_key
+from turnserver.testing import free_port, rss_bytes, serve_command
 
 REALM = "abuse.test"
 
@@ -268,22 +268,11 @@ async def live(seconds: float) -> list[tuple[str, str, str]]:
     port = free_port()
     secret = secrets.token_hex(16)
     server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "turnserver",
-            "serve",
-            "--listen",
-            f"udp://127.0.0.1:{port}",
-            "--listen",
-            f"tcp://127.0.0.1:{port}",
+        serve_command(
+            port,
             "--secret",
             secret,
             "--allow-loopback-peers",
-            "--workers",
-            "1",
-            "--metrics-listen",
-            "off",
             "--probe-interval",
             "0",
             "--log-level",
@@ -292,7 +281,8 @@ async def live(seconds: float) -> list[tuple[str, str, str]]:
             "45000",
             "--max-port",
             "47000",
-        ],
+            streams=True,
+        ),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,

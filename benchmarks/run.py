@@ -36,52 +36,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from loadgen import LoadGen
 
 from turnserver.stun import MessageClass, Method, decode_message, encode_message
+from turnserver.testing import free_port, process_tree, rss_bytes, serve_command
 
 SECRET = "bench-secret"
 TICK = os.sysconf("SC_CLK_TCK")
 
 
-def free_port(kind: int = socket.SOCK_DGRAM) -> int:
-    with socket.socket(socket.AF_INET, kind) as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def tree(pid: int) -> list[int]:
-    pids = [pid]
-    try:
-        for task in os.listdir(f"/proc/{pid}/task"):
-            children = Path(f"/proc/{pid}/task/{task}/children").read_text().split()
-            for child in children:
-                pids += tree(int(child))
-    except OSError:
-        pass
-    return pids
-
-
 def cpu_seconds(pid: int) -> float:
     total = 0
-    for p in tree(pid):
+    for p in process_tree(pid):
         try:
             fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
             total += int(fields[11]) + int(fields[12])  # utime, stime
         except OSError:
             pass
     return total / TICK
-
-
-def rss_bytes(pid: int) -> int:
-    total = 0
-    for p in tree(pid):
-        try:
-            status = Path(f"/proc/{p}/status").read_text()
-            total += (
-                int(next(x for x in status.splitlines() if x.startswith("VmRSS")).split()[1]) * 1024
-            )
-        except (OSError, StopIteration):
-            pass
-    return total
 
 
 def stun_ping(addr: tuple[str, int]) -> bool:
@@ -113,13 +82,8 @@ class Target:
 def start_ours(workers: int) -> Target:
     port, mport = free_port(), free_port(socket.SOCK_STREAM)
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "turnserver",
-            "serve",
-            "--listen",
-            f"udp://127.0.0.1:{port}",
+        serve_command(
+            port,
             "--secret",
             SECRET,
             "--realm",
@@ -131,15 +95,13 @@ def start_ours(workers: int) -> Target:
             "60000",
             "--probe-interval",
             "0",
-            "--metrics-listen",
-            f"127.0.0.1:{mport}",
-            "--workers",
-            str(workers),
             "--log-level",
             "error",
             "--config",
             str(Path(__file__).parent / "bench.yaml"),
-        ],
+            workers=workers,
+            metrics=f"127.0.0.1:{mport}",
+        ),
         stdout=subprocess.DEVNULL,
     )
     return _wait(

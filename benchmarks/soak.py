@@ -22,10 +22,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from run import free_port, rss_bytes
 
 from turnserver.client.turnclient import TurnClient, TurnClientError
 from turnserver.ops.credentials import mint
+from turnserver.testing import free_port, rss_bytes, serve_command
 
 
 def rss_fds(pid: int) -> tuple[float, int]:
@@ -44,13 +44,8 @@ async def run(args: argparse.Namespace) -> int:
     port = free_port()
     secret = secrets.token_hex(16)
     server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "turnserver",
-            "serve",
-            "--listen",
-            f"udp://127.0.0.1:{port}",
+        serve_command(
+            port,
             "--secret",
             secret,
             "--allow-loopback-peers",
@@ -58,13 +53,9 @@ async def run(args: argparse.Namespace) -> int:
             "45000",
             "--max-port",
             "47000",
-            "--metrics-listen",
-            "off",
             "--log-level",
             "warning",
-            "--workers",
-            "1",
-        ],
+        ),
         stdout=subprocess.DEVNULL,
     )
     loop = asyncio.get_running_loop()

@@ -52,149 +52,126 @@ def setup_logging(level: str, fmt: str) -> None:
     root.propagate = False
 
 
-def _addrs(addrs: tuple[tuple[str, int], ...]) -> str:
-    return ",".join(format_address(a) for a in addrs)
+# event type -> (level, message, {log field: event attribute}); special cases below
+_LINES: dict[type, tuple[int, str, dict[str, str]]] = {
+    ev.AllocationCreated: (
+        logging.INFO,
+        "allocation created",
+        {"user": "username", "relayed": "relayed", "lifetime": "lifetime"},
+    ),
+    ev.AllocationRefused: (
+        logging.WARNING,
+        "allocation refused",
+        {"user": "username", "code": "code", "reason": "reason", "detail": "detail"},
+    ),
+    ev.AllocationEnded: (
+        logging.INFO,
+        "allocation ended",
+        {
+            "user": "username",
+            "relayed": "relayed",
+            "cause": "cause",
+            "lifetime_s": "duration",
+            "packets_to_peer": "packets_to_peer",
+            "bytes_to_peer": "bytes_to_peer",
+            "packets_to_client": "packets_to_client",
+            "bytes_to_client": "bytes_to_client",
+        },
+    ),
+    ev.AllocationRefreshed: (logging.DEBUG, "allocation refreshed", {"lifetime": "lifetime"}),
+    ev.RequestHandled: (
+        logging.INFO,
+        "request refused",
+        {"method": "method", "code": "code", "reason": "reason"},
+    ),
+    ev.AuthFailed: (
+        logging.WARNING,
+        "authentication failed",
+        {"user": "username", "reason": "reason"},
+    ),
+    ev.PeerDenied: (logging.WARNING, "peer denied", {"peer": "peer_ip"}),
+    ev.PermissionInstalled: (logging.DEBUG, "permission installed", {"peer": "peer_ip"}),
+    ev.PermissionExpired: (logging.DEBUG, "permission expired", {"peer": "peer_ip"}),
+    ev.PermissionRevoked: (
+        logging.WARNING,
+        "permission revoked",
+        {"user": "username", "peer": "peer_ip", "reason": "reason"},
+    ),
+    ev.RelaySendFailed: (
+        logging.WARNING,
+        "relay send failed",
+        {
+            "user": "username",
+            "peer": "peer",
+            "errno": "errno",
+            "detail": "detail",
+            "suppressed": "suppressed",
+        },
+    ),
+    ev.TlsHandshakeFailed: (
+        logging.WARNING,
+        "tls handshake failed",
+        {"reason": "reason", "detail": "detail"},
+    ),
+    ev.ChannelBound: (logging.DEBUG, "channel bound", {"channel": "number", "peer": "peer"}),
+    ev.ChannelExpired: (logging.DEBUG, "channel expired", {"channel": "number", "peer": "peer"}),
+    ev.ConnectionClosed: (
+        logging.INFO,
+        "connection closed",
+        {"reason": "reason", "detail": "detail"},
+    ),
+    ev.MessageDiscarded: (
+        logging.DEBUG,
+        "message discarded",
+        {"reason": "reason", "detail": "detail"},
+    ),
+}
+
+
+def _value(name: str, value: Any) -> Any:
+    """How a field looks in the log."""
+    if name == "relayed":
+        return ",".join(format_address(a) for a in value)
+    if name == "peer" and isinstance(value, tuple):
+        return format_address(value)
+    if name == "channel":
+        return f"0x{value:04x}"
+    if name == "lifetime_s":
+        return round(value, 3)
+    if name == "errno":
+        return errno_names.errorcode.get(value, str(value))
+    return value
 
 
 def log_event(event: ev.Event) -> None:
     """Write the log line for one event (the core's event sink)."""
-    if isinstance(event, ev.AllocationCreated):
-        _emit(
-            logging.INFO,
-            "allocation created",
-            event.five_tuple,
-            user=event.username,
-            relayed=_addrs(event.relayed),
-            lifetime=event.lifetime,
-        )
-    elif isinstance(event, ev.AllocationRefused):
-        level = logging.DEBUG if event.reason == "unauthenticated" else logging.WARNING
-        _emit(
-            level,
-            "allocation refused",
-            event.five_tuple,
-            user=event.username,
-            code=event.code,
-            reason=event.reason,
-            detail=event.detail,
-        )
-    elif isinstance(event, ev.AllocationEnded):
-        _emit(
-            logging.INFO,
-            "allocation ended",
-            event.five_tuple,
-            user=event.username,
-            relayed=_addrs(event.relayed),
-            cause=event.cause,
-            lifetime_s=round(event.duration, 3),
-            packets_to_peer=event.packets_to_peer,
-            bytes_to_peer=event.bytes_to_peer,
-            packets_to_client=event.packets_to_client,
-            bytes_to_client=event.bytes_to_client,
-        )
-    elif isinstance(event, ev.AllocationRefreshed):
-        _emit(logging.DEBUG, "allocation refreshed", event.five_tuple, lifetime=event.lifetime)
+    line = _LINES.get(type(event))
+    if line is None:
+        return
+    level, message, fields = line
+    values = {name: _value(name, getattr(event, attr)) for name, attr in fields.items()}
+    if isinstance(event, ev.AllocationRefused) and event.reason == "unauthenticated":
+        level = logging.DEBUG  # the normal first 401 of every allocation
     elif isinstance(event, ev.RequestHandled):
         # Allocate refusals and authentication failures have their own line
-        if event.code and event.code not in (401, 438) and event.method != "allocate":
-            _emit(
-                logging.INFO,
-                "request refused",
-                event.five_tuple,
-                method=event.method,
-                code=event.code,
-                reason=event.reason,
-            )
-    elif isinstance(event, ev.AuthFailed):
-        if event.method == "allocate":
-            return  # the "allocation refused" line says it (one line per failure)
-        _emit(
-            logging.WARNING,
-            "authentication failed",
-            event.five_tuple,
-            user=event.username,
-            reason=event.reason,
-        )
-    elif isinstance(event, ev.PeerDenied):
-        _emit(logging.WARNING, "peer denied", event.five_tuple, peer=event.peer_ip)
-    elif isinstance(event, ev.PermissionInstalled):
-        _emit(logging.DEBUG, "permission installed", event.five_tuple, peer=event.peer_ip)
-    elif isinstance(event, ev.PermissionExpired):
-        _emit(logging.DEBUG, "permission expired", event.five_tuple, peer=event.peer_ip)
-    elif isinstance(event, ev.PermissionRevoked):
-        _emit(
-            logging.WARNING,
-            "permission revoked",
-            event.five_tuple,
-            user=event.username,
-            peer=event.peer_ip,
-            reason=event.reason,
-        )
-    elif isinstance(event, ev.RelaySendFailed):
-        _emit(
-            logging.WARNING,
-            "relay send failed",
-            event.five_tuple,
-            user=event.username,
-            peer=format_address(event.peer),
-            errno=errno_names.errorcode.get(event.errno, str(event.errno)),
-            detail=event.detail,
-            suppressed=event.suppressed,
-        )
-    elif isinstance(event, ev.TlsHandshakeFailed):
-        if _throttle.allow(f"tls:{event.reason}"):
-            _emit(
-                logging.WARNING,
-                "tls handshake failed",
-                event.five_tuple,
-                reason=event.reason,
-                detail=event.detail,
-                suppressed=_throttle.take_suppressed(f"tls:{event.reason}"),
-            )
-    elif isinstance(event, ev.ChannelBound):
-        _emit(
-            logging.DEBUG,
-            "channel bound",
-            event.five_tuple,
-            channel=f"0x{event.number:04x}",
-            peer=format_address(event.peer),
-        )
-    elif isinstance(event, ev.ChannelExpired):
-        _emit(
-            logging.DEBUG,
-            "channel expired",
-            event.five_tuple,
-            channel=f"0x{event.number:04x}",
-            peer=format_address(event.peer),
-        )
-    elif isinstance(event, ev.ConnectionClosed):
-        if event.reason in CAP_REASONS:  # one line per cap and interval under a flood
-            if _throttle.allow(event.reason):
-                _emit(
-                    logging.WARNING,
-                    "connection refused",
-                    event.five_tuple,
-                    reason=event.reason,
-                    suppressed=_throttle.take_suppressed(event.reason),
-                )
+        if not event.code or event.code in (401, 438) or event.method == "allocate":
             return
+    elif isinstance(event, ev.AuthFailed) and event.method == "allocate":
+        return  # the "allocation refused" line says it (one line per failure)
+    elif isinstance(event, ev.TlsHandshakeFailed):
+        key = f"tls:{event.reason}"
+        if not _throttle.allow(key):
+            return
+        values["suppressed"] = _throttle.take_suppressed(key)
+    elif isinstance(event, ev.ConnectionClosed):
         if event.reason in ("tls", "handshake_timeout"):
             return  # logged as "tls handshake failed"
-        _emit(
-            logging.INFO,
-            "connection closed",
-            event.five_tuple,
-            reason=event.reason,
-            detail=event.detail,
-        )
-    elif isinstance(event, ev.MessageDiscarded):
-        _emit(
-            logging.DEBUG,
-            "message discarded",
-            event.five_tuple,
-            reason=event.reason,
-            detail=event.detail,
-        )
+        if event.reason in CAP_REASONS:  # one line per cap and interval under a flood
+            if not _throttle.allow(event.reason):
+                return
+            level, message = logging.WARNING, "connection refused"
+            values = {"reason": event.reason, "suppressed": _throttle.take_suppressed(event.reason)}
+    _emit(level, message, event.five_tuple, **values)
 
 
 QUIET_USERS = {"turnserver-self-probe"}  # the self-probe: debug level only

@@ -1,0 +1,165 @@
+"""Running turnserver from tests and benchmarks (ours, and an application's): a server
+process on loopback with ephemeral ports, started, waited for until it answers STUN, and
+stopped with everything it started.
+
+    with server_process(tmp_path, "--secret", "s") as server:
+        ...  # server.port answers STUN and TURN over UDP (and TCP with streams=True)
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from turnserver.stun import MessageClass, Method, decode_message, encode_message
+
+
+def free_port(kind: int = socket.SOCK_DGRAM) -> int:
+    """A port free for UDP and for TCP on 127.0.0.1 (so one number serves both)."""
+    for _ in range(50):
+        with socket.socket(socket.AF_INET, kind) as s:
+            s.bind(("127.0.0.1", 0))
+            port: int = s.getsockname()[1]
+        other = socket.SOCK_STREAM if kind == socket.SOCK_DGRAM else socket.SOCK_DGRAM
+        try:
+            with socket.socket(socket.AF_INET, other) as s:
+                s.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        return port
+    raise RuntimeError("no free port")
+
+
+def stun_ping(addr: tuple[str, int], timeout: float = 0.2) -> bool:
+    """True when a STUN Binding request to addr is answered."""
+    req = encode_message(Method.BINDING, MessageClass.REQUEST, os.urandom(12))
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.settimeout(timeout)
+        try:
+            s.sendto(req, addr)
+            data, _ = s.recvfrom(2048)
+        except OSError:
+            return False
+    return decode_message(data).message_class == MessageClass.SUCCESS
+
+
+def serve_command(
+    port: int,
+    *args: str,
+    streams: bool = False,
+    tls_port: int | None = None,
+    workers: int = 1,
+    metrics: str = "off",
+) -> list[str]:
+    """`python -m turnserver serve` on 127.0.0.1:port (udp; tcp too with streams, and
+    tls on tls_port), one worker and no metrics listener unless asked, plus `args`."""
+    listen = ["--listen", f"udp://127.0.0.1:{port}"]
+    if streams:
+        listen += ["--listen", f"tcp://127.0.0.1:{port}"]
+    if tls_port:
+        listen += ["--listen", f"tls://127.0.0.1:{tls_port}"]
+    return [
+        sys.executable,
+        "-m",
+        "turnserver",
+        "serve",
+        *listen,
+        "--metrics-listen",
+        metrics,
+        "--workers",
+        str(workers),
+        *args,
+    ]
+
+
+def stop_process(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> None:
+    """Signal a process (its whole group when it leads one) and wait for it."""
+    try:
+        if os.getpgid(proc.pid) == proc.pid:
+            os.killpg(proc.pid, sig)
+        else:
+            proc.send_signal(sig)
+    except ProcessLookupError:
+        pass
+    try:
+        proc.wait(15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def process_tree(pid: int) -> list[int]:
+    """pid and every descendant (worker processes), from /proc."""
+    pids = [pid]
+    try:
+        for task in os.listdir(f"/proc/{pid}/task"):
+            children = Path(f"/proc/{pid}/task/{task}/children").read_text().split()
+            for child in children:
+                pids += process_tree(int(child))
+    except OSError:
+        pass
+    return pids
+
+
+def rss_bytes(pid: int) -> int:
+    """Resident memory of a process and its descendants."""
+    total = 0
+    for p in process_tree(pid):
+        try:
+            status = Path(f"/proc/{p}/status").read_text()
+            total += (
+                int(next(x for x in status.splitlines() if x.startswith("VmRSS")).split()[1]) * 1024
+            )
+        except (OSError, StopIteration):
+            pass
+    return total
+
+
+@dataclass
+class ServerProcess:
+    """A running server: its process, UDP (and TCP) port and log file."""
+
+    proc: subprocess.Popen[bytes]
+    port: int
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+@contextmanager
+def server_process(
+    tmp: Path,
+    *args: str,
+    port: int | None = None,
+    streams: bool = False,
+    tls_port: int | None = None,
+    workers: int = 1,
+    metrics: str = "127.0.0.1:0",
+    env: dict[str, str] | None = None,
+    start_timeout: float = 15.0,
+) -> Iterator[ServerProcess]:
+    """Start a server, wait until it answers STUN on its UDP port, stop it at the end."""
+    port = port or free_port()
+    log_path = tmp / f"turnserver-{port}.log"
+    cmd = serve_command(
+        port, *args, streams=streams, tls_port=tls_port, workers=workers, metrics=metrics
+    )
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+    try:
+        deadline = time.monotonic() + start_timeout
+        while not stun_ping(("127.0.0.1", port)):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"server did not start: {log_path.read_text()}")
+        yield ServerProcess(proc, port, log_path)
+    finally:
+        stop_process(proc)
