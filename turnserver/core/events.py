@@ -65,15 +65,21 @@ class AuthFailed:
 
 
 @dataclass(frozen=True, slots=True)
-class PermissionInstalled:
+class PeerIpEvent:
+    """Something about one allocation and one peer IP (a permission)."""
+
     five_tuple: FiveTuple
     peer_ip: str
 
 
 @dataclass(frozen=True, slots=True)
-class PermissionExpired:
-    five_tuple: FiveTuple
-    peer_ip: str
+class PermissionInstalled(PeerIpEvent):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class PermissionExpired(PeerIpEvent):
+    pass
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,23 +107,27 @@ class RelaySendFailed:
 
 
 @dataclass(frozen=True, slots=True)
-class ChannelBound:
+class ChannelEvent:
+    """Something about one channel of an allocation (RFC 8656 §12)."""
+
     five_tuple: FiveTuple
     number: int
     peer: Address
 
 
 @dataclass(frozen=True, slots=True)
-class ChannelExpired:
-    five_tuple: FiveTuple
-    number: int
-    peer: Address
+class ChannelBound(ChannelEvent):
+    pass
 
 
 @dataclass(frozen=True, slots=True)
-class PeerDenied:
-    five_tuple: FiveTuple
-    peer_ip: str
+class ChannelExpired(ChannelEvent):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class PeerDenied(PeerIpEvent):
+    pass
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,8 +141,8 @@ class PeerConnectionBound:
 
 
 @dataclass(frozen=True, slots=True)
-class ConnectionClosed:
-    """A TCP/TLS client connection closed by the server (framing error, idle, ...)."""
+class ReasonEvent:
+    """Something that happened to a 5-tuple, with a bounded reason and free detail."""
 
     five_tuple: FiveTuple
     reason: str
@@ -140,22 +150,19 @@ class ConnectionClosed:
 
 
 @dataclass(frozen=True, slots=True)
-class TlsHandshakeFailed:
+class ConnectionClosed(ReasonEvent):
+    """A TCP/TLS client connection closed by the server (framing error, idle, ...)."""
+
+
+@dataclass(frozen=True, slots=True)
+class TlsHandshakeFailed(ReasonEvent):
     """A TLS client connection whose handshake failed or timed out (`reason` is bounded:
     handshake_timeout, certificate_unknown, unknown_ca, not_tls, ...)."""
 
-    five_tuple: FiveTuple
-    reason: str
-    detail: str
-
 
 @dataclass(frozen=True, slots=True)
-class MessageDiscarded:
+class MessageDiscarded(ReasonEvent):
     """A datagram or message from a client that was dropped (malformed, no allocation...)."""
-
-    five_tuple: FiveTuple
-    reason: str
-    detail: str
 
 
 Event = (

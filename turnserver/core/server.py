@@ -14,10 +14,8 @@ from turnserver.core import events as ev
 from turnserver.core.allocate import AllocationHandlers
 from turnserver.core.allocation import (
     PeerConnection,
-    RelayOpener,
 )
-from turnserver.core.auth import Authenticator, Identity
-from turnserver.core.config import CoreConfig
+from turnserver.core.auth import Identity
 from turnserver.core.errors import (
     BadRequest,
     StaleNonce,
@@ -28,7 +26,6 @@ from turnserver.core.errors import (
 )
 from turnserver.core.five_tuple import ClientTransport, FiveTuple
 from turnserver.core.permissions import PermissionHandlers
-from turnserver.core.policy import PeerPolicy
 from turnserver.core.state import (
     MAX_CONTROL_MESSAGE,
     MAX_PEERS_PER_REQUEST,
@@ -64,15 +61,8 @@ class TurnServer(AllocationHandlers, PermissionHandlers, TcpConnectionHandlers):
     """All allocations of one process and the rules that change them: the sans-IO entry
     points (handle_message, handle_timer, next_timer, drain_events) over the handlers."""
 
-    def __init__(
-        self,
-        config: CoreConfig,
-        authenticator: Authenticator,
-        relay_opener: RelayOpener,
-        peer_policy: PeerPolicy,
-    ) -> None:
-        super().__init__(config, authenticator, relay_opener, peer_policy)
-        self._handlers: dict[int, Handler] = {
+    def _request_handlers(self) -> dict[int, Handler]:
+        return {
             Method.ALLOCATE: self._allocate,
             Method.REFRESH: self._refresh,
             Method.CREATE_PERMISSION: self._create_permission,

@@ -81,6 +81,19 @@ class Reservation:
 class RelayStats:
     """Plain-int counters the relay path bumps; folded into metrics on scrape."""
 
+    dropped_malformed: int
+    dropped_no_allocation: int
+    dropped_no_permission: int
+    dropped_oversized: int
+    dropped_peer_denied: int
+    dropped_rate_limited: int
+    dropped_send_error: int
+    dropped_unknown_channel: int
+    ended_bytes_to_client: int
+    ended_bytes_to_peer: int
+    ended_packets_to_client: int
+    ended_packets_to_peer: int
+
     __slots__ = (
         "dropped_malformed",
         "dropped_no_allocation",
@@ -97,18 +110,8 @@ class RelayStats:
     )
 
     def __init__(self) -> None:
-        self.dropped_malformed = 0
-        self.dropped_no_allocation = 0
-        self.dropped_no_permission = 0
-        self.dropped_peer_denied = 0
-        self.dropped_oversized = 0
-        self.dropped_rate_limited = 0
-        self.dropped_send_error = 0
-        self.dropped_unknown_channel = 0
-        self.ended_bytes_to_client = 0
-        self.ended_bytes_to_peer = 0
-        self.ended_packets_to_client = 0
-        self.ended_packets_to_peer = 0
+        for name in self.__slots__:
+            setattr(self, name, 0)
 
 
 class CoreState:
@@ -145,6 +148,11 @@ class CoreState:
         self.probe_users: set[str] = set()
         self._challenges = TokenBuckets(config.challenge_rate, config.challenge_burst)
         self.probe_peer_ips: set[str] = set()
+        self._handlers = self._request_handlers()
+
+    def _request_handlers(self) -> dict[int, Handler]:
+        """STUN method -> handler; TurnServer fills it in."""
+        return {}
 
     def _push(self, when: float, kind: TimerKind, owner: Any, key: Any) -> None:
         self._seq += 1

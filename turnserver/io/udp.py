@@ -180,14 +180,19 @@ class UdpRelay:
             self._runtime.descriptors.give(1)
 
     def _on_readable(self) -> None:
+        """Peer datagrams to the client: ChannelData when the peer has a channel (one
+        sendmsg of header and payload over UDP), else a Data indication (RFC 8656 §11.3,
+        §12.6). Stream clients get the same through their sink's buffered writes."""
         alloc = self.alloc
         sink = alloc.sink
-        if not isinstance(sink, UdpClientSink):
-            self._drain_to_stream(sink)
-            return
+        client_sock: socket.socket | None = None
+        client_addr: Address = ("", 0)
+        stream: ClientSink | None = None
+        if isinstance(sink, UdpClientSink):
+            client_sock, client_addr = sink.sock, sink.addr
+        elif isinstance(sink, ClientSink):
+            stream = sink
         recvfrom = self.sock.recvfrom
-        client_sock = sink.sock
-        client_addr = sink.addr
         peer_channels = alloc.peer_channels
         pack = CHANNEL_HEADER.pack
         v6 = self.v6
@@ -200,7 +205,7 @@ class UdpRelay:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError:
-                continue
+                continue  # e.g. an ICMP error queued on the socket
             if v6:
                 addr = addr[:2]
             number = peer_channels.get(addr)
@@ -208,53 +213,31 @@ class UdpRelay:
                 if alloc.rate and not alloc.spend(len(data), now()):
                     stats.dropped_rate_limited += 1
                     continue
-                try:
-                    client_sock.sendmsg((pack(number, len(data)), data), (), 0, client_addr)
-                except OSError as exc:
-                    if core.send_failed(alloc, client_addr, exc, now()):
-                        self._runtime.after_core_call()
-                    continue
+                if client_sock is not None:
+                    try:
+                        client_sock.sendmsg((pack(number, len(data)), data), (), 0, client_addr)
+                    except OSError as exc:
+                        if core.send_failed(alloc, client_addr, exc, now()):
+                            self._runtime.after_core_call()
+                        continue
+                elif stream is not None:
+                    stream.send_channel_data(number, data)
+                else:
+                    continue  # no way back to the client (its connection is closing)
                 alloc.packets_to_client += 1
                 alloc.bytes_to_client += len(data)
                 continue
             indication = core.data_indication(alloc, data, addr, now())
-            if indication is not None:
+            if indication is None:
+                continue
+            if client_sock is not None:
                 try:
                     client_sock.sendto(indication, client_addr)
                 except OSError as exc:
                     if core.send_failed(alloc, client_addr, exc, now()):
                         self._runtime.after_core_call()
-
-    def _drain_to_stream(self, sink: object) -> None:
-        """Peer data for a client on a stream transport (TCP/TLS)."""
-        recvfrom = self.sock.recvfrom
-        alloc = self.alloc
-        if not isinstance(sink, ClientSink):
-            sink = None
-        for _ in range(READ_BATCH):
-            try:
-                data, addr = recvfrom(MAX_DATAGRAM)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError:
-                continue
-            if self.v6:
-                addr = addr[:2]
-            if sink is None:
-                continue
-
-            number = alloc.peer_channels.get(addr)
-            if number is not None:
-                if alloc.rate and not alloc.spend(len(data), self._runtime.now()):
-                    self._runtime.core.stats.dropped_rate_limited += 1
-                    continue
-                sink.send_channel_data(number, data)
-                alloc.packets_to_client += 1
-                alloc.bytes_to_client += len(data)
-                continue
-            indication = self._runtime.core.data_indication(alloc, data, addr, self._runtime.now())
-            if indication is not None:
-                sink.send(indication)
+            elif stream is not None:
+                stream.send(indication)
 
 
 class SocketRelayOpener:
