@@ -7,30 +7,16 @@ import time
 from pathlib import Path
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
+from cryptography.hazmat.primitives import serialization
 
 from turnserver.ops.certcheck import CertificateCheck
+from turnserver.ops.selfsigned import make_certificate
 
 from .conftest import RunningServer
 
 
 def _cert(path: Path, names: list[str], not_after: datetime.datetime) -> str:
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])])
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(not_after - datetime.timedelta(days=400))
-        .not_valid_after(not_after)
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName(n) for n in names]), False)
-        .sign(key, hashes.SHA256())
-    )
+    cert, _ = make_certificate(names, not_after)
     path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     return str(path)
 

@@ -235,6 +235,15 @@ class Supervisor:
         self.procs[index] = proc
         log.info("worker %d started (pid %d)", index, proc.pid)
 
+    async def _release(self, *runners: web.AppRunner | None) -> None:
+        """Stop the HTTP servers, free the shared memory and the listener sockets."""
+        for runner in runners:
+            if runner is not None:
+                await runner.cleanup()
+        self.shm.close()
+        self.shm.unlink()
+        self.close_listeners()
+
     def close_listeners(self) -> None:
         for group in self.listeners:
             for sock in group:
@@ -337,13 +346,7 @@ class Supervisor:
                         p.terminate()
                     if p is not None:
                         p.join(10)
-                if runner is not None:
-                    await runner.cleanup()
-                if api_runner is not None:
-                    await api_runner.cleanup()
-                self.shm.close()
-                self.shm.unlink()
-                self.close_listeners()
+                await self._release(runner, api_runner)
                 return 1
             await asyncio.sleep(0.05)
 
@@ -423,13 +426,7 @@ class Supervisor:
                         p.join()
                         self.procs[i] = None
                 break
-        if runner is not None:
-            await runner.cleanup()
-        if api_runner is not None:
-            await api_runner.cleanup()
-        self.shm.close()
-        self.shm.unlink()
-        self.close_listeners()
+        await self._release(runner, api_runner)
         notify("STOPPING=1")
         log.info("all workers stopped")
 
