@@ -37,7 +37,7 @@ from turnserver.core.policy import DefaultPeerPolicy
 from turnserver.core.server import TurnServer
 from turnserver.ops.credentials import mint
 from turnserver.stun import Attr, MessageClass, Method, encode_message, long_term_key
-from turnserver.testing import free_port, rss_bytes, serve_command
+from turnserver.testing import free_port, loopback_args, rss_bytes, serve_command
 
 REALM = "abuse.test"
 
@@ -270,17 +270,11 @@ async def live(seconds: float) -> list[tuple[str, str, str]]:
     server = subprocess.Popen(
         serve_command(
             port,
-            "--secret",
-            secret,
-            "--allow-loopback-peers",
+            *loopback_args(secret, 45000, 47000),
             "--probe-interval",
             "0",
             "--log-level",
             "warning",
-            "--min-port",
-            "45000",
-            "--max-port",
-            "47000",
             streams=True,
         ),
         stdout=subprocess.DEVNULL,

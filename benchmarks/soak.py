@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from turnserver.client.turnclient import TurnClient, TurnClientError
 from turnserver.ops.credentials import mint
-from turnserver.testing import free_port, rss_bytes, serve_command
+from turnserver.testing import free_port, loopback_args, rss_bytes, serve_command
 
 
 def rss_fds(pid: int) -> tuple[float, int]:
@@ -46,13 +46,7 @@ async def run(args: argparse.Namespace) -> int:
     server = subprocess.Popen(
         serve_command(
             port,
-            "--secret",
-            secret,
-            "--allow-loopback-peers",
-            "--min-port",
-            "45000",
-            "--max-port",
-            "47000",
+            *loopback_args(secret, 45000, 47000),
             "--log-level",
             "warning",
         ),

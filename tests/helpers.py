@@ -21,7 +21,8 @@ from turnserver.stun import (
     encode_message,
     long_term_key,
 )
-from turnserver.stun.attributes import Address
+from turnserver.stun.attributes import ATTRIBUTE_CODECS, Address
+from turnserver.stun.errors import StunDecodeError
 
 REALM = "example.org"
 SECRET = "capsecret"
@@ -209,3 +210,17 @@ class CoreClient:
 def error_code(msg: StunMessage) -> int | None:
     err = msg.get(Attr.ERROR_CODE)
     return err[0] if err else None
+
+
+def decode_every_attribute(data: bytes) -> None:
+    """Decode a message and each attribute we know; the codec's invariant is that only
+    StunDecodeError ever escapes (an attribute's own error is swallowed here)."""
+    msg = decode_message(data)
+    for attr_type, raw in msg.attributes:
+        codec = ATTRIBUTE_CODECS.get(attr_type)
+        if codec is not None:
+            try:
+                codec.decode(raw, msg.transaction_id)
+            except StunDecodeError:
+                pass
+    msg.unknown_required_attributes()

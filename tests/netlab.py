@@ -12,6 +12,9 @@ import os
 import subprocess
 from collections.abc import Sequence
 
+# iptables: let replies to connections from the inside back in
+ESTABLISHED_ACCEPT = ("-m", "conntrack", "--ctstate", "ESTABLISHED,RELATED", "-j", "ACCEPT")
+
 
 def sh(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     return subprocess.run(list(args), capture_output=True, text=True, check=check, timeout=30)
@@ -88,20 +91,7 @@ class Lab:
         )
         # Like a real NAT: unsolicited packets from outside vanish (no ICMP unreachable)
         self.run(router, "iptables", "-F", "INPUT")
-        self.run(
-            router,
-            "iptables",
-            "-A",
-            "INPUT",
-            "-i",
-            "pub0",
-            "-m",
-            "conntrack",
-            "--ctstate",
-            "ESTABLISHED,RELATED",
-            "-j",
-            "ACCEPT",
-        )
+        self.run(router, "iptables", "-A", "INPUT", "-i", "pub0", *ESTABLISHED_ACCEPT)
         self.run(router, "iptables", "-A", "INPUT", "-i", "pub0", "-j", "DROP")
 
     def firewall(self, router: str, rules: str) -> None:
@@ -111,18 +101,7 @@ class Lab:
         if rules == "drop-udp":
             self.run(router, "iptables", "-A", "FORWARD", "-i", "lan0", "-p", "udp", "-j", "DROP")
         elif rules == "tls-only":
-            self.run(
-                router,
-                "iptables",
-                "-A",
-                "FORWARD",
-                "-m",
-                "conntrack",
-                "--ctstate",
-                "ESTABLISHED,RELATED",
-                "-j",
-                "ACCEPT",
-            )
+            self.run(router, "iptables", "-A", "FORWARD", *ESTABLISHED_ACCEPT)
             self.run(
                 router,
                 "iptables",

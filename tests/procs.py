@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -11,8 +12,11 @@ from pathlib import Path
 from turnserver.testing import (  # noqa: F401 - the tests' names for them
     ServerProcess,
     free_port,
+    loopback_args,
+    serve_command,
     server_process,
     stun_ping,
+    wait_for_stun,
 )
 
 
@@ -45,3 +49,10 @@ def background(cmd: list[str]) -> Iterator[subprocess.Popen[bytes]]:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def run_cli(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    """`python -m turnserver ARGS`, its output captured as text."""
+    return subprocess.run(
+        [sys.executable, "-m", "turnserver", *args], capture_output=True, text=True, timeout=timeout
+    )

@@ -8,8 +8,6 @@ import asyncio
 import os
 import socket
 import struct
-import subprocess
-import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -23,6 +21,7 @@ from turnserver.ops.credentials import mint
 from turnserver.stun import MessageClass, Method, encode_message
 
 from .conftest import SECRET, EchoProtocol, RunningServer, client_ssl_context
+from .procs import run_cli
 
 BROADCAST = ("127.255.255.255", 9)
 
@@ -303,12 +302,7 @@ async def test_reload_with_a_denied_peer_cuts_live_channels(
 def test_non_utf8_config_and_secrets_are_one_line_errors(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_bytes(b"realm: caf\xe9\n")
-    run = subprocess.run(
-        [sys.executable, "-m", "turnserver", "serve", "--config", str(bad)],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    run = run_cli("serve", "--config", str(bad))
     assert run.returncode == 2
     assert "Traceback" not in run.stderr and "not UTF-8" in run.stderr
     assert len(run.stderr.strip().splitlines()) == 1
@@ -316,12 +310,7 @@ def test_non_utf8_config_and_secrets_are_one_line_errors(tmp_path: Path) -> None
     secrets_file.write_bytes(b"\xff\xfe secret\n")
     good = tmp_path / "good.yaml"
     good.write_text(f"auth:\n  secrets_file: {secrets_file}\n")
-    run = subprocess.run(
-        [sys.executable, "-m", "turnserver", "serve", "--config", str(good)],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    run = run_cli("serve", "--config", str(good))
     assert run.returncode == 2 and "not UTF-8" in run.stderr and "Traceback" not in run.stderr
 
 

@@ -20,7 +20,7 @@ from turnserver.cli import main
 from turnserver.ops.config import ConfigError, build_settings, load_file, parse_yaml
 
 from .conftest import EchoProtocol
-from .procs import free_port, stun_ping
+from .procs import free_port, run_cli, stun_ping
 
 ROOT = Path(__file__).parent.parent
 
@@ -79,9 +79,7 @@ def test_argument_errors_are_one_line_with_a_hint() -> None:
         (["serve", "--workers", "abc"], "invalid int value"),
         (["serve", "--secret", "-abc"], "--option=VALUE"),
     ):
-        done = subprocess.run(
-            [sys.executable, "-m", "turnserver", *args], capture_output=True, text=True, timeout=30
-        )
+        done = run_cli(*args)
         assert done.returncode == 2 and expected in done.stderr, done.stderr
         assert len(done.stderr.strip().splitlines()) == 2  # the error and the hint
 
@@ -102,34 +100,13 @@ def test_mint_for_the_make_run_server(tmp_path: Path, capsys: pytest.CaptureFixt
 def test_cli_bad_config_exits_2(tmp_path: Path) -> None:
     cfg = tmp_path / "bad.yaml"
     cfg.write_text("realm: ok\nallocations:\n  max_lifetime: -5\n")
-    done = subprocess.run(
-        [sys.executable, "-m", "turnserver", "serve", "--config", str(cfg)],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    done = run_cli("serve", "--config", str(cfg))
     assert done.returncode == 2
     assert "bad.yaml:3: allocations.max_lifetime: -5 is outside" in done.stderr
 
 
 def test_cli_bad_flag_value_exits_2() -> None:
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "turnserver",
-            "serve",
-            "--secret",
-            "s",
-            "--listen",
-            "udp://127.0.0.1:1",
-            "--relay-ip",
-            "nope",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    done = run_cli("serve", "--secret", "s", "--listen", "udp://127.0.0.1:1", "--relay-ip", "nope")
     assert done.returncode == 2 and "--relay-ip: 'nope' is not an IP address" in done.stderr
 
 
@@ -139,21 +116,7 @@ def test_port_in_use_fails_with_clear_error() -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-        done = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "turnserver",
-                "serve",
-                "--secret",
-                "s",
-                "--listen",
-                f"udp://127.0.0.1:{port}",
-            ],
-            capture_output=True,
-            text=True,
-            timeout=30,
-        )
+        done = run_cli("serve", "--secret", "s", "--listen", f"udp://127.0.0.1:{port}")
     assert done.returncode == 1
     assert f"cannot bind udp://127.0.0.1:{port}" in done.stderr
 
@@ -342,12 +305,7 @@ def test_mint_errors(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def _serve(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "turnserver", "serve", "--secret", "s", *args],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    return run_cli("serve", "--secret", "s", *args)
 
 
 def test_relay_address_not_on_this_host_fails_at_start() -> None:

@@ -8,7 +8,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -17,7 +16,7 @@ import yaml
 from turnserver.ops.config import build_settings, parse_yaml
 
 from .conftest import IN_CI, require_tool
-from .procs import free_port, stun_ping
+from .procs import free_port, serve_command, stun_ping, wait_for_stun
 
 ROOT = Path(__file__).parent.parent
 K8S = ROOT / "config" / "kubernetes"
@@ -73,20 +72,7 @@ def test_sd_notify_ready_and_watchdog(tmp_path: Path) -> None:
     port = free_port()
     env = {**os.environ, "NOTIFY_SOCKET": path, "WATCHDOG_USEC": "400000"}
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "turnserver",
-            "serve",
-            "--listen",
-            f"udp://127.0.0.1:{port}",
-            "--secret",
-            "s",
-            "--metrics-listen",
-            "off",
-            "--workers",
-            "1",
-        ],
+        serve_command(port, "--secret", "s"),
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -146,10 +132,10 @@ def test_dockerfile_copies_existing_paths_and_its_command_starts() -> None:
         stderr=subprocess.PIPE,
     )
     try:
-        deadline = time.monotonic() + 15
-        while not stun_ping(("127.0.0.1", port)):
-            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
-            assert time.monotonic() < deadline
+        try:
+            wait_for_stun(proc, port)
+        except RuntimeError as exc:
+            raise AssertionError(proc.stderr.read() if proc.stderr else str(exc)) from exc
     finally:
         proc.terminate()
         proc.wait(15)

@@ -19,7 +19,7 @@ from turnserver.ops.selfsigned import ensure_self_signed
 from turnserver.stun import Attr, MessageClass, Method, encode_message
 
 from .conftest import EchoProtocol
-from .procs import ServerProcess, free_port, turnserver_process
+from .procs import ServerProcess, free_port, loopback_args, turnserver_process
 
 SECRET = "abuse-secret"
 pytestmark = pytest.mark.asyncio(loop_factories=["asyncio"])
@@ -28,13 +28,7 @@ pytestmark = pytest.mark.asyncio(loop_factories=["asyncio"])
 def _args(metrics_port: int, *extra: str) -> list[str]:
     lo = 37000 + (os.getpid() % 1000)
     return [
-        "--secret",
-        SECRET,
-        "--allow-loopback-peers",
-        "--min-port",
-        str(lo),
-        "--max-port",
-        str(lo + 400),
+        *loopback_args(SECRET, lo, lo + 400),
         "--metrics-listen",
         f"127.0.0.1:{metrics_port}",
         "--probe-interval",

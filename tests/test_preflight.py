@@ -26,7 +26,7 @@ from .conftest import (
     client_ssl_context,
     require_tool,
 )
-from .procs import free_port, stun_ping
+from .procs import free_port, run_cli, wait_for_stun
 
 
 def _uris(server: RunningServer, secret: str = SECRET) -> list[IceUri]:
@@ -162,9 +162,7 @@ def test_cli_against_coturn(tmp_path: Path) -> None:
         stderr=subprocess.DEVNULL,
     )
     try:
-        deadline = time.monotonic() + 10
-        while not stun_ping(("127.0.0.1", port)):
-            assert proc.poll() is None and time.monotonic() < deadline, "coturn did not start"
+        wait_for_stun(proc, port, 10)  # coturn
         base = [
             sys.executable,
             "-m",
@@ -191,20 +189,13 @@ def test_cli_against_coturn(tmp_path: Path) -> None:
         assert report["working_transports"] == ["udp", "tcp", "tls"]
         table = subprocess.run([*base, *uris], capture_output=True, text=True, timeout=60)
         assert "verdict: media can flow through udp, tcp, tls" in table.stdout
-        wrong = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "turnserver",
-                "preflight",
-                "--secret",
-                "nope",
-                "--timeout",
-                "2",
-                f"turn:127.0.0.1:{port}?transport=udp",
-            ],
-            capture_output=True,
-            text=True,
+        wrong = run_cli(
+            "preflight",
+            "--secret",
+            "nope",
+            "--timeout",
+            "2",
+            f"turn:127.0.0.1:{port}?transport=udp",
             timeout=60,
         )
         assert wrong.returncode == 1
@@ -215,12 +206,7 @@ def test_cli_against_coturn(tmp_path: Path) -> None:
 
 
 def _preflight(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "turnserver", "preflight", "--timeout", "0.5", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    return run_cli("preflight", "--timeout", "0.5", *args, timeout=60)
 
 
 def test_cli_input_mistakes_are_named() -> None:

@@ -10,7 +10,6 @@ import asyncio
 import resource
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -22,7 +21,7 @@ from turnserver.ops.credentials import mint
 from turnserver.stun import Attr, Method
 
 from .conftest import SECRET, EchoProtocol, RunningServer
-from .procs import free_port
+from .procs import free_port, loopback_args, serve_command
 
 DEFAULTS = Settings()
 
@@ -146,29 +145,13 @@ async def test_low_ulimit_refuses_cleanly_at_the_derived_limit(
     log_path = tmp_path / "server.log"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "turnserver",
-                "serve",
-                "--listen",
-                f"udp://127.0.0.1:{port}",
-                "--listen",
-                f"tcp://127.0.0.1:{port}",
-                "--secret",
-                SECRET,
-                "--workers",
-                "1",
-                "--allow-loopback-peers",
-                "--metrics-listen",
-                "off",
+            serve_command(
+                port,
+                *loopback_args(SECRET, 42000, 42999),
                 "--probe-interval",
                 "0",
-                "--min-port",
-                "42000",
-                "--max-port",
-                "42999",
-            ],
+                streams=True,
+            ),
             stdout=log,
             stderr=subprocess.STDOUT,
             preexec_fn=_low_nofile,

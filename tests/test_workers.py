@@ -18,7 +18,7 @@ from turnserver.client.turnclient import TurnClient, TurnClientError
 from turnserver.ops.credentials import mint
 
 from .conftest import EchoProtocol
-from .procs import free_port, turnserver_process
+from .procs import free_port, loopback_args, turnserver_process
 
 SECRET = "workers-secret"
 pytestmark = pytest.mark.asyncio(loop_factories=["asyncio"])
@@ -54,13 +54,7 @@ async def test_two_workers(tmp_path: Path, echo_peer: tuple[tuple[str, int], Ech
         tmp_path,
         "--config",
         str(cfg),
-        "--secret",
-        SECRET,
-        "--allow-loopback-peers",
-        "--min-port",
-        str(lo),
-        "--max-port",
-        str(lo + 99),
+        *loopback_args(SECRET, lo, lo + 99),
         "--probe-interval",
         "1",
         "--metrics-listen",
@@ -142,13 +136,7 @@ async def test_a_worker_crash_costs_other_workers_nothing(
     hi = lo + 99
     with turnserver_process(
         tmp_path,
-        "--secret",
-        SECRET,
-        "--allow-loopback-peers",
-        "--min-port",
-        str(lo),
-        "--max-port",
-        str(hi),
+        *loopback_args(SECRET, lo, hi),
         "--probe-interval",
         "0",
         "--metrics-listen",

@@ -51,6 +51,31 @@ def stun_ping(addr: tuple[str, int], timeout: float = 0.2) -> bool:
     return decode_message(data).message_class == MessageClass.SUCCESS
 
 
+def wait_for_stun(proc: subprocess.Popen[bytes], port: int, timeout: float = 15.0) -> None:
+    """Wait until 127.0.0.1:port answers STUN; RuntimeError if the process exits first
+    or the time runs out."""
+    deadline = time.monotonic() + timeout
+    while not stun_ping(("127.0.0.1", port)):
+        if proc.poll() is not None:
+            raise RuntimeError(f"the server exited with {proc.returncode}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"nothing answered STUN on port {port} within {timeout:g} s")
+
+
+def loopback_args(secret: str, lo: int, hi: int) -> list[str]:
+    """A shared secret, loopback peers allowed and a relay port range: the flags a test
+    server on 127.0.0.1 usually needs."""
+    return [
+        "--secret",
+        secret,
+        "--allow-loopback-peers",
+        "--min-port",
+        str(lo),
+        "--max-port",
+        str(hi),
+    ]
+
+
 def serve_command(
     port: int,
     *args: str,
@@ -156,10 +181,10 @@ def server_process(
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     try:
-        deadline = time.monotonic() + start_timeout
-        while not stun_ping(("127.0.0.1", port)):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"server did not start: {log_path.read_text()}")
+        try:
+            wait_for_stun(proc, port, start_timeout)
+        except RuntimeError as exc:
+            raise RuntimeError(f"server did not start ({exc}): {log_path.read_text()}") from None
         yield ServerProcess(proc, port, log_path)
     finally:
         stop_process(proc)

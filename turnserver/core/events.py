@@ -74,12 +74,12 @@ class PeerIpEvent:
 
 @dataclass(frozen=True, slots=True)
 class PermissionInstalled(PeerIpEvent):
-    pass
+    """A new permission for a peer IP (RFC 8656 §9)."""
 
 
 @dataclass(frozen=True, slots=True)
 class PermissionExpired(PeerIpEvent):
-    pass
+    """A permission ran out without a refresh (RFC 8656 §9)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,17 +117,17 @@ class ChannelEvent:
 
 @dataclass(frozen=True, slots=True)
 class ChannelBound(ChannelEvent):
-    pass
+    """A channel number now stands for a peer (RFC 8656 §12.2)."""
 
 
 @dataclass(frozen=True, slots=True)
 class ChannelExpired(ChannelEvent):
-    pass
+    """A channel binding ran out without a refresh (RFC 8656 §12)."""
 
 
 @dataclass(frozen=True, slots=True)
 class PeerDenied(PeerIpEvent):
-    pass
+    """The peer policy refused a peer (RFC 8656 §21.2.3): 403."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -96,6 +96,9 @@ class UdpListener:
         v6 = self.v6
         now = self.runtime.now
 
+        # The receive loop is written out here and in UdpRelay rather than shared as a
+        # generator: a generator costs 55 ns a datagram (1,091 vs 1,036 ns for 160-byte
+        # datagrams on this machine kind, 5 % of recvfrom itself).
         for _ in range(READ_BATCH):
             try:
                 data, addr = recvfrom(MAX_DATAGRAM)

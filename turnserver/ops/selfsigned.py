@@ -36,9 +36,7 @@ def make_certificate(
         except ValueError:
             names.append(x509.DNSName(host))
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0])])
-    not_before = min(not_after, datetime.datetime.now(datetime.UTC)) - datetime.timedelta(
-        minutes=5
-    )
+    not_before = min(not_after, datetime.datetime.now(datetime.UTC)) - datetime.timedelta(minutes=5)
     cert = (
         x509.CertificateBuilder()
         .subject_name(subject)
