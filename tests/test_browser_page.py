@@ -142,6 +142,7 @@ async def run_page(url: str, timeout: float = 90.0) -> dict[str, Any]:
             await _stop_group(proc)
 
 
+@pytest.mark.timeout(240)
 async def test_page_connects_relay_relay_over_every_transport(server: RunningServer) -> None:
     report = await run_page(f"{server.api_base}/preflight")
     assert "error" not in report, report
@@ -157,8 +158,9 @@ async def test_page_connects_relay_relay_over_every_transport(server: RunningSer
     assert report["verdict"] == "media flows through udp, tcp, tls"
 
 
+@pytest.mark.timeout(240)
 async def test_page_shows_a_bad_credential(server: RunningServer) -> None:
-    report = await run_page(f"{server.api_base}/preflight?bad=1", timeout=120)
+    report = await run_page(f"{server.api_base}/preflight?bad=1", timeout=180)
     assert report["results"] and not any(r["ok"] for r in report["results"])
     errors = " ".join(e for r in report["results"] for e in r["turnErrors"])
     assert "401" in errors or any(r["error"] for r in report["results"]), report

@@ -8,6 +8,7 @@ from typing import Any, NoReturn
 
 from turnserver import __version__
 from turnserver.io.loop import LOOP_CHOICES
+from turnserver.ops.admin_cli import add_admin_parser
 from turnserver.ops.config import (
     LOG_FORMATS,
     LOG_LEVELS,
@@ -46,6 +47,25 @@ def _serve_parser(sub: Any) -> None:
         metavar="NAME:PASSWORD",
         action="append",
         help="static long-term user (repeatable)",
+    )
+    p.add_argument(
+        "--admin-listen",
+        metavar="IP:PORT",
+        help="serve the admin API here (off by default; e.g. 127.0.0.1:9642)",
+    )
+    p.add_argument(
+        "--admin-token",
+        metavar="[NAME:]TOKEN",
+        action="append",
+        help="admin API bearer token, repeatable (YAML admin.tokens; admin.tokens_file)",
+    )
+    p.add_argument(
+        "--admin-tokens-file", metavar="FILE", help="admin tokens, one [NAME:]TOKEN per line"
+    )
+    p.add_argument(
+        "--revocations-file",
+        metavar="FILE",
+        help="where revocations persist (YAML admin.revocations_file; may be shared)",
     )
     p.add_argument(
         "--secrets-file",
@@ -202,6 +222,25 @@ def build_parser() -> argparse.ArgumentParser:
         "--secret", metavar="S", help="shared secret (overrides the config's; alone: no URIs)"
     )
     p.add_argument(
+        "--admin-listen",
+        metavar="IP:PORT",
+        help="serve the admin API here (off by default; e.g. 127.0.0.1:9642)",
+    )
+    p.add_argument(
+        "--admin-token",
+        metavar="[NAME:]TOKEN",
+        action="append",
+        help="admin API bearer token, repeatable (YAML admin.tokens; admin.tokens_file)",
+    )
+    p.add_argument(
+        "--admin-tokens-file", metavar="FILE", help="admin tokens, one [NAME:]TOKEN per line"
+    )
+    p.add_argument(
+        "--revocations-file",
+        metavar="FILE",
+        help="where revocations persist (YAML admin.revocations_file; may be shared)",
+    )
+    p.add_argument(
         "--secrets-file", metavar="FILE", help="read the shared secret from this file instead"
     )
     p.add_argument(
@@ -250,6 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--insecure", action="store_true", help="do not verify the TLS certificate (testing only)"
     )
     p.add_argument("--json", action="store_true", help="print the report as JSON")
+    add_admin_parser(sub)
     p = sub.add_parser(
         "selfsigned",
         help="create a self-signed TLS certificate if missing",
@@ -285,6 +325,10 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         o["accounts"] = tuple(parse_account(a, "--account") for a in args.account)
     if args.api_key:
         o["api_keys"] = tuple(args.api_key)
+    if args.admin_listen:
+        o["admin_listen"] = parse_host_port(args.admin_listen, "--admin-listen")
+    if args.admin_token:
+        o["admin_tokens"] = tuple(args.admin_token)
     if args.metrics_listen is not None:
         o["metrics_listen"] = _host_port_or_off(args.metrics_listen, "--metrics-listen")
     if args.workers is not None:
@@ -315,6 +359,8 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         "cert": "cert_file",
         "key": "key_file",
         "secrets_file": "secrets_file",
+        "admin_tokens_file": "admin_tokens_file",
+        "revocations_file": "revocations_file",
         "accounts_file": "accounts_file",
         "api_keys_file": "api_keys_file",
     }
@@ -374,6 +420,10 @@ def main(argv: list[str] | None = None) -> int:
             return asyncio.run(supervisor.run())
         return serve(settings, args.show_credential, reload_settings)
 
+    if args.command == "admin":
+        from turnserver.ops.admin_cli import admin_command
+
+        return admin_command(args)
     if args.command == "mint":
         from turnserver.ops.commands import mint_command
 

@@ -140,8 +140,7 @@ class AllocationHandlers(CoreState):
             raise
 
         self._reserve_quota(alloc, ident)
-        self.allocations[ft] = alloc
-        self._arm_allocation(alloc)
+        self._register(alloc)
         if cfg.strict_expiry and ident.expires is not None:
             self._push(ident.expires, TimerKind.CREDENTIAL, alloc, None)
         attrs: Attributes = [
@@ -188,8 +187,7 @@ class AllocationHandlers(CoreState):
         alloc.allocate_transaction_id = msg.transaction_id
         alloc.relays[version] = self._open_relay(alloc, version, tcp=True)
         self._reserve_quota(alloc, ident)
-        self.allocations[ft] = alloc
-        self._arm_allocation(alloc)
+        self._register(alloc)
         if cfg.strict_expiry and ident.expires is not None:
             self._push(ident.expires, TimerKind.CREDENTIAL, alloc, None)
         self.events.append(
@@ -330,6 +328,7 @@ class AllocationHandlers(CoreState):
             return
         alloc.live = False
         self.allocations.pop(alloc.five_tuple, None)
+        self.allocations_by_id.pop(alloc.id, None)
         self.quotas.release(alloc.user, alloc.five_tuple.client[0])
         relayed = alloc.relayed_addresses
         for pc in list(alloc.peer_connections.values()):

@@ -137,6 +137,7 @@ class Allocation:
         "dont_fragment",
         "expires",
         "five_tuple",
+        "id",
         "is_tcp",
         "key",
         "live",
@@ -146,6 +147,7 @@ class Allocation:
         "peer_connections",
         "permissions",
         "rate",
+        "rate_sample",
         "relays",
         "send_errors",
         "sink",
@@ -167,6 +169,7 @@ class Allocation:
         credential_expires: float | None,
     ) -> None:
         self.five_tuple = five_tuple
+        self.id = ""  # opaque and stable, for the admin API (set by the core)
         self.username = username
         self.user = user
         self.key = key
@@ -194,6 +197,9 @@ class Allocation:
         self.send_errors: dict[int, tuple[float, int]] | None = None
         # Opaque to the core: the I/O layer's way back to the client.
         self.sink: object = None
+        # (time, bytes both ways) at the last admin read: the current rate is measured
+        # between reads, never on the relay path
+        self.rate_sample = (now, 0)
         self.packets_to_peer = 0
         self.bytes_to_peer = 0
         self.packets_to_client = 0

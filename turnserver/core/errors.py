@@ -51,6 +51,16 @@ class Forbidden(TurnError):
     reason = "peer_denied"
 
 
+class Revoked(Forbidden):
+    """An operator revoked this user (admin API): 403 until the revocation ends."""
+
+    reason = "revoked"
+
+    @property
+    def phrase(self) -> str:
+        return "Forbidden: access revoked"
+
+
 class UnknownAttribute(TurnError):
     code = ErrorCode.UNKNOWN_ATTRIBUTE
     reason = "unknown_attribute"

@@ -11,7 +11,7 @@ from __future__ import annotations
 import heapq
 
 from turnserver.core import events as ev
-from turnserver.core.allocate import AllocationHandlers
+from turnserver.core.admin import AdminActions
 from turnserver.core.allocation import (
     PeerConnection,
 )
@@ -57,7 +57,7 @@ __all__ = [
 ]
 
 
-class TurnServer(AllocationHandlers, PermissionHandlers, TcpConnectionHandlers):
+class TurnServer(AdminActions, PermissionHandlers, TcpConnectionHandlers):
     """All allocations of one process and the rules that change them: the sans-IO entry
     points (handle_message, handle_timer, next_timer, drain_events) over the handlers."""
 
@@ -162,6 +162,8 @@ class TurnServer(AllocationHandlers, PermissionHandlers, TcpConnectionHandlers):
             if handler is None:
                 raise BadRequest(f"unsupported method 0x{method:03x}")
             identity = self.auth.authenticate(msg, ft.client[0], now)
+            if self.revocations:
+                self.check_revoked(identity.user, now)
             unknown = msg.unknown_required_attributes()
             if unknown:
                 raise UnknownAttribute(unknown)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import heapq
 import ipaddress
+import secrets
 from collections.abc import Callable
 from enum import IntEnum
 from typing import Any
@@ -148,6 +149,10 @@ class CoreState:
         self.probe_users: set[str] = set()
         self._challenges = TokenBuckets(config.challenge_rate, config.challenge_burst)
         self.probe_peer_ips: set[str] = set()
+        # Admin API: allocations by their opaque id; revoked users -> (until, reason)
+        self.allocations_by_id: dict[str, Allocation] = {}
+        self.id_prefix = "w0-"  # a worker's index, so a supervisor can route by id
+        self.revocations: dict[str, tuple[float, str]] = {}
         self._handlers = self._request_handlers()
 
     def _request_handlers(self) -> dict[int, Handler]:
@@ -157,6 +162,16 @@ class CoreState:
     def _push(self, when: float, kind: TimerKind, owner: Any, key: Any) -> None:
         self._seq += 1
         heapq.heappush(self._timers, (when, self._seq, kind, owner, key))
+
+    def _register(self, alloc: Allocation) -> None:
+        """A new allocation joins the tables (its quota is already counted)."""
+        self.allocations[alloc.five_tuple] = alloc
+        while True:
+            alloc.id = self.id_prefix + secrets.token_hex(6)
+            if alloc.id not in self.allocations_by_id:
+                break
+        self.allocations_by_id[alloc.id] = alloc
+        self._arm_allocation(alloc)
 
     def _arm_allocation(self, alloc: Allocation) -> None:
         alloc.timer_at = alloc.expires

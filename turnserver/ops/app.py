@@ -22,21 +22,24 @@ from turnserver.core.policy import DefaultPeerPolicy
 from turnserver.io.descriptors import DescriptorBudget
 from turnserver.io.loop import loop_factory
 from turnserver.io.runtime import ListenAddress, ServerRuntime, StreamOptions
-from turnserver.io.tls import ReloadableTLS
+from turnserver.io.tls import ReloadableTLS, build_context
+from turnserver.ops.admin import AdminApi, AdminService, LocalBackend
 from turnserver.ops.api import ApiConfig, CredentialsApi, start_api
 from turnserver.ops.banner import credential_banner
 from turnserver.ops.config import (
     Settings,
+    admin_certificate,
     api_certificate,
     check_certificate,
     preflight_page_enabled,
     relay_layout,
 )
-from turnserver.ops.config_values import ConfigError
+from turnserver.ops.config_values import AdminToken, ConfigError, parse_admin_token
 from turnserver.ops.eventlog import log, log_event, setup_logging
 from turnserver.ops.health import Health
 from turnserver.ops.metrics import Metrics
 from turnserver.ops.probe import PROBE_USER, SelfProbe
+from turnserver.ops.revocations import Revocations, RevocationStore
 from turnserver.ops.systemd import notify, start_watchdog
 from turnserver.ops.uris import server_uris
 
@@ -243,6 +246,8 @@ class Server:
 
         self.health = Health(self.runtime, self.metrics, self.probe, settings.public_host)
         self.api: CredentialsApi | None = None
+        self.admin: AdminService | None = None
+        self.worker_index = 0
         self._api_runner: web.AppRunner | None = None
         self.api_port = 0
         api_cert = api_certificate(settings)
@@ -286,6 +291,46 @@ class Server:
                 ) from exc
             self.metrics.collector.api = self.api
             log.info("credentials API on %s", self.api_base)
+        await self._start_admin()
+
+    async def _start_admin(self) -> None:
+        """The admin API: on admin.listen for one process; for a worker of a supervisor,
+        on an internal loopback port the supervisor fans out to."""
+        s = self.settings
+        if not s.admin_listen:
+            return
+        core = self.runtime.core
+        internal = s.internal_admin_token is not None
+        if internal:
+            tokens = [AdminToken("supervisor", s.internal_admin_token or "")]
+            host, port, ctx = "127.0.0.1", 0, None
+        else:
+            tokens = [parse_admin_token(t) for t in s.admin_tokens]
+            host, port = s.admin_listen
+            cert = admin_certificate(s)
+            ctx = build_context(*cert, alpn=None) if cert else None
+
+        def apply(entries: Revocations) -> int:
+            ended = core.set_revocations(entries, self.runtime.now())
+            self.runtime.after_core_call()
+            return ended
+
+        file = RevocationStore(s.revocations_file)
+        api = AdminApi(
+            LocalBackend(self.runtime, self.worker_index), tokens, None if internal else file
+        )
+        self.admin = AdminService(api, file, apply)
+        try:
+            await self.admin.start(host, port, ctx)
+        except OSError as exc:
+            self.runtime.stop()
+            raise OSError(
+                exc.errno, f"cannot bind the admin API on {host}:{port}: {exc.strerror}"
+            ) from exc
+        if not internal:
+            self.metrics.collector.admin = api
+            scheme = "https" if ctx else "http"
+            log.info("admin API on %s://%s:%d", scheme, host, self.admin.port)
 
     @property
     def api_base(self) -> str:
@@ -298,6 +343,9 @@ class Server:
     def reload(self, new: Settings) -> None:
         """Apply a new configuration (SIGHUP); listeners and allocations stay."""
         apply_reload(self.runtime, new)
+        if self.admin is not None:
+            self.admin.file.path = new.revocations_file
+            self.admin.load()
         cert = api_certificate(new)
         if self.api_tls is not None and cert is not None:
             try:
@@ -371,6 +419,8 @@ class Server:
         if self._api_runner is not None:
             await self._api_runner.cleanup()
             self._api_runner = None
+        if self.admin is not None:
+            await self.admin.stop()
 
 
 async def _serve(

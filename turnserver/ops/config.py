@@ -37,6 +37,7 @@ from turnserver.ops.config_values import (  # noqa: F401 - re-exported
     _str_list,
     _users,
     parse_account,
+    parse_admin_token,
     parse_host_port,
     parse_listen,
     parse_user,
@@ -92,6 +93,14 @@ class Settings:
     api_rate: float = 10.0
     api_burst: int = 20
     public_host: str | None = None
+    # The admin API (off unless admin.listen): tokens "NAME:TOKEN" or "TOKEN"
+    admin_listen: tuple[str, int] | None = None
+    admin_tokens: tuple[str, ...] = ()
+    admin_tokens_file: str | None = None
+    admin_tls: bool | None = None
+    revocations_file: str | None = None
+    # set by the supervisor for its workers' internal admin listeners, not a config key
+    internal_admin_token: str | None = None
     # The /preflight page and its anonymous 5-minute credential; None: on only when the
     # API listens on loopback (anyone who reaches the page gets a working credential)
     preflight_page: bool | None = None
@@ -146,6 +155,11 @@ SCHEMA: dict[str, tuple[str, Check]] = {
     "api.uris": ("uris", _str_list),
     "api.preflight_page": ("preflight_page", _bool),
     "api.tls": ("api_tls", _bool),
+    "admin.listen": ("admin_listen", _host_port),
+    "admin.tokens": ("admin_tokens", _str_list),
+    "admin.tokens_file": ("admin_tokens_file", _opt_str),
+    "admin.tls": ("admin_tls", _bool),
+    "admin.revocations_file": ("revocations_file", _opt_str),
     "api.cert": ("api_cert_file", _opt_str),
     "api.key": ("api_key_file", _opt_str),
     "auth.nonce_lifetime": ("nonce_lifetime", _int(30, 86400)),
@@ -293,13 +307,22 @@ def _with_external_secrets(s: Settings) -> Settings:
     keys = list(s.api_keys)
     if s.api_keys_file:
         keys += _read_lines(s.api_keys_file, "api.keys_file")
+    admin_tokens = list(s.admin_tokens)
+    if s.admin_tokens_file:
+        admin_tokens += _read_lines(s.admin_tokens_file, "admin.tokens_file")
     accounts = list(s.accounts)
     if s.accounts_file:
         accounts += [
             parse_account(x, "api.accounts_file")
             for x in _read_lines(s.accounts_file, "api.accounts_file")
         ]
-    return replace(s, secrets=tuple(secrets), api_keys=tuple(keys), accounts=tuple(accounts))
+    return replace(
+        s,
+        secrets=tuple(secrets),
+        api_keys=tuple(keys),
+        accounts=tuple(accounts),
+        admin_tokens=tuple(admin_tokens),
+    )
 
 
 def validate(s: Settings) -> None:
@@ -335,6 +358,16 @@ def validate(s: Settings) -> None:
     if bool(s.api_cert_file) != bool(s.api_key_file):
         raise ConfigError("api.key: give both a certificate and its key")
     api_certificate(s)
+    if s.admin_listen:
+        if not s.admin_tokens:
+            raise ConfigError(
+                "admin.listen: the admin API needs a token (--admin-token or admin.tokens_file)"
+            )
+        for text in s.admin_tokens:
+            parse_admin_token(text, "admin.tokens")
+        if s.admin_listen in (s.api_listen, s.metrics_listen):
+            raise ConfigError("admin.listen: must differ from api.listen and metrics.listen")
+    admin_certificate(s)
     if not relay_layout(s):
         raise ConfigError(
             "relay.ip: no relay address; give --relay-ip (and --external-ip "
@@ -342,21 +375,35 @@ def validate(s: Settings) -> None:
         )
 
 
-def api_certificate(s: Settings) -> tuple[str, str] | None:
-    """(cert, key) the API serves HTTPS with, or None for plain HTTP."""
-    cert = s.api_cert_file or s.cert_file
-    key = s.api_key_file or s.key_file
-    if s.api_tls is False or s.api_listen is None:
+def _https_certificate(
+    key_name: str,
+    listen: tuple[str, int] | None,
+    tls: bool | None,
+    cert: str | None,
+    key: str | None,
+) -> tuple[str, str] | None:
+    """HTTPS when asked for, or by default when a certificate is configured and the
+    listener is not loopback: (cert, key), or None for plain HTTP."""
+    if tls is False or listen is None:
         return None
-    if s.api_tls is None and ipaddress.ip_address(s.api_listen[0]).is_loopback:
+    if tls is None and ipaddress.ip_address(listen[0]).is_loopback:
         return None
     if not (cert and key):
-        if s.api_tls:
-            raise ConfigError(
-                "api.tls: HTTPS for the API needs api.cert/api.key or tls.cert/tls.key"
-            )
+        if tls:
+            raise ConfigError(f"{key_name}: HTTPS needs a certificate and key (tls.cert/tls.key)")
         return None
     return cert, key
+
+
+def api_certificate(s: Settings) -> tuple[str, str] | None:
+    """(cert, key) the credentials API serves HTTPS with, or None for plain HTTP."""
+    cert, key = s.api_cert_file or s.cert_file, s.api_key_file or s.key_file
+    return _https_certificate("api.tls", s.api_listen, s.api_tls, cert, key)
+
+
+def admin_certificate(s: Settings) -> tuple[str, str] | None:
+    """(cert, key) the admin API serves HTTPS with, or None for plain HTTP."""
+    return _https_certificate("admin.tls", s.admin_listen, s.admin_tls, s.cert_file, s.key_file)
 
 
 def preflight_page_enabled(s: Settings) -> bool:

@@ -221,3 +221,21 @@ def _float(lo: float, hi: float) -> Check:
 
 
 # YAML key -> (Settings field, check)
+
+
+@dataclass(frozen=True)
+class AdminToken:
+    """A named admin token (the name goes into audit lines, never the token)."""
+
+    name: str
+    token: str
+
+
+def parse_admin_token(text: str, key: str = "admin.tokens") -> AdminToken:
+    """`NAME:TOKEN`, or a bare TOKEN (named "admin")."""
+    name, sep, token = text.strip().partition(":")
+    if not sep:
+        name, token = "admin", text.strip()
+    if not token or len(token) < 16:
+        raise ConfigError(f"{key}: an admin token must be at least 16 characters")
+    return AdminToken(name or "admin", token)

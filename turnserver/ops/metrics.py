@@ -28,6 +28,7 @@ from turnserver.core.five_tuple import ClientTransport
 
 if TYPE_CHECKING:
     from turnserver.io.runtime import ServerRuntime
+    from turnserver.ops.admin import AdminApi
     from turnserver.ops.api import CredentialsApi
 
 disable_created_metrics()  # type: ignore[no-untyped-call]  # no *_created series
@@ -75,14 +76,39 @@ TLS_FAILURE_REASONS = (
 )
 
 
+def admin_requests(admin: AdminApi) -> Metric:
+    """turn_admin_requests_total{action,status}."""
+    family = CounterMetricFamily(
+        "turn_admin_requests",
+        "Admin API requests, by action and status",
+        labels=["action", "status"],
+    )
+    for (action, status), n in sorted(admin.stats.requests.items()):
+        family.add_metric([action, str(status)], n)
+    return family
+
+
+class AdminCollector(Collector):
+    """The admin API's counters alone (a supervisor's, added to its workers' metrics)."""
+
+    def __init__(self, admin: AdminApi) -> None:
+        self.admin = admin
+
+    def collect(self) -> Iterator[Metric]:
+        yield admin_requests(self.admin)
+
+
 class TurnCollector(Collector):
     """Scrape-time values from the running server."""
 
     def __init__(self) -> None:
         self.runtime: ServerRuntime | None = None
         self.api: CredentialsApi | None = None
+        self.admin: AdminApi | None = None
 
     def collect(self) -> Iterator[Metric]:
+        if self.admin is not None:
+            yield admin_requests(self.admin)
         runtime = self.runtime
         if runtime is None:
             return

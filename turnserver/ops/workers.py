@@ -24,13 +24,24 @@ from typing import Any
 
 import aiohttp
 from aiohttp import web
+from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from turnserver.io.sockets import bind_listener_group
 from turnserver.io.tls import build_context
-from turnserver.ops.config import Settings, api_certificate, build_settings, load_file
-from turnserver.ops.config_values import ConfigError
+from turnserver.ops.admin import AdminApi, AdminService
+from turnserver.ops.admin_fleet import FleetBackend
+from turnserver.ops.config import (
+    Settings,
+    admin_certificate,
+    api_certificate,
+    build_settings,
+    load_file,
+)
+from turnserver.ops.config_values import ConfigError, parse_admin_token
 from turnserver.ops.eventlog import setup_logging
+from turnserver.ops.metrics import AdminCollector
+from turnserver.ops.revocations import RevocationStore
 from turnserver.ops.shared_quota import SharedQuotaLedger, clear_worker
 from turnserver.ops.systemd import notify, start_watchdog
 
@@ -79,6 +90,8 @@ def _worker_main(
     async def main() -> int:
         loop = asyncio.get_running_loop()
         server = Server(mine, loop, inherited=dict(enumerate(listeners)))
+        server.worker_index = index
+        server.runtime.core.id_prefix = f"w{index}-"  # the supervisor routes admin calls by id
         ledger = SharedQuotaLedger(shm_name, workers, index, lock)
         server.runtime.core.quotas = ledger
         try:
@@ -89,6 +102,7 @@ def _worker_main(
             return 1
         if index == 0:
             server.log_limits()
+        ports[workers + index] = server.admin.port if server.admin is not None else 0
         ports[index] = server.health.port
         stop = asyncio.Event()
         drain = asyncio.Event()
@@ -179,6 +193,8 @@ class Supervisor:
         overrides: dict[str, Any],
         show_credential: str | None,
     ) -> None:
+        if settings.admin_listen and not settings.internal_admin_token:
+            settings = replace(settings, internal_admin_token=secrets.token_urlsafe(32))
         if not settings.nonce_secret:
             # One nonce key (and self-probe password) for all workers: a client's 5-tuple
             # stays on one worker, but the self-probe's may land on any.
@@ -209,13 +225,17 @@ class Supervisor:
         self.ctx = multiprocessing.get_context("spawn")
         self.lock = self.ctx.Lock()
         self.shm = SharedMemory(create=True, size=SharedQuotaLedger.size(self.n))
-        self.ports = self.ctx.Array("i", self.n)
+        # per worker: its metrics port, then (at n + index) its internal admin port
+        self.ports = self.ctx.Array("i", 2 * self.n)
+        self.admin: AdminService | None = None
+        self.admin_registry = CollectorRegistry()
         self.procs: list[BaseProcess | None] = [None] * self.n
         self.stopping = False
         self.restarts: list[float] = []
 
     def _spawn(self, index: int) -> None:
         self.ports[index] = 0
+        self.ports[self.n + index] = 0
         proc = self.ctx.Process(
             target=_worker_main,
             name=f"turnserver-worker-{index}",
@@ -235,8 +255,29 @@ class Supervisor:
         self.procs[index] = proc
         log.info("worker %d started (pid %d)", index, proc.pid)
 
+    async def _start_admin(self) -> None:
+        """The admin API of the fleet of workers: fans out to their internal copies."""
+        s = self.settings
+        if not s.admin_listen or not s.internal_admin_token:
+            return
+        cert = admin_certificate(s)
+        file = RevocationStore(s.revocations_file)
+        api = AdminApi(
+            FleetBackend(
+                lambda: [self.ports[self.n + i] for i in range(self.n)], s.internal_admin_token
+            ),
+            [parse_admin_token(t) for t in s.admin_tokens],
+            file,
+        )
+        self.admin_registry.register(AdminCollector(api))
+        self.admin = AdminService(api, file)
+        await self.admin.start(*s.admin_listen, build_context(*cert, alpn=None) if cert else None)
+        log.info("admin API on %s:%d (all workers)", s.admin_listen[0], self.admin.port)
+
     async def _release(self, *runners: web.AppRunner | None) -> None:
         """Stop the HTTP servers, free the shared memory and the listener sockets."""
+        if self.admin is not None:
+            await self.admin.stop()
         for runner in runners:
             if runner is not None:
                 await runner.cleanup()
@@ -269,7 +310,10 @@ class Supervisor:
             got = await asyncio.gather(
                 *(self._fetch(session, i, "/metrics") for i in range(self.n))
             )
-        text = merge_metrics([body for status, body in got if status == 200])
+        texts = [body for status, body in got if status == 200]
+        if self.admin is not None:  # the supervisor's own admin API counters
+            texts.append(generate_latest(self.admin_registry).decode())
+        text = merge_metrics(texts)
         return web.Response(text=text, content_type="text/plain", charset="utf-8")
 
     async def _combined(self, path: str) -> web.Response:
@@ -332,6 +376,7 @@ class Supervisor:
             api_cert = api_certificate(self.settings)
             api_ctx = build_context(*api_cert, alpn=None) if api_cert else None
             api_runner, _ = await start_api(api, *self.settings.api_listen, api_ctx)
+        await self._start_admin()
         # Wait until every worker reports its metrics port (its listeners are bound)
         for _ in range(600):
             if all(self.ports[i] for i in range(self.n)):
@@ -384,6 +429,14 @@ class Supervisor:
 
         def on_hup() -> None:
             forward(signal.SIGHUP)
+            if self.admin is not None:
+                try:
+                    values = load_file(self.config_path) if self.config_path else {}
+                    fresh = build_settings(values, self.overrides, self.config_path or "flags")
+                    self.admin.file.path = fresh.revocations_file
+                except ConfigError as exc:
+                    log.error("SIGHUP: configuration rejected for the admin API: %s", exc)
+                self.admin.load()
             if api is not None:
                 try:
                     values = load_file(self.config_path) if self.config_path else {}

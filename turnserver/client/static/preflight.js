@@ -66,7 +66,10 @@ async function testUri(url, username, credential) {
   const onError = (e) => result.turnErrors.push(`${e.errorCode} ${e.errorText} (${e.url || url})`);
   a.addEventListener("icecandidateerror", onError);
   b.addEventListener("icecandidateerror", onError);
-  a.onicecandidate = (e) => e.candidate && b.addIceCandidate(e.candidate).catch(() => {});
+  let relayCandidates = 0;
+  a.onicecandidate = (e) => {
+    if (e.candidate) { relayCandidates += 1; b.addIceCandidate(e.candidate).catch(() => {}); }
+  };
   b.onicecandidate = (e) => e.candidate && a.addIceCandidate(e.candidate).catch(() => {});
   try {
     a.addTrack(audio.track, audio.stream);
@@ -80,6 +83,12 @@ async function testUri(url, username, credential) {
       a.onconnectionstatechange = () => {
         if (a.connectionState === "connected") resolve();
         if (a.connectionState === "failed") reject(new Error("ICE failed: no relay path"));
+      };
+      // No relay candidate at all: the allocation failed (e.g. 401); no need to wait
+      a.onicegatheringstatechange = () => {
+        if (a.iceGatheringState === "complete" && relayCandidates === 0) {
+          reject(new Error("no relay candidate: the TURN allocation failed"));
+        }
       };
     });
     await a.setLocalDescription(await a.createOffer());

@@ -1,0 +1,97 @@
+"""What an operator may do to live state (the admin API): end an allocation, revoke a
+user until a time (their allocations end at once and every request of theirs gets 403
+until then), and read an allocation as plain data. Revocations match Identity.user: a
+static user's name, or the user part of a TURN REST username."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from turnserver.core.allocate import AllocationHandlers
+from turnserver.core.allocation import Allocation
+from turnserver.core.errors import Revoked
+from turnserver.core.five_tuple import format_address
+
+
+class AdminActions(AllocationHandlers):
+    """Operator actions over the core's state."""
+
+    def check_revoked(self, user: str, now: float) -> None:
+        """Raise Revoked (403) while `user` is revoked; forget revocations that ended."""
+        entry = self.revocations.get(user)
+        if entry is None:
+            return
+        until, reason = entry
+        if until <= now:
+            del self.revocations[user]
+            return
+        raise Revoked(f"user {user!r} is revoked until {int(until)}: {reason}"[:200])
+
+    def end_allocation(self, allocation_id: str, cause: str, now: float) -> bool:
+        """End one allocation now (its client's next request gets 437)."""
+        alloc = self.allocations_by_id.get(allocation_id)
+        if alloc is None:
+            return False
+        self._delete(alloc, now, cause)
+        return True
+
+    def revoke(self, user: str, until: float, reason: str, now: float) -> int:
+        """Revoke a user until `until`; returns how many live allocations ended."""
+        self.revocations[user] = (until, reason)
+        return self._end_user(user, now) if until > now else 0
+
+    def unrevoke(self, user: str) -> bool:
+        return self.revocations.pop(user, None) is not None
+
+    def set_revocations(self, entries: dict[str, tuple[float, str]], now: float) -> int:
+        """Replace every revocation (the file was re-read); ends the live allocations of
+        users revoked now. Returns how many ended."""
+        self.revocations = {u: e for u, e in entries.items() if e[0] > now}
+        return sum(self._end_user(user, now) for user in self.revocations)
+
+    def _end_user(self, user: str, now: float) -> int:
+        victims = [a for a in self.allocations.values() if a.user == user]
+        for alloc in victims:
+            self._delete(alloc, now, "revoked")
+        return len(victims)
+
+    def allocation_info(self, alloc: Allocation, now: float) -> dict[str, Any]:
+        """One allocation as JSON-ready data; measures its rate since the last read."""
+        moved = alloc.bytes_to_peer + alloc.bytes_to_client
+        stamp, before = alloc.rate_sample
+        elapsed = now - stamp
+        rate = (moved - before) * 8 / elapsed if elapsed > 0 else 0.0
+        if elapsed >= 1.0:
+            alloc.rate_sample = (now, moved)
+        ft = alloc.five_tuple
+        return {
+            "id": alloc.id,
+            "user": alloc.user,
+            "username": alloc.username,
+            "realm": self.auth.realm,
+            "transport": ft.transport.value,
+            "client": format_address(ft.client),
+            "listener": format_address(ft.server),
+            "relayed": [format_address(a) for a in alloc.relayed_addresses],
+            "tcp_relay": alloc.is_tcp,
+            "created": round(alloc.created, 3),
+            "expires": round(alloc.expires, 3),
+            "credential_expires": alloc.credential_expires,
+            "permissions": [
+                {"peer": ip, "expires": round(exp, 3)} for ip, exp in alloc.permissions.items()
+            ],
+            "channels": [
+                {
+                    "number": f"0x{b.number:04x}",
+                    "peer": format_address(b.peer),
+                    "expires": round(b.expires, 3),
+                }
+                for b in alloc.bindings.values()
+            ],
+            "peer_connections": len(alloc.peer_connections),
+            "packets_to_peer": alloc.packets_to_peer,
+            "bytes_to_peer": alloc.bytes_to_peer,
+            "packets_to_client": alloc.packets_to_client,
+            "bytes_to_client": alloc.bytes_to_client,
+            "rate_bps": round(rate, 1),
+        }

@@ -1,0 +1,445 @@
+"""The admin HTTP API (aiohttp): who is relaying, how much, and cutting someone off.
+
+    GET    /admin/v1/allocations?user=&client=&peer=&transport=&limit=&cursor=
+    GET    /admin/v1/allocations/{id}
+    DELETE /admin/v1/allocations/{id}        end it now (cause "admin"; next request: 437)
+    GET    /admin/v1/revocations
+    POST   /admin/v1/revocations             {"user": U, "for": "2h" | "until": T, "reason": R}
+    DELETE /admin/v1/revocations/{user}
+    GET    /admin/v1/summary
+
+Bearer tokens distinct from the credentials API's keys, compared in constant time; JSON
+in and out; every action is an audit log line and `turn_admin_requests_total{action,
+status}`. The same application serves one process (LocalBackend) and, with --workers,
+the parent (FleetBackend: it fans out to each worker's copy and merges).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
+
+from aiohttp import web
+
+from turnserver.ops.config_values import AdminToken, ConfigError, parse_admin_token  # noqa: F401
+from turnserver.ops.credentials import parse_ttl
+from turnserver.ops.eventlog import safe_text
+from turnserver.ops.revocations import Revocations, RevocationStore
+
+if TYPE_CHECKING:
+    from turnserver.io.runtime import ServerRuntime
+
+log = logging.getLogger("turnserver.admin")
+
+MAX_BODY = 16 * 1024
+DEFAULT_LIMIT = 100
+MAX_LIMIT = 1000
+
+
+@dataclass(frozen=True)
+class Filters:
+    """What GET /admin/v1/allocations selects on."""
+
+    user: str = ""
+    client: str = ""
+    peer: str = ""
+    transport: str = ""
+
+    def match(self, info: dict[str, Any]) -> bool:
+        if self.user and info["user"] != self.user:
+            return False
+        if self.transport and info["transport"] != self.transport:
+            return False
+        if self.client and not (
+            info["client"] == self.client
+            or info["client"].rsplit(":", 1)[0].strip("[]") == self.client
+        ):
+            return False
+        return not self.peer or any(p["peer"] == self.peer for p in info["permissions"])
+
+
+class AdminBackend(Protocol):
+    """Where the admin API's answers come from: this process, or every worker."""
+
+    async def allocations(self, filters: Filters, limit: int, cursor: str) -> list[dict[str, Any]]:
+        """Matching allocations sorted by id, after `cursor`, at most `limit`."""
+
+    async def allocation(self, allocation_id: str) -> dict[str, Any] | None: ...
+
+    async def end(self, allocation_id: str) -> bool: ...
+
+    async def revoke(self, user: str, until: float, reason: str) -> int:
+        """Apply a revocation; returns how many live allocations ended."""
+
+    async def unrevoke(self, user: str) -> bool: ...
+
+    async def summary(self) -> dict[str, Any]: ...
+
+
+class LocalBackend:
+    """This process's core."""
+
+    def __init__(self, runtime: ServerRuntime, worker: int = 0) -> None:
+        self.runtime = runtime
+        self.worker = worker
+
+    def _info(self, alloc: Any, now: float) -> dict[str, Any]:
+        return {**self.runtime.core.allocation_info(alloc, now), "worker": self.worker}
+
+    async def allocations(self, filters: Filters, limit: int, cursor: str) -> list[dict[str, Any]]:
+        core = self.runtime.core
+        now = self.runtime.now()
+        out = []
+        for allocation_id in sorted(i for i in core.allocations_by_id if i > cursor):
+            info = self._info(core.allocations_by_id[allocation_id], now)
+            if filters.match(info):
+                out.append(info)
+                if len(out) >= limit:
+                    break
+        return out
+
+    async def allocation(self, allocation_id: str) -> dict[str, Any] | None:
+        alloc = self.runtime.core.allocations_by_id.get(allocation_id)
+        return self._info(alloc, self.runtime.now()) if alloc is not None else None
+
+    async def end(self, allocation_id: str) -> bool:
+        ended = self.runtime.core.end_allocation(allocation_id, "admin", self.runtime.now())
+        self.runtime.after_core_call()
+        return ended
+
+    async def revoke(self, user: str, until: float, reason: str) -> int:
+        ended = self.runtime.core.revoke(user, until, reason, self.runtime.now())
+        self.runtime.after_core_call()
+        return ended
+
+    async def unrevoke(self, user: str) -> bool:
+        return self.runtime.core.unrevoke(user)
+
+    async def summary(self) -> dict[str, Any]:
+        core = self.runtime.core
+        by_transport: dict[str, int] = {}
+        users: dict[str, list[int]] = {}
+        for alloc in core.allocations.values():
+            t = alloc.five_tuple.transport.value
+            by_transport[t] = by_transport.get(t, 0) + 1
+            entry = users.setdefault(alloc.user, [0, 0])
+            entry[0] += 1
+            entry[1] += alloc.bytes_to_peer + alloc.bytes_to_client
+        return {
+            "allocations": len(core.allocations),
+            "by_transport": by_transport,
+            "users": users,
+            "relay_ports_free": core.relay_ports_free(),
+            "revocations": len(core.revocations),
+            "workers": 1,
+        }
+
+
+def summarize(parts: list[dict[str, Any]], top: int = 10) -> dict[str, Any]:
+    """Merge per-process summaries; top users by allocations and by bytes."""
+    by_transport: dict[str, int] = {}
+    users: dict[str, list[int]] = {}
+    for part in parts:
+        for t, n in part["by_transport"].items():
+            by_transport[t] = by_transport.get(t, 0) + n
+        for u, (n, b) in part["users"].items():
+            entry = users.setdefault(u, [0, 0])
+            entry[0] += n
+            entry[1] += b
+    ranked = sorted(users.items(), key=lambda kv: (-kv[1][0], kv[0]))[:top]
+    by_bytes = sorted(users.items(), key=lambda kv: (-kv[1][1], kv[0]))[:top]
+    return {
+        "allocations": sum(p["allocations"] for p in parts),
+        "by_transport": by_transport,
+        "top_users_by_allocations": [{"user": u, "allocations": v[0]} for u, v in ranked],
+        "top_users_by_bytes": [{"user": u, "bytes": v[1]} for u, v in by_bytes],
+        "relay_ports_free": sum(p["relay_ports_free"] for p in parts),
+        "revocations": max((p["revocations"] for p in parts), default=0),
+        "workers": sum(p["workers"] for p in parts),
+    }
+
+
+@dataclass
+class AdminStats:
+    requests: dict[tuple[str, int], int] = field(default_factory=dict)
+
+    def count(self, action: str, status: int) -> None:
+        key = (action, status)
+        self.requests[key] = self.requests.get(key, 0) + 1
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _error(status: int, message: str) -> web.Response:
+    return web.json_response({"error": message, "status": status}, status=status)
+
+
+class AdminApi:
+    """The aiohttp application; `store` persists revocations (None in a worker)."""
+
+    def __init__(
+        self,
+        backend: AdminBackend,
+        tokens: list[AdminToken],
+        store: RevocationStore | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.backend = backend
+        self.tokens = tokens
+        self.store = store
+        self.clock = clock
+        self.stats = AdminStats()
+        self.revocations: Revocations = {}  # what this API last applied or loaded
+        self.app = web.Application(client_max_size=MAX_BODY, middlewares=[self._middleware])
+        r = self.app.router
+        r.add_get("/admin/v1/allocations", self.list_allocations)
+        r.add_get("/admin/v1/allocations/{id}", self.get_allocation)
+        r.add_delete("/admin/v1/allocations/{id}", self.delete_allocation)
+        r.add_get("/admin/v1/revocations", self.list_revocations)
+        r.add_post("/admin/v1/revocations", self.add_revocation)
+        r.add_delete("/admin/v1/revocations/{user}", self.delete_revocation)
+        r.add_get("/admin/v1/summary", self.summary)
+
+    def who(self, request: web.Request) -> str | None:
+        """The name of the token the request carries, or None (constant-time compare)."""
+        header = request.headers.get("Authorization", "")
+        scheme, _, given = header.partition(" ")
+        if scheme.lower() != "bearer" or not given.strip():
+            return None
+        given_b = given.strip().encode()
+        name = None
+        for t in self.tokens:
+            if hmac.compare_digest(given_b, t.token.encode()):
+                name = t.name
+        return name
+
+    @web.middleware
+    async def _middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        route_handler = request.match_info.route.handler
+        action = ACTIONS.get((request.method, getattr(route_handler, "__name__", "")), "unknown")
+        who = self.who(request)
+        if who is None:
+            response: web.StreamResponse = _error(401, "missing or wrong admin token")
+            response.headers["WWW-Authenticate"] = 'Bearer realm="turnserver-admin"'
+        else:
+            request["who"] = who
+            try:
+                response = await handler(request)
+            except web.HTTPRequestEntityTooLarge:
+                response = _error(413, "request body too large")
+            except web.HTTPException as exc:
+                response = _error(exc.status, exc.reason)
+            except Exception:  # a bug: answered, counted and logged, never a crash
+                log.exception("admin %s %s failed", request.method, safe_text(request.path))
+                response = _error(500, "internal server error")
+        self.stats.count(action, response.status)
+        if action != "unknown" or response.status != 401:
+            level = logging.INFO if request.method != "GET" else logging.DEBUG
+            log.log(
+                level,
+                "admin action=%s by=%s path=%s status=%d",
+                action,
+                safe_text(who or "-"),
+                safe_text(request.path),
+                response.status,
+            )
+        return response
+
+    # ---- allocations --------------------------------------------------------------------
+
+    async def list_allocations(self, request: web.Request) -> web.Response:
+        q = request.query
+        try:
+            limit = int(q.get("limit", DEFAULT_LIMIT))
+        except ValueError:
+            return _error(400, "limit must be an integer")
+        if not 1 <= limit <= MAX_LIMIT:
+            return _error(400, f"limit must be between 1 and {MAX_LIMIT}")
+        transport = q.get("transport", "")
+        if transport not in ("", "udp", "tcp", "tls"):
+            return _error(400, "transport must be udp, tcp or tls")
+        filters = Filters(q.get("user", ""), q.get("client", ""), q.get("peer", ""), transport)
+        items = await self.backend.allocations(filters, limit, q.get("cursor", ""))
+        body: dict[str, Any] = {"allocations": items}
+        if len(items) == limit:
+            body["next_cursor"] = items[-1]["id"]
+        return web.json_response(body)
+
+    async def get_allocation(self, request: web.Request) -> web.Response:
+        info = await self.backend.allocation(request.match_info["id"])
+        if info is None:
+            return _error(404, "no such allocation")
+        return web.json_response(info)
+
+    async def delete_allocation(self, request: web.Request) -> web.Response:
+        allocation_id = request.match_info["id"]
+        if not await self.backend.end(allocation_id):
+            return _error(404, "no such allocation")
+        log.warning("admin ended allocation id=%s by=%s", safe_text(allocation_id), request["who"])
+        return web.json_response({"ended": allocation_id})
+
+    # ---- revocations --------------------------------------------------------------------
+
+    def _live(self) -> Revocations:
+        now = self.clock()
+        self.revocations = {u: e for u, e in self.revocations.items() if e[0] > now}
+        return self.revocations
+
+    async def list_revocations(self, request: web.Request) -> web.Response:
+        return web.json_response(
+            {
+                "revocations": [
+                    {"user": u, "until": int(until), "reason": reason}
+                    for u, (until, reason) in sorted(self._live().items())
+                ]
+            }
+        )
+
+    async def add_revocation(self, request: web.Request) -> web.Response:
+        try:
+            body = await request.json()
+        except (ValueError, UnicodeDecodeError):
+            return _error(400, "the body must be JSON")
+        if not isinstance(body, dict):
+            return _error(400, "the body must be a JSON object")
+        user = body.get("user")
+        if not isinstance(user, str) or not user or len(user) > 256:
+            return _error(400, "user must be a non-empty string")
+        reason = body.get("reason", "")
+        if not isinstance(reason, str) or len(reason) > 512:
+            return _error(400, "reason must be a string of at most 512 characters")
+        now = self.clock()
+        try:
+            if "until" in body:
+                until = float(body["until"])
+            else:
+                duration = body.get("for")
+                seconds = duration if isinstance(duration, int) else parse_ttl(str(duration))
+                until = now + seconds
+        except (TypeError, ValueError):
+            return _error(400, "give until (Unix time) or for (seconds, or 30m, 2h, 1d)")
+        if not now < until < now + 10 * 365 * 86400:
+            return _error(400, "until must be in the future (and within ten years)")
+        ended = await self.backend.revoke(user, until, reason)
+        self._live()[user] = (until, reason)
+        warning = None
+        if self.store is not None and body.get("persist", True):
+            warning = self.store.save(self.revocations)
+        log.warning(
+            "admin revoked user=%s until=%d reason=%s by=%s ended=%d",
+            safe_text(user),
+            until,
+            safe_text(reason or "-"),
+            request["who"],
+            ended,
+        )
+        out: dict[str, Any] = {"user": user, "until": int(until), "ended": ended}
+        if warning:
+            out["warning"] = warning
+        return web.json_response(out, status=201)
+
+    async def delete_revocation(self, request: web.Request) -> web.Response:
+        user = request.match_info["user"]
+        known = await self.backend.unrevoke(user)
+        known = self._live().pop(user, None) is not None or known
+        if not known:
+            return _error(404, "no such revocation")
+        warning = None
+        if self.store is not None and request.query.get("persist") != "false":
+            warning = self.store.save(self.revocations)
+        log.warning("admin unrevoked user=%s by=%s", safe_text(user), request["who"])
+        return web.json_response({"user": user, **({"warning": warning} if warning else {})})
+
+    def apply_file(self, entries: Revocations) -> None:
+        """Revocations as loaded from the file (start, SIGHUP, change)."""
+        self.revocations = dict(entries)
+
+    async def summary(self, request: web.Request) -> web.Response:
+        if request.query.get("raw") and isinstance(self.backend, LocalBackend):
+            return web.json_response({"raw": await self.backend.summary()})
+        if isinstance(self.backend, LocalBackend):
+            return web.json_response(summarize([await self.backend.summary()]))
+        return web.json_response(await self.backend.summary())
+
+
+ACTIONS = {
+    ("GET", "list_allocations"): "list",
+    ("GET", "get_allocation"): "get",
+    ("DELETE", "delete_allocation"): "kill",
+    ("GET", "list_revocations"): "revocations",
+    ("POST", "add_revocation"): "revoke",
+    ("DELETE", "delete_revocation"): "unrevoke",
+    ("GET", "summary"): "summary",
+}
+
+
+async def start_admin(
+    api: AdminApi, host: str, port: int, ssl_context: Any = None
+) -> tuple[web.AppRunner, int]:
+    """Serve the admin API on host:port; returns the runner and the bound port."""
+    runner = web.AppRunner(api.app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port, ssl_context=ssl_context)
+    await site.start()
+    bound: int = runner.addresses[0][1] if runner.addresses else port
+    return runner, bound
+
+
+class AdminService:
+    """The admin API with its revocations file: loaded at start, on SIGHUP and when the
+    file changes (checked every WATCH_INTERVAL seconds), and applied to the core."""
+
+    WATCH_INTERVAL = 2.0
+
+    def __init__(
+        self,
+        api: AdminApi,
+        file: RevocationStore,
+        apply: Callable[[Revocations], int] | None = None,
+    ) -> None:
+        self.api = api
+        self.file = file
+        self.apply = apply  # to this process's core (None in a supervisor)
+        self.port = 0
+        self._runner: web.AppRunner | None = None
+        self._watch: asyncio.Task[None] | None = None
+
+    def load(self) -> None:
+        """Read the revocations file and apply it; a bad file keeps the old state."""
+        try:
+            entries = self.file.load(self.api.clock())
+        except ConfigError as exc:
+            log.error("revocations file rejected, keeping the old revocations: %s", exc)
+            return
+        self.api.apply_file(entries)
+        if self.apply is not None:
+            ended = self.apply(entries)
+            if ended:
+                log.warning("revocations file: %d allocations of revoked users ended", ended)
+
+    async def start(self, host: str, port: int, ssl_context: Any = None) -> int:
+        self.load()
+        self._runner, self.port = await start_admin(self.api, host, port, ssl_context)
+        if self.file.path:
+            self._watch = asyncio.get_running_loop().create_task(self._watch_file())
+        return self.port
+
+    async def _watch_file(self) -> None:
+        while True:
+            await asyncio.sleep(self.WATCH_INTERVAL)
+            if self.file.changed():
+                log.info("revocations file changed: reloading")
+                self.load()
+
+    async def stop(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None

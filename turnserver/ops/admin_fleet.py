@@ -1,0 +1,92 @@
+"""The admin API of a supervisor: each worker serves its own copy of the admin API on
+an internal loopback port with an internal token; this backend asks them all and merges
+(allocations are routed by the worker index their id starts with)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+import aiohttp
+
+from turnserver.ops.admin import Filters, summarize
+
+
+class FleetBackend:
+    """The parent of worker processes: asks each worker's admin API (on its internal
+    loopback listener, with an internal token) and merges the answers."""
+
+    def __init__(self, ports: Callable[[], list[int]], token: str) -> None:
+        self.ports = ports
+        self.headers = {"Authorization": f"Bearer {token}"}
+
+    async def _call(self, index: int, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+        port = self.ports()[index]
+        if not port:
+            return 503, None
+        try:
+            async with (
+                aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session,
+                session.request(
+                    method, f"http://127.0.0.1:{port}{path}", json=body, headers=self.headers
+                ) as resp,
+            ):
+                return resp.status, await resp.json()
+        except (aiohttp.ClientError, TimeoutError, ValueError):
+            return 503, None
+
+    async def _all(self, method: str, path: str, body: Any = None) -> list[tuple[int, Any]]:
+        n = len(self.ports())
+        return list(await asyncio.gather(*(self._call(i, method, path, body) for i in range(n))))
+
+    async def allocations(self, filters: Filters, limit: int, cursor: str) -> list[dict[str, Any]]:
+        query = "&".join(
+            f"{k}={v}"
+            for k, v in (
+                ("user", filters.user),
+                ("client", filters.client),
+                ("peer", filters.peer),
+                ("transport", filters.transport),
+                ("limit", str(limit)),
+                ("cursor", cursor),
+            )
+            if v
+        )
+        merged: list[dict[str, Any]] = []
+        for status, body in await self._all("GET", f"/admin/v1/allocations?{query}"):
+            if status == 200:
+                merged += body["allocations"]
+        return sorted(merged, key=lambda a: a["id"])[:limit]
+
+    @staticmethod
+    def _worker_of(allocation_id: str) -> int | None:
+        head = allocation_id.split("-", 1)[0]
+        return int(head[1:]) if head[:1] == "w" and head[1:].isdigit() else None
+
+    async def allocation(self, allocation_id: str) -> dict[str, Any] | None:
+        index = self._worker_of(allocation_id)
+        if index is None or index >= len(self.ports()):
+            return None
+        status, body = await self._call(index, "GET", f"/admin/v1/allocations/{allocation_id}")
+        return body if status == 200 else None
+
+    async def end(self, allocation_id: str) -> bool:
+        index = self._worker_of(allocation_id)
+        if index is None or index >= len(self.ports()):
+            return False
+        status, _ = await self._call(index, "DELETE", f"/admin/v1/allocations/{allocation_id}")
+        return status == 200
+
+    async def revoke(self, user: str, until: float, reason: str) -> int:
+        body = {"user": user, "until": until, "reason": reason, "persist": False}
+        results = await self._all("POST", "/admin/v1/revocations", body)
+        return sum(b["ended"] for s, b in results if s == 201 and b)
+
+    async def unrevoke(self, user: str) -> bool:
+        results = await self._all("DELETE", f"/admin/v1/revocations/{user}?persist=false")
+        return any(s == 200 for s, _ in results)
+
+    async def summary(self) -> dict[str, Any]:
+        parts = [b["raw"] for s, b in await self._all("GET", "/admin/v1/summary?raw=1") if s == 200]
+        return summarize(parts)
