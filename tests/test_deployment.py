@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -165,8 +166,11 @@ def test_kubernetes_manifests_validate_against_schemas() -> None:
 
 def test_kubernetes_manifests_fit_together() -> None:
     docs = {
-        yaml.safe_load(p.read_text())["kind"]: yaml.safe_load(p.read_text()) for p in _manifests()
+        yaml.safe_load(p.read_text())["kind"]: yaml.safe_load(p.read_text())
+        for p in _manifests()
+        if p.name != "revocations.yaml"
     }
+    revocations = yaml.safe_load((K8S / "revocations.yaml").read_text())
     assert set(docs) >= {
         "DaemonSet",
         "ConfigMap",
@@ -184,6 +188,12 @@ def test_kubernetes_manifests_fit_together() -> None:
     assert docs["PodMonitor"]["spec"]["podMetricsEndpoints"][0]["port"] in ports
     assert docs["PodMonitor"]["apiVersion"] == "monitoring.coreos.com/v1"
     assert docs["Service"]["spec"]["ports"][0]["targetPort"] == 8080
+    # The admin API is on the pod, never on the public Service
+    assert "admin" in ports
+    assert all(p["targetPort"] != 9642 for p in docs["Service"]["spec"]["ports"])
+    volumes_by_name = {v["name"]: v for v in pod["volumes"]}
+    assert volumes_by_name["revocations"]["configMap"]["name"] == revocations["metadata"]["name"]
+    assert json.loads(revocations["data"]["revocations.json"]) == {"revocations": []}
     volumes = {v["name"]: v for v in pod["volumes"]}
     assert volumes["secrets"]["secret"]["secretName"] == docs["Secret"]["metadata"]["name"]
     assert volumes["config"]["configMap"]["name"] == docs["ConfigMap"]["metadata"]["name"]
@@ -194,6 +204,7 @@ def test_kubernetes_manifests_fit_together() -> None:
     values.pop("secrets_file", None)
     values.pop("api_keys_file", None)
     values.pop("accounts_file", None)
+    values.pop("admin_tokens_file", None)
     settings = build_settings(values, {"secrets": ("x",), "relay_ips": ("10.0.0.5",)}, "k8s")
     assert settings.metrics_listen == ("0.0.0.0", 9641)
     kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())

@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("turnserver.admin")
 
 MAX_BODY = 16 * 1024
+WHO = web.RequestKey("who", str)  # the name of the admin token a request carries
 DEFAULT_LIMIT = 100
 MAX_LIMIT = 1000
 
@@ -228,7 +229,7 @@ class AdminApi:
             response: web.StreamResponse = _error(401, "missing or wrong admin token")
             response.headers["WWW-Authenticate"] = 'Bearer realm="turnserver-admin"'
         else:
-            request["who"] = who
+            request[WHO] = who
             try:
                 response = await handler(request)
             except web.HTTPRequestEntityTooLarge:
@@ -281,7 +282,7 @@ class AdminApi:
         allocation_id = request.match_info["id"]
         if not await self.backend.end(allocation_id):
             return _error(404, "no such allocation")
-        log.warning("admin ended allocation id=%s by=%s", safe_text(allocation_id), request["who"])
+        log.warning("admin ended allocation id=%s by=%s", safe_text(allocation_id), request[WHO])
         return web.json_response({"ended": allocation_id})
 
     # ---- revocations --------------------------------------------------------------------
@@ -336,7 +337,7 @@ class AdminApi:
             safe_text(user),
             until,
             safe_text(reason or "-"),
-            request["who"],
+            request[WHO],
             ended,
         )
         out: dict[str, Any] = {"user": user, "until": int(until), "ended": ended}
@@ -353,7 +354,7 @@ class AdminApi:
         warning = None
         if self.store is not None and request.query.get("persist") != "false":
             warning = self.store.save(self.revocations)
-        log.warning("admin unrevoked user=%s by=%s", safe_text(user), request["who"])
+        log.warning("admin unrevoked user=%s by=%s", safe_text(user), request[WHO])
         return web.json_response({"user": user, **({"warning": warning} if warning else {})})
 
     def apply_file(self, entries: Revocations) -> None:
@@ -423,11 +424,14 @@ class AdminService:
             if ended:
                 log.warning("revocations file: %d allocations of revoked users ended", ended)
 
-    async def start(self, host: str, port: int, ssl_context: Any = None) -> int:
-        self.load()
-        self._runner, self.port = await start_admin(self.api, host, port, ssl_context)
-        if self.file.path:
+    def watch(self) -> None:
+        """Re-read the revocations file whenever it changes."""
+        if self.file.path and self._watch is None:
             self._watch = asyncio.get_running_loop().create_task(self._watch_file())
+
+    async def start(self, host: str, port: int, ssl_context: Any = None) -> int:
+        """Serve the admin API (the revocations are loaded already: see load)."""
+        self._runner, self.port = await start_admin(self.api, host, port, ssl_context)
         return self.port
 
     async def _watch_file(self) -> None:

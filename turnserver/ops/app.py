@@ -256,6 +256,7 @@ class Server:
 
     async def start(self) -> None:
         """Bind listeners, then the API (raises OSError/ValueError naming what failed)."""
+        self._prepare_admin()
         await self.runtime.start()
         settings = self.settings
         if settings.metrics_listen:
@@ -293,22 +294,20 @@ class Server:
             log.info("credentials API on %s", self.api_base)
         await self._start_admin()
 
-    async def _start_admin(self) -> None:
-        """The admin API: on admin.listen for one process; for a worker of a supervisor,
-        on an internal loopback port the supervisor fans out to."""
+    def _prepare_admin(self) -> None:
+        """Revocations (admin.revocations_file) apply before any listener answers; the
+        admin API itself: on admin.listen for one process, and for a worker of a
+        supervisor on an internal loopback port the supervisor fans out to."""
         s = self.settings
-        if not s.admin_listen:
+        if not (s.admin_listen or s.revocations_file):
             return
         core = self.runtime.core
         internal = s.internal_admin_token is not None
-        if internal:
-            tokens = [AdminToken("supervisor", s.internal_admin_token or "")]
-            host, port, ctx = "127.0.0.1", 0, None
-        else:
-            tokens = [parse_admin_token(t) for t in s.admin_tokens]
-            host, port = s.admin_listen
-            cert = admin_certificate(s)
-            ctx = build_context(*cert, alpn=None) if cert else None
+        tokens = (
+            [AdminToken("supervisor", s.internal_admin_token or "")]
+            if internal
+            else [parse_admin_token(t) for t in s.admin_tokens]
+        )
 
         def apply(entries: Revocations) -> int:
             ended = core.set_revocations(entries, self.runtime.now())
@@ -320,6 +319,21 @@ class Server:
             LocalBackend(self.runtime, self.worker_index), tokens, None if internal else file
         )
         self.admin = AdminService(api, file, apply)
+        self.admin.load()
+
+    async def _start_admin(self) -> None:
+        s = self.settings
+        if self.admin is None:
+            return
+        self.admin.watch()
+        if not s.admin_listen:
+            return
+        if s.internal_admin_token is not None:
+            host, port, ctx = "127.0.0.1", 0, None
+        else:
+            host, port = s.admin_listen
+            cert = admin_certificate(s)
+            ctx = build_context(*cert, alpn=None) if cert else None
         try:
             await self.admin.start(host, port, ctx)
         except OSError as exc:
@@ -327,8 +341,8 @@ class Server:
             raise OSError(
                 exc.errno, f"cannot bind the admin API on {host}:{port}: {exc.strerror}"
             ) from exc
-        if not internal:
-            self.metrics.collector.admin = api
+        if s.internal_admin_token is None:
+            self.metrics.collector.admin = self.admin.api
             scheme = "https" if ctx else "http"
             log.info("admin API on %s://%s:%d", scheme, host, self.admin.port)
 
@@ -344,6 +358,8 @@ class Server:
         """Apply a new configuration (SIGHUP); listeners and allocations stay."""
         apply_reload(self.runtime, new)
         if self.admin is not None:
+            if new.internal_admin_token is None and new.admin_tokens:
+                self.admin.api.tokens = [parse_admin_token(t) for t in new.admin_tokens]
             self.admin.file.path = new.revocations_file
             self.admin.load()
         cert = api_certificate(new)

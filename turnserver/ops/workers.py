@@ -124,6 +124,7 @@ def _worker_main(
                     reuse_port=True,
                     api_listen=None,
                     metrics_listen=mine.metrics_listen,
+                    internal_admin_token=settings.internal_admin_token,
                 )
             )
             log.info("worker %d: configuration reloaded", index)
@@ -271,6 +272,8 @@ class Supervisor:
         )
         self.admin_registry.register(AdminCollector(api))
         self.admin = AdminService(api, file)
+        self.admin.load()
+        self.admin.watch()
         await self.admin.start(*s.admin_listen, build_context(*cert, alpn=None) if cert else None)
         log.info("admin API on %s:%d (all workers)", s.admin_listen[0], self.admin.port)
 
@@ -434,6 +437,8 @@ class Supervisor:
                     values = load_file(self.config_path) if self.config_path else {}
                     fresh = build_settings(values, self.overrides, self.config_path or "flags")
                     self.admin.file.path = fresh.revocations_file
+                    if fresh.admin_tokens:
+                        self.admin.api.tokens = [parse_admin_token(t) for t in fresh.admin_tokens]
                 except ConfigError as exc:
                     log.error("SIGHUP: configuration rejected for the admin API: %s", exc)
                 self.admin.load()
