@@ -198,10 +198,23 @@ def test_promtool_checks_and_tests_the_rules() -> None:
         assert "SUCCESS" in done.stdout
 
 
-@pytest.mark.server_settings(probe_interval=3600)
+@pytest.mark.server_settings(
+    probe_interval=3600,
+    admin_listen=("127.0.0.1", 0),
+    admin_tokens=("ops:monitoring-admin-token",),
+)
 async def test_dashboard_and_rules_use_only_exported_metrics(
     server: RunningServer, echo_peer: tuple[tuple[str, int], object]
 ) -> None:
+    assert server.server.admin is not None  # its panel's metric needs one request
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(
+            f"http://127.0.0.1:{server.server.admin.port}/admin/v1/summary",
+            headers={"Authorization": "Bearer monitoring-admin-token"},
+        ) as resp,
+    ):
+        assert resp.status == 200
     c = await client(server, "metrics")
     await c.allocate()
     await c.create_permission(echo_peer[0])

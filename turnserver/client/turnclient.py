@@ -17,6 +17,7 @@ from turnserver.stun import (
     Attr,
     MessageClass,
     Method,
+    PasswordAlgorithm,
     StunDecodeError,
     StunMessage,
     decode_channel_data,
@@ -24,6 +25,7 @@ from turnserver.stun import (
     encode_channel_data,
     encode_message,
     long_term_key,
+    userhash,
 )
 from turnserver.stun.attributes import Address
 from turnserver.stun.framing import StreamFramer
@@ -74,6 +76,11 @@ class TurnClient:
         self.timeout = timeout
         self.realm: str | None = None
         self.nonce: str | None = None
+        # RFC 8489 §9.2: use a SHA-256 key and MESSAGE-INTEGRITY-SHA256 when the server
+        # offers it, and send USERHASH instead of USERNAME (username anonymity)
+        self.sha256 = False
+        self.anonymous = False
+        self.offered: list[tuple[int, bytes]] | None = None  # PASSWORD-ALGORITHMS seen
         self._transport: asyncio.BaseTransport | None = None
         self._pending: dict[bytes, asyncio.Future[StunMessage]] = {}
         self.data: asyncio.Queue[tuple[Address | int, bytes]] = asyncio.Queue()
@@ -206,16 +213,32 @@ class TurnClient:
         for attempt in range(3):
             full = list(attrs)
             key = None
+            sha256 = False
             if auth and self.nonce is not None and self.realm is not None:
-                full += [
-                    (Attr.USERNAME, self.username),
-                    (Attr.REALM, self.realm),
-                    (Attr.NONCE, self.nonce),
-                ]
-                key = long_term_key(self.username, self.realm, self.password)
+                if self.anonymous:
+                    full.append((Attr.USERHASH, userhash(self.username, self.realm)))
+                else:
+                    full.append((Attr.USERNAME, self.username))
+                full += [(Attr.REALM, self.realm), (Attr.NONCE, self.nonce)]
+                offered = self.offered or []
+                algorithm = int(PasswordAlgorithm.MD5)
+                if self.sha256 and (PasswordAlgorithm.SHA256, b"") in offered:
+                    algorithm = PasswordAlgorithm.SHA256
+                    sha256 = True
+                    full += [
+                        (Attr.PASSWORD_ALGORITHMS, offered),  # as offered: bid-down check
+                        (Attr.PASSWORD_ALGORITHM, (algorithm, b"")),
+                    ]
+                key = long_term_key(self.username, self.realm, self.password, algorithm)
             tid = os.urandom(12)
             data = encode_message(
-                method, MessageClass.REQUEST, tid, full, integrity_key=key, fingerprint=True
+                method,
+                MessageClass.REQUEST,
+                tid,
+                full,
+                integrity_key=key,
+                fingerprint=True,
+                integrity_sha256=sha256,
             )
             resp = await self._transact(data, tid)
             if resp.message_class == MessageClass.SUCCESS:
@@ -225,6 +248,8 @@ class TurnClient:
             if retry and resp.get(Attr.NONCE):
                 self.nonce = resp.get(Attr.NONCE)
                 self.realm = resp.get(Attr.REALM) or self.realm
+                if resp.has(Attr.PASSWORD_ALGORITHMS):
+                    self.offered = resp.get(Attr.PASSWORD_ALGORITHMS)
                 continue
             name = Method(method).name if method in Method._value2member_map_ else str(method)
             raise TurnClientError(f"{name} failed: {code} {reason}", code, reason)

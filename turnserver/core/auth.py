@@ -8,15 +8,26 @@ Stateless nonces (expiry timestamp + HMAC bound to the client IP), static users
 from __future__ import annotations
 
 import base64
+import binascii
 import hashlib
 import hmac
 from dataclasses import dataclass, field
 
 from turnserver.core.errors import BadRequest, StaleNonce, Unauthorized
-from turnserver.stun.constants import Attr
-from turnserver.stun.message import StunMessage, long_term_key, verify_integrity
+from turnserver.stun.constants import Attr, PasswordAlgorithm
+from turnserver.stun.message import StunMessage, long_term_key, userhash, verify_integrity
 
 NONCE_LIFETIME = 600.0
+# RFC 8489 §9.2: every nonce starts with the nonce cookie and the 24-bit security
+# feature set, base64: 0x000003 = password algorithms (bit 0) and username anonymity
+# (bit 1), bits counted from the right (erratum 6290). A client that changes them to
+# bid us down no longer holds one of our nonces (438).
+NONCE_COOKIE = "obMatJos2AAAD"
+# PASSWORD-ALGORITHMS offered in every 401, in order of preference (RFC 8489 §14.11)
+OFFERED_ALGORITHMS: list[tuple[int, bytes]] = [
+    (PasswordAlgorithm.SHA256, b""),
+    (PasswordAlgorithm.MD5, b""),
+]
 
 
 def rest_password(secret: str, username: str) -> str:
@@ -45,6 +56,9 @@ class Credentials:
     realm: str
     user_keys: dict[str, bytes] = field(default_factory=dict)
     secrets: tuple[str, ...] = ()
+    # SHA-256 keys exist for users configured with a password (not a precomputed key)
+    user_keys_sha256: dict[str, bytes] = field(default_factory=dict)
+    userhashes: dict[bytes, str] = field(default_factory=dict)  # USERHASH -> user
 
     @staticmethod
     def build(
@@ -54,9 +68,14 @@ class Credentials:
         secrets: tuple[str, ...] | list[str] = (),
     ) -> Credentials:
         """Precompute long-term keys for static users."""
-        user_keys = {u: long_term_key(u, realm, p) for u, p in (passwords or {}).items()}
+        passwords = passwords or {}
+        user_keys = {u: long_term_key(u, realm, p) for u, p in passwords.items()}
         user_keys.update(keys or {})
-        return Credentials(realm, user_keys, tuple(secrets))
+        sha256 = {
+            u: long_term_key(u, realm, p, PasswordAlgorithm.SHA256) for u, p in passwords.items()
+        }
+        hashes = {userhash(u, realm): u for u in user_keys}
+        return Credentials(realm, user_keys, tuple(secrets), sha256, hashes)
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +86,7 @@ class Identity:
     user: str
     key: bytes
     expires: float | None  # REST credential expiry, None for static users
+    sha256_integrity: bool = False  # answer with MESSAGE-INTEGRITY-SHA256 (RFC 8489 §14.6)
 
 
 class NonceIssuer:
@@ -76,34 +96,36 @@ class NonceIssuer:
         self._key = key
         self.lifetime = lifetime
 
-    MAC_HEX = 16  # 64 bits: nonces live minutes and are bound to one client IP
+    MAC_BYTES = 8  # 64 bits: nonces live minutes and are bound to one client IP
 
-    def _mac(self, expiry_hex: str, client_ip: str) -> str:
-        msg = f"{expiry_hex}|{client_ip}".encode()
-        return hmac.new(self._key, msg, hashlib.sha256).hexdigest()[: self.MAC_HEX]
+    def _mac(self, expiry: bytes, client_ip: str) -> bytes:
+        return hmac.digest(self._key, expiry + b"|" + client_ip.encode(), "sha256")[
+            : self.MAC_BYTES
+        ]
 
     def sign(self, data: bytes) -> bytes:
         """HMAC-SHA256 with the nonce key (shared by worker processes)."""
-        return hmac.new(self._key, data, hashlib.sha256).digest()
+        return hmac.digest(self._key, data, "sha256")
 
     def issue(self, client_ip: str, now: float) -> str:
-        """A fresh nonce for this client address."""
-        expiry_hex = f"{int(now + self.lifetime):x}"
-        return expiry_hex + self._mac(expiry_hex, client_ip)
+        """A fresh nonce for this client address: the cookie, then base64url of the
+        expiry (4 bytes) and the MAC (8 bytes): 29 characters in all."""
+        expiry = int(now + self.lifetime).to_bytes(4, "big")
+        raw = expiry + self._mac(expiry, client_ip)
+        return NONCE_COOKIE + base64.urlsafe_b64encode(raw).decode()
 
     def check(self, nonce: str, client_ip: str, now: float) -> bool:
         """True when the nonce is ours, for this client, and not expired."""
-        n = self.MAC_HEX
-        if len(nonce) <= n or len(nonce) > n + 16:
-            return False
-        expiry_hex, mac = nonce[:-n], nonce[-n:]
-
-        if not hmac.compare_digest(self._mac(expiry_hex, client_ip), mac):
+        if len(nonce) != len(NONCE_COOKIE) + 16 or not nonce.startswith(NONCE_COOKIE):
             return False
         try:
-            return int(expiry_hex, 16) > now
-        except ValueError:
+            raw = base64.urlsafe_b64decode(nonce[len(NONCE_COOKIE) :])
+        except (ValueError, binascii.Error):
             return False
+        expiry, mac = raw[:4], raw[4:]
+        if not hmac.compare_digest(self._mac(expiry, client_ip), mac):
+            return False
+        return int.from_bytes(expiry, "big") > now
 
 
 class Authenticator:
@@ -119,19 +141,39 @@ class Authenticator:
         self._rest_keys: dict[tuple[int, str], bytes] = {}
         self._rest_keys_for: Credentials | None = None
 
-    def _rest_key(self, index: int, secret: str, username: str) -> bytes:
+    def _rest_key(self, index: int, secret: str, username: str, algorithm: int) -> bytes:
         creds = self.credentials
         if self._rest_keys_for is not creds:
             self._rest_keys = {}
             self._rest_keys_for = creds
-        cache_key = (index, username)
+        cache_key = (index * 4 + algorithm, username)
         key = self._rest_keys.get(cache_key)
         if key is None:
             if len(self._rest_keys) >= 50_000:
                 self._rest_keys.clear()
-            key = long_term_key(username, creds.realm, rest_password(secret, username))
+            password = rest_password(secret, username)
+            key = long_term_key(username, creds.realm, password, algorithm)
             self._rest_keys[cache_key] = key
         return key
+
+    @staticmethod
+    def password_algorithm(msg: StunMessage) -> int:
+        """RFC 8489 §9.2.4 bid-down protection: neither attribute means MD5; otherwise
+        both, PASSWORD-ALGORITHMS exactly as we offered it, and a choice from it."""
+        has_list = msg.has(Attr.PASSWORD_ALGORITHMS)
+        has_choice = msg.has(Attr.PASSWORD_ALGORITHM)
+        if not has_list and not has_choice:
+            return PasswordAlgorithm.MD5
+        if not (has_list and has_choice):
+            raise BadRequest("PASSWORD-ALGORITHM and PASSWORD-ALGORITHMS go together")
+        offered = msg.get(Attr.PASSWORD_ALGORITHMS)
+        chosen = msg.get(Attr.PASSWORD_ALGORITHM)
+        if offered != OFFERED_ALGORITHMS:
+            raise BadRequest("PASSWORD-ALGORITHMS differs from what we offered (bid-down?)")
+        if chosen not in offered:
+            raise BadRequest("PASSWORD-ALGORITHM is not one of PASSWORD-ALGORITHMS")
+        algorithm: int = chosen[0]
+        return algorithm
 
     @property
     def realm(self) -> str:
@@ -142,27 +184,43 @@ class Authenticator:
         if msg.integrity_offset < 0 and msg.integrity_sha256_offset < 0:
             raise Unauthorized("no MESSAGE-INTEGRITY", reason="unauthenticated")
         username = msg.get(Attr.USERNAME)
+        hashed = msg.get(Attr.USERHASH) if username is None else None
         realm = msg.get(Attr.REALM)
         nonce = msg.get(Attr.NONCE)
-        if username is None or realm is None or nonce is None:
-            raise BadRequest("MESSAGE-INTEGRITY without USERNAME, REALM and NONCE")
+        if (username is None and hashed is None) or realm is None or nonce is None:
+            raise BadRequest("MESSAGE-INTEGRITY without USERNAME (or USERHASH), REALM and NONCE")
         if not self.nonces.check(nonce, client_ip, now):
             raise StaleNonce("nonce expired or not ours", reason="stale_nonce")
         creds = self.credentials
         if not hmac.compare_digest(realm.encode(), creds.realm.encode()):
             raise Unauthorized(f"realm {realm!r} is not ours", reason="bad_credentials")
-        key = creds.user_keys.get(username) or self.internal_keys.get(username)
-
+        algorithm = self.password_algorithm(msg)
+        sha256 = msg.integrity_sha256_offset >= 0
+        if username is None:
+            # RFC 8489 §14.4 username anonymity: static users only (REST usernames carry
+            # an expiry and cannot be enumerated, so their hashes cannot be looked up)
+            username = creds.userhashes.get(bytes(hashed or b""))
+            if username is None:
+                raise Unauthorized("unknown USERHASH", reason="bad_credentials")
+        if algorithm == PasswordAlgorithm.SHA256:
+            key = creds.user_keys_sha256.get(username)
+        else:
+            key = creds.user_keys.get(username) or self.internal_keys.get(username)
+        if key is None and username in creds.user_keys:
+            raise Unauthorized(
+                f"user {username!r} has no SHA-256 key (configured as an MD5 key)",
+                reason="bad_credentials",
+            )
         if key is not None:
             if verify_integrity(msg, key):
-                return Identity(username, username, key, None)
+                return Identity(username, username, key, None, sha256)
             raise Unauthorized(f"bad password for user {username!r}", reason="bad_credentials")
         parsed = parse_rest_username(username) if creds.secrets else None
         if parsed is None:
             raise Unauthorized(f"unknown user {username!r}", reason="bad_credentials")
         expiry, user = parsed
         for index, secret in enumerate(creds.secrets):
-            rest_key = self._rest_key(index, secret, username)
+            rest_key = self._rest_key(index, secret, username, algorithm)
 
             if verify_integrity(msg, rest_key):
                 if expiry <= now:
@@ -170,7 +228,7 @@ class Authenticator:
                         f"credential {username!r} expired {int(now - expiry)} s ago",
                         reason="expired_credentials",
                     )
-                return Identity(username, user or username, rest_key, float(expiry))
+                return Identity(username, user or username, rest_key, float(expiry), sha256)
         raise Unauthorized(
             f"REST credential {username!r} matches no shared secret", reason="bad_credentials"
         )

@@ -15,7 +15,7 @@ from turnserver.core.admin import AdminActions
 from turnserver.core.allocation import (
     PeerConnection,
 )
-from turnserver.core.auth import Identity
+from turnserver.core.auth import OFFERED_ALGORITHMS, Identity
 from turnserver.core.errors import (
     BadRequest,
     StaleNonce,
@@ -197,6 +197,7 @@ class TurnServer(AdminActions, PermissionHandlers, TcpConnectionHandlers):
             attrs,
             integrity_key=identity.key,
             fingerprint=msg.fingerprint_offset >= 0,
+            integrity_sha256=identity.sha256_integrity,
         )
         if method == Method.ALLOCATE:
             alloc = self.allocations[ft]
@@ -241,6 +242,7 @@ class TurnServer(AdminActions, PermissionHandlers, TcpConnectionHandlers):
             # RFC 8489 §9.2.4: 401/438 carry REALM and a fresh NONCE, never integrity
             attrs.append((Attr.REALM, self.auth.realm))
             attrs.append((Attr.NONCE, self.auth.nonces.issue(ft.client[0], now)))
+            attrs.append((Attr.PASSWORD_ALGORITHMS, OFFERED_ALGORITHMS))  # RFC 8489 §9.2.4
             identity = None
         if isinstance(err, UnknownAttribute):
             attrs.append((Attr.UNKNOWN_ATTRIBUTES, err.attributes))
@@ -255,6 +257,7 @@ class TurnServer(AdminActions, PermissionHandlers, TcpConnectionHandlers):
             attrs,
             integrity_key=identity.key if identity else None,
             fingerprint=msg.fingerprint_offset >= 0,
+            integrity_sha256=identity.sha256_integrity if identity else False,
         )
 
     def _binding(self, msg: StunMessage, ft: FiveTuple) -> bytes:

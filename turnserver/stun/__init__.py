@@ -18,6 +18,7 @@ from turnserver.stun.constants import (
     ErrorCode,
     MessageClass,
     Method,
+    PasswordAlgorithm,
     TransportProtocol,
 )
 from turnserver.stun.errors import StunDecodeError
@@ -27,6 +28,7 @@ from turnserver.stun.message import (
     encode_message,
     is_stun,
     long_term_key,
+    userhash,
     verify_integrity,
 )
 
@@ -40,6 +42,7 @@ __all__ = [
     "ErrorCode",
     "MessageClass",
     "Method",
+    "PasswordAlgorithm",
     "StunDecodeError",
     "StunMessage",
     "TransportProtocol",
@@ -51,5 +54,6 @@ __all__ = [
     "is_stun",
     "is_valid_channel_number",
     "long_term_key",
+    "userhash",
     "verify_integrity",
 ]

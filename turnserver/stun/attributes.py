@@ -200,6 +200,47 @@ def _encode_address_error_code(value: tuple[int, int, str], tid: bytes) -> bytes
     return bytes((family, 0, code // 100, code % 100)) + reason.encode("utf-8")
 
 
+def _decode_password_algorithms(raw: bytes, tid: bytes) -> list[tuple[int, bytes]]:
+    """RFC 8489 §14.11: (algorithm, parameters) pairs, parameters padded to 4."""
+    out: list[tuple[int, bytes]] = []
+    offset = 0
+    while offset < len(raw):
+        if len(raw) - offset < 4:
+            raise StunDecodeError("truncated PASSWORD-ALGORITHMS")
+        alg, length = _U16.unpack_from(raw, offset)[0], _U16.unpack_from(raw, offset + 2)[0]
+        start = offset + 4
+        if start + length > len(raw) or len(out) >= 16:
+            raise StunDecodeError("bad PASSWORD-ALGORITHMS")
+        out.append((alg, bytes(raw[start : start + length])))
+        offset = start + length + (-length % 4)
+    return out
+
+
+def _encode_password_algorithms(value: list[tuple[int, bytes]], tid: bytes) -> bytes:
+    return b"".join(
+        _U16.pack(alg) + _U16.pack(len(params)) + params + b"\x00" * (-len(params) % 4)
+        for alg, params in value
+    )
+
+
+def _decode_password_algorithm(raw: bytes, tid: bytes) -> tuple[int, bytes]:
+    """RFC 8489 §14.12: one algorithm and its parameters."""
+    items = _decode_password_algorithms(raw, tid)
+    if len(items) != 1:
+        raise StunDecodeError("PASSWORD-ALGORITHM must hold exactly one algorithm")
+    return items[0]
+
+
+def _encode_password_algorithm(value: tuple[int, bytes], tid: bytes) -> bytes:
+    return _encode_password_algorithms([value], tid)
+
+
+def _decode_userhash(raw: bytes, tid: bytes) -> bytes:
+    if len(raw) != 32:
+        raise StunDecodeError("USERHASH must be 32 bytes")
+    return bytes(raw)
+
+
 @dataclass(frozen=True, slots=True)
 class AttrCodec:
     """How one attribute type is named, encoded and decoded."""
@@ -237,8 +278,8 @@ _TABLE: dict[Attr, tuple[Encoder, Decoder]] = {
     Attr.REQUESTED_TRANSPORT: _OCTET,
     Attr.DONT_FRAGMENT: _FLAG,
     Attr.MESSAGE_INTEGRITY_SHA256: _RAW,
-    Attr.PASSWORD_ALGORITHM: _RAW,
-    Attr.USERHASH: _RAW,
+    Attr.PASSWORD_ALGORITHM: (_encode_password_algorithm, _decode_password_algorithm),
+    Attr.USERHASH: (_encode_bytes, _decode_userhash),
     Attr.XOR_MAPPED_ADDRESS: _XADDR,
     Attr.RESERVATION_TOKEN: (_encode_bytes, _decode_u64_bytes),
     Attr.PRIORITY: _U32C,
@@ -250,7 +291,7 @@ _TABLE: dict[Attr, tuple[Encoder, Decoder]] = {
     Attr.ADDRESS_ERROR_CODE: (_encode_address_error_code, _decode_address_error_code),
     Attr.ADDITIONAL_ADDRESS_FAMILY_DRAFT: _OCTET,
     Attr.ADDRESS_ERROR_CODE_DRAFT: (_encode_address_error_code, _decode_address_error_code),
-    Attr.PASSWORD_ALGORITHMS: _RAW,
+    Attr.PASSWORD_ALGORITHMS: (_encode_password_algorithms, _decode_password_algorithms),
     Attr.ALTERNATE_DOMAIN: (_encode_string, _string_decoder(763)),
     Attr.ICMP: _RAW,
     Attr.SOFTWARE: (_encode_string, _string_decoder(763)),

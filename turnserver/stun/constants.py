@@ -126,6 +126,13 @@ ERROR_REASONS: dict[int, str] = {
 }
 
 
+class PasswordAlgorithm(IntEnum):
+    """PASSWORD-ALGORITHM values (RFC 8489 §18.5)."""
+
+    MD5 = 0x0001
+    SHA256 = 0x0002
+
+
 class TransportProtocol(IntEnum):
     """REQUESTED-TRANSPORT protocol numbers (RFC 8656 §18.7)."""
 

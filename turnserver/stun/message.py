@@ -22,6 +22,7 @@ from turnserver.stun.constants import (
     MAGIC_COOKIE,
     Attr,
     MessageClass,
+    PasswordAlgorithm,
 )
 from turnserver.stun.errors import StunDecodeError
 
@@ -195,13 +196,19 @@ def encode_message(
     integrity_key: bytes | None = None,
     fingerprint: bool = False,
     magic_cookie: int = MAGIC_COOKIE,
+    integrity_sha256: bool = False,
 ) -> bytes:
-    """Build a message; MESSAGE-INTEGRITY and FINGERPRINT are appended when asked."""
+    """Build a message; MESSAGE-INTEGRITY (or -SHA256, RFC 8489 §14.6) and FINGERPRINT
+    are appended when asked."""
     body = b"".join(_encode_attribute(t, v, transaction_id) for t, v in attributes)
     mtype = message_type(method, message_class)
-    if integrity_key is not None:
+    if integrity_key is not None and integrity_sha256:
+        header = _HEADER.pack(mtype, len(body) + 36, magic_cookie, transaction_id)
+        mac = hmac.digest(integrity_key, header + body, "sha256")
+        body += _ATTR_HEAD.pack(Attr.MESSAGE_INTEGRITY_SHA256, 32) + mac
+    elif integrity_key is not None:
         header = _HEADER.pack(mtype, len(body) + 24, magic_cookie, transaction_id)
-        mac = hmac.new(integrity_key, header + body, hashlib.sha1).digest()
+        mac = hmac.digest(integrity_key, header + body, "sha1")
         body += _ATTR_HEAD.pack(Attr.MESSAGE_INTEGRITY, 20) + mac
     if fingerprint:
         header = _HEADER.pack(mtype, len(body) + 8, magic_cookie, transaction_id)
@@ -210,9 +217,19 @@ def encode_message(
     return _HEADER.pack(mtype, len(body), magic_cookie, transaction_id) + body
 
 
-def long_term_key(username: str, realm: str, password: str) -> bytes:
-    """RFC 8489 §9.2.2: MD5(username ":" realm ":" password)."""
-    return hashlib.md5(f"{username}:{realm}:{password}".encode(), usedforsecurity=False).digest()
+def long_term_key(
+    username: str, realm: str, password: str, algorithm: int = PasswordAlgorithm.MD5
+) -> bytes:
+    """RFC 8489 §9.2.2: MD5 or SHA-256 of username ":" realm ":" password."""
+    text = f"{username}:{realm}:{password}".encode()
+    if algorithm == PasswordAlgorithm.SHA256:
+        return hashlib.sha256(text).digest()
+    return hashlib.md5(text, usedforsecurity=False).digest()
+
+
+def userhash(username: str, realm: str) -> bytes:
+    """RFC 8489 §14.4 USERHASH: SHA-256(username ":" realm)."""
+    return hashlib.sha256(f"{username}:{realm}".encode()).digest()
 
 
 def verify_integrity(msg: StunMessage, key: bytes) -> bool:
@@ -222,13 +239,13 @@ def verify_integrity(msg: StunMessage, key: bytes) -> bool:
         offset = msg.integrity_offset
         expected = raw[offset + 4 : offset + 24]
         adjusted = _LENGTH.pack(offset + 24 - HEADER_LENGTH)
-        mac = hmac.new(key, raw[:2] + adjusted + raw[4:offset], hashlib.sha1).digest()
+        mac = hmac.digest(key, raw[:2] + adjusted + raw[4:offset], "sha1")
         return hmac.compare_digest(mac, expected)
     if msg.integrity_sha256_offset >= 0:
         offset = msg.integrity_sha256_offset
         size = _ATTR_HEAD.unpack_from(raw, offset)[1]
         expected = raw[offset + 4 : offset + 4 + size]
         adjusted = _LENGTH.pack(offset + 4 + size - HEADER_LENGTH)
-        mac256 = hmac.new(key, raw[:2] + adjusted + raw[4:offset], hashlib.sha256).digest()
+        mac256 = hmac.digest(key, raw[:2] + adjusted + raw[4:offset], "sha256")
         return hmac.compare_digest(mac256[:size], expected)
     return False
