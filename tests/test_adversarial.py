@@ -387,3 +387,36 @@ async def test_a_connection_close_is_reported_once(server: RunningServer) -> Non
         assert not server.runtime.stream_connections
     finally:
         s.close()
+
+
+async def test_icmp_errors_reach_the_client_as_data_indications(server: RunningServer) -> None:
+    """RFC 8656 §11.6: a datagram relayed to a closed port draws an ICMP port unreachable;
+    the client gets a Data indication with ICMP and XOR-PEER-ADDRESS, only for peers it
+    has a permission for."""
+    import struct as _struct
+
+    from turnserver.stun import Attr
+
+    closed = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    closed.bind(("127.0.0.1", 0))
+    peer = closed.getsockname()[:2]
+    closed.close()  # nothing listens there now
+    c = await _client(server, "udp", "icmp")
+    try:
+        await c.create_permission(peer)
+        c.send_indication(peer, b"anyone there?")
+        msg = await asyncio.wait_for(c.indications.get(), 3)
+        assert msg.get(Attr.XOR_PEER_ADDRESS) == peer and not msg.has(Attr.DATA)
+        _, icmp_type, icmp_code, _ = _struct.unpack("!HBBI", msg.get(Attr.ICMP))
+        assert (icmp_type, icmp_code) == (3, 3)  # destination unreachable: port
+        assert server.runtime.core.stats.icmp_to_client == 1
+        # Without a permission: nothing; and at most ICMP_PER_SECOND a second
+        core = server.runtime.core
+        alloc = next(iter(core.allocations.values()))
+        now = time.time()
+        assert core.icmp_indication(alloc, ("127.0.0.2", 9), 3, 3, 0, now) is None
+        sent = [core.icmp_indication(alloc, peer, 3, 3, 0, float(int(now) + 5)) for _ in range(12)]
+        assert sum(x is not None for x in sent) == 10
+        assert core.icmp_indication(alloc, peer, 5, 0, 0, now) is None  # not type 3 or 11
+    finally:
+        c.close()

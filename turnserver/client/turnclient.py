@@ -172,6 +172,8 @@ class TurnClient:
             payload = msg.get(Attr.DATA)
             if peer is not None and payload is not None:
                 self.data.put_nowait((peer, payload))
+            elif msg.has(Attr.ICMP):  # RFC 8656 §11.6: an ICMP error about our data
+                self.indications.put_nowait(msg)
         else:
             self.indications.put_nowait(msg)
 

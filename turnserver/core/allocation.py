@@ -137,6 +137,7 @@ class Allocation:
         "dont_fragment",
         "expires",
         "five_tuple",
+        "icmp_window",
         "id",
         "is_tcp",
         "key",
@@ -195,6 +196,7 @@ class Allocation:
         self.live = True
         # errno -> (last reported, suppressed since): send errors are logged sparingly
         self.send_errors: dict[int, tuple[float, int]] | None = None
+        self.icmp_window = (0, 0)  # (second, ICMP errors passed on in it)
         # Opaque to the core: the I/O layer's way back to the client.
         self.sink: object = None
         # (time, bytes both ways) at the last admin read: the current rate is measured

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ipaddress
 import random
+import struct
 
 from turnserver.core import events as ev
 from turnserver.core.allocation import (
@@ -18,6 +19,7 @@ from turnserver.core.errors import (
 )
 from turnserver.core.five_tuple import FiveTuple
 from turnserver.core.state import (
+    ICMP_PER_SECOND,
     MAX_PEERS_PER_REQUEST,
     SEND_ERROR_LOG_INTERVAL,
     Attributes,
@@ -99,6 +101,40 @@ class PermissionHandlers(CoreState):
             MessageClass.INDICATION,
             random.randbytes(12),
             [(Attr.XOR_PEER_ADDRESS, peer), (Attr.DATA, payload)],
+        )
+
+    def icmp_indication(
+        self,
+        alloc: Allocation,
+        peer: Address,
+        icmp_type: int,
+        icmp_code: int,
+        error_data: int,
+        now: float,
+    ) -> bytes | None:
+        """RFC 8656 §11.6: an ICMP error about a datagram we relayed to `peer` becomes a
+        Data indication with XOR-PEER-ADDRESS and ICMP (§18.13), no DATA; only when the
+        peer has a permission, and at most ICMP_PER_SECOND a second per allocation."""
+        v6 = ":" in peer[0]
+        if icmp_type not in ((1, 2, 3) if v6 else (3, 11)):
+            self.stats.dropped_icmp += 1
+            return None
+        if peer[0] not in alloc.permissions:
+            self.stats.dropped_icmp += 1
+            return None
+        second = int(now)
+        window, count = alloc.icmp_window
+        if window == second and count >= ICMP_PER_SECOND:
+            self.stats.dropped_icmp += 1
+            return None
+        alloc.icmp_window = (second, count + 1 if window == second else 1)
+        self.stats.icmp_to_client += 1
+        value = struct.pack("!HBBI", 0, icmp_type, icmp_code, error_data & 0xFFFFFFFF)
+        return encode_message(
+            Method.DATA,
+            MessageClass.INDICATION,
+            random.randbytes(12),
+            [(Attr.XOR_PEER_ADDRESS, peer), (Attr.ICMP, value)],
         )
 
     def revoke_denied_peers(self) -> int:

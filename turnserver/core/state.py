@@ -53,6 +53,7 @@ MAX_CONTROL_MESSAGE = 4096
 SEND_INDICATION_TYPE = b"\x00\x16"
 MAX_PEERS_PER_REQUEST = 32  # XOR-PEER-ADDRESS entries in one CreatePermission
 SEND_ERROR_LOG_INTERVAL = 60.0  # one log line per allocation and errno per interval
+ICMP_PER_SECOND = 10  # ICMP errors passed to one client a second (RFC 8656 §11.6)
 
 
 class TimerKind(IntEnum):
@@ -90,12 +91,15 @@ class RelayStats:
     dropped_rate_limited: int
     dropped_send_error: int
     dropped_unknown_channel: int
+    dropped_icmp: int
+    icmp_to_client: int
     ended_bytes_to_client: int
     ended_bytes_to_peer: int
     ended_packets_to_client: int
     ended_packets_to_peer: int
 
     __slots__ = (
+        "dropped_icmp",
         "dropped_malformed",
         "dropped_no_allocation",
         "dropped_no_permission",
@@ -108,6 +112,7 @@ class RelayStats:
         "ended_bytes_to_peer",
         "ended_packets_to_client",
         "ended_packets_to_peer",
+        "icmp_to_client",
     )
 
     def __init__(self) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import struct
 from time import perf_counter
 
 from turnserver.core.allocation import Allocation, SendTo
@@ -26,6 +27,12 @@ MAX_DATAGRAM = 65535
 SOCKET_BUFFER = 4 * 1024 * 1024
 _IP_PMTUDISC_DO = 2
 _IP_MTU_DISCOVER = getattr(socket, "IP_MTU_DISCOVER", 10)
+# ICMP errors about relayed datagrams, read from the error queue (RFC 8656 §11.6)
+_IP_RECVERR = getattr(socket, "IP_RECVERR", 11)
+_IPV6_RECVERR = getattr(socket, "IPV6_RECVERR", 25)
+_MSG_ERRQUEUE = getattr(socket, "MSG_ERRQUEUE", 0x2000)
+_EXTENDED_ERR = struct.Struct("=IBBBBII")  # struct sock_extended_err
+_ORIGIN_ICMP, _ORIGIN_ICMP6 = 2, 3
 
 
 def _tune_buffers(sock: socket.socket) -> None:
@@ -207,8 +214,9 @@ class UdpRelay:
                 data, addr = recvfrom(MAX_DATAGRAM)
             except (BlockingIOError, InterruptedError):
                 return
-            except OSError:
-                continue  # e.g. an ICMP error queued on the socket
+            except OSError:  # an ICMP error about a datagram we relayed
+                self._drain_errors(client_sock, client_addr, stream)
+                continue
             if v6:
                 addr = addr[:2]
             number = peer_channels.get(addr)
@@ -242,6 +250,41 @@ class UdpRelay:
             elif stream is not None:
                 stream.send(indication)
 
+    def _drain_errors(
+        self, client_sock: socket.socket | None, client_addr: Address, stream: ClientSink | None
+    ) -> None:
+        """Read the socket's error queue: each ICMP error goes to the client as a Data
+        indication with the ICMP attribute (when the peer has a permission); local send
+        errors were counted when the send failed."""
+        core = self._runtime.core
+        now = self._runtime.now()
+        for _ in range(READ_BATCH):
+            try:
+                _, ancdata, _, addr = self.sock.recvmsg(1, 512, _MSG_ERRQUEUE)
+            except OSError:  # BlockingIOError included: the queue is empty
+                return
+            for _level, kind, data in ancdata:
+                if kind not in (_IP_RECVERR, _IPV6_RECVERR) or len(data) < _EXTENDED_ERR.size:
+                    continue
+                _, origin, icmp_type, code, _, info, _ = _EXTENDED_ERR.unpack_from(data)
+                if origin not in (_ORIGIN_ICMP, _ORIGIN_ICMP6) or not addr:
+                    continue
+                too_big = (origin == _ORIGIN_ICMP and (icmp_type, code) == (3, 4)) or (
+                    origin == _ORIGIN_ICMP6 and icmp_type == 2
+                )
+                indication = core.icmp_indication(
+                    self.alloc, (addr[0], addr[1]), icmp_type, code, info if too_big else 0, now
+                )
+                if indication is None:
+                    continue
+                if client_sock is not None:
+                    try:
+                        client_sock.sendto(indication, client_addr)
+                    except OSError as exc:
+                        core.send_failed(self.alloc, client_addr, exc, now)
+                elif stream is not None:
+                    stream.send(indication)
+
 
 class SocketRelayOpener:
     """Implements core.allocation.RelayOpener: UDP relays, and RFC 6062 TCP relays."""
@@ -259,6 +302,13 @@ class SocketRelayOpener:
             sock = bind_udp_socket(host, port)
         except OSError:
             return None
+        try:  # ICMP errors about relayed datagrams reach us (RFC 8656 §11.6)
+            if sock.family == socket.AF_INET:
+                sock.setsockopt(socket.IPPROTO_IP, _IP_RECVERR, 1)
+            else:
+                sock.setsockopt(socket.IPPROTO_IPV6, _IPV6_RECVERR, 1)
+        except OSError:
+            pass
         if dont_fragment:
             # RFC 8656 §7.2 DONT-FRAGMENT: set DF on relayed datagrams
             try:

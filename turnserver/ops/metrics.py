@@ -59,6 +59,7 @@ DROP_REASONS = (
     "peer_denied",
     "send_error",
     "oversized",
+    "icmp",
 )
 TLS_FAILURE_REASONS = (
     "handshake_timeout",
@@ -162,11 +163,17 @@ class TurnCollector(Collector):
                 s.dropped_peer_denied,
                 s.dropped_send_error,
                 s.dropped_oversized,
+                s.dropped_icmp,
             ),
             strict=True,
         ):
             dropped.add_metric([reason], value)
         yield dropped
+        yield CounterMetricFamily(
+            "turn_icmp_to_client",
+            "ICMP errors about relayed datagrams passed to clients (RFC 8656 §11.6)",
+            value=s.icmp_to_client,
+        )
         yield GaugeMetricFamily(
             "turn_relay_ports_free", "Free relay ports", value=core.relay_ports_free()
         )
