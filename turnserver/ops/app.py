@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-import resource
 import secrets
 import signal
 import socket
@@ -25,7 +24,7 @@ from turnserver.io.runtime import ListenAddress, ServerRuntime, StreamOptions
 from turnserver.io.tls import ReloadableTLS, build_context
 from turnserver.ops.admin import AdminApi, AdminService, LocalBackend
 from turnserver.ops.api import ApiConfig, CredentialsApi, start_api
-from turnserver.ops.banner import credential_banner
+from turnserver.ops.banner import credential_banner, log_limits
 from turnserver.ops.config import (
     Settings,
     admin_certificate,
@@ -373,30 +372,6 @@ class Server:
             self.api.reconfigure(api_config(new, self.runtime.bound_addresses()))
         self.settings = new
 
-    def log_limits(self) -> None:
-        """Say at start what this process will hold (issue: safe defaults)."""
-        rt = self.runtime
-        cfg = rt.core.config
-        budget = rt.descriptors.limit
-
-        def show(n: int) -> str:
-            return str(n) if n else "unlimited"
-
-        log.info(
-            "limits: descriptor budget %d (RLIMIT_NOFILE %d less a reserve), allocations %s, "
-            "TCP/TLS connections %s (%s per client IP); per allocation: permissions %s, "
-            "channels %s, RFC 6062 peer connections %s, Connects in progress %s",
-            budget,
-            resource.getrlimit(resource.RLIMIT_NOFILE)[0],
-            show(min(cfg.max_allocations, budget) if cfg.max_allocations else budget),
-            show(rt.stream_limit),
-            show(rt.stream_options.max_connections_per_ip),
-            show(cfg.max_permissions_per_allocation),
-            show(cfg.max_channels_per_allocation),
-            show(cfg.max_peer_connections_per_allocation),
-            show(cfg.max_pending_connects_per_allocation),
-        )
-
     def user_allocations(self) -> int:
         """Live allocations other than the self-probe's."""
         return sum(1 for a in self.runtime.core.allocations.values() if a.username != PROBE_USER)
@@ -457,7 +432,7 @@ async def _serve(
         settings.min_port,
         settings.max_port,
     )
-    server.log_limits()
+    log_limits(server.runtime)
     notify(f"READY=1\nSTATUS=serving {len(runtime.bound_addresses())} listeners")
     start_watchdog(loop)
     if show_credential:

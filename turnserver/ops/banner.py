@@ -4,7 +4,9 @@ credential, how to trust the certificate, the iceServers JSON and the API's URLs
 from __future__ import annotations
 
 import json
+import logging
 import os
+import resource
 import time
 
 from turnserver.io.runtime import ListenAddress, ServerRuntime
@@ -12,6 +14,8 @@ from turnserver.ops.config import Settings
 from turnserver.ops.credentials import mint
 from turnserver.ops.selfsigned import spki_sha256
 from turnserver.ops.uris import ice_uris
+
+log = logging.getLogger("turnserver")
 
 
 def credential_banner(settings: Settings, runtime: ServerRuntime, user: str) -> str:
@@ -51,3 +55,27 @@ def credential_banner_text(settings: Settings, listen: list[ListenAddress], user
     lines.append("  RTCPeerConnection config:")
     lines.append("  " + json.dumps(ice))
     return "\n".join(lines)
+
+
+def log_limits(rt: ServerRuntime) -> None:
+    """Say at start what this process will hold (issue: safe defaults)."""
+    cfg = rt.core.config
+    budget = rt.descriptors.limit
+
+    def show(n: int) -> str:
+        return str(n) if n else "unlimited"
+
+    log.info(
+        "limits: descriptor budget %d (RLIMIT_NOFILE %d less a reserve), allocations %s, "
+        "TCP/TLS connections %s (%s per client IP); per allocation: permissions %s, "
+        "channels %s, RFC 6062 peer connections %s, Connects in progress %s",
+        budget,
+        resource.getrlimit(resource.RLIMIT_NOFILE)[0],
+        show(min(cfg.max_allocations, budget) if cfg.max_allocations else budget),
+        show(rt.stream_limit),
+        show(rt.stream_options.max_connections_per_ip),
+        show(cfg.max_permissions_per_allocation),
+        show(cfg.max_channels_per_allocation),
+        show(cfg.max_peer_connections_per_allocation),
+        show(cfg.max_pending_connects_per_allocation),
+    )

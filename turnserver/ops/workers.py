@@ -73,6 +73,7 @@ def _worker_main(
     configured listener, owned by the parent (they outlive a crash of this worker)."""
     from turnserver.io.loop import loop_factory
     from turnserver.ops.app import Server
+    from turnserver.ops.banner import log_limits
 
     setup_logging(settings.log_level, settings.log_format)
     lo, hi = port_slice(settings, index, workers)
@@ -101,7 +102,7 @@ def _worker_main(
             ledger.close()
             return 1
         if index == 0:
-            server.log_limits()
+            log_limits(server.runtime)
         ports[workers + index] = server.admin.port if server.admin is not None else 0
         ports[index] = server.health.port
         stop = asyncio.Event()
