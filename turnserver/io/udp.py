@@ -239,16 +239,26 @@ class UdpRelay:
                 alloc.bytes_to_client += len(data)
                 continue
             indication = core.data_indication(alloc, data, addr, now())
-            if indication is None:
-                continue
-            if client_sock is not None:
-                try:
-                    client_sock.sendto(indication, client_addr)
-                except OSError as exc:
-                    if core.send_failed(alloc, client_addr, exc, now()):
-                        self._runtime.after_core_call()
-            elif stream is not None:
-                stream.send(indication)
+            if indication is not None:
+                self._to_client(indication, client_sock, client_addr, stream)
+
+    def _to_client(
+        self,
+        message: bytes,
+        client_sock: socket.socket | None,
+        client_addr: Address,
+        stream: ClientSink | None,
+    ) -> None:
+        """A STUN message (Data indication) to the client, over UDP or its stream."""
+        if client_sock is not None:
+            try:
+                client_sock.sendto(message, client_addr)
+            except OSError as exc:
+                core = self._runtime.core
+                if core.send_failed(self.alloc, client_addr, exc, self._runtime.now()):
+                    self._runtime.after_core_call()
+        elif stream is not None:
+            stream.send(message)
 
     def _drain_errors(
         self, client_sock: socket.socket | None, client_addr: Address, stream: ClientSink | None
@@ -275,15 +285,8 @@ class UdpRelay:
                 indication = core.icmp_indication(
                     self.alloc, (addr[0], addr[1]), icmp_type, code, info if too_big else 0, now
                 )
-                if indication is None:
-                    continue
-                if client_sock is not None:
-                    try:
-                        client_sock.sendto(indication, client_addr)
-                    except OSError as exc:
-                        core.send_failed(self.alloc, client_addr, exc, now)
-                elif stream is not None:
-                    stream.send(indication)
+                if indication is not None:
+                    self._to_client(indication, client_sock, client_addr, stream)
 
 
 class SocketRelayOpener:

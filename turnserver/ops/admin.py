@@ -29,6 +29,7 @@ from aiohttp import web
 from turnserver.ops.config_values import AdminToken, ConfigError, parse_admin_token  # noqa: F401
 from turnserver.ops.credentials import parse_ttl
 from turnserver.ops.eventlog import safe_text
+from turnserver.ops.http import serve_app
 from turnserver.ops.revocations import Revocations, RevocationStore
 
 if TYPE_CHECKING:
@@ -377,18 +378,6 @@ ACTIONS = {
 }
 
 
-async def start_admin(
-    api: AdminApi, host: str, port: int, ssl_context: Any = None
-) -> tuple[web.AppRunner, int]:
-    """Serve the admin API on host:port; returns the runner and the bound port."""
-    runner = web.AppRunner(api.app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, host, port, ssl_context=ssl_context)
-    await site.start()
-    bound: int = runner.addresses[0][1] if runner.addresses else port
-    return runner, bound
-
-
 class AdminService:
     """The admin API with its revocations file: loaded at start, on SIGHUP and when the
     file changes (checked every WATCH_INTERVAL seconds), and applied to the core."""
@@ -428,7 +417,7 @@ class AdminService:
 
     async def start(self, host: str, port: int, ssl_context: Any = None) -> int:
         """Serve the admin API (the revocations are loaded already: see load)."""
-        self._runner, self.port = await start_admin(self.api, host, port, ssl_context)
+        self._runner, self.port = await serve_app(self.api.app, host, port, ssl_context)
         return self.port
 
     async def _watch_file(self) -> None:

@@ -32,6 +32,7 @@ from turnserver.ops.credentials import (
     twilio_token,
 )
 from turnserver.ops.eventlog import safe_text
+from turnserver.ops.http import serve_app
 
 log = logging.getLogger("turnserver.api")
 
@@ -323,9 +324,4 @@ async def start_api(
     api: CredentialsApi, host: str, port: int, ssl_context: ssl.SSLContext | None = None
 ) -> tuple[web.AppRunner, int]:
     """Serve the API on host:port (HTTPS with ssl_context); returns the runner and port."""
-    runner = web.AppRunner(api.app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, host, port, ssl_context=ssl_context)
-    await site.start()
-    bound: int = runner.addresses[0][1] if runner.addresses else port
-    return runner, bound
+    return await serve_app(api.app, host, port, ssl_context)

@@ -12,6 +12,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from turnserver.ops.certcheck import CertificateCheck
+from turnserver.ops.http import serve_app
 
 if TYPE_CHECKING:
     from turnserver.io.runtime import ServerRuntime
@@ -83,11 +84,7 @@ class Health:
     async def start(self, host: str, port: int) -> None:
         self.last_beat = self.runtime.loop.time()
         self._beat = self.runtime.loop.call_later(HEARTBEAT, self._heartbeat)
-        self._runner = web.AppRunner(self.app, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, host, port)
-        await site.start()
-        self.port = self._runner.addresses[0][1] if self._runner.addresses else port
+        self._runner, self.port = await serve_app(self.app, host, port)
 
     async def stop(self) -> None:
         if self._beat is not None:

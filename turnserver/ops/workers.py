@@ -40,6 +40,7 @@ from turnserver.ops.config import (
 )
 from turnserver.ops.config_values import ConfigError, parse_admin_token
 from turnserver.ops.eventlog import setup_logging
+from turnserver.ops.http import serve_app
 from turnserver.ops.metrics import AdminCollector
 from turnserver.ops.revocations import RevocationStore
 from turnserver.ops.shared_quota import SharedQuotaLedger, clear_worker
@@ -366,9 +367,7 @@ class Supervisor:
             app.router.add_get("/metrics", self.handle_metrics)
             app.router.add_get("/healthz", self.handle_healthz)
             app.router.add_get("/readyz", self.handle_readyz)
-            runner = web.AppRunner(app, access_log=None)
-            await runner.setup()
-            await web.TCPSite(runner, *self.settings.metrics_listen).start()
+            runner, _ = await serve_app(app, *self.settings.metrics_listen)
             log.info(
                 "metrics, /healthz and /readyz on http://%s:%d (all workers)",
                 *self.settings.metrics_listen,
