@@ -392,3 +392,8 @@ def test_secrets_starting_with_a_dash_work_from_files(tmp_path: Path) -> None:
         ["make", "-n", "run", "STAMP=/dev/null"], capture_output=True, text=True, cwd=ROOT
     ).stdout
     assert "--secrets-file" in recipe and "$(cat" not in recipe and "umask 077" in recipe
+
+
+def test_admin_flags_belong_to_serve_only() -> None:
+    assert "--admin-listen" in run_cli("serve", "--help").stdout
+    assert "--admin" not in run_cli("mint", "--help").stdout

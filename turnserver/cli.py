@@ -222,25 +222,6 @@ def build_parser() -> argparse.ArgumentParser:
         "--secret", metavar="S", help="shared secret (overrides the config's; alone: no URIs)"
     )
     p.add_argument(
-        "--admin-listen",
-        metavar="IP:PORT",
-        help="serve the admin API here (off by default; e.g. 127.0.0.1:9642)",
-    )
-    p.add_argument(
-        "--admin-token",
-        metavar="[NAME:]TOKEN",
-        action="append",
-        help="admin API bearer token, repeatable (YAML admin.tokens; admin.tokens_file)",
-    )
-    p.add_argument(
-        "--admin-tokens-file", metavar="FILE", help="admin tokens, one [NAME:]TOKEN per line"
-    )
-    p.add_argument(
-        "--revocations-file",
-        metavar="FILE",
-        help="where revocations persist (YAML admin.revocations_file; may be shared)",
-    )
-    p.add_argument(
         "--secrets-file", metavar="FILE", help="read the shared secret from this file instead"
     )
     p.add_argument(
