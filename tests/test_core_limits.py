@@ -120,3 +120,26 @@ def test_change_request_is_refused_not_ignored() -> None:
     assert error_code(resp) == 420 and resp.get(Attr.UNKNOWN_ATTRIBUTES) == [Attr.CHANGE_REQUEST]
     ok = c.request(Method.BINDING, [(Attr.CHANGE_REQUEST, 0)], auth=False)
     assert ok.message_class == MessageClass.SUCCESS
+
+
+def test_change_request_is_answered_from_the_other_address() -> None:
+    """RFC 5780 §6.1 with primary 192.0.2.1:3478 and OTHER-ADDRESS 192.0.2.2:3479."""
+    primary, other = ("192.0.2.1", 3478), ("192.0.2.2", 3479)
+    core, _ = make_core(
+        other_address=other,
+        rfc5780_primary=primary,
+        rfc5780_addresses=frozenset({primary, other, ("192.0.2.1", 3479), ("192.0.2.2", 3478)}),
+    )
+    c = CoreClient(core)  # its requests arrive at 192.0.2.1:3478
+    for flags, origin in (
+        (0x06, other),
+        (0x02, ("192.0.2.1", 3479)),
+        (0x04, ("192.0.2.2", 3478)),
+        (0x00, primary),
+    ):
+        resp = c.request(Method.BINDING, [(Attr.CHANGE_REQUEST, flags)], auth=False)
+        assert resp.message_class == MessageClass.SUCCESS, flags
+        assert resp.get(Attr.RESPONSE_ORIGIN) == origin
+        assert resp.get(Attr.OTHER_ADDRESS) == other
+        assert core.send_from == (origin if origin != primary else None)
+        core.send_from = None

@@ -26,7 +26,7 @@ from .conftest import (
     client_ssl_context,
     require_tool,
 )
-from .procs import free_port, run_cli, wait_for_stun
+from .procs import free_port, run_cli, turnserver_process, wait_for_stun
 
 
 def _uris(server: RunningServer, secret: str = SECRET) -> list[IceUri]:
@@ -230,3 +230,74 @@ def test_nothing_reachable_says_unknown_and_duplicates_collapse() -> None:
     assert len(report["paths"]) == 1
     table = _preflight("--secret", "s", uri, "--packets", "1").stdout
     assert "TURN required: unknown" in table
+
+
+def test_rfc5780_filtering_against_natdiscovery_and_coturn(tmp_path: Path) -> None:
+    """RFC 5780 CHANGE-REQUEST: coturn's turnutils_natdiscovery checks our server (primary
+    127.0.0.1, OTHER-ADDRESS on 127.0.0.2 and another port), and our preflight checks
+    coturn. On loopback there is no NAT: both must find endpoint-independent behaviour,
+    which needs answers from the other IP and port to arrive."""
+    natdiscovery = require_tool("turnutils_natdiscovery")
+    port, other = free_port(), free_port()
+    with turnserver_process(
+        tmp_path,
+        "--secret",
+        "s",
+        "--listen",
+        f"udp://127.0.0.2:{other}",
+        "--other-address",
+        f"127.0.0.2:{other}",
+        "--relay-ip",
+        "127.0.0.1",
+        port=port,
+    ):
+        found = subprocess.run(
+            [natdiscovery, "-m", "-f", "-p", str(port), "127.0.0.1"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        ).stdout
+        assert "NAT with Endpoint Independent Mapping" in found, found
+        assert "NAT with Endpoint Independent Filtering" in found, found
+        assert f"Response origin: : 127.0.0.2:{other}" in found  # answered from there
+        ours = run_cli(
+            "preflight", "--json", "--timeout", "1", "--packets", "1", f"stun:127.0.0.1:{port}"
+        )
+        assert json.loads(ours.stdout)["nat_filtering"] == "endpoint-independent"
+    coturn_port = free_port()
+    coturn = subprocess.Popen(
+        [
+            _coturn(),
+            "-n",
+            "--listening-ip=127.0.0.1",
+            "--listening-ip=127.0.0.2",
+            f"--listening-port={coturn_port}",
+            "--no-tls",
+            "--no-dtls",
+            "--no-tcp",
+            "--no-cli",
+            "--relay-ip=127.0.0.1",
+            "--use-auth-secret",
+            "--static-auth-secret=s",
+            "--realm=r",
+            "--log-file=/dev/null",
+            "--no-stdout-log",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for_stun(coturn, coturn_port, 10)
+        report = run_cli(
+            "preflight",
+            "--json",
+            "--timeout",
+            "1",
+            "--packets",
+            "1",
+            f"stun:127.0.0.1:{coturn_port}",
+        )
+        assert json.loads(report.stdout)["nat_filtering"] == "endpoint-independent"
+    finally:
+        coturn.terminate()
+        coturn.wait(10)

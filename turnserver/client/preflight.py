@@ -20,8 +20,17 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 from turnserver.client.turnclient import TurnClient, TurnClientError
+from turnserver.stun import (
+    Attr,
+    MessageClass,
+    Method,
+    StunDecodeError,
+    decode_message,
+    encode_message,
+)
 from turnserver.stun.attributes import Address
 
 CHANNEL = 0x4000
@@ -135,6 +144,7 @@ class PathResult:
 class Report:
     paths: list[PathResult] = field(default_factory=list)
     nat_mapping: str = "unknown"
+    nat_filtering: str = "unknown"
     working_transports: list[str] = field(default_factory=list)
     turn_required: bool | None = None
     ice_servers_order: list[str] = field(default_factory=list)
@@ -300,6 +310,77 @@ async def nat_mapping(uris: list[IceUri], timeout: float) -> str:
     return "address-dependent or symmetric (direct connections likely fail: TURN needed)"
 
 
+class _AnySource(asyncio.DatagramProtocol):
+    """An unconnected UDP socket: answers may come from any of the server's addresses."""
+
+    def __init__(self) -> None:
+        self.answers: asyncio.Queue[tuple[bytes, Address]] = asyncio.Queue()
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        self.answers.put_nowait((data, (addr[0], addr[1])))
+
+
+async def _binding_from_anywhere(
+    transport: asyncio.DatagramTransport,
+    proto: _AnySource,
+    server: Address,
+    change: int,
+    timeout: float,
+) -> Address | None:
+    """Send a Binding with CHANGE-REQUEST flags; the RESPONSE-ORIGIN of the answer, or
+    None when nothing came back (retransmitted three times within the timeout)."""
+    tid = os.urandom(12)
+    request = encode_message(
+        Method.BINDING, MessageClass.REQUEST, tid, [(Attr.CHANGE_REQUEST, change)]
+    )
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while loop.time() < deadline:
+        transport.sendto(request, server)
+        try:
+            data, source = await asyncio.wait_for(
+                proto.answers.get(), min(timeout / 3, deadline - loop.time())
+            )
+        except TimeoutError:
+            continue
+        try:
+            msg = decode_message(data)
+        except StunDecodeError:
+            continue
+        if msg.transaction_id == tid and msg.message_class == MessageClass.SUCCESS:
+            origin: Address | None = msg.get(Attr.RESPONSE_ORIGIN)
+            return origin or source
+    return None
+
+
+async def nat_filtering(uris: list[IceUri], timeout: float) -> str:
+    """RFC 5780 §4.4: does the NAT let in answers from the server's other IP and port
+    (endpoint-independent), from its other port only (address-dependent), or neither
+    (address-and-port-dependent)? Needs a server answering CHANGE-REQUEST."""
+    targets = list(dict.fromkeys((u.host, u.port) for u in uris if u.transport == "udp"))
+    if not targets:
+        return "unknown (no UDP server address)"
+    server = targets[0]
+    loop = asyncio.get_running_loop()
+    family_any = "::" if ":" in server[0] else "0.0.0.0"
+    transport, proto = await loop.create_datagram_endpoint(_AnySource, local_addr=(family_any, 0))
+    try:
+        if await _binding_from_anywhere(transport, proto, server, 0, timeout) is None:
+            return "unknown (binding failed)"
+        both = await _binding_from_anywhere(transport, proto, server, 0x06, timeout)
+        if both is not None and both != server:
+            return "endpoint-independent"
+        port_only = await _binding_from_anywhere(transport, proto, server, 0x02, timeout)
+        if port_only is None and both is None:
+            # no answer at all to a CHANGE-REQUEST can also mean the server refused it
+            return "address-and-port-dependent (or the server does not answer CHANGE-REQUEST)"
+        if port_only is not None and port_only != server:
+            return "address-dependent"
+        return "address-and-port-dependent"
+    finally:
+        transport.close()
+
+
 def verdict(report: Report) -> None:
     turn_paths = [p for p in report.paths if p.uri.startswith("turn")]
     working = [p for p in turn_paths if p.media_ok]
@@ -315,6 +396,11 @@ def verdict(report: Report) -> None:
     report.turn_required = ((not udp_ok) or symmetric) if reachable else None
     if working:
         report.verdict = "media can flow through " + ", ".join(report.working_transports)
+        if report.nat_filtering.startswith("address-and-port-dependent"):
+            report.verdict += (
+                "; this NAT filters by address and port: if the other party's does too, "
+                "only TURN connects"
+            )
         failed = [p for p in turn_paths if not p.media_ok]
         if failed:
             report.root_cause = "; ".join(f"{p.uri}: {p.explanation}" for p in failed)
@@ -358,6 +444,7 @@ async def run(
         )
     )
     report.nat_mapping = await nat_mapping(uris, timeout)
+    report.nat_filtering = await nat_filtering(uris, timeout)
     verdict(report)
     return report
 
@@ -390,6 +477,7 @@ def as_table(report: Report) -> str:
     lines.append(f"verdict: {report.verdict}")
     required = {True: "yes", False: "no", None: "unknown (nothing answered)"}[report.turn_required]
     lines.append(f"TURN required: {required}   NAT mapping: {report.nat_mapping}")
+    lines.append(f"NAT filtering: {report.nat_filtering}")
     if report.ice_servers_order:
         lines.append("use iceServers in this order: " + ", ".join(report.ice_servers_order))
     if report.root_cause:

@@ -44,6 +44,10 @@ class CoreConfig:
 
     alternate_server: Address | None = None  # 300 Try Alternate while draining
     other_address: Address | None = None  # RFC 5780 OTHER-ADDRESS in Binding responses
+    # RFC 5780: the primary UDP listener, and every listener a CHANGE-REQUEST may be
+    # answered from (the four combinations of primary and other IP and port)
+    rfc5780_primary: Address | None = None
+    rfc5780_addresses: frozenset[Address] = field(default_factory=frozenset)
 
     # Transport addresses that are never valid peers (our own listeners).
     reserved_peers: frozenset[Address] = field(default_factory=frozenset)

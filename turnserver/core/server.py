@@ -38,6 +38,7 @@ from turnserver.core.state import (
     TimerKind,
 )
 from turnserver.core.tcp_connections import TcpConnectionHandlers
+from turnserver.stun.attributes import Address
 from turnserver.stun.constants import (
     Attr,
     MessageClass,
@@ -267,9 +268,14 @@ class TurnServer(AdminActions, PermissionHandlers, TcpConnectionHandlers):
             change = msg.get(Attr.CHANGE_REQUEST) if msg.has(Attr.CHANGE_REQUEST) else 0
         except StunDecodeError:  # found by the fuzzer: a CHANGE-REQUEST of the wrong size
             change = None
+        origin = ft.server
         if change:
-            # RFC 5780 §6.1: we cannot answer from another address or port
-            unknown = [*unknown, Attr.CHANGE_REQUEST]
+            # RFC 5780 §6.1: answer from the other IP and/or port; 420 when we have none
+            target = self._change_origin(ft, bool(change & 0x4), bool(change & 0x2))
+            if target is None:
+                unknown = [*unknown, Attr.CHANGE_REQUEST]
+            else:
+                origin = target
         if change is None:
             attrs: Attributes = [(Attr.ERROR_CODE, (400, "Bad Request"))]
             klass = MessageClass.ERROR
@@ -282,8 +288,12 @@ class TurnServer(AdminActions, PermissionHandlers, TcpConnectionHandlers):
         elif msg.magic_cookie:
             attrs = [(Attr.XOR_MAPPED_ADDRESS, ft.client)]
             if self.config.other_address is not None and ft.transport == ClientTransport.UDP:
-                # RFC 5780 §7.3: where a client can test its NAT's mapping from
+                # RFC 5780 §7.3: where a client can test its NAT's mapping from, and
+                # where this answer comes from (it may not be where the request went)
                 attrs.append((Attr.OTHER_ADDRESS, self.config.other_address))
+                attrs.append((Attr.RESPONSE_ORIGIN, origin))
+                if origin != ft.server:
+                    self.send_from = origin
             klass = MessageClass.SUCCESS
 
         else:  # RFC 3489 client: MAPPED-ADDRESS, echo its 16-byte transaction id
@@ -302,6 +312,25 @@ class TurnServer(AdminActions, PermissionHandlers, TcpConnectionHandlers):
             fingerprint=msg.fingerprint_offset >= 0,
             magic_cookie=cookie,
         )
+
+    def _change_origin(self, ft: FiveTuple, change_ip: bool, change_port: bool) -> Address | None:
+        """RFC 5780 §6.1: the address to answer a CHANGE-REQUEST from: the other IP
+        and/or the other port of (primary, OTHER-ADDRESS), if we listen there."""
+        cfg = self.config
+        primary, other = cfg.rfc5780_primary, cfg.other_address
+        if ft.transport != ClientTransport.UDP or primary is None or other is None:
+            return None
+        ip, port = ft.server
+        if change_ip:
+            if primary[0] == other[0]:
+                return None
+            ip = other[0] if ip == primary[0] else primary[0]
+        if change_port:
+            if primary[1] == other[1]:
+                return None
+            port = other[1] if port == primary[1] else primary[1]
+        target = (ip, port)
+        return target if target in cfg.rfc5780_addresses else None
 
     def shutdown(self, now: float) -> None:
         """Delete every allocation (process exit)."""

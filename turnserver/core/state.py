@@ -158,6 +158,9 @@ class CoreState:
         self.allocations_by_id: dict[str, Allocation] = {}
         self.id_prefix = "w0-"  # a worker's index, so a supervisor can route by id
         self.revocations: dict[str, tuple[float, str]] = {}
+        # RFC 5780: the local address the last response must be sent from, when it is
+        # not the one the request came to (CHANGE-REQUEST); the I/O layer reads and clears it
+        self.send_from: Address | None = None
         self._handlers = self._request_handlers()
 
     def _request_handlers(self) -> dict[int, Handler]:

@@ -130,6 +130,7 @@ class ServerRuntime:
                 if sock is None:
                     sock = bind_udp_socket(spec.host, spec.port, reuse_port=self.reuse_port)
                 listener = UdpListener(self, sock)
+                listener.siblings = self.udp_listeners  # shared: RFC 5780 answers
                 listener.start(self.loop)
                 self.udp_listeners[listener.local] = listener
                 return

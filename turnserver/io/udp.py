@@ -83,6 +83,7 @@ class UdpListener:
         self.local: Address = (host, port)
         self.v6 = sock.family == socket.AF_INET6
         self.by_client: dict[Address, Allocation] = {}
+        self.siblings: dict[Address, UdpListener] = {}  # every UDP listener, by address
         _tune_buffers(sock)
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -149,12 +150,19 @@ class UdpListener:
         runtime = self.runtime
         ft = FiveTuple(addr, self.local, ClientTransport.UDP)
         started = perf_counter()
-        response = runtime.core.handle_message(data, ft, runtime.now())
+        core = runtime.core
+        response = core.handle_message(data, ft, runtime.now())
         if response is not None:
+            sock = self.sock
+            if core.send_from is not None:  # RFC 5780 CHANGE-REQUEST: another of ours
+                origin = self.siblings.get(core.send_from)
+                core.send_from = None
+                if origin is not None:
+                    sock = origin.sock
             try:
-                self.sock.sendto(response, addr)
+                sock.sendto(response, addr)
             except OSError:
-                runtime.core.stats.dropped_send_error += 1
+                core.stats.dropped_send_error += 1
         runtime.after_core_call(perf_counter() - started)
 
 

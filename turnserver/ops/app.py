@@ -28,10 +28,12 @@ from turnserver.ops.banner import credential_banner, log_limits
 from turnserver.ops.config import (
     Settings,
     admin_certificate,
+    all_listeners,
     api_certificate,
     check_certificate,
     preflight_page_enabled,
     relay_layout,
+    rfc5780_primary,
 )
 from turnserver.ops.config_values import AdminToken, ConfigError, parse_admin_token
 from turnserver.ops.eventlog import log, log_event, setup_logging
@@ -45,6 +47,7 @@ from turnserver.ops.uris import server_uris
 
 def core_config(settings: Settings) -> CoreConfig:
     """The core's view of the settings."""
+    primary = rfc5780_primary(settings)
     return CoreConfig(
         relay_addresses=tuple(RelayAddress(b, a, f) for b, a, f in relay_layout(settings)),
         min_port=settings.min_port,
@@ -66,6 +69,12 @@ def core_config(settings: Settings) -> CoreConfig:
         challenge_burst=settings.challenge_burst,
         alternate_server=settings.alternate_server,
         other_address=settings.other_address,
+        rfc5780_primary=(primary.host, primary.port) if primary else None,
+        rfc5780_addresses=frozenset(
+            (spec.host, spec.port) for spec in all_listeners(settings) if spec.scheme == "udp"
+        )
+        if primary
+        else frozenset(),
     )
 
 
@@ -74,7 +83,7 @@ def reserved_peers(settings: Settings) -> frozenset[tuple[str, int]]:
     address of ours (listener, relay, advertised and loopback for wildcards)."""
     own: set[tuple[str, int]] = set()
     layout = relay_layout(settings)
-    for spec in settings.listen:
+    for spec in all_listeners(settings):
         hosts = {spec.host}
         if spec.host in ("0.0.0.0", "::"):
             version = 6 if ":" in spec.host else 4
@@ -140,7 +149,7 @@ def build_runtime(
         core_config(settings),
         auth,
         peer_policy(settings),
-        list(settings.listen),
+        all_listeners(settings),
         loop,
         tls=tls,
         stream_options=stream_options(settings),

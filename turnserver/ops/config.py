@@ -349,6 +349,9 @@ def validate(s: Settings) -> None:
         spec.scheme == "udp" and (spec.host, spec.port) == s.other_address for spec in s.listen
     ):
         raise ConfigError("stun.other_address: must be one of the udp:// listeners")
+    primary = rfc5780_primary(s)
+    if s.other_address and primary is not None and not (primary.port and s.other_address[1]):
+        raise ConfigError("stun.other_address: RFC 5780 needs fixed ports (not 0)")
     if s.api_default_ttl > s.api_max_ttl:
         raise ConfigError("api.default_ttl: above api.max_ttl")
     if s.api_listen and not (s.secrets or s.api_keys or s.accounts):
@@ -411,6 +414,38 @@ def preflight_page_enabled(s: Settings) -> bool:
     if s.preflight_page is not None:
         return s.preflight_page
     return s.api_listen is not None and ipaddress.ip_address(s.api_listen[0]).is_loopback
+
+
+def rfc5780_primary(s: Settings) -> ListenAddress | None:
+    """The UDP listener CHANGE-REQUEST answers pair with stun.other_address (RFC 5780)."""
+    if s.other_address is None:
+        return None
+    for spec in s.listen:
+        if spec.scheme == "udp" and (spec.host, spec.port) != s.other_address:
+            return spec
+    return None
+
+
+def rfc5780_listeners(s: Settings) -> tuple[ListenAddress, ...]:
+    """The UDP listeners RFC 5780 needs besides the configured ones: the primary IP with
+    the other port, and the other IP with the primary port (answers to CHANGE-REQUEST
+    come from them, and mapping tests are sent to them)."""
+    primary = rfc5780_primary(s)
+    if primary is None or s.other_address is None:
+        return ()
+    other_ip, other_port = s.other_address
+    have = {(spec.host, spec.port) for spec in s.listen if spec.scheme == "udp"}
+    extra: list[ListenAddress] = []
+    for host, port in ((primary.host, other_port), (other_ip, primary.port)):
+        if (host, port) not in have:
+            have.add((host, port))
+            extra.append(ListenAddress("udp", host, port))
+    return tuple(extra)
+
+
+def all_listeners(s: Settings) -> list[ListenAddress]:
+    """The configured listeners, then the ones RFC 5780 adds."""
+    return [*s.listen, *rfc5780_listeners(s)]
 
 
 def relay_layout(s: Settings) -> list[tuple[str, str, int]]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from turnserver.io.runtime import ListenAddress
-from turnserver.ops.config import Settings, relay_layout
+from turnserver.ops.config import Settings, relay_layout, rfc5780_listeners
 from turnserver.ops.credentials import ServerUris
 
 
@@ -20,7 +20,10 @@ def server_uris(settings: Settings, listen: list[ListenAddress]) -> ServerUris:
     stun: list[str] = []
     turn: list[str] = []
     layout = relay_layout(settings)
+    rfc5780 = {(x.host, x.port) for x in rfc5780_listeners(settings)}
     for spec in listen:
+        if spec.scheme == "udp" and (spec.host, spec.port) in rfc5780:
+            continue  # RFC 5780 test addresses, not for TURN clients
         host = settings.public_host or spec.host
         if host in ("0.0.0.0", "::") and layout:
             host = layout[0][1]

@@ -34,6 +34,7 @@ from turnserver.ops.admin_fleet import FleetBackend
 from turnserver.ops.config import (
     Settings,
     admin_certificate,
+    all_listeners,
     api_certificate,
     build_settings,
     load_file,
@@ -215,7 +216,7 @@ class Supervisor:
         # privilege and keeps the queued packets.) Raises OSError naming the listener.
         self.listeners: list[list[socket.socket]] = [[] for _ in range(self.n)]
         try:
-            for spec in settings.listen:
+            for spec in all_listeners(settings):
                 try:
                     group = bind_listener_group(spec.scheme, spec.host, spec.port, self.n)
                 except OSError as exc:
