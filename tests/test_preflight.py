@@ -301,3 +301,13 @@ def test_rfc5780_filtering_against_natdiscovery_and_coturn(tmp_path: Path) -> No
     finally:
         coturn.terminate()
         coturn.wait(10)
+
+
+async def test_filtering_is_unknown_without_rfc5780(server: RunningServer) -> None:
+    """A server with no OTHER-ADDRESS (or one answering 420) gives no filtering verdict,
+    and says why, instead of guessing."""
+    from turnserver.client.preflight import nat_filtering, parse_uri
+
+    host, port = server.address
+    found = await nat_filtering([parse_uri(f"stun:{host}:{port}")], 1.0)
+    assert found == "unknown (the server offers no RFC 5780 OTHER-ADDRESS)"

@@ -28,6 +28,7 @@ from turnserver.stun import (
     MessageClass,
     Method,
     StunDecodeError,
+    StunMessage,
     decode_message,
     encode_message,
 )
@@ -326,13 +327,12 @@ async def _binding_from_anywhere(
     server: Address,
     change: int,
     timeout: float,
-) -> Address | None:
-    """Send a Binding with CHANGE-REQUEST flags; the RESPONSE-ORIGIN of the answer, or
-    None when nothing came back (retransmitted three times within the timeout)."""
+) -> tuple[StunMessage, Address] | None:
+    """Send a Binding with CHANGE-REQUEST flags; the answer (success or error) and where
+    it came from, or None when nothing came back (three tries within the timeout)."""
     tid = os.urandom(12)
-    request = encode_message(
-        Method.BINDING, MessageClass.REQUEST, tid, [(Attr.CHANGE_REQUEST, change)]
-    )
+    attrs = [(Attr.CHANGE_REQUEST, change)] if change else []
+    request = encode_message(Method.BINDING, MessageClass.REQUEST, tid, attrs)
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     while loop.time() < deadline:
@@ -347,16 +347,22 @@ async def _binding_from_anywhere(
             msg = decode_message(data)
         except StunDecodeError:
             continue
-        if msg.transaction_id == tid and msg.message_class == MessageClass.SUCCESS:
-            origin: Address | None = msg.get(Attr.RESPONSE_ORIGIN)
-            return origin or source
+        if msg.transaction_id == tid and msg.message_class != MessageClass.REQUEST:
+            return msg, source
     return None
+
+
+def _origin(answer: tuple[StunMessage, Address]) -> Address:
+    msg, source = answer
+    origin: Address | None = msg.get(Attr.RESPONSE_ORIGIN)
+    return origin or source
 
 
 async def nat_filtering(uris: list[IceUri], timeout: float) -> str:
     """RFC 5780 §4.4: does the NAT let in answers from the server's other IP and port
     (endpoint-independent), from its other port only (address-dependent), or neither
-    (address-and-port-dependent)? Needs a server answering CHANGE-REQUEST."""
+    (address-and-port-dependent)? Needs a server with OTHER-ADDRESS that answers
+    CHANGE-REQUEST (ours with --other-address, coturn with two listening IPs)."""
     targets = list(dict.fromkeys((u.host, u.port) for u in uris if u.transport == "udp"))
     if not targets:
         return "unknown (no UDP server address)"
@@ -364,18 +370,25 @@ async def nat_filtering(uris: list[IceUri], timeout: float) -> str:
     loop = asyncio.get_running_loop()
     family_any = "::" if ":" in server[0] else "0.0.0.0"
     transport, proto = await loop.create_datagram_endpoint(_AnySource, local_addr=(family_any, 0))
+    refused = "unknown (the server does not answer CHANGE-REQUEST)"
     try:
-        if await _binding_from_anywhere(transport, proto, server, 0, timeout) is None:
+        first = await _binding_from_anywhere(transport, proto, server, 0, timeout)
+        if first is None or first[0].message_class != MessageClass.SUCCESS:
             return "unknown (binding failed)"
+        if not first[0].has(Attr.OTHER_ADDRESS):
+            return "unknown (the server offers no RFC 5780 OTHER-ADDRESS)"
         both = await _binding_from_anywhere(transport, proto, server, 0x06, timeout)
-        if both is not None and both != server:
-            return "endpoint-independent"
+        if both is not None:
+            if both[0].message_class != MessageClass.SUCCESS:
+                return refused
+            if _origin(both) != server:
+                return "endpoint-independent"
         port_only = await _binding_from_anywhere(transport, proto, server, 0x02, timeout)
-        if port_only is None and both is None:
-            # no answer at all to a CHANGE-REQUEST can also mean the server refused it
-            return "address-and-port-dependent (or the server does not answer CHANGE-REQUEST)"
-        if port_only is not None and port_only != server:
-            return "address-dependent"
+        if port_only is not None:
+            if port_only[0].message_class != MessageClass.SUCCESS:
+                return refused
+            if _origin(port_only) != server:
+                return "address-dependent"
         return "address-and-port-dependent"
     finally:
         transport.close()
