@@ -11,6 +11,9 @@
 #     serve --config /etc/turnserver/turnserver.yaml --min-port 49152 --max-port 49407 \
 #     --external-ip <host public IP>
 # (publishing thousands of ports is slow in Docker: keep the range small, or use host).
+# The image's example config names relay.ip 192.0.2.10, a placeholder: the server
+# refuses to start until it is an address of the host (mount your own config, or add
+# --relay-ip <host address> to the command).
 #
 # Ports: 3478/udp and 3478/tcp (TURN, STUN), 5349/tcp (TURN over TLS), the relay range
 # (UDP, default 49152-65535), 9641/tcp (metrics, /healthz, /readyz), and the credentials
