@@ -35,15 +35,19 @@ def reserve_for(nofile: int) -> int:
     return max(MIN_RESERVE, nofile // 20)
 
 
+def tighter(a: int, b: int) -> int:
+    """The stricter of two limits where 0 means unlimited."""
+    return min(a, b) if a and b else a or b
+
+
 class DescriptorBudget:
     """Counts client-caused sockets against a limit (0: no limit)."""
 
-    __slots__ = ("limit", "refused", "used")
+    __slots__ = ("limit", "used")
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.used = 0
-        self.refused = 0  # requests for descriptors turned down, for metrics
 
     @classmethod
     def from_rlimit(cls) -> DescriptorBudget:
@@ -51,11 +55,8 @@ class DescriptorBudget:
         return cls(max(16, nofile - reserve_for(nofile)))
 
     def has(self, n: int = 1) -> bool:
-        """True when n more descriptors fit (counts a refusal otherwise)."""
-        if not self.limit or self.used + n <= self.limit:
-            return True
-        self.refused += 1
-        return False
+        """True when n more descriptors fit."""
+        return not self.limit or self.used + n <= self.limit
 
     def take(self, n: int = 1) -> None:
         self.used += n

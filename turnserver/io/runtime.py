@@ -16,7 +16,7 @@ from turnserver.core.config import CoreConfig
 from turnserver.core.five_tuple import ClientTransport, FiveTuple
 from turnserver.core.policy import PeerPolicy
 from turnserver.core.server import TurnServer
-from turnserver.io.descriptors import DescriptorBudget
+from turnserver.io.descriptors import DescriptorBudget, tighter
 from turnserver.io.host import ClientStream
 from turnserver.io.stream import StreamConnection
 from turnserver.io.tcp_relay import TcpRelay
@@ -100,11 +100,29 @@ class ServerRuntime:
     @property
     def stream_limit(self) -> int:
         """TCP/TLS client connections allowed in all (configured, or half the fd budget)."""
-        configured = self.stream_options.max_connections
-        derived = self.descriptors.limit // 2
-        if configured and derived:
-            return min(configured, derived)
-        return configured or derived
+        return tighter(self.stream_options.max_connections, self.descriptors.limit // 2)
+
+    @property
+    def allocation_limit(self) -> int:
+        """Allocations allowed in all: allocations.max_total, never beyond the fd budget
+        (every allocation holds at least one relay socket)."""
+        return tighter(self.core.config.max_allocations, self.descriptors.limit)
+
+    def limits(self) -> dict[str, int]:
+        """Every limit in force (0: unlimited), for the start-up log and turn_limit."""
+        cfg = self.core.config
+        return {
+            "descriptors": self.descriptors.limit,
+            "allocations": self.allocation_limit,
+            "allocations_per_user": cfg.max_allocations_per_user,
+            "allocations_per_client_ip": cfg.max_allocations_per_client_ip,
+            "permissions_per_allocation": cfg.max_permissions_per_allocation,
+            "channels_per_allocation": cfg.max_channels_per_allocation,
+            "peer_connections_per_allocation": cfg.max_peer_connections_per_allocation,
+            "pending_connects_per_allocation": cfg.max_pending_connects_per_allocation,
+            "stream_connections": self.stream_limit,
+            "stream_connections_per_ip": self.stream_options.max_connections_per_ip,
+        }
 
     @property
     def handshake_timeout(self) -> float:

@@ -59,23 +59,11 @@ def credential_banner_text(settings: Settings, listen: list[ListenAddress], user
 
 def log_limits(rt: ServerRuntime) -> None:
     """Say at start what this process will hold (issue: safe defaults)."""
-    cfg = rt.core.config
-    budget = rt.descriptors.limit
-
-    def show(n: int) -> str:
-        return str(n) if n else "unlimited"
-
+    limits = rt.limits()
+    budget = limits.pop("descriptors")
     log.info(
-        "limits: descriptor budget %d (RLIMIT_NOFILE %d less a reserve), allocations %s, "
-        "TCP/TLS connections %s (%s per client IP); per allocation: permissions %s, "
-        "channels %s, RFC 6062 peer connections %s, Connects in progress %s",
+        "limits: descriptor budget %d (RLIMIT_NOFILE %d less a reserve); %s",
         budget,
         resource.getrlimit(resource.RLIMIT_NOFILE)[0],
-        show(min(cfg.max_allocations, budget) if cfg.max_allocations else budget),
-        show(rt.stream_limit),
-        show(rt.stream_options.max_connections_per_ip),
-        show(cfg.max_permissions_per_allocation),
-        show(cfg.max_channels_per_allocation),
-        show(cfg.max_peer_connections_per_allocation),
-        show(cfg.max_pending_connects_per_allocation),
+        ", ".join(f"{name} {value or 'unlimited'}" for name, value in limits.items()),
     )

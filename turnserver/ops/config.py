@@ -17,8 +17,7 @@ import yaml
 
 from turnserver import SOFTWARE
 from turnserver.io.runtime import ListenAddress
-from turnserver.ops.config_values import (  # noqa: F401 - re-exported
-    DEFAULT_PORTS,
+from turnserver.ops.config_values import (
     Check,
     ConfigError,
     StaticUser,
@@ -38,9 +37,6 @@ from turnserver.ops.config_values import (  # noqa: F401 - re-exported
     _users,
     parse_account,
     parse_admin_token,
-    parse_host_port,
-    parse_listen,
-    parse_user,
 )
 
 LOG_LEVELS = ("debug", "info", "warning", "error")

@@ -216,30 +216,11 @@ class TurnCollector(Collector):
     @staticmethod
     def _limits(runtime: ServerRuntime) -> Iterator[Metric]:
         """The limits in force (0: unlimited), so a dashboard can show headroom."""
-        cfg = runtime.core.config
         budget = runtime.descriptors
         limits = GaugeMetricFamily(
             "turn_limit", "Limits in force (0 means unlimited)", labels=["name"]
         )
-        derived_allocations = budget.limit  # one descriptor per relayed address at least
-        configured = cfg.max_allocations
-        for name, value in (
-            ("descriptors", budget.limit),
-            (
-                "allocations",
-                min(configured, derived_allocations)
-                if configured and derived_allocations
-                else configured or derived_allocations,
-            ),
-            ("allocations_per_user", cfg.max_allocations_per_user),
-            ("allocations_per_client_ip", cfg.max_allocations_per_client_ip),
-            ("permissions_per_allocation", cfg.max_permissions_per_allocation),
-            ("channels_per_allocation", cfg.max_channels_per_allocation),
-            ("peer_connections_per_allocation", cfg.max_peer_connections_per_allocation),
-            ("pending_connects_per_allocation", cfg.max_pending_connects_per_allocation),
-            ("stream_connections", runtime.stream_limit),
-            ("stream_connections_per_ip", runtime.stream_options.max_connections_per_ip),
-        ):
+        for name, value in runtime.limits().items():
             limits.add_metric([name], value)
         yield limits
         yield GaugeMetricFamily(
