@@ -377,18 +377,16 @@ async def nat_filtering(uris: list[IceUri], timeout: float) -> str:
             return "unknown (binding failed)"
         if not first[0].has(Attr.OTHER_ADDRESS):
             return "unknown (the server offers no RFC 5780 OTHER-ADDRESS)"
-        both = await _binding_from_anywhere(transport, proto, server, 0x06, timeout)
-        if both is not None:
-            if both[0].message_class != MessageClass.SUCCESS:
+        # change IP and port, then port only: the first answer that gets through says how
+        # strict the NAT's filter is (an answer from the same address tells nothing)
+        for change, behaviour in ((0x06, "endpoint-independent"), (0x02, "address-dependent")):
+            answer = await _binding_from_anywhere(transport, proto, server, change, timeout)
+            if answer is None:
+                continue
+            if answer[0].message_class != MessageClass.SUCCESS:
                 return refused
-            if _origin(both) != server:
-                return "endpoint-independent"
-        port_only = await _binding_from_anywhere(transport, proto, server, 0x02, timeout)
-        if port_only is not None:
-            if port_only[0].message_class != MessageClass.SUCCESS:
-                return refused
-            if _origin(port_only) != server:
-                return "address-dependent"
+            if _origin(answer) != server:
+                return behaviour
         return "address-and-port-dependent"
     finally:
         transport.close()

@@ -154,9 +154,7 @@ class StreamConnection(asyncio.Protocol):
             self.runtime.emit(ev.TlsHandshakeFailed(self.five_tuple, reason, str(exc)[:200]))
             self.runtime.emit(ev.ConnectionClosed(self.five_tuple, self.close_reason, reason))
         raw.abort()
-        if self._raw is raw and self.registered:
-            # start_tls took the transport: connection_lost may never reach us
-            self._lost()
+        self._lost()  # start_tls took the transport: connection_lost may never reach us
 
     def data_received(self, data: bytes) -> None:
         self.last_active = self.runtime.loop.time()

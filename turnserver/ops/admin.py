@@ -26,6 +26,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from aiohttp import web
 
+from turnserver.core.allocation import Allocation
+from turnserver.core.five_tuple import format_address
 from turnserver.ops.config_values import AdminToken, ConfigError, parse_admin_token  # noqa: F401
 from turnserver.ops.credentials import parse_ttl
 from turnserver.ops.eventlog import safe_text
@@ -52,18 +54,16 @@ class Filters:
     peer: str = ""
     transport: str = ""
 
-    def match_allocation(self, alloc: Any) -> bool:
+    def match_allocation(self, alloc: Allocation) -> bool:
         """Does the allocation match? Tested on the object, before its JSON is built:
         50,000 allocations page in under 20 ms."""
         if self.user and alloc.user != self.user:
             return False
         if self.transport and alloc.five_tuple.transport.value != self.transport:
             return False
-        if self.client:
-            host, port = alloc.five_tuple.client
-            text = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-            if self.client not in (host, text):
-                return False
+        client = alloc.five_tuple.client
+        if self.client and self.client not in (client[0], format_address(client)):
+            return False
         return not self.peer or self.peer in alloc.permissions
 
 
@@ -92,7 +92,7 @@ class LocalBackend:
         self.runtime = runtime
         self.worker = worker
 
-    def _info(self, alloc: Any, now: float) -> dict[str, Any]:
+    def _info(self, alloc: Allocation, now: float) -> dict[str, Any]:
         return {**self.runtime.core.allocation_info(alloc, now), "worker": self.worker}
 
     async def allocations(self, filters: Filters, limit: int, cursor: str) -> list[dict[str, Any]]:
