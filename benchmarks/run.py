@@ -24,11 +24,14 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -79,65 +82,63 @@ class Target:
             self.proc.wait()
 
 
-def start_ours(workers: int) -> Target:
+def start_ours(workers: int, log: Path) -> Target:
+    """Our server as shipped: default log level and settings; the log goes to a file."""
     port, mport = free_port(), free_port(socket.SOCK_STREAM)
-    proc = subprocess.Popen(
-        serve_command(
-            port,
-            "--secret",
-            SECRET,
-            "--realm",
-            "bench",
-            "--allow-loopback-peers",
-            "--min-port",
-            "40000",
-            "--max-port",
-            "60000",
-            "--probe-interval",
-            "0",
-            "--log-level",
-            "error",
-            "--config",
-            str(Path(__file__).parent / "bench.yaml"),
-            workers=workers,
-            metrics=f"127.0.0.1:{mport}",
-        ),
-        stdout=subprocess.DEVNULL,
-    )
+    with log.open("ab") as err:
+        proc = subprocess.Popen(
+            serve_command(
+                port,
+                "--secret",
+                SECRET,
+                "--realm",
+                "bench",
+                "--allow-loopback-peers",
+                "--min-port",
+                "40000",
+                "--max-port",
+                "47999",
+                workers=workers,
+                metrics=f"127.0.0.1:{mport}",
+            ),
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+        )
     return _wait(
         Target(f"turnserver ({workers} worker{'s' if workers > 1 else ''})", proc, port, mport)
     )
 
 
-def start_coturn(threads: int | None) -> Target | None:
+def start_coturn(threads: int, workdir: Path) -> Target | None:
+    """coturn as in issue 15's method: defaults plus what a loopback bench needs."""
     exe = shutil.which("turnserver") if shutil.which("turnutils_uclient") else None
     if exe is None:
         return None
     port = free_port()
+    userdb = workdir / f"coturn-{port}.db"
     args = [
         exe,
         "-n",
         "--listening-ip=127.0.0.1",
-        f"--listening-port={port}",
         "--relay-ip=127.0.0.1",
+        f"--listening-port={port}",
+        "--no-tls",
+        "--no-dtls",
+        "--no-tcp",
         "--min-port=40000",
-        "--max-port=60000",
+        "--max-port=47999",
         "--use-auth-secret",
         f"--static-auth-secret={SECRET}",
         "--realm=bench",
         "--allow-loopback-peers",
-        "--no-tls",
-        "--no-dtls",
         "--no-cli",
-        "--no-tcp-relay",
-        "--log-file=/dev/null",
+        f"--relay-threads={threads}",
+        f"--userdb={userdb}",
+        f"--log-file={workdir / 'coturn.log'}",
         "--no-stdout-log",
     ]
-    if threads:
-        args.append(f"--relay-threads={threads}")
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    name = f"coturn ({threads} relay thread)" if threads else "coturn (default threads)"
-    return _wait(Target(name, proc, port))
+    return _wait(Target(f"coturn ({threads} relay thread)", proc, port))
 
 
 def _wait(t: Target) -> Target:
@@ -161,58 +162,100 @@ class RateResult:
     loadgen_cpu: float
 
 
-def run_rate(t: Target, gen: LoadGen, clients: list, rate: int, seconds: float) -> RateResult:
-    c0, g0, w0 = cpu_seconds(t.proc.pid), time.process_time(), time.monotonic()
-    sent, received, rtts = gen.traffic(clients, rate, seconds)
-    c1, g1, w1 = cpu_seconds(t.proc.pid), time.process_time(), time.monotonic()
-    relayed = sent + received  # client->peer and peer->client
-    rtts.sort()
-    pick = (
-        (lambda q: rtts[min(len(rtts) - 1, int(q * len(rtts)))] * 1000)
-        if rtts
-        else (lambda q: float("nan"))
+def run_rate(t: Target, pacer: Path, clients: list, rate: int, seconds: float) -> RateResult:
+    """Offer `rate` pps of 160-byte ChannelData from the C pacer (sends every 200 µs)."""
+    fds = [c.sock.fileno() for c in clients]
+    c0, w0 = cpu_seconds(t.proc.pid), time.monotonic()
+    out = subprocess.run(
+        [str(pacer), str(rate), str(seconds), "200", *map(str, fds)],
+        pass_fds=fds,
+        capture_output=True,
+        check=True,
+        timeout=seconds + 30,
     )
+    c1, w1 = cpu_seconds(t.proc.pid), time.monotonic()
+    r = json.loads(out.stdout)
+    relayed = r["sent"] + r["received"]  # client->peer and peer->client
     return RateResult(
         rate,
-        sent,
-        received,
+        r["sent"],
+        r["received"],
         (c1 - c0) * 1e6 / max(1, relayed),
-        1 - received / max(1, sent),
-        pick(0.5),
-        pick(0.99),
-        (g1 - g0) / (w1 - w0),
+        1 - r["received"] / max(1, r["sent"]),
+        r["p50_ms"],
+        r["p99_ms"],
+        r["cpu_seconds"] / (w1 - w0),
     )
+
+
+@dataclass
+class SetupResult:
+    setups: int
+    failed: int
+    per_second: float
+    server_us_per_setup: float
+
+
+def run_setups(t: Target, peer: tuple[str, int], count: int, prefix: str) -> SetupResult:
+    """`count` full setups (401, Allocate, CreatePermission, ChannelBind), unique users,
+    50 in flight; server CPU per completed setup and setups per second."""
+    gen = LoadGen(("127.0.0.1", t.port), SECRET, peer)
+    try:
+        c0 = cpu_seconds(t.proc.pid)
+        s = gen.setup(count, window=50, prefix=prefix)
+        c1 = cpu_seconds(t.proc.pid)
+    finally:
+        gen.close()  # the allocations stay until they expire; the next run adds to them
+    done = len(s.ready)
+    return SetupResult(
+        done,
+        s.failed,
+        done / s.seconds if s.seconds else 0.0,
+        (c1 - c0) * 1e6 / max(1, done),
+    )
+
+
+def median_by(results: list, key: str) -> Any:
+    return sorted(results, key=lambda r: getattr(r, key))[len(results) // 2]
 
 
 def measure(
     t: Target,
+    pacer: Path,
     peer: tuple[str, int],
     rates: list[int],
     seconds: float,
     capacity_rates: list[int],
     setups: int,
     memory_counts: list[int],
+    repeats: int,
 ) -> dict:
     out: dict = {"name": t.name}
     gen = LoadGen(("127.0.0.1", t.port), SECRET, peer)
     try:
-        res = gen.setup(50, prefix="traffic")
-        clients = res.ready
-        gen.traffic(clients, 2000, 1.0)  # warm up
-        out["rates"] = [run_rate(t, gen, clients, r, seconds) for r in rates]
+        clients = gen.setup(50, prefix="traffic").ready
+        run_rate(t, pacer, clients, 2000, 1.0)  # warm up
+        out["rates"] = [
+            median_by(
+                [run_rate(t, pacer, clients, r, seconds) for _ in range(repeats)],
+                "server_us_per_packet",
+            )
+            for r in rates
+        ]
         best = None
         for r in capacity_rates:
-            rr = run_rate(t, gen, clients, r, seconds)
+            rr = run_rate(t, pacer, clients, r, seconds)
             if rr.loss >= 0.001:
                 out["capacity_limit"] = rr
                 break
             best = rr
         out["capacity"] = best
-        s = gen.setup(setups, prefix="setup")
-        out["setup_rate"] = len(s.ready) / s.seconds if s.seconds else 0
-        out["setup_failed"] = s.failed
     finally:
         gen.close()
+    out["setup"] = median_by(
+        [run_setups(t, peer, setups, f"setup{i}-") for i in range(repeats)],
+        "server_us_per_setup",
+    )
     # Memory on a fresh instance of the same server would be cleaner; this one has the
     # setup allocations too, so measure increments.
     gen = LoadGen(("127.0.0.1", t.port), SECRET, peer)
@@ -231,33 +274,38 @@ def measure(
     return out
 
 
-def worker_spread(peer: tuple[str, int], seconds: float) -> dict:
-    t = start_ours(2)
+def worker_shares(t: Target) -> list[float]:
+    body = json.loads(
+        urllib.request.urlopen(f"http://127.0.0.1:{t.metrics_port}/readyz", timeout=5).read()
+    )
+    shares = []
+    for w in body["workers"].values():
+        text = (
+            urllib.request.urlopen(f"http://127.0.0.1:{w['metrics_port']}/metrics", timeout=5)
+            .read()
+            .decode()
+        )
+        shares.append(
+            sum(
+                float(line.split()[-1])
+                for line in text.splitlines()
+                if line.startswith("turn_relayed_packets_total")
+            )
+        )
+    total = sum(shares) or 1
+    return [s / total for s in shares]
+
+
+def two_workers(pacer: Path, peer: tuple[str, int], seconds: float, setups: int, log: Path) -> dict:
+    t = start_ours(2, log)
     try:
-        time.sleep(1)
         gen = LoadGen(("127.0.0.1", t.port), SECRET, peer)
         clients = gen.setup(50, prefix="spread").ready
-        rr = run_rate(t, gen, clients, 10000, seconds)
+        rr = run_rate(t, pacer, clients, 20000, seconds)
         gen.close()
-        body = json.loads(
-            urllib.request.urlopen(f"http://127.0.0.1:{t.metrics_port}/readyz", timeout=5).read()
-        )
-        shares = []
-        for w in body["workers"].values():
-            text = (
-                urllib.request.urlopen(f"http://127.0.0.1:{w['metrics_port']}/metrics", timeout=5)
-                .read()
-                .decode()
-            )
-            shares.append(
-                sum(
-                    float(line.split()[-1])
-                    for line in text.splitlines()
-                    if line.startswith("turn_relayed_packets_total")
-                )
-            )
-        total = sum(shares) or 1
-        return {"rate": rr, "shares": [s / total for s in shares]}
+        shares = worker_shares(t)
+        setup = run_setups(t, peer, setups, "spread-setup")
+        return {"rate": rr, "shares": shares, "setup": setup}
     finally:
         t.stop()
 
@@ -278,81 +326,43 @@ def machine() -> str:
 
 
 def fmt_rows(results: list[dict], rates: list[int]) -> list[str]:
-    ours = results[0]
     lines = [
         "| server | " + " | ".join(f"{r} pps offered" for r in rates) + " |",
         "|---|" + "---|" * len(rates),
     ]
     for res in results:
         cells = []
-        for rr, base in zip(res["rates"], ours["rates"], strict=True):
+        for rr in res["rates"]:
             sat = " (load generator saturated)" if rr.loadgen_cpu > 0.95 else ""
             cells.append(
                 f"{rr.server_us_per_packet:.1f} µs/pkt, loss {rr.loss:.2%}, "
                 f"RTT p50 {rr.p50_ms:.2f} / p99 {rr.p99_ms:.2f} ms, "
-                f"loadgen CPU {rr.loadgen_cpu:.0%}{sat}"
+                f"generator CPU {rr.loadgen_cpu:.0%}{sat}"
             )
-            del base
         lines.append(f"| {res['name']} | " + " | ".join(cells) + " |")
     return lines
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--quick", action="store_true", help="shorter runs, 1,000 allocations")
-    parser.add_argument("--out", default=str(Path(__file__).parent / "RESULTS.md"))
-    args = parser.parse_args()
-    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    seconds = 2.0 if args.quick else 4.0
-    rates = [5000, 10000, 20000]
-    capacity_rates = [10000, 20000, 30000, 40000, 50000]
-    memory_counts = [1000] if args.quick else [1000, 10000]
-    peer_exe = shutil.which("turnutils_peer")
-    if peer_exe is None:
-        print("turnutils_peer (Debian package coturn) is needed as the echo peer")
-        return 2
-    peer_port = free_port()
-    peer = subprocess.Popen(
-        [peer_exe, "-L", "127.0.0.1", "-p", str(peer_port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    time.sleep(0.3)
-    results = []
-    try:
-        for start in (lambda: start_ours(1), lambda: start_coturn(1)):
-            t = start()
-            if t is None:
-                print("coturn is not installed (apt-get install coturn): ours only")
-                continue
-            print(f"measuring {t.name} ...", flush=True)
-            try:
-                results.append(
-                    measure(
-                        t,
-                        ("127.0.0.1", peer_port),
-                        rates,
-                        seconds,
-                        capacity_rates,
-                        2000,
-                        memory_counts,
-                    )
-                )
-            finally:
-                t.stop()
-        print("measuring 2 workers ...", flush=True)
-        spread = worker_spread(("127.0.0.1", peer_port), seconds)
-    finally:
-        peer.terminate()
-        peer.wait()
+def build_pacer() -> Path | None:
+    """Compile benchmarks/pacer.c (needs a C compiler: gcc or cc)."""
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        return None
+    src = Path(__file__).parent / "pacer.c"
+    exe = Path(tempfile.gettempdir()) / f"turnserver-pacer-{os.getuid()}"
+    subprocess.run([cc, "-O2", "-pthread", "-o", str(exe), str(src)], check=True)
+    return exe
+
+
+def report(results: list[dict], two: dict, rates: list[int], repeats: int) -> str:
     lines = [
         f"# Benchmark results ({datetime.now(UTC):%Y-%m-%d %H:%M} UTC)",
         "",
-        f"Machine: {machine()}. Load: 50 clients, 160-byte ChannelData through "
-        "turnutils_peer on loopback; the load generator shares the machine.",
+        f"Machine: {machine()}. Both servers as shipped (ours: default log level and "
+        "settings; coturn: the command in benchmarks/README.md, one relay thread), one after "
+        "the other on loopback. Traffic: 50 clients, 160-byte ChannelData from a C pacer "
+        "sending every 200 µs, echoed by turnutils_peer; server CPU from /proc of every "
+        f"thread and child. Figures are medians of {repeats} runs.",
         "",
         "## 1. Relay cost (server CPU per relayed packet, both directions counted)",
         "",
@@ -367,42 +377,140 @@ def main() -> int:
                 for r, a, b in zip(rates, results[0]["rates"], results[1]["rates"], strict=True)
             ),
         ]
-    lines += ["", "## 2. Capacity (highest offered rate with < 0.1 % loss)", ""]
+    lines += ["", "## 2. Capacity (highest offered rate with < 0.1 % loss, one core)", ""]
     for res in results:
         cap = res["capacity"]
         limit = res.get("capacity_limit")
-        note = ""
-        if limit is not None and limit.loadgen_cpu > 0.95:
-            note = " (the load generator saturated first at the next step)"
-        elif limit is None:
+        if limit is None:
             note = " (the highest rate tried)"
+        else:
+            note = f"; at {limit.offered} pps: loss {limit.loss:.2%}"
+            if limit.loadgen_cpu > 0.95:
+                note += " (the generator saturated)"
         lines.append(
             f"- {res['name']}: {cap.offered if cap else 0} pps offered, "
             f"{cap.server_us_per_packet if cap else 0:.1f} µs/pkt{note}"
         )
-    lines += ["", "## 3. Allocation setup rate (401, Allocate, CreatePermission, ChannelBind)", ""]
+    lines += [
+        "",
+        "## 3. Allocation setup (401, Allocate, CreatePermission, ChannelBind; unique users, "
+        "50 in flight)",
+        "",
+    ]
     for res in results:
+        s = res["setup"]
         lines.append(
-            f"- {res['name']}: {res['setup_rate']:.0f} setups/s ({res['setup_failed']} failed)"
+            f"- {res['name']}: {s.server_us_per_setup:.0f} µs server CPU per setup, "
+            f"{s.per_second:.0f} setups/s ({s.failed} failed of {s.setups + s.failed})"
         )
     if len(results) == 2:
-        ratio = results[0]["setup_rate"] / max(1, results[1]["setup_rate"])
-        lines.append(f"- ratio ours / coturn: {ratio:.2f}x")
+        a, b = results[0]["setup"], results[1]["setup"]
+        lines.append(
+            "- ratio ours / coturn: CPU per setup "
+            f"{a.server_us_per_setup / b.server_us_per_setup:.2f}x, "
+            f"setups/s {a.per_second / max(1.0, b.per_second):.2f}x"
+        )
     lines += ["", "## 4. Memory (RSS growth per live allocation)", ""]
     for res in results:
         lines.append(
             f"- {res['name']}: "
             + ", ".join(f"{n} allocations: {per / 1024:.1f} kB each" for n, per in res["memory"])
         )
+    one = results[0]["setup"]
     lines += [
         "",
-        "## 5. Two workers, 50 clients, 10,000 pps offered",
+        "## 5. Two workers (2 cores)",
         "",
-        "- share of relayed packets per worker: " + ", ".join(f"{s:.0%}" for s in spread["shares"]),
-        f"- CPU per packet (all workers): {spread['rate'].server_us_per_packet:.1f} µs, "
-        f"loss {spread['rate'].loss:.2%}",
+        "- share of relayed packets per worker at 20,000 pps: "
+        + ", ".join(f"{s:.0%}" for s in two["shares"]),
+        f"- CPU per packet (all workers): {two['rate'].server_us_per_packet:.1f} µs, "
+        f"loss {two['rate'].loss:.2%}",
+        f"- setups/s: {two['setup'].per_second:.0f} "
+        f"({two['setup'].per_second / max(1.0, one.per_second):.2f}x one worker), "
+        f"{two['setup'].server_us_per_setup:.0f} µs CPU per setup",
     ]
-    text = "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true", help="one run each, 1,000 allocations")
+    parser.add_argument("--only", choices=["ours", "coturn"], help="measure one server")
+    parser.add_argument("--out", default=str(Path(__file__).parent / "RESULTS.md"))
+    args = parser.parse_args()
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    seconds = 3.0 if args.quick else 4.0
+    repeats = 1 if args.quick else 3
+    rates = [5000, 10000, 20000]
+    capacity_rates = [20000, 30000, 40000, 50000, 60000, 70000, 80000]
+    memory_counts = [1000] if args.quick else [1000, 10000]
+    peer_exe = shutil.which("turnutils_peer")
+    if peer_exe is None:
+        print("turnutils_peer (Debian package coturn) is needed as the echo peer")
+        return 2
+    pacer = build_pacer()
+    if pacer is None:
+        print("a C compiler (apt-get install gcc) is needed for the traffic pacer")
+        return 2
+    workdir = Path(tempfile.mkdtemp(prefix="turnserver-bench-"))
+    log = workdir / "turnserver.log"
+    peer_port = free_port()
+    peer = subprocess.Popen(
+        [peer_exe, "-L", "127.0.0.1", "-p", str(peer_port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    time.sleep(0.3)
+    results = []
+    starts: list[Callable[[], Target | None]] = []
+    if args.only != "coturn":
+        starts.append(lambda: start_ours(1, log))
+    if args.only != "ours":
+        starts.append(lambda: start_coturn(1, workdir))
+    two: dict = {}
+    try:
+        for start in starts:
+            t = start()
+            if t is None:
+                print("coturn is not installed (apt-get install coturn): ours only")
+                continue
+            print(f"measuring {t.name} ...", flush=True)
+            try:
+                results.append(
+                    measure(
+                        t,
+                        pacer,
+                        ("127.0.0.1", peer_port),
+                        rates,
+                        seconds,
+                        capacity_rates,
+                        2000,
+                        memory_counts,
+                        repeats,
+                    )
+                )
+            finally:
+                t.stop()
+        if args.only is None:
+            print("measuring 2 workers ...", flush=True)
+            two = two_workers(pacer, ("127.0.0.1", peer_port), seconds, 2000, log)
+    finally:
+        peer.terminate()
+        peer.wait()
+    if not two:
+        for res in results:
+            s = res["setup"]
+            print(
+                f"{res['name']}: setup {s.server_us_per_setup:.0f} us CPU, "
+                f"{s.per_second:.0f}/s; relay "
+                + ", ".join(f"{r.offered}: {r.server_us_per_packet:.1f} us" for r in res["rates"])
+                + f"; capacity {res['capacity'].offered if res['capacity'] else 0}"
+            )
+        return 0
+    text = report(results, two, rates, repeats)
     print(text)
     Path(args.out).write_text(text)
     return 0

@@ -183,3 +183,17 @@ async def test_our_client_speaks_it_over_udp_and_tls(
         finally:
             await c.refresh(0)
             c.close()
+
+
+def test_checked_nonces_stay_bound_to_their_client_and_expiry() -> None:
+    """The nonce check remembers nonces it verified; the memory must not widen them:
+    another client IP or a later time than the expiry is still refused."""
+    from turnserver.core.auth import NonceIssuer
+
+    issuer = NonceIssuer(b"n" * 32, lifetime=60)
+    nonce = issuer.issue("192.0.2.7", 1000.0)
+    assert issuer.check(nonce, "192.0.2.7", 1000.0)  # verified, now remembered
+    assert issuer.check(nonce, "192.0.2.7", 1030.0)
+    assert not issuer.check(nonce, "192.0.2.8", 1030.0)
+    assert not issuer.check(nonce, "192.0.2.7", 1061.0)
+    assert not issuer.check(nonce[:-1] + ("A" if nonce[-1] != "A" else "B"), "192.0.2.7", 1000.0)

@@ -240,3 +240,21 @@ def test_channel_data_padding() -> None:
         decode_channel_data(b"\x40\x01\x00\x09abc")
     with pytest.raises(StunDecodeError):
         decode_channel_data(b"\x80\x01\x00\x00")
+
+
+def test_precomputed_hmac_matches_the_standard_library() -> None:
+    """hmac_digest keeps each key's inner/outer states (RFC 2104); it must give exactly
+    hmac.digest's answer for short, block-sized and over-long keys, in parts or whole."""
+    import hmac as std_hmac
+    import os as _os
+
+    from turnserver.stun.message import hmac_digest
+
+    for size in (0, 1, 16, 20, 32, 63, 64, 65, 200):
+        key = _os.urandom(size)
+        for name in ("sha1", "sha256"):
+            msg = _os.urandom(97)
+            want = std_hmac.digest(key, msg, name)
+            assert hmac_digest(key, name, msg) == want
+            assert hmac_digest(key, name, msg[:10], msg[10:50], msg[50:]) == want
+            assert hmac_digest(key, name, msg) == want  # cached state is not consumed

@@ -177,14 +177,14 @@ class UdpRelay:
         loop: asyncio.AbstractEventLoop,
         alloc: Allocation,
         sock: socket.socket,
+        address: Address,
     ) -> None:
         self._runtime = runtime
         self._loop = loop
         self.alloc = alloc
         self.sock = sock
         self.v6 = sock.family == socket.AF_INET6
-        host, port = sock.getsockname()[:2]
-        self.address: Address = (host, port)
+        self.address = address  # where it is bound (port 0 is never asked for)
         self.sendto: SendTo = sock.sendto
         self._fd = sock.fileno()
         runtime.descriptors.take(1)
@@ -329,7 +329,7 @@ class SocketRelayOpener:
                     sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_DONTFRAG, 1)
             except (OSError, AttributeError):
                 pass
-        return UdpRelay(self.runtime, self.runtime.loop, allocation, sock)
+        return UdpRelay(self.runtime, self.runtime.loop, allocation, sock, (host, port))
 
     def open_tcp_relay(self, allocation: Allocation, host: str, port: int) -> TcpRelay | None:
         return open_tcp_relay(self.runtime, allocation, host, port)

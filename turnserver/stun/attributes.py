@@ -8,6 +8,7 @@ Encoders take a Python value and the transaction id and return the raw value
 from __future__ import annotations
 
 import ipaddress
+import socket
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -40,9 +41,15 @@ def _decode_address(raw: bytes, tid: bytes) -> Address:
 
 @lru_cache(maxsize=8192)
 def _pack_ip(host: str) -> tuple[int, bytes]:
-    """(address family octet, packed address); parsing text addresses is slow."""
-    ip = ipaddress.ip_address(host)
-    return (AddressFamily.IPV4 if ip.version == 4 else AddressFamily.IPV6), ip.packed
+    """(address family octet, packed address); inet_pton is 10x faster than ipaddress."""
+    try:
+        return AddressFamily.IPV4, socket.inet_pton(socket.AF_INET, host)
+    except OSError:
+        pass
+    try:
+        return AddressFamily.IPV6, socket.inet_pton(socket.AF_INET6, host)
+    except OSError:
+        raise ValueError(f"not an IP address: {host!r}") from None
 
 
 def _encode_address(value: Address, tid: bytes) -> bytes:
@@ -67,7 +74,8 @@ def _decode_xor_address(raw: bytes, tid: bytes) -> Address:
     ):
         raise StunDecodeError(f"bad address family {family} or length {len(raw)}")
     packed = _xor_bytes(body, tid)
-    host = str(ipaddress.ip_address(packed))
+    # the text form recvfrom() gives for the same address (both use inet_ntop)
+    host = socket.inet_ntop(socket.AF_INET if len(packed) == 4 else socket.AF_INET6, packed)
     return host, xport ^ _XOR_PORT
 
 
