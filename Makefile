@@ -21,14 +21,7 @@ venv: $(STAMP)
 
 run: $(STAMP)
 	@mkdir -p $(RUNDIR) && chmod 700 $(RUNDIR)
-	@umask 077; test -s $(RUNDIR)/secret || $(BIN)/python -c "import secrets; print(secrets.token_urlsafe(24))" > $(RUNDIR)/secret
-	@umask 077; test -s $(RUNDIR)/account || $(BIN)/python -c "import secrets; print('AC' + secrets.token_hex(16) + ':' + secrets.token_urlsafe(24))" > $(RUNDIR)/account
-	@umask 077; test -s $(RUNDIR)/api-key || $(BIN)/python -c "import secrets; print(secrets.token_urlsafe(24))" > $(RUNDIR)/api-key
-	@chmod 600 $(RUNDIR)/secret $(RUNDIR)/account $(RUNDIR)/api-key
-	@$(BIN)/turnserver selfsigned --cert $(RUNDIR)/cert.pem --key $(RUNDIR)/key.pem
-	$(BIN)/turnserver serve --config config/dev.yaml --secrets-file $(RUNDIR)/secret \
-		--accounts-file $(RUNDIR)/account --api-keys-file $(RUNDIR)/api-key \
-		--cert $(RUNDIR)/cert.pem --key $(RUNDIR)/key.pem --show-credential dev
+	$(BIN)/turnserver dev --state-dir $(RUNDIR)
 
 # Another credential for the `make run` server (MINT_USER=name TTL=1h FORMAT=ice-servers)
 MINT_USER ?= dev

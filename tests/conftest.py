@@ -44,15 +44,20 @@ def require_tool(name: str) -> str:
 def pytest_asyncio_loop_factories(
     config: pytest.Config, item: pytest.Item
 ) -> dict[str, Callable[[], asyncio.AbstractEventLoop]]:
-    """Every async test runs on the stdlib loop and on uvloop (the default in production)."""
+    """Every async test runs on the stdlib loop and on uvloop (the default in production),
+    but for `one_loop` tests: the server is a subprocess, the loop only the client's."""
     factories: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
         "asyncio": asyncio.new_event_loop
     }
-    if "uvloop" in LOOPS:
+    if "uvloop" in LOOPS and item.get_closest_marker("one_loop") is None:
         import uvloop
 
         factories["uvloop"] = uvloop.new_event_loop
     return factories
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "one_loop: run an async test on the stdlib loop only")
 
 
 def free_port_range(count: int = 200) -> tuple[int, int]:

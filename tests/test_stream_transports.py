@@ -160,3 +160,22 @@ async def test_idle_connections_and_stalled_handshake_time_out(
     finally:
         for s in [*idle, stalled]:
             s.close()
+
+
+@pytest.mark.server_settings(idle_timeout=1, handshake_timeout=30)
+async def test_connection_closed_mid_handshake_is_released(server: RunningServer) -> None:
+    """The sweeper closes a TLS connection whose handshake has not finished (idle, no
+    ClientHello): the connection must leave the tables and give its descriptor back,
+    though start_tls then ends with neither a transport nor an exception."""
+    loop = asyncio.get_running_loop()
+    stalled = socket.socket()
+    stalled.setblocking(False)
+    await loop.sock_connect(stalled, server.address_of("tls"))
+    try:
+        deadline = time.monotonic() + 5
+        while server.runtime.stream_connections and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert not server.runtime.stream_connections
+        assert not server.runtime.streams_per_ip
+    finally:
+        stalled.close()

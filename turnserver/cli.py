@@ -21,11 +21,31 @@ from turnserver.ops.config import (
 from turnserver.ops.config_values import (
     ConfigError,
     _host_port_or_off,
+    _impairment_list,
     parse_account,
     parse_host_port,
     parse_listen,
     parse_user,
 )
+from turnserver.ops.devcommand import add_dev_parser
+
+
+def _dev_arguments(p: argparse.ArgumentParser, *, flag: bool = True) -> None:
+    if flag:
+        p.add_argument(
+            "--dev",
+            action="store_true",
+            help="developer mode: impairment and /dev/v1/ endpoints (never in production)",
+        )
+    p.add_argument(
+        "--impair",
+        metavar="TRANSPORT=SPEC",
+        action="append",
+        help="impair relayed media (needs --dev): udp=block, tls=loss:5,delay:80, "
+        "all=none; SPEC: block | loss:%% | delay:ms | jitter:ms | rate:kbit/s | "
+        "duplicate:%% | reorder:%%, comma-separated (repeatable)",
+    )
+    p.add_argument("--impair-seed", metavar="N", type=int, help="random seed of the impairment (1)")
 
 
 def _serve_parser(sub: Any) -> None:
@@ -148,6 +168,7 @@ def _serve_parser(sub: Any) -> None:
         type=float,
         help="self-probe every N seconds (default 30; 0 turns it off)",
     )
+    _dev_arguments(p)
     p.add_argument(
         "--other-address",
         metavar="IP:PORT",
@@ -200,6 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"turnserver {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=ShortErrorParser)
     _serve_parser(sub)
+    add_dev_parser(sub, _dev_arguments)
     p = sub.add_parser(
         "mint",
         help="print a time-limited TURN credential as JSON",
@@ -316,6 +338,12 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         if not 1 <= args.workers <= 256:
             raise ConfigError("--workers: between 1 and 256")
         o["workers"] = args.workers
+    if args.dev:
+        o["dev"] = True
+    if args.impair:
+        o["impairments"] = _impairment_list(list(args.impair), "--impair")
+    if args.impair_seed is not None:
+        o["impair_seed"] = args.impair_seed
     if args.other_address is not None:
         o["other_address"] = parse_host_port(args.other_address, "--other-address")
     if args.drain_timeout is not None:
@@ -401,6 +429,10 @@ def main(argv: list[str] | None = None) -> int:
             return asyncio.run(supervisor.run())
         return serve(settings, args.show_credential, reload_settings)
 
+    if args.command == "dev":
+        from turnserver.ops.devcommand import dev_command
+
+        return dev_command(args)
     if args.command == "admin":
         from turnserver.ops.admin_cli import admin_command
 

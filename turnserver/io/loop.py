@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import importlib.util
 from collections.abc import Callable
 
@@ -25,3 +26,10 @@ def loop_factory(name: str) -> tuple[str, Callable[[], asyncio.AbstractEventLoop
     if name == "uvloop":
         raise RuntimeError("--loop uvloop was asked for but uvloop is not installed")
     return "asyncio", asyncio.new_event_loop
+
+
+def tune_gc() -> None:
+    """Allocations are long-lived objects made in thousands: with the default gen-0
+    threshold (700) the collector ran every few setups and scanned them all, 18 % of the
+    core's CPU per setup at 10,000 live allocations (benchmarks/README.md)."""
+    gc.set_threshold(20_000, 50, 100)

@@ -11,13 +11,15 @@ from dataclasses import dataclass
 from typing import cast
 
 from turnserver.core import events as ev
+from turnserver.core.allocation import Allocation
 from turnserver.core.auth import Authenticator
 from turnserver.core.config import CoreConfig
 from turnserver.core.five_tuple import ClientTransport, FiveTuple
 from turnserver.core.policy import PeerPolicy
 from turnserver.core.server import TurnServer
 from turnserver.io.descriptors import DescriptorBudget, tighter
-from turnserver.io.host import ClientStream
+from turnserver.io.host import ClientSink, ClientStream
+from turnserver.io.impairment import Impairments
 from turnserver.io.stream import StreamConnection
 from turnserver.io.tcp_relay import TcpRelay
 from turnserver.io.tls import ReloadableTLS
@@ -90,6 +92,7 @@ class ServerRuntime:
         self.last_cap_hit = 0.0  # loop time a stream cap last refused a connection
         self.event_sinks: list[EventSink] = []
         self.request_timer: Callable[[float | None], None] | None = None
+        self.impairments: Impairments | None = None  # developer mode only
         self.draining = False
 
         self.listeners_bound = False
@@ -247,7 +250,9 @@ class ServerRuntime:
         per_ip = self.streams_per_ip.get(ip, 0)
         cap_per_ip = self.stream_options.max_connections_per_ip
         refused = ""
-        if len(self.stream_connections) >= self.stream_limit > 0:
+        if self.impairments is not None and self.impairments.blocked(ft.transport.value):
+            refused = "dev_block"
+        elif len(self.stream_connections) >= self.stream_limit > 0:
             refused = "stream_limit"
         elif cap_per_ip and per_ip >= cap_per_ip:
             refused = "per_ip_limit"
@@ -255,7 +260,8 @@ class ServerRuntime:
             refused = "fd_limit"
         if refused:
             self.stream_refusals[refused] = self.stream_refusals.get(refused, 0) + 1
-            self.last_cap_hit = self.loop.time()
+            if refused != "dev_block":
+                self.last_cap_hit = self.loop.time()
             self.emit(ev.ConnectionClosed(ft, refused, ""))
             return False
         self.descriptors.take(1)
@@ -310,6 +316,27 @@ class ServerRuntime:
 
     # ---- routing ---------------------------------------------------------------------
 
+    def _impair(self, alloc: Allocation, transport: str) -> None:
+        imp = self.impairments
+        assert imp is not None
+        if isinstance(alloc.sink, ClientSink):
+            alloc.sink = imp.peer_to_client(transport, alloc.sink)
+        for relay in alloc.relays.values():
+            if relay.sendto is not None:
+                relay.sendto = imp.client_to_peer(transport, relay.sendto)
+
+    def set_blocked(self, transport: str, blocked: bool) -> None:
+        """Developer mode `block`: drop the transport's datagrams or connections, as a
+        firewall would (new TCP/TLS connections are closed at accept)."""
+        if transport == "udp":
+            for listener in self.udp_listeners.values():
+                listener.set_blocked(self.loop, blocked)
+        elif blocked:
+            for conn in list(self.stream_connections.values()):
+                ft = conn.five_tuple
+                if ft is not None and ft.transport.value == transport:
+                    conn.close("dev_block")
+
     def _route(self, event: ev.Event) -> None:
         """Keep the listeners' fast-path tables in step with allocations."""
         if isinstance(event, ev.AllocationCreated):
@@ -327,6 +354,8 @@ class ServerRuntime:
                 if conn is not None:
                     conn.alloc = alloc
                     alloc.sink = conn
+            if self.impairments is not None:  # developer mode: media through the impairer
+                self._impair(alloc, ft.transport.value)
         elif isinstance(event, ev.PeerConnectionBound):
             data_conn = self.stream_connections.get(event.data_five_tuple)
             pc = self.core.peer_connections.get(event.connection_id)

@@ -84,6 +84,7 @@ class UdpListener:
         self.v6 = sock.family == socket.AF_INET6
         self.by_client: dict[Address, Allocation] = {}
         self.siblings: dict[Address, UdpListener] = {}  # every UDP listener, by address
+        self.dropped_blocked = 0  # developer mode `udp=block`
         _tune_buffers(sock)
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -92,6 +93,21 @@ class UdpListener:
     def close(self, loop: asyncio.AbstractEventLoop) -> None:
         loop.remove_reader(self.sock.fileno())
         self.sock.close()
+
+    def set_blocked(self, loop: asyncio.AbstractEventLoop, blocked: bool) -> None:
+        """Developer mode: read and drop every datagram (a firewall blocking UDP)."""
+        loop.remove_reader(self.sock.fileno())
+        loop.add_reader(self.sock.fileno(), self._drop_all if blocked else self._on_readable)
+
+    def _drop_all(self) -> None:
+        for _ in range(READ_BATCH):
+            try:
+                self.sock.recvfrom(MAX_DATAGRAM)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                continue
+            self.dropped_blocked += 1
 
     def sink_for(self, client: Address) -> UdpClientSink:
         return UdpClientSink(self.sock, client, self.runtime.core.stats)

@@ -10,7 +10,6 @@ import secrets
 import signal
 import socket
 import ssl
-import sys
 from collections.abc import Callable
 from dataclasses import replace
 
@@ -20,12 +19,13 @@ from turnserver.core.auth import Authenticator, Credentials, NonceIssuer
 from turnserver.core.config import CoreConfig, RelayAddress
 from turnserver.core.policy import DefaultPeerPolicy
 from turnserver.io.descriptors import DescriptorBudget
-from turnserver.io.loop import loop_factory
+from turnserver.io.loop import loop_factory, tune_gc
 from turnserver.io.runtime import ListenAddress, ServerRuntime, StreamOptions
 from turnserver.io.tls import ReloadableTLS, build_context
+from turnserver.ops import devmode
 from turnserver.ops.admin import AdminApi, AdminService, LocalBackend
 from turnserver.ops.api import ApiConfig, CredentialsApi, start_api
-from turnserver.ops.banner import credential_banner, log_limits
+from turnserver.ops.banner import log_limits, print_banner
 from turnserver.ops.config import (
     Settings,
     admin_certificate,
@@ -238,6 +238,7 @@ class Server:
         self.runtime.event_sinks.append(self.metrics.on_event)
         self.runtime.request_timer = self.metrics.observe_request_duration
         self.metrics.internal_users = frozenset({PROBE_USER})
+        self.dev = devmode.attach(settings, self.runtime, self.metrics.registry)
         self.probe: SelfProbe | None = None
         if settings.probe_interval > 0:
             shared = (
@@ -267,6 +268,8 @@ class Server:
         """Bind listeners, then the API (raises OSError/ValueError naming what failed)."""
         self._prepare_admin()
         await self.runtime.start()
+        if self.dev is not None:
+            self.dev.start()
         settings = self.settings
         if settings.metrics_listen:
             host, port = settings.metrics_listen
@@ -287,6 +290,8 @@ class Server:
             await self.probe.start()
         if settings.api_listen:
             self.api = CredentialsApi(api_config(settings, self.runtime.bound_addresses()))
+            if self.dev is not None:
+                self.dev.add_routes(self.api)
             try:
                 self._api_runner, self.api_port = await start_api(
                     self.api,
@@ -356,8 +361,13 @@ class Server:
             log.info("admin API on %s://%s:%d", scheme, host, self.admin.port)
 
     @property
+    def admin_port(self) -> int:
+        return self.admin.port if self.admin is not None else 0
+
+    @property
     def api_base(self) -> str:
-        assert self.settings.api_listen is not None
+        if self.settings.api_listen is None:
+            return ""  # no API listener
         host = self.settings.api_listen[0]
         scheme = "https" if self.api_tls else "http"
         hostport = f"[{host}]:{self.api_port}" if ":" in host else f"{host}:{self.api_port}"
@@ -425,7 +435,10 @@ class Server:
 
 
 async def _serve(
-    settings: Settings, show_credential: str | None, reload_settings: ReloadSettings | None
+    settings: Settings,
+    show_credential: str | None,
+    reload_settings: ReloadSettings | None,
+    on_ready: Callable[[Server], None] | None,
 ) -> int:
     loop = asyncio.get_running_loop()
     try:
@@ -445,23 +458,10 @@ async def _serve(
     log_limits(server.runtime)
     notify(f"READY=1\nSTATUS=serving {len(runtime.bound_addresses())} listeners")
     start_watchdog(loop)
+    if on_ready is not None:
+        on_ready(server)
     if show_credential:
-        print(credential_banner(settings, runtime, show_credential), file=sys.stdout, flush=True)
-        if settings.api_listen and settings.accounts:
-            sid, token = settings.accounts[0]
-            print(
-                f"  Tokens API (Twilio-compatible): curl -s -u {sid}:{token} -X POST "
-                f"{server.api_base}/2010-04-01/Accounts/{sid}/Tokens.json",
-                flush=True,
-            )
-        if settings.api_listen and preflight_page_enabled(settings):
-            print(f"  Network test page: {server.api_base}/preflight", flush=True)
-        if settings.api_listen and settings.api_keys:
-            print(
-                f"  RTCConfiguration: curl -s '{server.api_base}/api/v1/ice-servers?"
-                f"username=dev&policy=relay&key={settings.api_keys[0]}'",
-                flush=True,
-            )
+        print_banner(settings, runtime, show_credential, server.api_base)
     stop = asyncio.Event()
     drain = asyncio.Event()
 
@@ -508,14 +508,13 @@ def serve(
     settings: Settings,
     show_credential: str | None = None,
     reload_settings: ReloadSettings | None = None,
+    on_ready: Callable[[Server], None] | None = None,
 ) -> int:
-    """Run the server until SIGTERM or SIGINT; returns the exit code."""
+    """Run the server until SIGTERM or SIGINT; returns the exit code. `on_ready` is
+    called once every listener is bound."""
     setup_logging(settings.log_level, settings.log_format)
-    # Allocations are long-lived objects made in thousands: with the default gen-0
-    # threshold (700) the collector ran every few setups and scanned them all; 18 % of
-    # the core's CPU per setup at 10,000 live allocations (benchmarks/README.md).
-    gc.set_threshold(20_000, 50, 100)
+    tune_gc()
     name, factory = loop_factory(settings.loop)
     logging.getLogger("turnserver").debug("event loop: %s", name)
     with asyncio.Runner(loop_factory=factory) as runner:
-        return runner.run(_serve(settings, show_credential, reload_settings))
+        return runner.run(_serve(settings, show_credential, reload_settings, on_ready))

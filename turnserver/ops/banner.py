@@ -10,7 +10,7 @@ import resource
 import time
 
 from turnserver.io.runtime import ListenAddress, ServerRuntime
-from turnserver.ops.config import Settings
+from turnserver.ops.config import Settings, preflight_page_enabled
 from turnserver.ops.credentials import mint
 from turnserver.ops.selfsigned import spki_sha256
 from turnserver.ops.uris import ice_uris
@@ -21,6 +21,28 @@ log = logging.getLogger("turnserver")
 def credential_banner(settings: Settings, runtime: ServerRuntime, user: str) -> str:
     """A ready-to-use credential and iceServers JSON for a developer."""
     return credential_banner_text(settings, runtime.bound_addresses(), user)
+
+
+def print_banner(settings: Settings, runtime: ServerRuntime, user: str, api_base: str) -> None:
+    """The start-up banner of --show-credential, and the API's URLs when it listens."""
+    print(credential_banner(settings, runtime, user), flush=True)
+    if not settings.api_listen:
+        return
+    if settings.accounts:
+        sid, token = settings.accounts[0]
+        print(
+            f"  Tokens API (Twilio-compatible): curl -s -u {sid}:{token} -X POST "
+            f"{api_base}/2010-04-01/Accounts/{sid}/Tokens.json",
+            flush=True,
+        )
+    if preflight_page_enabled(settings):
+        print(f"  Network test page: {api_base}/preflight", flush=True)
+    if settings.api_keys:
+        print(
+            f"  RTCConfiguration: curl -s '{api_base}/api/v1/ice-servers?"
+            f"username=dev&policy=relay&key={settings.api_keys[0]}'",
+            flush=True,
+        )
 
 
 def credential_banner_text(settings: Settings, listen: list[ListenAddress], user: str) -> str:

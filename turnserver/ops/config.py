@@ -28,6 +28,7 @@ from turnserver.ops.config_values import (
     _float,
     _host_port,
     _host_port_or_off,
+    _impairment_list,
     _int,
     _ip_list,
     _listen_list,
@@ -125,6 +126,9 @@ class Settings:
     log_level: str = "info"
     log_format: str = "text"
     loop: str = "auto"
+    dev: bool = False  # developer mode: impairment of relayed media, /dev/v1/*
+    impairments: tuple[str, ...] = ()  # "udp=block", "tls=loss:5,delay:80"
+    impair_seed: int = 1
     source: str = field(default="defaults", compare=False)
 
 
@@ -195,6 +199,9 @@ SCHEMA: dict[str, tuple[str, Check]] = {
     "stream.write_timeout": ("write_timeout", _float(1, 3600)),
     "stream.max_connections": ("max_stream_connections", _int(0, 10_000_000)),
     "stream.max_connections_per_ip": ("max_stream_connections_per_ip", _int(0, 10_000_000)),
+    "dev.enabled": ("dev", _bool),
+    "dev.impair": ("impairments", _impairment_list),
+    "dev.seed": ("impair_seed", _int(0, 2**32 - 1)),
     "log.level": ("log_level", _choice(LOG_LEVELS)),
     "log.format": ("log_format", _choice(LOG_FORMATS)),
 }
@@ -268,6 +275,8 @@ def build_settings(file_values: dict[str, Any], overrides: dict[str, Any], sourc
     """Defaults, then the file, then flags; then cross-field checks."""
     names = {f.name for f in fields(Settings)}
     merged = {k: v for k, v in {**file_values, **overrides}.items() if k in names}
+    if merged.get("dev") and "workers" not in merged:
+        merged["workers"] = 1  # developer mode is one process
     settings = replace(Settings(), **merged, source=source)
     settings = _with_external_secrets(settings)
     validate(settings)
@@ -323,6 +332,12 @@ def _with_external_secrets(s: Settings) -> Settings:
 
 def validate(s: Settings) -> None:
     """Checks that span several keys."""
+    if s.impairments and not s.dev:
+        raise ConfigError(
+            "dev.impair: impairment is for development only; it needs --dev (dev.enabled: true)"
+        )
+    if s.dev and s.workers > 1:
+        raise ConfigError("dev.enabled: developer mode runs one worker (workers: 1)")
     if s.min_port > s.max_port:
         raise ConfigError(f"relay.min_port: {s.min_port} is above relay.max_port {s.max_port}")
     if s.default_lifetime > s.max_lifetime:

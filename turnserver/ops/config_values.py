@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
+from turnserver.io.impairment import ImpairmentError, parse_assignments
 from turnserver.io.runtime import ListenAddress
 
 DEFAULT_PORTS = {"udp": 3478, "tcp": 3478, "tls": 5349}
@@ -99,6 +100,16 @@ def _cidr_list(v: Any, key: str) -> tuple[str, ...]:
         except ValueError:
             raise ConfigError(f"{key}: {item!r} is not a CIDR network") from None
     return tuple(out)
+
+
+def _impairment_list(v: Any, key: str) -> tuple[str, ...]:
+    """Developer-mode impairments, `TRANSPORT=SPEC` each (turnserver.io.impairment)."""
+    items = _str_list(v, key)
+    try:
+        parse_assignments(items)
+    except ImpairmentError as exc:
+        raise ConfigError(f"{key}: {exc}") from None
+    return items
 
 
 def parse_listen(uri: str, key: str = "listen") -> ListenAddress:

@@ -8,7 +8,6 @@ Encoders take a Python value and the transaction id and return the raw value
 from __future__ import annotations
 
 import ipaddress
-import socket
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -41,15 +40,29 @@ def _decode_address(raw: bytes, tid: bytes) -> Address:
 
 @lru_cache(maxsize=8192)
 def _pack_ip(host: str) -> tuple[int, bytes]:
-    """(address family octet, packed address); inet_pton is 10x faster than ipaddress."""
-    try:
-        return AddressFamily.IPV4, socket.inet_pton(socket.AF_INET, host)
-    except OSError:
-        pass
-    try:
-        return AddressFamily.IPV6, socket.inet_pton(socket.AF_INET6, host)
-    except OSError:
-        raise ValueError(f"not an IP address: {host!r}") from None
+    """(address family octet, packed address). Dotted quads are parsed here, 6x faster
+    than ipaddress (every client address is new to the cache); the rest by ipaddress."""
+    parts = host.split(".")
+    if len(parts) == 4 and all(
+        p.isascii() and p.isdigit() and len(p) <= 3 and (p == "0" or p[0] != "0") for p in parts
+    ):
+        values = [int(p) for p in parts]
+        if max(values) <= 255:
+            return AddressFamily.IPV4, bytes(values)
+    ip = ipaddress.ip_address(host)
+    return (AddressFamily.IPV4 if ip.version == 4 else AddressFamily.IPV6), ip.packed
+
+
+def _ip_text(packed: bytes) -> str:
+    """The text form of a packed IPv4 or IPv6 address."""
+    if len(packed) == 4:
+        return f"{packed[0]}.{packed[1]}.{packed[2]}.{packed[3]}"
+    return _ipv6_text(packed)
+
+
+@lru_cache(maxsize=4096)
+def _ipv6_text(packed: bytes) -> str:
+    return str(ipaddress.IPv6Address(packed))
 
 
 def _encode_address(value: Address, tid: bytes) -> bytes:
@@ -73,10 +86,7 @@ def _decode_xor_address(raw: bytes, tid: bytes) -> Address:
         or (family == AddressFamily.IPV6 and len(body) == 16)
     ):
         raise StunDecodeError(f"bad address family {family} or length {len(raw)}")
-    packed = _xor_bytes(body, tid)
-    # the text form recvfrom() gives for the same address (both use inet_ntop)
-    host = socket.inet_ntop(socket.AF_INET if len(packed) == 4 else socket.AF_INET6, packed)
-    return host, xport ^ _XOR_PORT
+    return _ip_text(_xor_bytes(body, tid)), xport ^ _XOR_PORT
 
 
 def _encode_xor_address(value: Address, tid: bytes) -> bytes:
