@@ -36,7 +36,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from loadgen import LoadGen
+from loadgen import LoadGen, next_source
 
 from turnserver.stun import MessageClass, Method, decode_message, encode_message
 from turnserver.testing import free_port, process_tree, rss_bytes, serve_command
@@ -283,6 +283,61 @@ def measure(
     return out
 
 
+@dataclass
+class _Sock:
+    sock: socket.socket
+
+
+def measure_floor(
+    pacer: Path,
+    peer: tuple[str, int],
+    rates: list[int],
+    seconds: float,
+    capacity_rates: list[int],
+    repeats: int,
+) -> dict:
+    """The minimal uvloop relay (benchmarks/floor.py) under the same traffic."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, str(Path(__file__).parent / "floor.py"), str(port), *map(str, peer)],
+        stdout=subprocess.PIPE,
+    )
+    assert proc.stdout is not None
+    proc.stdout.readline()  # "ready"
+    t = Target("minimal uvloop relay (the floor)", proc, port)
+    print(f"measuring {t.name} ...", flush=True)
+    clients = []
+    for _ in range(50):
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.bind((next_source(), 0))
+        s.connect(("127.0.0.1", port))
+        s.setblocking(False)
+        clients.append(_Sock(s))
+    out: dict = {"name": t.name}
+    try:
+        run_rate(t, pacer, clients, 2000, 1.0)  # warm up: every client gets its socket
+        out["rates"] = [
+            median_by(
+                [run_rate(t, pacer, clients, r, seconds) for _ in range(repeats)],
+                "server_us_per_packet",
+            )
+            for r in rates
+        ]
+        best = None
+        for r in capacity_rates:
+            rr = run_rate(t, pacer, clients, r, seconds)
+            if rr.loss >= 0.001:
+                out["capacity_limit"] = rr
+                break
+            best = rr
+        out["capacity"] = best
+    finally:
+        for c in clients:
+            c.sock.close()
+        t.stop()
+    return out
+
+
 def worker_shares(t: Target) -> list[float]:
     body = json.loads(
         urllib.request.urlopen(f"http://127.0.0.1:{t.metrics_port}/readyz", timeout=5).read()
@@ -363,7 +418,7 @@ def build_pacer() -> Path | None:
     return exe
 
 
-def report(results: list[dict], two: dict, rates: list[int], repeats: int) -> str:
+def report(results: list[dict], two: dict, floor: dict, rates: list[int], repeats: int) -> str:
     lines = [
         f"# Benchmark results ({datetime.now(UTC):%Y-%m-%d %H:%M} UTC)",
         "",
@@ -376,9 +431,15 @@ def report(results: list[dict], two: dict, rates: list[int], repeats: int) -> st
         "## 1. Relay cost (server CPU per relayed packet, both directions counted)",
         "",
     ]
-    lines += fmt_rows(results, rates)
+    lines += fmt_rows([*results, floor], rates)
     if len(results) == 2:
         lines += [
+            "",
+            "Ratio ours / the floor (CPU per packet): "
+            + ", ".join(
+                f"{r}: {a.server_us_per_packet / b.server_us_per_packet:.2f}x"
+                for r, a, b in zip(rates, results[0]["rates"], floor["rates"], strict=True)
+            ),
             "",
             "Ratio ours / coturn (CPU per packet): "
             + ", ".join(
@@ -387,7 +448,7 @@ def report(results: list[dict], two: dict, rates: list[int], repeats: int) -> st
             ),
         ]
     lines += ["", "## 2. Capacity (highest offered rate with < 0.1 % loss, one core)", ""]
-    for res in results:
+    for res in [*results, floor]:
         cap = res["capacity"]
         limit = res.get("capacity_limit")
         if limit is None:
@@ -480,6 +541,7 @@ def main() -> int:
     if args.only != "ours":
         starts.append(lambda: start_coturn(1, workdir))
     two: dict = {}
+    floor: dict = {}
     try:
         for start in starts:
             res = measure(
@@ -498,6 +560,9 @@ def main() -> int:
                 continue
             results.append(res)
         if args.only is None:
+            floor = measure_floor(
+                pacer, ("127.0.0.1", peer_port), rates, seconds, capacity_rates, repeats
+            )
             print("measuring 2 workers ...", flush=True)
             two = two_workers(pacer, ("127.0.0.1", peer_port), seconds, 2000, log)
     finally:
@@ -513,7 +578,7 @@ def main() -> int:
                 + f"; capacity {res['capacity'].offered if res['capacity'] else 0}"
             )
         return 0
-    text = report(results, two, rates, repeats)
+    text = report(results, two, floor, rates, repeats)
     print(text)
     Path(args.out).write_text(text)
     return 0

@@ -83,7 +83,7 @@ class Credentials:
         return Credentials(realm, user_keys, tuple(secrets), sha256, hashes)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Identity:
     """An authenticated request: the STUN username, the quota user and the key."""
 

@@ -354,11 +354,11 @@ class TurnServer(AdminActions, PermissionHandlers, TcpConnectionHandlers):
         return pp, bp, pc, bc
 
 
+_METHOD_NAMES = {m.value: m.name.lower() for m in Method}
+
+
 def _method_name(method: int) -> str:
-    try:
-        return Method(method).name.lower()
-    except ValueError:
-        return "unknown"
+    return _METHOD_NAMES.get(method, "unknown")
 
 
 def _safe_username(msg: StunMessage) -> str:
