@@ -243,3 +243,40 @@ def test_turnserver_dev_command_prints_what_a_developer_needs(tmp_path: Path) ->
         assert (tmp_path / "secret").stat().st_mode & 0o777 == 0o600
         page = urllib.request.urlopen(server.info["preflight"], timeout=5)
         assert page.status == 200
+
+
+@pytest.mark.one_loop
+async def test_impaired_packets_are_counted_in_metrics(tmp_path: Path) -> None:
+    """serve --dev with a YAML impairment: what it drops shows in /metrics."""
+    config = tmp_path / "dev.yaml"
+    config.write_text("dev:\n  enabled: true\n  impair: [udp=loss:100]\n  seed: 9\n")
+    metrics = free_port()
+    args = ["--secret", "s", "--allow-loopback-peers", "--config", str(config)]
+    with turnserver_process(tmp_path, *args, "--metrics-listen", f"127.0.0.1:{metrics}") as srv:
+        from turnserver.ops.credentials import mint
+
+        cred = mint("s", "m", 600, time.time())
+        loop = asyncio.get_running_loop()
+        echo_t, _ = await loop.create_datagram_endpoint(Echo, local_addr=("127.0.0.1", 0))
+        relay_t, proto = await turn.create_turn_endpoint(
+            Queue,
+            server_addr=("127.0.0.1", srv.port),
+            username=cred.username,
+            password=cred.password,
+        )
+        try:
+            for _ in range(5):
+                relay_t.sendto(b"lost", echo_t.get_extra_info("sockname"))
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(proto.queue.get(), 1.0)
+        finally:
+            relay_t.close()
+            echo_t.close()
+        text = urllib.request.urlopen(f"http://127.0.0.1:{metrics}/metrics", timeout=5).read()
+        lines = [
+            line
+            for line in text.decode().splitlines()
+            if line.startswith('turn_dev_impaired_packets_total{action="lost",transport="udp"}')
+        ]
+        assert lines and float(lines[0].split()[-1]) >= 5, lines  # all 5 (aioice may resend)
+        assert "seed 9" in srv.log() and "DEVELOPER MODE" in srv.log()
