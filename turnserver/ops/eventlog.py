@@ -150,34 +150,42 @@ def _value(name: str, value: Any) -> Any:
 
 
 def log_event(event: ev.Event) -> None:
-    """Write the log line for one event (the core's event sink)."""
+    """Write the log line for one event (the core's event sink). Decides first and
+    formats after: most events of a busy server (each request's) make no line."""
     line = _LINES.get(type(event))
     if line is None:
         return
     level, message, fields = line
-    values = {name: _value(name, getattr(event, attr)) for name, attr in fields.items()}
-    if isinstance(event, ev.AllocationRefused) and event.reason == "unauthenticated":
-        level = logging.DEBUG  # the normal first 401 of every allocation
-    elif isinstance(event, ev.RequestHandled):
+    extra: dict[str, Any] = {}
+    if isinstance(event, ev.RequestHandled):
         # Allocate refusals and authentication failures have their own line
         if not event.code or event.code in (401, 438) or event.method == "allocate":
             return
-    elif isinstance(event, ev.AuthFailed) and event.method == "allocate":
-        return  # the "allocation refused" line says it (one line per failure)
+    elif isinstance(event, ev.AllocationRefused):
+        if event.reason == "unauthenticated":
+            level = logging.DEBUG  # the normal first 401 of every allocation
+    elif isinstance(event, ev.AuthFailed):
+        if event.method == "allocate":
+            return  # the "allocation refused" line says it (one line per failure)
     elif isinstance(event, ev.TlsHandshakeFailed):
         key = f"tls:{event.reason}"
-        if not _throttle.allow(key):
+        if not log.isEnabledFor(level) or not _throttle.allow(key):
             return
-        values["suppressed"] = _throttle.take_suppressed(key)
+        extra["suppressed"] = _throttle.take_suppressed(key)
     elif isinstance(event, ev.ConnectionClosed):
         if event.reason in ("tls", "handshake_timeout"):
             return  # logged as "tls handshake failed"
         if event.reason in CAP_REASONS:  # one line per cap and interval under a flood
             if not _throttle.allow(event.reason):
                 return
+            reason = event.reason
             level, message = logging.WARNING, "connection refused"
-            values = {"reason": event.reason, "suppressed": _throttle.take_suppressed(event.reason)}
-    _emit(level, message, event.five_tuple, **values)
+            fields = {}
+            extra = {"reason": reason, "suppressed": _throttle.take_suppressed(reason)}
+    if not log.isEnabledFor(level):
+        return
+    values = {name: _value(name, getattr(event, attr)) for name, attr in fields.items()}
+    _emit(level, message, event.five_tuple, **values, **extra)
 
 
 QUIET_USERS = {"turnserver-self-probe"}  # the self-probe: debug level only
@@ -218,6 +226,7 @@ def _emit(level: int, msg: str, five_tuple: object, **fields: Any) -> None:
         return
     fields = {"five_tuple": str(five_tuple), **fields}
     text = " ".join(f"{k}={_quote(v)}" for k, v in fields.items())
+    # the fields as data for JSON logs (any other handler still sees the text)
     log.log(level, "%s %s", msg, text, extra={"fields": {"event": msg, **fields}})
 
 
