@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 RUNDIR := .run
 
-.PHONY: run mint test lint typecheck unit venv clean bench fuzz fmt soak abuse
+.PHONY: run mint test lint typecheck unit venv clean bench fuzz fmt soak abuse bpf
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,13 @@ venv: $(STAMP)
 run: $(STAMP)
 	@mkdir -p $(RUNDIR) && chmod 700 $(RUNDIR)
 	$(BIN)/turnserver dev --state-dir $(RUNDIR)
+
+# The kernel fast path's BPF object (needs clang and libbpf-dev; loaded at run time
+# through libbpf.so.1, so servers need no compiler)
+BPF_OBJ := turnserver/io/bpf/channel_relay.bpf.o
+bpf: $(BPF_OBJ)
+$(BPF_OBJ): turnserver/io/bpf/channel_relay.bpf.c
+	clang -O2 -g -target bpf -I/usr/include/x86_64-linux-gnu -c $< -o $@
 
 # Another credential for the `make run` server (MINT_USER=name TTL=1h FORMAT=ice-servers)
 MINT_USER ?= dev

@@ -175,6 +175,11 @@ def _serve_parser(sub: Any) -> None:
         help="a second udp:// listener, named in Binding responses (RFC 5780 OTHER-ADDRESS)",
     )
     p.add_argument(
+        "--offload",
+        choices=("off", "ebpf", "auto"),
+        help="kernel fast path for channel-bound UDP flows (YAML relay.offload; default off)",
+    )
+    p.add_argument(
         "--workers",
         metavar="N",
         type=int,
@@ -338,6 +343,8 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         if not 1 <= args.workers <= 256:
             raise ConfigError("--workers: between 1 and 256")
         o["workers"] = args.workers
+    if args.offload is not None:
+        o["offload"] = args.offload
     if args.dev:
         o["dev"] = True
     if args.impair:

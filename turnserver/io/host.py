@@ -12,6 +12,7 @@ from turnserver.core import events as ev
 from turnserver.core.five_tuple import FiveTuple
 from turnserver.core.server import TurnServer
 from turnserver.io.descriptors import DescriptorBudget
+from turnserver.io.offload_flows import OffloadFlows
 
 
 @runtime_checkable
@@ -47,6 +48,7 @@ class AdapterHost(Protocol):
     loop: asyncio.AbstractEventLoop
     core: TurnServer
     descriptors: DescriptorBudget
+    offload: OffloadFlows | None  # the kernel fast path, when on
 
     def now(self) -> float: ...
 

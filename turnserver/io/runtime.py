@@ -20,6 +20,7 @@ from turnserver.core.server import TurnServer
 from turnserver.io.descriptors import DescriptorBudget, tighter
 from turnserver.io.host import ClientSink, ClientStream
 from turnserver.io.impairment import Impairments
+from turnserver.io.offload_flows import OffloadFlows
 from turnserver.io.stream import StreamConnection
 from turnserver.io.tcp_relay import TcpRelay
 from turnserver.io.tls import ReloadableTLS
@@ -54,6 +55,15 @@ class StreamOptions:
     write_timeout: float = 30.0  # a client that stops reading is closed after this
     max_connections: int = 0  # TCP/TLS client connections in all (0: half the fd budget)
     max_connections_per_ip: int = 256  # from one client IP address (0: no cap)
+
+
+_OFFLOAD_EVENTS = (
+    ev.ChannelBound,
+    ev.ChannelExpired,
+    ev.PermissionInstalled,
+    ev.PermissionExpired,
+    ev.PermissionRevoked,
+)
 
 
 class ServerRuntime:
@@ -93,6 +103,7 @@ class ServerRuntime:
         self.event_sinks: list[EventSink] = []
         self.request_timer: Callable[[float | None], None] | None = None
         self.impairments: Impairments | None = None  # developer mode only
+        self.offload: OffloadFlows | None = None  # the kernel fast path, when on
         self.draining = False
 
         self.listeners_bound = False
@@ -197,6 +208,9 @@ class ServerRuntime:
                 handle.cancel()
         self._timer = self._sweeper = None
         self.listeners_bound = False
+        if self.offload is not None:
+            self.offload.close()  # detaches the program from tc
+            self.offload = None
 
     def bound_addresses(self) -> list[ListenAddress]:
         """The addresses actually bound (port 0 resolved), in configuration order."""
@@ -356,6 +370,10 @@ class ServerRuntime:
                     alloc.sink = conn
             if self.impairments is not None:  # developer mode: media through the impairer
                 self._impair(alloc, ft.transport.value)
+        elif self.offload is not None and isinstance(event, _OFFLOAD_EVENTS):
+            alloc = self.core.allocations.get(event.five_tuple)
+            if alloc is not None:  # channels and permissions changed: the kernel follows
+                self.offload.sync(alloc)
         elif isinstance(event, ev.PeerConnectionBound):
             data_conn = self.stream_connections.get(event.data_five_tuple)
             pc = self.core.peer_connections.get(event.connection_id)

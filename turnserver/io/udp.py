@@ -208,6 +208,9 @@ class UdpRelay:
 
     def close(self) -> None:
         if self._fd >= 0:
+            offload = self._runtime.offload
+            if offload is not None:  # the kernel's flows go first, their counts folded in
+                offload.release(self.alloc)
             self._loop.remove_reader(self._fd)
             self._fd = -1
             self.sock.close()

@@ -20,11 +20,12 @@ from turnserver.core.config import CoreConfig, RelayAddress
 from turnserver.core.policy import DefaultPeerPolicy
 from turnserver.io.descriptors import DescriptorBudget
 from turnserver.io.loop import loop_factory, tune_gc
-from turnserver.io.runtime import ListenAddress, ServerRuntime, StreamOptions
+from turnserver.io.offload_flows import start_offload
+from turnserver.io.runtime import ServerRuntime, StreamOptions
 from turnserver.io.tls import ReloadableTLS, build_context
 from turnserver.ops import devmode
 from turnserver.ops.admin import AdminApi, AdminService, LocalBackend
-from turnserver.ops.api import ApiConfig, CredentialsApi, start_api
+from turnserver.ops.api import CredentialsApi, start_api
 from turnserver.ops.banner import log_limits, print_banner
 from turnserver.ops.config import (
     Settings,
@@ -32,7 +33,6 @@ from turnserver.ops.config import (
     all_listeners,
     api_certificate,
     check_certificate,
-    preflight_page_enabled,
     relay_layout,
     rfc5780_primary,
 )
@@ -43,7 +43,7 @@ from turnserver.ops.metrics import Metrics
 from turnserver.ops.probe import PROBE_USER, SelfProbe
 from turnserver.ops.revocations import Revocations, RevocationStore
 from turnserver.ops.systemd import notify, start_watchdog
-from turnserver.ops.uris import server_uris
+from turnserver.ops.uris import api_config
 
 
 def core_config(settings: Settings) -> CoreConfig:
@@ -200,24 +200,6 @@ def apply_reload(runtime: ServerRuntime, new: Settings) -> None:
             log.error("certificate reload failed, keeping the old one: %s", exc)
 
 
-def api_config(settings: Settings, listen: list[ListenAddress]) -> ApiConfig:
-    """The credentials API's view of the settings."""
-    accounts: dict[str, tuple[str, ...]] = {}
-    for sid, token in settings.accounts:
-        accounts[sid] = (*accounts.get(sid, ()), token)
-    return ApiConfig(
-        secrets=settings.secrets,
-        accounts=accounts,
-        api_keys=settings.api_keys,
-        uris=server_uris(settings, listen),
-        default_ttl=settings.api_default_ttl,
-        max_ttl=settings.api_max_ttl,
-        rate_per_second=settings.api_rate,
-        rate_burst=settings.api_burst,
-        preflight_page=preflight_page_enabled(settings),
-    )
-
-
 ReloadSettings = Callable[[], Settings]
 
 
@@ -267,10 +249,15 @@ class Server:
     async def start(self) -> None:
         """Bind listeners, then the API (raises OSError/ValueError naming what failed)."""
         self._prepare_admin()
+        settings = self.settings
         await self.runtime.start()
+        try:  # --offload ebpf that cannot work stops the start (auto falls back)
+            self.runtime.offload = start_offload(settings.offload, settings.workers, settings.dev)
+        except OSError:
+            self.runtime.stop()
+            raise
         if self.dev is not None:
             self.dev.start()
-        settings = self.settings
         if settings.metrics_listen:
             host, port = settings.metrics_listen
             try:

@@ -40,8 +40,7 @@ from turnserver.ops.config_values import (
     parse_admin_token,
 )
 
-LOG_LEVELS = ("debug", "info", "warning", "error")
-LOG_FORMATS = ("text", "json")
+LOG_LEVELS, LOG_FORMATS = ("debug", "info", "warning", "error"), ("text", "json")
 
 
 @dataclass(frozen=True)
@@ -105,7 +104,6 @@ class Settings:
     bandwidth_kbps: int = 0
     challenge_rate: float = 1000.0
     challenge_burst: int = 2000
-
     drain_timeout: float = 60.0
     alternate_server: tuple[str, int] | None = None
     other_address: tuple[str, int] | None = None
@@ -126,6 +124,7 @@ class Settings:
     log_level: str = "info"
     log_format: str = "text"
     loop: str = "auto"
+    offload: str = "off"  # the kernel fast path: off, ebpf, auto (README "Kernel fast path")
     dev: bool = False  # developer mode: impairment of relayed media, /dev/v1/*
     impairments: tuple[str, ...] = ()  # "udp=block", "tls=loss:5,delay:80"
     impair_seed: int = 1
@@ -168,6 +167,7 @@ SCHEMA: dict[str, tuple[str, Check]] = {
     "relay.external_ip": ("external_ips", _ip_list),
     "relay.min_port": ("min_port", _int(1, 65535)),
     "relay.max_port": ("max_port", _int(1, 65535)),
+    "relay.offload": ("offload", _choice(("off", "ebpf", "auto"))),
     "peers.allow_loopback": ("allow_loopback_peers", _bool),
     "peers.allow": ("allow_peers", _cidr_list),
     "peers.deny": ("deny_peers", _cidr_list),

@@ -148,6 +148,28 @@ class TurnCollector(Collector):
         octets = CounterMetricFamily(
             "turn_relayed_bytes", "Payload bytes relayed", labels=["direction"]
         )
+        offload = runtime.offload
+        if offload is not None:  # what the kernel relayed joins the allocations' counts
+            offload.fold(core.allocations)
+        yield GaugeMetricFamily(
+            "turn_offload_enabled",
+            "1 when channel-bound UDP flows are relayed in the kernel (relay.offload)",
+            value=1 if offload is not None else 0,
+        )
+        yield GaugeMetricFamily(
+            "turn_offload_flows_active",
+            "Channel bindings relayed in the kernel now",
+            value=offload.active() if offload is not None else 0,
+        )
+        passed = CounterMetricFamily(
+            "turn_offload_passed_up",
+            "Packets of kernel-relayed flows passed up to user space, by reason",
+            labels=["reason"],
+        )
+        if offload is not None:
+            for reason, n in offload.prog.pass_reasons().items():
+                passed.add_metric([reason], n)
+        yield passed
         pp, bp, pc, bc = core.relay_totals()
         packets.add_metric(["client_to_peer"], pp)
         packets.add_metric(["peer_to_client"], pc)

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from turnserver.io.runtime import ListenAddress
-from turnserver.ops.config import Settings, relay_layout, rfc5780_listeners
+from turnserver.ops.api import ApiConfig
+from turnserver.ops.config import Settings, preflight_page_enabled, relay_layout, rfc5780_listeners
 from turnserver.ops.credentials import ServerUris
 
 
@@ -40,3 +41,21 @@ def server_uris(settings: Settings, listen: list[ListenAddress]) -> ServerUris:
 def ice_uris(settings: Settings, listen: list[ListenAddress]) -> list[str]:
     """TURN URIs for the listeners (see server_uris)."""
     return list(server_uris(settings, listen).turn)
+
+
+def api_config(settings: Settings, listen: list[ListenAddress]) -> ApiConfig:
+    """The credentials API's view of the settings."""
+    accounts: dict[str, tuple[str, ...]] = {}
+    for sid, token in settings.accounts:
+        accounts[sid] = (*accounts.get(sid, ()), token)
+    return ApiConfig(
+        secrets=settings.secrets,
+        accounts=accounts,
+        api_keys=settings.api_keys,
+        uris=server_uris(settings, listen),
+        default_ttl=settings.api_default_ttl,
+        max_ttl=settings.api_max_ttl,
+        rate_per_second=settings.api_rate,
+        rate_burst=settings.api_burst,
+        preflight_page=preflight_page_enabled(settings),
+    )

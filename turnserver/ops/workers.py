@@ -356,8 +356,8 @@ class Supervisor:
 
     async def run(self) -> int:
         from turnserver.ops.api import CredentialsApi, start_api
-        from turnserver.ops.app import api_config
         from turnserver.ops.banner import credential_banner_text
+        from turnserver.ops.uris import api_config
 
         loop = asyncio.get_running_loop()
         for i in range(self.n):

@@ -1,0 +1,344 @@
+"""The kernel fast path's BPF program (io/bpf/channel_relay.bpf.c): BPF_PROG_TEST_RUN on
+crafted frames (byte-exact strip and add, IP checksums, counters, every pass-up case),
+then real sockets on the `lo` of a network namespace made for the test. Needs root,
+clang and libbpf (.ci/run installs them): fails in CI without them, skips on a laptop."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from turnserver.io.offload import (
+    SOURCE,
+    TC_ACT_OK,
+    ChannelRelayProgram,
+    ClientFlow,
+    OffloadError,
+    PeerFlow,
+    clang_command,
+)
+
+from .conftest import IN_CI
+
+CLIENT, SERVER = ("127.0.0.2", 40000), ("127.0.0.1", 3478)
+RELAY, PEER = ("127.0.0.1", 50000), ("127.0.0.3", 60000)
+CHANNEL = 0x4000
+
+
+def _unavailable(why: str) -> None:
+    if IN_CI:
+        pytest.fail(f"{why}; .ci/run installs clang, libbpf-dev and runs as root")
+    pytest.skip(why)
+
+
+@pytest.fixture(scope="module")
+def bpf_object(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    if os.geteuid() != 0:
+        _unavailable("loading BPF programs needs root (CAP_BPF, CAP_NET_ADMIN)")
+    if shutil.which("clang") is None or not Path("/usr/include/bpf/bpf_helpers.h").exists():
+        _unavailable("clang and libbpf-dev are needed to build the BPF object")
+    out = tmp_path_factory.mktemp("bpf") / "channel_relay.bpf.o"
+    subprocess.run(clang_command(SOURCE, out), check=True)
+    return out
+
+
+@pytest.fixture
+def program(bpf_object: Path) -> Iterator[ChannelRelayProgram]:
+    try:
+        prog = ChannelRelayProgram(bpf_object)
+    except OffloadError as exc:
+        _unavailable(str(exc))
+    prog.add(ClientFlow(CLIENT, SERVER, CHANNEL), PeerFlow(RELAY, PEER))
+    yield prog
+    prog.close()
+
+
+def checksum(data: bytes) -> int:
+    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while total > 0xFFFF:
+        total = (total & 0xFFFF) + (total >> 16)
+    return ~total & 0xFFFF
+
+
+def frame(
+    src: tuple[str, int],
+    dst: tuple[str, int],
+    payload: bytes,
+    *,
+    options: bytes = b"",
+    frag: int = 0,
+    udp_check: int = 0x1234,
+) -> bytes:
+    """Ethernet + IPv4 + UDP, IP checksum right; the UDP checksum as given (the program
+    must not care: it writes 0)."""
+    udp = struct.pack("!HHHH", src[1], dst[1], 8 + len(payload), udp_check) + payload
+    ihl = 5 + len(options) // 4
+    ip = struct.pack(
+        "!BBHHHBBH4s4s",
+        0x40 | ihl,
+        0,
+        ihl * 4 + len(udp),
+        7,
+        frag,
+        64,
+        17,
+        0,
+        socket.inet_aton(src[0]),
+        socket.inet_aton(dst[0]),
+    )
+    ip += options
+    ip = ip[:10] + struct.pack("!H", checksum(ip)) + ip[12:]
+    return bytes(12) + b"\x08\x00" + ip + udp
+
+
+def channel_data(payload: bytes, length: int | None = None) -> bytes:
+    return struct.pack("!HH", CHANNEL, len(payload) if length is None else length) + payload
+
+
+@pytest.mark.parametrize("size", [1, 4, 100, 1000, 1472])
+def test_client_to_peer_strips_the_header(program: ChannelRelayProgram, size: int) -> None:
+    payload = os.urandom(size)
+    verdict, out = program.test_run(frame(CLIENT, SERVER, channel_data(payload)))
+    assert verdict == TC_ACT_OK
+    # what a packet from the relayed address to the peer is, built independently
+    assert out == frame(RELAY, PEER, payload, udp_check=0)
+    assert checksum(out[14:34]) == 0
+    assert program.counters(ClientFlow(CLIENT, SERVER, CHANNEL), PeerFlow(RELAY, PEER))[:2] == (
+        1,
+        size,
+    )
+
+
+@pytest.mark.parametrize("size", [1, 4, 100, 1000, 1468])
+def test_peer_to_client_adds_the_header(program: ChannelRelayProgram, size: int) -> None:
+    payload = os.urandom(size)
+    verdict, out = program.test_run(frame(PEER, RELAY, payload))
+    assert verdict == TC_ACT_OK
+    assert out == frame(SERVER, CLIENT, channel_data(payload), udp_check=0)
+    assert checksum(out[14:34]) == 0
+    assert program.counters(ClientFlow(CLIENT, SERVER, CHANNEL), PeerFlow(RELAY, PEER))[2:] == (
+        1,
+        size,
+    )
+
+
+def test_everything_else_goes_up_unchanged_and_counted(program: ChannelRelayProgram) -> None:
+    cases = {
+        # unknown flows: another channel, another client, a peer without a binding
+        "other channel": (frame(CLIENT, SERVER, b"\x40\x01\x00\x02ab"), None),
+        "other client": (frame(("127.0.0.9", 1), SERVER, channel_data(b"ab")), None),
+        "other peer": (frame(("127.0.0.9", 1), RELAY, b"data"), None),
+        "a STUN message": (frame(CLIENT, SERVER, b"\x00\x01\x00\x00" + bytes(16)), None),
+        # known flows the program is not sure of
+        "padded": (frame(CLIENT, SERVER, channel_data(b"abc") + b"\x00"), "length"),
+        "truncated": (frame(CLIENT, SERVER, channel_data(b"abc", 9)), "length"),
+        "fragment (MF)": (frame(PEER, RELAY, b"data", frag=0x2000), "fragment"),
+        "fragment (offset)": (frame(CLIENT, SERVER, channel_data(b"ab"), frag=5), "fragment"),
+        "IP options": (frame(PEER, RELAY, b"data", options=b"\x01\x01\x01\x00"), "ip_options"),
+    }
+    for name, (packet, reason) in cases.items():
+        before = program.pass_reasons()
+        verdict, out = program.test_run(packet)
+        assert verdict == TC_ACT_OK and out == packet, name
+        after = program.pass_reasons()
+        changed = {k for k in after if after[k] != before[k]}
+        assert changed == ({reason} if reason else set()), (name, changed)
+    packet = frame(PEER, RELAY, b"x" * 600)  # a GSO super-packet of two segments
+    verdict, out = program.test_run(packet, gso_size=300)
+    assert verdict == TC_ACT_OK and out == packet
+    assert program.pass_reasons()["gso"] == 1
+    assert program.counters(ClientFlow(CLIENT, SERVER, CHANNEL), PeerFlow(RELAY, PEER)) == (
+        0,
+        0,
+        0,
+        0,
+    )
+
+
+def test_removed_flows_are_not_relayed_and_keep_their_last_counts(
+    program: ChannelRelayProgram,
+) -> None:
+    client, peer = ClientFlow(CLIENT, SERVER, CHANNEL), PeerFlow(RELAY, PEER)
+    program.test_run(frame(CLIENT, SERVER, channel_data(b"12345")))
+    program.test_run(frame(PEER, RELAY, b"123"))
+    assert program.remove(client, peer) == (1, 5, 1, 3)
+    packet = frame(CLIENT, SERVER, channel_data(b"12345"))
+    assert program.test_run(packet) == (TC_ACT_OK, packet)
+    assert program.remove(client, peer) == (0, 0, 0, 0)
+
+
+def test_real_sockets_on_lo_in_a_namespace(bpf_object: Path) -> None:
+    """Locally generated datagrams (CHECKSUM_PARTIAL on lo), both ways, byte-exact."""
+    if shutil.which("ip") is None:
+        _unavailable("iproute2 is needed for network namespaces")
+    ns = f"turnoffload-{uuid.uuid4().hex[:8]}"
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    try:
+        result = subprocess.run(
+            [
+                "ip",
+                "netns",
+                "exec",
+                ns,
+                sys.executable,
+                str(Path(__file__).parent / "offload_lo_check.py"),
+                str(bpf_object),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        subprocess.run(["ip", "netns", "del", ns], check=False)
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout)
+    assert out["to_peer_exact"] == 100 and out["to_client_exact"] == 100, out
+    assert out["user_space_saw_nothing"], out
+    assert out["udp_errors"] == [0, 0], out  # InErrors, InCsumErrors
+    sizes = sum(1 + i * 13 for i in range(100))
+    assert out["counters"] == [100, sizes, 100, sizes], out
+    assert out["mtu_passed_up"] and out["pass_reasons"]["mtu"] == 1, out
+    assert out["removed"] == [100, sizes, 100, sizes]
+    assert out["after_removal_user_space"], out
+
+
+# ---- the server with relay.offload ---------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def packaged_object(bpf_object: Path) -> Path:
+    """The object where the server looks for it (`make bpf` builds it there)."""
+    from turnserver.io.offload_flows import OBJECT
+
+    if not OBJECT.exists():
+        subprocess.run(clang_command(SOURCE, OBJECT), check=True)
+    return OBJECT
+
+
+def _in_netns(*cmd: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    ns = f"turnoffload-{uuid.uuid4().hex[:8]}"
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    try:
+        script = " && ".join(["ip link set lo up", *cmd])
+        return subprocess.run(
+            ["ip", "netns", "exec", ns, "sh", "-c", script],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+    finally:
+        subprocess.run(["ip", "netns", "del", ns], check=False)
+
+
+def test_server_relays_channels_in_the_kernel(packaged_object: Path) -> None:
+    """aioice through our server with relay.offload ebpf: the channel's packets are
+    relayed by the kernel, counted in the allocation and the metrics; a peer policy
+    that now denies the peer removes the flow at once; Refresh 0 ends it with the
+    kernel's counts in the allocation's last numbers; stopping detaches the program."""
+    script = Path(__file__).parent / "offload_server_check.py"
+    result = _in_netns(f"{sys.executable} {script}")
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    assert out["echoed"] == 200, out
+    assert out["flows"] == 1
+    assert out["kernel_counts"][0] >= 190 and out["kernel_counts"][2] >= 190, out
+    assert out["alloc_counts"] == [200, 200], out  # user-space and kernel counts together
+    assert "turn_offload_enabled 1.0" in out["metrics"]
+    assert "turn_offload_flows_active 1.0" in out["metrics"]
+    assert out["flows_after_deny"] == 0 and out["denied_delivered"] is False, out
+    assert out["ended_counts"] == [200, 200], out
+    assert out["flows_at_end"] == 0 and out["tc_after_stop"] == "", out
+
+
+def _filter_ids(ns: str) -> list[str]:
+    """Program ids of our tc filters (handle 0x7475) on the namespace's lo."""
+    out = subprocess.run(
+        ["ip", "netns", "exec", ns, "tc", "filter", "show", "dev", "lo", "ingress"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return [
+        line.split(" id ")[1].split()[0]
+        for line in out.splitlines()
+        if "handle 0x7475" in line and " id " in line
+    ]
+
+
+def _until(check: Any, timeout: float = 15) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.05)
+
+
+def test_a_killed_server_leaves_one_filter_at_most(packaged_object: Path) -> None:
+    """SIGKILL gives no chance to detach: the next start replaces the stale filter (one
+    filter, the new program); a clean stop leaves none."""
+    ns = f"turnoffload-{uuid.uuid4().hex[:8]}"
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    serve = ["ip", "netns", "exec", ns, sys.executable, "-m", "turnserver", "serve"]
+    serve += ["--secret", "s", "--listen", "udp://127.0.0.1:3478", "--offload", "ebpf"]
+    serve += ["--metrics-listen", "off", "--workers", "1", "--probe-interval", "0"]
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        subprocess.run(["ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up"], check=True)
+        procs.append(subprocess.Popen(serve, stderr=subprocess.DEVNULL))
+        _until(lambda: len(_filter_ids(ns)) == 1)
+        (stale,) = _filter_ids(ns)
+        procs[0].kill()
+        procs[0].wait()
+        assert _filter_ids(ns) == [stale]  # still attached: nobody detached it
+        procs.append(subprocess.Popen(serve, stderr=subprocess.DEVNULL))
+        _until(lambda: _filter_ids(ns) not in ([], [stale]))
+        assert len(_filter_ids(ns)) == 1
+        procs[1].send_signal(signal.SIGINT)
+        procs[1].wait(15)
+        assert _filter_ids(ns) == []
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        subprocess.run(["ip", "netns", "del", ns], check=False)
+
+
+def test_without_privileges_auto_falls_back_and_ebpf_refuses(packaged_object: Path) -> None:
+    """No CAP_BPF/CAP_NET_ADMIN (every capability dropped): `auto` logs why and serves
+    on the uvloop path; `ebpf` refuses to start and says why."""
+    if shutil.which("setpriv") is None:
+        _unavailable("setpriv (util-linux) is needed to drop capabilities")
+    from turnserver.testing import free_port, stun_ping
+
+    drop = ["setpriv", "--bounding-set", "-all", "--inh-caps", "-all"]
+    port = free_port()
+    base = [sys.executable, "-m", "turnserver", "serve", "--secret", "s", "--workers", "1"]
+    base += ["--listen", f"udp://127.0.0.1:{port}", "--metrics-listen", "off"]
+    refused = subprocess.run(
+        [*drop, *base, "--offload", "ebpf"], capture_output=True, text=True, timeout=30
+    )
+    assert refused.returncode == 1
+    assert "cannot load the BPF program (it needs CAP_BPF and CAP_NET_ADMIN" in refused.stderr
+    proc = subprocess.Popen([*drop, *base, "--offload", "auto"], stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 15
+        while not stun_ping(("127.0.0.1", port)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert stun_ping(("127.0.0.1", port))
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=15)
+    assert "kernel fast path off (auto): cannot load the BPF program" in err

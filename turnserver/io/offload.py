@@ -1,0 +1,322 @@
+"""The kernel fast path's program (io/bpf/channel_relay.bpf.c) from Python, through
+libbpf (`libbpf.so.1`, ctypes; no compiler on the server): load the compiled object,
+run it on crafted packets with BPF_PROG_TEST_RUN, install and remove channel flows,
+read their counters and the pass-up reasons, attach it to an interface's TC ingress.
+
+Needs CAP_BPF and CAP_NET_ADMIN (root in the tests). Every failure is an OffloadError
+that says why, so that a caller can fall back to the uvloop path.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import socket
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+SOURCE = Path(__file__).parent / "bpf" / "channel_relay.bpf.c"
+PROGRAM = "turn_channel_relay"
+TC_ACT_OK, TC_ACT_SHOT = 0, 2
+PASS_REASONS = ("ip_options", "fragment", "gso", "length", "mtu", "adjust")
+_BPF_TC_INGRESS = 1
+TC_HANDLE, TC_PRIORITY = 0x7475, 0x7475  # "tu": our filter on the interface
+_BPF_ANY = 0
+_COUNTERS = struct.Struct("=QQ")
+
+
+class OffloadError(OSError):
+    """The kernel fast path cannot be used; the message says why."""
+
+
+def clang_command(source: Path, output: Path) -> list[str]:
+    """How the object is built (the Makefile's `bpf` target and the tests use this)."""
+    return [
+        "clang",
+        "-O2",
+        "-g",
+        "-target",
+        "bpf",
+        "-I/usr/include/x86_64-linux-gnu",
+        "-c",
+        str(source),
+        "-o",
+        str(output),
+    ]
+
+
+class _TestRunOpts(ctypes.Structure):
+    _fields_ = [
+        ("sz", ctypes.c_size_t),
+        ("data_in", ctypes.c_void_p),
+        ("data_out", ctypes.c_void_p),
+        ("data_size_in", ctypes.c_uint32),
+        ("data_size_out", ctypes.c_uint32),
+        ("ctx_in", ctypes.c_void_p),
+        ("ctx_out", ctypes.c_void_p),
+        ("ctx_size_in", ctypes.c_uint32),
+        ("ctx_size_out", ctypes.c_uint32),
+        ("retval", ctypes.c_uint32),
+        ("repeat", ctypes.c_int),
+        ("duration", ctypes.c_uint32),
+        ("flags", ctypes.c_uint32),
+        ("cpu", ctypes.c_uint32),
+        ("batch_size", ctypes.c_uint32),
+    ]
+
+
+class _TcHook(ctypes.Structure):
+    _fields_ = [
+        ("sz", ctypes.c_size_t),
+        ("ifindex", ctypes.c_int),
+        ("attach_point", ctypes.c_int),
+        ("parent", ctypes.c_uint32),
+    ]
+
+
+class _TcOpts(ctypes.Structure):
+    _fields_ = [
+        ("sz", ctypes.c_size_t),
+        ("prog_fd", ctypes.c_int),
+        ("flags", ctypes.c_uint32),
+        ("prog_id", ctypes.c_uint32),
+        ("handle", ctypes.c_uint32),
+        ("priority", ctypes.c_uint32),
+    ]
+
+
+def _libbpf() -> ctypes.CDLL:
+    name = ctypes.util.find_library("bpf") or "libbpf.so.1"
+    try:
+        lib = ctypes.CDLL(name, use_errno=True)
+    except OSError as exc:
+        raise OffloadError(f"libbpf is not installed ({exc})") from None
+    vp, ci = ctypes.c_void_p, ctypes.c_int
+    for fn, res, args in (
+        ("bpf_object__open_file", vp, [ctypes.c_char_p, vp]),
+        ("bpf_object__load", ci, [vp]),
+        ("bpf_object__close", None, [vp]),
+        ("bpf_object__find_program_by_name", vp, [vp, ctypes.c_char_p]),
+        ("bpf_object__find_map_by_name", vp, [vp, ctypes.c_char_p]),
+        ("bpf_program__fd", ci, [vp]),
+        ("bpf_map__fd", ci, [vp]),
+        ("bpf_map_update_elem", ci, [ci, vp, vp, ctypes.c_uint64]),
+        ("bpf_map_lookup_elem", ci, [ci, vp, vp]),
+        ("bpf_map_lookup_and_delete_elem", ci, [ci, vp, vp]),
+        ("bpf_map_delete_elem", ci, [ci, vp]),
+        ("bpf_prog_test_run_opts", ci, [ci, ctypes.POINTER(_TestRunOpts)]),
+        ("bpf_tc_hook_create", ci, [ctypes.POINTER(_TcHook)]),
+        ("bpf_tc_hook_destroy", ci, [ctypes.POINTER(_TcHook)]),
+        ("bpf_tc_attach", ci, [ctypes.POINTER(_TcHook), ctypes.POINTER(_TcOpts)]),
+        ("bpf_tc_detach", ci, [ctypes.POINTER(_TcHook), ctypes.POINTER(_TcOpts)]),
+        ("libbpf_set_print", vp, [vp]),
+    ):
+        f = getattr(lib, fn)
+        f.restype, f.argtypes = res, args
+    lib.libbpf_set_print(None)  # no warnings on our stderr; errors come back as errno
+    return lib
+
+
+def _fail(what: str, ret: int) -> OffloadError:
+    err = ctypes.get_errno() or -ret
+    exc = OffloadError(f"{what}: {os.strerror(err)}")
+    exc.errno = err
+    return exc
+
+
+@dataclass(frozen=True)
+class ClientFlow:
+    """A bound channel, client side: client -> listener, channel number."""
+
+    client: tuple[str, int]
+    server: tuple[str, int]
+    channel: int
+
+    def key(self) -> bytes:
+        return (
+            socket.inet_aton(self.client[0])
+            + socket.inet_aton(self.server[0])
+            + struct.pack("!HHHxx", self.client[1], self.server[1], self.channel)
+        )
+
+
+@dataclass(frozen=True)
+class PeerFlow:
+    """The same binding, peer side: peer -> relayed address."""
+
+    relay: tuple[str, int]
+    peer: tuple[str, int]
+
+    def key(self) -> bytes:
+        return (
+            socket.inet_aton(self.relay[0])
+            + socket.inet_aton(self.peer[0])
+            + struct.pack("!HH", self.relay[1], self.peer[1])
+        )
+
+
+class ChannelRelayProgram:
+    """The loaded program and its maps (one per direction, plus pass-up reasons)."""
+
+    def __init__(self, obj_path: Path) -> None:
+        self.lib = _libbpf()
+        self.obj = self.lib.bpf_object__open_file(str(obj_path).encode(), None)
+        if not self.obj:
+            raise _fail(f"cannot open {obj_path}", -1)
+        ret = self.lib.bpf_object__load(self.obj)
+        if ret:
+            self.lib.bpf_object__close(self.obj)
+            raise _fail(
+                "cannot load the BPF program (it needs CAP_BPF and CAP_NET_ADMIN, or root)", ret
+            )
+        prog = self.lib.bpf_object__find_program_by_name(self.obj, PROGRAM.encode())
+        self.prog_fd = self.lib.bpf_program__fd(prog)
+        self.maps = {
+            name: self.lib.bpf_map__fd(self.lib.bpf_object__find_map_by_name(self.obj, name))
+            for name in (b"client_to_peer", b"peer_to_client", b"pass_reasons")
+        }
+        self._hook: _TcHook | None = None
+        self._tc: _TcOpts | None = None
+
+    def close(self) -> None:
+        self.detach()
+        if self.obj:
+            self.lib.bpf_object__close(self.obj)
+            self.obj = None
+
+    # -- flows ---------------------------------------------------------------------------
+
+    def add(self, client: ClientFlow, peer: PeerFlow) -> None:
+        """Install both directions of a bound channel (after ChannelBind succeeded and
+        its permission is live)."""
+        to_peer = (
+            socket.inet_aton(peer.relay[0])
+            + socket.inet_aton(peer.peer[0])
+            + struct.pack("!HH", peer.relay[1], peer.peer[1])
+            + bytes(4)
+            + _COUNTERS.pack(0, 0)
+        )
+        to_client = (
+            socket.inet_aton(client.client[0])
+            + socket.inet_aton(client.server[0])
+            + struct.pack("!HHHxx", client.client[1], client.server[1], client.channel)
+            + _COUNTERS.pack(0, 0)
+        )
+        self._update(b"client_to_peer", client.key(), to_peer)
+        self._update(b"peer_to_client", peer.key(), to_client)
+
+    def remove(self, client: ClientFlow, peer: PeerFlow) -> tuple[int, int, int, int]:
+        """Remove both directions; returns the last counters (packets and bytes to the
+        peer, packets and bytes to the client), read and deleted in one step."""
+        pp, bp = self._take(b"client_to_peer", client.key())
+        pc, bc = self._take(b"peer_to_client", peer.key())
+        return pp, bp, pc, bc
+
+    def counters(self, client: ClientFlow, peer: PeerFlow) -> tuple[int, int, int, int]:
+        pp, bp = self._read(b"client_to_peer", client.key())
+        pc, bc = self._read(b"peer_to_client", peer.key())
+        return pp, bp, pc, bc
+
+    def pass_reasons(self) -> dict[str, int]:
+        """Packets of relayed flows passed up to user space, by reason (all CPUs)."""
+        cpus = os.cpu_count() or 1
+        out: dict[str, int] = {}
+        for i, name in enumerate(PASS_REASONS):
+            values = ctypes.create_string_buffer(8 * _possible_cpus(cpus))
+            key = ctypes.c_uint32(i)
+            if self.lib.bpf_map_lookup_elem(self.maps[b"pass_reasons"], ctypes.byref(key), values):
+                raise _fail("pass_reasons", -1)
+            raw = values.raw
+            out[name] = sum(struct.unpack_from("=Q", raw, 8 * c)[0] for c in range(len(raw) // 8))
+        return out
+
+    def _update(self, name: bytes, key: bytes, value: bytes) -> None:
+        k, v = ctypes.create_string_buffer(key), ctypes.create_string_buffer(value)
+        if self.lib.bpf_map_update_elem(self.maps[name], k, v, _BPF_ANY):
+            raise _fail(f"{name.decode()} update", -1)
+
+    def _take(self, name: bytes, key: bytes) -> tuple[int, int]:
+        k, v = ctypes.create_string_buffer(key), ctypes.create_string_buffer(32)
+        if self.lib.bpf_map_lookup_and_delete_elem(self.maps[name], k, v):
+            return 0, 0
+        packets, octets = _COUNTERS.unpack_from(v.raw, 16)
+        return int(packets), int(octets)
+
+    def _read(self, name: bytes, key: bytes) -> tuple[int, int]:
+        k, v = ctypes.create_string_buffer(key), ctypes.create_string_buffer(32)
+        if self.lib.bpf_map_lookup_elem(self.maps[name], k, v):
+            return 0, 0
+        packets, octets = _COUNTERS.unpack_from(v.raw, 16)
+        return int(packets), int(octets)
+
+    # -- running it ----------------------------------------------------------------------
+
+    def test_run(self, frame: bytes, ifindex: int = 1, gso_size: int = 0) -> tuple[int, bytes]:
+        """BPF_PROG_TEST_RUN on one Ethernet frame as received on `ifindex` (as a GSO
+        packet with `gso_size`): (the program's verdict, the frame as it leaves)."""
+        data_in = ctypes.create_string_buffer(frame, len(frame))
+        data_out = ctypes.create_string_buffer(len(frame) + 64)
+        ctx = ctypes.create_string_buffer(_SK_BUFF_SIZE)
+        struct.pack_into("=I", ctx, _INGRESS_IFINDEX, ifindex)
+        struct.pack_into("=I", ctx, _IFINDEX, ifindex)
+        if gso_size:
+            struct.pack_into("=I", ctx, _GSO_SEGS, 2)
+            struct.pack_into("=I", ctx, _GSO_SIZE, gso_size)
+        opts = _TestRunOpts(
+            sz=ctypes.sizeof(_TestRunOpts),
+            data_in=ctypes.cast(data_in, ctypes.c_void_p),
+            data_out=ctypes.cast(data_out, ctypes.c_void_p),
+            data_size_in=len(frame),
+            data_size_out=len(data_out),
+            ctx_in=ctypes.cast(ctx, ctypes.c_void_p),
+            ctx_size_in=_SK_BUFF_SIZE,
+            repeat=1,
+        )
+        ret = self.lib.bpf_prog_test_run_opts(self.prog_fd, ctypes.byref(opts))
+        if ret:
+            raise _fail("BPF_PROG_TEST_RUN", ret)
+        return opts.retval, data_out.raw[: opts.data_size_out]
+
+    def attach(self, ifindex: int) -> None:
+        """TC clsact ingress on the interface (the hook is made if missing), as our own
+        filter (fixed handle and priority): a filter left by a server that was killed
+        (SIGKILL gives no chance to detach) is replaced, never stacked."""
+        hook = _TcHook(sz=ctypes.sizeof(_TcHook), ifindex=ifindex, attach_point=_BPF_TC_INGRESS)
+        ret = self.lib.bpf_tc_hook_create(ctypes.byref(hook))
+        if ret and -ret != 17:  # EEXIST: a clsact qdisc is already there
+            raise _fail(f"tc hook on ifindex {ifindex}", ret)
+        stale = _TcOpts(sz=ctypes.sizeof(_TcOpts), handle=TC_HANDLE, priority=TC_PRIORITY)
+        self.lib.bpf_tc_detach(ctypes.byref(hook), ctypes.byref(stale))  # ENOENT: none
+        opts = _TcOpts(
+            sz=ctypes.sizeof(_TcOpts), prog_fd=self.prog_fd, handle=TC_HANDLE, priority=TC_PRIORITY
+        )
+        ret = self.lib.bpf_tc_attach(ctypes.byref(hook), ctypes.byref(opts))
+        if ret:
+            raise _fail(f"tc attach on ifindex {ifindex}", ret)
+        self._hook, self._tc = hook, opts
+
+    def detach(self) -> None:
+        if self._hook is not None and self._tc is not None:
+            opts = _TcOpts(
+                sz=ctypes.sizeof(_TcOpts), handle=self._tc.handle, priority=self._tc.priority
+            )
+            self.lib.bpf_tc_detach(ctypes.byref(self._hook), ctypes.byref(opts))
+            self._hook = self._tc = None
+
+
+# struct __sk_buff (uapi/linux/bpf.h): the fields BPF_PROG_TEST_RUN takes from ctx_in
+_SK_BUFF_SIZE = 192
+_INGRESS_IFINDEX = 36  # after len, pkt_type, mark, queue_mapping, protocol, vlan_present,
+_IFINDEX = 40  # vlan_tci, vlan_proto, priority (nine u32s)
+_GSO_SEGS, _GSO_SIZE = 164, 176
+
+
+def _possible_cpus(online: int) -> int:
+    try:
+        text = Path("/sys/devices/system/cpu/possible").read_text().strip()
+    except OSError:
+        return online
+    last = text.split(",")[-1].split("-")[-1]
+    return int(last) + 1
