@@ -20,13 +20,25 @@
 # API if api.listen is set. Mount the config (and certificates) read-only at
 # /etc/turnserver; the image runs as an unprivileged user.
 
+# The kernel fast path's BPF object is compiled here; the server loads it through
+# libbpf.so.1 at run time (relay.offload), with no compiler in the final image.
+FROM debian:bookworm-slim AS bpf
+RUN apt-get update && apt-get install -y --no-install-recommends clang libbpf-dev \
+    && rm -rf /var/lib/apt/lists/*
+COPY turnserver/io/bpf/channel_relay.bpf.c /src/
+RUN clang -O2 -g -target bpf -I/usr/include/x86_64-linux-gnu \
+    -c /src/channel_relay.bpf.c -o /src/channel_relay.bpf.o
+
 FROM python:3.11-slim AS build
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY turnserver ./turnserver
+COPY --from=bpf /src/channel_relay.bpf.o ./turnserver/io/bpf/
 RUN pip install --no-cache-dir --prefix=/install .
 
 FROM python:3.11-slim
+RUN apt-get update && apt-get install -y --no-install-recommends libbpf1 \
+    && rm -rf /var/lib/apt/lists/*
 RUN useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin turnserver \
     && mkdir -p /etc/turnserver
 COPY --from=build /install /usr/local
