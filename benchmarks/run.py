@@ -56,6 +56,14 @@ def cpu_seconds(pid: int) -> float:
     return total / TICK
 
 
+def system_busy_seconds() -> float:
+    """CPU time of the whole machine that was not idle (/proc/stat): generator, peer,
+    server and the kernel's packet processing together."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + fields[4]  # idle, iowait
+    return (sum(fields[:8]) - idle) / TICK
+
+
 def stun_ping(addr: tuple[str, int]) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         s.settimeout(0.2)
@@ -82,9 +90,12 @@ class Target:
             self.proc.wait()
 
 
-def start_ours(workers: int, log: Path) -> Target:
+def start_ours(workers: int, log: Path, *extra: str) -> Target:
     """Our server as shipped: default log level and settings; the log goes to a file."""
     port, mport = free_port(), free_port(socket.SOCK_STREAM)
+    name = f"turnserver ({workers} worker{'s' if workers > 1 else ''})"
+    if "--offload" in extra:
+        name = "turnserver (1 worker, kernel fast path)"
     with log.open("ab") as err:
         proc = subprocess.Popen(
             serve_command(
@@ -98,15 +109,14 @@ def start_ours(workers: int, log: Path) -> Target:
                 "40000",
                 "--max-port",
                 "47999",
+                *extra,
                 workers=workers,
                 metrics=f"127.0.0.1:{mport}",
             ),
             stdout=subprocess.DEVNULL,
             stderr=err,
         )
-    return _wait(
-        Target(f"turnserver ({workers} worker{'s' if workers > 1 else ''})", proc, port, mport)
-    )
+    return _wait(Target(name, proc, port, mport))
 
 
 def start_coturn(threads: int, workdir: Path) -> Target | None:
@@ -156,6 +166,7 @@ class RateResult:
     sent: int
     received: int
     server_us_per_packet: float
+    system_us_per_packet: float  # every process and the kernel: what the host paid
     loss: float
     p50_ms: float
     p99_ms: float
@@ -165,7 +176,7 @@ class RateResult:
 def run_rate(t: Target, pacer: Path, clients: list, rate: int, seconds: float) -> RateResult:
     """Offer `rate` pps of 160-byte ChannelData from the C pacer (sends every 200 µs)."""
     fds = [c.sock.fileno() for c in clients]
-    c0, w0 = cpu_seconds(t.proc.pid), time.monotonic()
+    s0, c0, w0 = system_busy_seconds(), cpu_seconds(t.proc.pid), time.monotonic()
     out = subprocess.run(
         [str(pacer), str(rate), str(seconds), "200", *map(str, fds)],
         pass_fds=fds,
@@ -173,7 +184,7 @@ def run_rate(t: Target, pacer: Path, clients: list, rate: int, seconds: float) -
         check=True,
         timeout=seconds + 30,
     )
-    c1, w1 = cpu_seconds(t.proc.pid), time.monotonic()
+    s1, c1, w1 = system_busy_seconds(), cpu_seconds(t.proc.pid), time.monotonic()
     r = json.loads(out.stdout)
     relayed = r["sent"] + r["received"]  # client->peer and peer->client
     return RateResult(
@@ -181,6 +192,7 @@ def run_rate(t: Target, pacer: Path, clients: list, rate: int, seconds: float) -
         r["sent"],
         r["received"],
         (c1 - c0) * 1e6 / max(1, relayed),
+        (s1 - s0) * 1e6 / max(1, relayed),
         1 - r["received"] / max(1, r["sent"]),
         r["p50_ms"],
         r["p99_ms"],
@@ -257,12 +269,15 @@ def measure(
             out["capacity"] = best
         finally:
             gen.close()
-        out["setup"] = median_by(
-            [run_setups(t, peer, setups, f"setup{i}-") for i in range(repeats)],
-            "server_us_per_setup",
-        )
+        if setups:
+            out["setup"] = median_by(
+                [run_setups(t, peer, setups, f"setup{i}-") for i in range(repeats)],
+                "server_us_per_setup",
+            )
     finally:
         t.stop()
+    if not memory_counts:
+        return out
     # Memory on a fresh instance: the runs above leave thousands of allocations behind
     t = start()
     assert t is not None
@@ -399,7 +414,8 @@ def fmt_rows(results: list[dict], rates: list[int]) -> list[str]:
         for rr in res["rates"]:
             sat = " (load generator saturated)" if rr.loadgen_cpu > 0.95 else ""
             cells.append(
-                f"{rr.server_us_per_packet:.1f} µs/pkt, loss {rr.loss:.2%}, "
+                f"{rr.server_us_per_packet:.1f} µs/pkt (host {rr.system_us_per_packet:.1f}), "
+                f"loss {rr.loss:.2%}, "
                 f"RTT p50 {rr.p50_ms:.2f} / p99 {rr.p99_ms:.2f} ms, "
                 f"generator CPU {rr.loadgen_cpu:.0%}{sat}"
             )
@@ -418,7 +434,27 @@ def build_pacer() -> Path | None:
     return exe
 
 
-def report(results: list[dict], two: dict, floor: dict, rates: list[int], repeats: int) -> str:
+def offload_possible() -> bool:
+    """The kernel fast path can be measured: root, and the BPF object built or buildable."""
+    from turnserver.io.offload import SOURCE, clang_command
+    from turnserver.io.offload_flows import OBJECT
+
+    if os.geteuid() != 0:
+        print("not root: no kernel fast path row")
+        return False
+    if not OBJECT.exists() and shutil.which("clang"):
+        subprocess.run(clang_command(SOURCE, OBJECT), check=False)
+    return OBJECT.exists()
+
+
+def report(
+    results: list[dict],
+    two: dict,
+    floor: dict,
+    offload: dict | None,
+    rates: list[int],
+    repeats: int,
+) -> str:
     lines = [
         f"# Benchmark results ({datetime.now(UTC):%Y-%m-%d %H:%M} UTC)",
         "",
@@ -431,7 +467,7 @@ def report(results: list[dict], two: dict, floor: dict, rates: list[int], repeat
         "## 1. Relay cost (server CPU per relayed packet, both directions counted)",
         "",
     ]
-    lines += fmt_rows([*results, floor], rates)
+    lines += fmt_rows([*results, *([offload] if offload else []), floor], rates)
     if len(results) == 2:
         lines += [
             "",
@@ -447,8 +483,20 @@ def report(results: list[dict], two: dict, floor: dict, rates: list[int], repeat
                 for r, a, b in zip(rates, results[0]["rates"], results[1]["rates"], strict=True)
             ),
         ]
+    if offload and len(results) == 2:
+        lines += [
+            "",
+            "Kernel fast path / coturn, CPU per packet (the server's own; and the whole "
+            "host's, generator and echo peer included, since the kernel relays in the "
+            "sender's context): "
+            + ", ".join(
+                f"{r}: {a.server_us_per_packet / b.server_us_per_packet:.2f}x "
+                f"(host {a.system_us_per_packet / b.system_us_per_packet:.2f}x)"
+                for r, a, b in zip(rates, offload["rates"], results[1]["rates"], strict=True)
+            ),
+        ]
     lines += ["", "## 2. Capacity (highest offered rate with < 0.1 % loss, one core)", ""]
-    for res in [*results, floor]:
+    for res in [*results, *([offload] if offload else []), floor]:
         cap = res["capacity"]
         limit = res.get("capacity_limit")
         if limit is None:
@@ -514,8 +562,8 @@ def main() -> int:
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     seconds = 3.0 if args.quick else 4.0
     repeats = 1 if args.quick else 3
-    rates = [5000, 10000, 20000]
-    capacity_rates = [20000, 30000, 40000, 50000, 60000, 70000, 80000]
+    rates = [5000, 10000, 20000, 50000]
+    capacity_rates = [20000, 30000, 40000, 50000, 60000, 70000, 80000, 100000, 150000]
     memory_counts = [1000] if args.quick else [1000, 7000]  # the 8,000-port range
     peer_exe = shutil.which("turnutils_peer")
     if peer_exe is None:
@@ -542,6 +590,7 @@ def main() -> int:
         starts.append(lambda: start_coturn(1, workdir))
     two: dict = {}
     floor: dict = {}
+    offload: dict | None = None
     try:
         for start in starts:
             res = measure(
@@ -559,6 +608,18 @@ def main() -> int:
                 print("coturn is not installed (apt-get install coturn): ours only")
                 continue
             results.append(res)
+        if args.only is None and offload_possible():
+            offload = measure(
+                lambda: start_ours(1, log, "--offload", "ebpf"),
+                pacer,
+                ("127.0.0.1", peer_port),
+                rates,
+                seconds,
+                capacity_rates,
+                0,
+                [],
+                repeats,
+            )
         if args.only is None:
             floor = measure_floor(
                 pacer, ("127.0.0.1", peer_port), rates, seconds, capacity_rates, repeats
@@ -578,7 +639,7 @@ def main() -> int:
                 + f"; capacity {res['capacity'].offered if res['capacity'] else 0}"
             )
         return 0
-    text = report(results, two, floor, rates, repeats)
+    text = report(results, two, floor, offload, rates, repeats)
     print(text)
     Path(args.out).write_text(text)
     return 0
