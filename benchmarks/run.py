@@ -26,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -56,12 +57,7 @@ def cpu_seconds(pid: int) -> float:
     return total / TICK
 
 
-def system_busy_seconds() -> float:
-    """CPU time of the whole machine that was not idle (/proc/stat): generator, peer,
-    server and the kernel's packet processing together."""
-    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    idle = fields[3] + fields[4]  # idle, iowait
-    return (sum(fields[:8]) - idle) / TICK
+PEER_PID = [0]  # the echo peer's process, set by main()
 
 
 def stun_ping(addr: tuple[str, int]) -> bool:
@@ -166,7 +162,7 @@ class RateResult:
     sent: int
     received: int
     server_us_per_packet: float
-    system_us_per_packet: float  # every process and the kernel: what the host paid
+    system_us_per_packet: float  # server + generator + echo peer: the whole pipeline
     loss: float
     p50_ms: float
     p99_ms: float
@@ -176,7 +172,7 @@ class RateResult:
 def run_rate(t: Target, pacer: Path, clients: list, rate: int, seconds: float) -> RateResult:
     """Offer `rate` pps of 160-byte ChannelData from the C pacer (sends every 200 µs)."""
     fds = [c.sock.fileno() for c in clients]
-    s0, c0, w0 = system_busy_seconds(), cpu_seconds(t.proc.pid), time.monotonic()
+    p0, c0, w0 = cpu_seconds(PEER_PID[0]), cpu_seconds(t.proc.pid), time.monotonic()
     out = subprocess.run(
         [str(pacer), str(rate), str(seconds), "200", *map(str, fds)],
         pass_fds=fds,
@@ -184,7 +180,7 @@ def run_rate(t: Target, pacer: Path, clients: list, rate: int, seconds: float) -
         check=True,
         timeout=seconds + 30,
     )
-    s1, c1, w1 = system_busy_seconds(), cpu_seconds(t.proc.pid), time.monotonic()
+    p1, c1, w1 = cpu_seconds(PEER_PID[0]), cpu_seconds(t.proc.pid), time.monotonic()
     r = json.loads(out.stdout)
     relayed = r["sent"] + r["received"]  # client->peer and peer->client
     return RateResult(
@@ -192,7 +188,7 @@ def run_rate(t: Target, pacer: Path, clients: list, rate: int, seconds: float) -
         r["sent"],
         r["received"],
         (c1 - c0) * 1e6 / max(1, relayed),
-        (s1 - s0) * 1e6 / max(1, relayed),
+        ((c1 - c0) + (p1 - p0) + r["cpu_seconds"]) * 1e6 / max(1, relayed),
         1 - r["received"] / max(1, r["sent"]),
         r["p50_ms"],
         r["p99_ms"],
@@ -354,9 +350,11 @@ def measure_floor(
 
 
 def worker_shares(t: Target) -> list[float]:
-    body = json.loads(
-        urllib.request.urlopen(f"http://127.0.0.1:{t.metrics_port}/readyz", timeout=5).read()
-    )
+    try:
+        raw = urllib.request.urlopen(f"http://127.0.0.1:{t.metrics_port}/readyz", timeout=5).read()
+    except urllib.error.HTTPError as exc:  # 503 under load (e.g. a late self-probe): same body
+        raw = exc.read()
+    body = json.loads(raw)
     shares = []
     for w in body["workers"].values():
         text = (
@@ -414,7 +412,7 @@ def fmt_rows(results: list[dict], rates: list[int]) -> list[str]:
         for rr in res["rates"]:
             sat = " (load generator saturated)" if rr.loadgen_cpu > 0.95 else ""
             cells.append(
-                f"{rr.server_us_per_packet:.1f} µs/pkt (host {rr.system_us_per_packet:.1f}), "
+                f"{rr.server_us_per_packet:.1f} µs/pkt (pipeline {rr.system_us_per_packet:.1f}), "
                 f"loss {rr.loss:.2%}, "
                 f"RTT p50 {rr.p50_ms:.2f} / p99 {rr.p99_ms:.2f} ms, "
                 f"generator CPU {rr.loadgen_cpu:.0%}{sat}"
@@ -487,11 +485,11 @@ def report(
         lines += [
             "",
             "Kernel fast path / coturn, CPU per packet (the server's own; and the whole "
-            "host's, generator and echo peer included, since the kernel relays in the "
-            "sender's context): "
+            "pipeline's, server + generator + echo peer, since the kernel relays in the "
+            "sending process's context): "
             + ", ".join(
                 f"{r}: {a.server_us_per_packet / b.server_us_per_packet:.2f}x "
-                f"(host {a.system_us_per_packet / b.system_us_per_packet:.2f}x)"
+                f"(pipeline {a.system_us_per_packet / b.system_us_per_packet:.2f}x)"
                 for r, a, b in zip(rates, offload["rates"], results[1]["rates"], strict=True)
             ),
         ]
@@ -581,6 +579,7 @@ def main() -> int:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
+    PEER_PID[0] = peer.pid
     time.sleep(0.3)
     results = []
     starts: list[Callable[[], Target | None]] = []

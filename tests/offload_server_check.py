@@ -69,8 +69,11 @@ async def main() -> None:
         payload = b"%d " % i * 20
         relay_t.sendto(payload, peer)
         ok += await asyncio.wait_for(proto.queue.get(), 2) == payload
-        if i == 4:
-            await asyncio.sleep(0.3)  # aioice binds its channel after the first sends
+        if i == 4:  # aioice binds its channel after the first sends: wait for the flow
+            for _ in range(100):
+                if offload.active():
+                    break
+                await asyncio.sleep(0.05)
     out["echoed"] = ok
     out["flows"] = offload.active()
     (ft,) = runtime.core.allocations
