@@ -7,18 +7,15 @@ from __future__ import annotations
 
 import asyncio
 import json
-import tempfile
-from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 from aiohttp import web
 
-from turnserver.ops.selfsigned import spki_sha256
 from turnserver.testing import TurnServerFixture
 
-from .test_browser_page import _stop_group, chromium
+from .test_browser_page import chromium_page
 
 pytestmark = [pytest.mark.asyncio(loop_factories=["asyncio"]), pytest.mark.timeout(240)]
 
@@ -120,48 +117,9 @@ async def test_chromium_call_recovers_over_tcp_or_tls_after_udp_block() -> None:
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
     page_port = runner.addresses[0][1]
-    async with TurnServerFixture() as turn:
-        with tempfile.TemporaryDirectory() as profile:
-            proc = await asyncio.create_subprocess_exec(
-                chromium(),
-                "--headless=new",
-                "--no-sandbox",
-                "--disable-gpu",
-                "--disable-quic",
-                "--no-first-run",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--disable-sync",
-                f"--user-data-dir={profile}",
-                "--remote-debugging-port=0",
-                f"--ignore-certificate-errors-spki-list={spki_sha256(turn.info['cert'])}",
-                f"http://127.0.0.1:{page_port}/call",
-                stdout=asyncio.subprocess.DEVNULL,
-                stderr=asyncio.subprocess.DEVNULL,
-                start_new_session=True,
-            )
-            try:
-                port_file = Path(profile) / "DevToolsActivePort"
-                for _ in range(200):
-                    if port_file.exists() and port_file.read_text().strip():
-                        break
-                    await asyncio.sleep(0.05)
-                devtools = int(port_file.read_text().split()[0])
-                async with aiohttp.ClientSession() as session:
-                    targets: list[dict[str, Any]] = []
-                    for _ in range(100):
-                        async with session.get(f"http://127.0.0.1:{devtools}/json/list") as r:
-                            targets = [t for t in await r.json() if "/call" in t.get("url", "")]
-                        if targets:
-                            break
-                        await asyncio.sleep(0.1)
-                    async with session.ws_connect(
-                        targets[0]["webSocketDebuggerUrl"], max_msg_size=0
-                    ) as ws:
-                        page = Page(ws)
-                        await _call_then_block(page, turn)
-            finally:
-                await _stop_group(proc)
+    url = f"http://127.0.0.1:{page_port}/call"
+    async with TurnServerFixture() as turn, chromium_page(url, turn.info["cert"]) as ws:
+        await _call_then_block(Page(ws), turn)
     await runner.cleanup()
 
 

@@ -4,11 +4,13 @@ server, and the failure for a bad credential. Driven over the DevTools protocol.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
 import signal
 import tempfile
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -73,9 +75,12 @@ async def _evaluate(ws: aiohttp.ClientWebSocketResponse, ident: int, expr: str) 
             return msg["result"]["result"].get("value")
 
 
-async def run_page(url: str, timeout: float = 90.0) -> dict[str, Any]:
-    """Open the page, click Start (a user gesture, so audio may play) and wait for the
-    report. No autoplay flag: the page must work as in a normal browser."""
+@contextlib.asynccontextmanager
+async def chromium_page(
+    url: str, cert_file: str, *flags: str
+) -> AsyncIterator[aiohttp.ClientWebSocketResponse]:
+    """Headless Chromium on `url` (trusting cert_file's key for turns:), and a DevTools
+    websocket to that page; Chromium is stopped as a process group at the end."""
     with tempfile.TemporaryDirectory() as profile:
         proc = await asyncio.create_subprocess_exec(
             chromium(),
@@ -89,10 +94,8 @@ async def run_page(url: str, timeout: float = 90.0) -> dict[str, Any]:
             "--disable-sync",
             f"--user-data-dir={profile}",
             "--remote-debugging-port=0",
-            "--allow-loopback-in-peer-connection",
-            f"--ignore-certificate-errors-spki-list={spki_sha256(CERT_FILE)}",
-            "--use-fake-ui-for-media-stream",
-            "--use-fake-device-for-media-stream",
+            f"--ignore-certificate-errors-spki-list={spki_sha256(cert_file)}",
+            *flags,
             url,
             stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.DEVNULL,
@@ -105,41 +108,52 @@ async def run_page(url: str, timeout: float = 90.0) -> dict[str, Any]:
                     break
                 await asyncio.sleep(0.05)
             port = int(port_file.read_text().split()[0])
+            path = url.split("/", 3)[-1].split("?")[0]
             async with aiohttp.ClientSession() as session:
                 pages: list[dict[str, Any]] = []
                 for _ in range(100):
                     async with session.get(f"http://127.0.0.1:{port}/json/list") as resp:
-                        pages = [p for p in await resp.json() if "/preflight" in p.get("url", "")]
+                        pages = [p for p in await resp.json() if path in p.get("url", "")]
                     if pages:
                         break
                     await asyncio.sleep(0.1)
                 async with session.ws_connect(
                     pages[0]["webSocketDebuggerUrl"], max_msg_size=0
                 ) as ws:
-                    deadline = asyncio.get_running_loop().time() + timeout
-                    ident = 1
-                    clicked = None
-                    while not clicked and asyncio.get_running_loop().time() < deadline:
-                        ident += 1
-                        clicked = await _evaluate(
-                            ws,
-                            ident,
-                            "(() => { const b = document.getElementById('start');"
-                            " if (!b) return false; b.click(); return true; })()",
-                        )
-                        await asyncio.sleep(0.1)
-                    while asyncio.get_running_loop().time() < deadline:
-                        ident += 1
-                        value = await _evaluate(
-                            ws, ident, "JSON.stringify(window.preflightReport || null)"
-                        )
-                        if value and value != "null":
-                            report: dict[str, Any] = json.loads(value)
-                            return report
-                        await asyncio.sleep(0.5)
-            raise AssertionError("the page did not finish")
+                    yield ws
         finally:
             await _stop_group(proc)
+
+
+async def run_page(url: str, timeout: float = 90.0) -> dict[str, Any]:
+    """Open the page, click Start (a user gesture, so audio may play) and wait for the
+    report. No autoplay flag: the page must work as in a normal browser."""
+    flags = [
+        "--allow-loopback-in-peer-connection",
+        "--use-fake-ui-for-media-stream",
+        "--use-fake-device-for-media-stream",
+    ]
+    async with chromium_page(url, CERT_FILE, *flags) as ws:
+        deadline = asyncio.get_running_loop().time() + timeout
+        ident = 1
+        clicked = None
+        while not clicked and asyncio.get_running_loop().time() < deadline:
+            ident += 1
+            clicked = await _evaluate(
+                ws,
+                ident,
+                "(() => { const b = document.getElementById('start');"
+                " if (!b) return false; b.click(); return true; })()",
+            )
+            await asyncio.sleep(0.1)
+        while asyncio.get_running_loop().time() < deadline:
+            ident += 1
+            value = await _evaluate(ws, ident, "JSON.stringify(window.preflightReport || null)")
+            if value and value != "null":
+                report: dict[str, Any] = json.loads(value)
+                return report
+            await asyncio.sleep(0.5)
+    raise AssertionError("the page did not finish")
 
 
 @pytest.mark.timeout(240)
