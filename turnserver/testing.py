@@ -297,18 +297,14 @@ class TurnServerFixture:
             import asyncio
 
             return await asyncio.get_running_loop().run_in_executor(None, self.start)
-        import argparse
         import asyncio
 
+        from turnserver.cli import build_parser
         from turnserver.ops.app import Server
-        from turnserver.ops.devcommand import add_dev_parser, dev_settings, dev_summary
+        from turnserver.ops.devcommand import dev_settings, dev_summary
         from turnserver.ops.selfsigned import ensure_self_signed
 
-        parser = argparse.ArgumentParser()
-        from turnserver.cli import _dev_arguments
-
-        add_dev_parser(parser.add_subparsers(dest="command"), _dev_arguments)
-        args = parser.parse_args(["dev", *self._args()])
+        args = build_parser().parse_args(["dev", *self._args()])  # the command's defaults
         ensure_self_signed(
             str(self.state_dir / "cert.pem"),
             str(self.state_dir / "key.pem"),
@@ -362,17 +358,13 @@ class TurnServerFixture:
         """Change impairments now: impair(udp="block"), impair(tls="loss:5,delay:80"),
         impair(all="none"). Returns the server's view (impairment, counts)."""
         if self._server is not None:
-            from turnserver.ops.devmode import _parse_body
-
-            dev = self._server.dev
-            dev.impairments.set(_parse_body(specs))
-            return dict(dev._state())
+            return dict(self._server.dev.apply(specs))
         return self._http("PUT", self.info["impairment_url"], specs, api=True)
 
     def impairment(self) -> dict[str, Any]:
         """The server's impairments and what they did so far, per transport."""
         if self._server is not None:
-            return dict(self._server.dev._state())
+            return dict(self._server.dev.state())
         return self._http("GET", self.info["impairment_url"], None, api=True)
 
     def allocations(self) -> list[dict[str, Any]]:

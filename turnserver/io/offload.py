@@ -16,6 +16,7 @@ import socket
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 SOURCE = Path(__file__).parent / "bpf" / "channel_relay.bpf.c"
 PROGRAM = "turn_channel_relay"
@@ -191,32 +192,31 @@ class ChannelRelayProgram:
     def add(self, client: ClientFlow, peer: PeerFlow) -> None:
         """Install both directions of a bound channel (after ChannelBind succeeded and
         its permission is live)."""
-        to_peer = (
-            socket.inet_aton(peer.relay[0])
-            + socket.inet_aton(peer.peer[0])
-            + struct.pack("!HH", peer.relay[1], peer.peer[1])
-            + bytes(4)
-            + _COUNTERS.pack(0, 0)
-        )
-        to_client = (
-            socket.inet_aton(client.client[0])
-            + socket.inet_aton(client.server[0])
-            + struct.pack("!HHHxx", client.client[1], client.server[1], client.channel)
-            + _COUNTERS.pack(0, 0)
-        )
-        self._update(b"client_to_peer", client.key(), to_peer)
-        self._update(b"peer_to_client", peer.key(), to_client)
+        # each value starts with the other direction's key: client_value is where the
+        # peer side's packets go (relay, peer), peer_value where the client's go
+        zero = _COUNTERS.pack(0, 0)
+        self._update(b"client_to_peer", client.key(), peer.key() + bytes(4) + zero)
+        self._update(b"peer_to_client", peer.key(), client.key() + zero)
 
     def remove(self, client: ClientFlow, peer: PeerFlow) -> tuple[int, int, int, int]:
         """Remove both directions; returns the last counters (packets and bytes to the
         peer, packets and bytes to the client), read and deleted in one step."""
-        pp, bp = self._take(b"client_to_peer", client.key())
-        pc, bc = self._take(b"peer_to_client", peer.key())
-        return pp, bp, pc, bc
+        return self._counters(client, peer, self.lib.bpf_map_lookup_and_delete_elem)
 
     def counters(self, client: ClientFlow, peer: PeerFlow) -> tuple[int, int, int, int]:
-        pp, bp = self._read(b"client_to_peer", client.key())
-        pc, bc = self._read(b"peer_to_client", peer.key())
+        return self._counters(client, peer, self.lib.bpf_map_lookup_elem)
+
+    def _counters(
+        self, client: ClientFlow, peer: PeerFlow, lookup: Any
+    ) -> tuple[int, int, int, int]:
+        out: list[int] = []
+        for name, key in ((b"client_to_peer", client.key()), (b"peer_to_client", peer.key())):
+            k, v = ctypes.create_string_buffer(key), ctypes.create_string_buffer(32)
+            if lookup(self.maps[name], k, v):
+                out += (0, 0)  # no such flow (ENOENT)
+            else:
+                out += _COUNTERS.unpack_from(v.raw, 16)
+        pp, bp, pc, bc = out
         return pp, bp, pc, bc
 
     def pass_reasons(self) -> dict[str, int]:
@@ -236,20 +236,6 @@ class ChannelRelayProgram:
         k, v = ctypes.create_string_buffer(key), ctypes.create_string_buffer(value)
         if self.lib.bpf_map_update_elem(self.maps[name], k, v, _BPF_ANY):
             raise _fail(f"{name.decode()} update", -1)
-
-    def _take(self, name: bytes, key: bytes) -> tuple[int, int]:
-        k, v = ctypes.create_string_buffer(key), ctypes.create_string_buffer(32)
-        if self.lib.bpf_map_lookup_and_delete_elem(self.maps[name], k, v):
-            return 0, 0
-        packets, octets = _COUNTERS.unpack_from(v.raw, 16)
-        return int(packets), int(octets)
-
-    def _read(self, name: bytes, key: bytes) -> tuple[int, int]:
-        k, v = ctypes.create_string_buffer(key), ctypes.create_string_buffer(32)
-        if self.lib.bpf_map_lookup_elem(self.maps[name], k, v):
-            return 0, 0
-        packets, octets = _COUNTERS.unpack_from(v.raw, 16)
-        return int(packets), int(octets)
 
     # -- running it ----------------------------------------------------------------------
 

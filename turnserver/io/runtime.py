@@ -264,18 +264,18 @@ class ServerRuntime:
         per_ip = self.streams_per_ip.get(ip, 0)
         cap_per_ip = self.stream_options.max_connections_per_ip
         refused = ""
-        if self.impairments is not None and self.impairments.blocked(ft.transport.value):
-            refused = "dev_block"
-        elif len(self.stream_connections) >= self.stream_limit > 0:
+        if len(self.stream_connections) >= self.stream_limit > 0:
             refused = "stream_limit"
         elif cap_per_ip and per_ip >= cap_per_ip:
             refused = "per_ip_limit"
         elif not self.descriptors.has(1):
             refused = "fd_limit"
         if refused:
+            self.last_cap_hit = self.loop.time()
+        elif self.impairments is not None and self.impairments.blocked(ft.transport.value):
+            refused = "dev_block"  # developer mode: a firewall, not a cap
+        if refused:
             self.stream_refusals[refused] = self.stream_refusals.get(refused, 0) + 1
-            if refused != "dev_block":
-                self.last_cap_hit = self.loop.time()
             self.emit(ev.ConnectionClosed(ft, refused, ""))
             return False
         self.descriptors.take(1)

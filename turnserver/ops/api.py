@@ -247,7 +247,7 @@ class CredentialsApi:
 
     # ---- TURN REST API draft and RTCConfiguration ---------------------------------------
 
-    def _api_key_ok(self, request: web.Request) -> bool:
+    def api_key_ok(self, request: web.Request) -> bool:
         given = request.headers.get("X-API-Key") or request.query.get("key", "")
         auth = request.headers.get("Authorization", "")
         if not given and auth.lower().startswith("bearer "):
@@ -258,7 +258,7 @@ class CredentialsApi:
         return ok and bool(given)
 
     def _mint_from_query(self, request: web.Request) -> tuple[web.Response | None, Any]:
-        if not self._api_key_ok(request):
+        if not self.api_key_ok(request):
             return json_error(401, "missing or wrong API key (X-API-Key header or key=)"), None
         username = request.query.get("username", "")
         problem = username_problem(username)

@@ -83,7 +83,7 @@ class DevMode:
         api.app.router.add_get("/dev/v1/impairment", self.get_impairment)
         api.app.router.add_put("/dev/v1/impairment", self.put_impairment)
 
-    def _state(self) -> dict[str, Any]:
+    def state(self) -> dict[str, Any]:
         imp = self.impairments
         return {
             "impairment": imp.describe(),
@@ -94,12 +94,12 @@ class DevMode:
 
     def _authorized(self, request: web.Request) -> bool:
         api = self.api
-        return api is not None and (not api.config.api_keys or api._api_key_ok(request))
+        return api is not None and (not api.config.api_keys or api.api_key_ok(request))
 
     async def get_impairment(self, request: web.Request) -> web.Response:
         if not self._authorized(request):
             return web.json_response({"error": "missing or wrong API key"}, status=401)
-        return web.json_response(self._state())
+        return web.json_response(self.state())
 
     async def put_impairment(self, request: web.Request) -> web.Response:
         """Body: {"udp": "block", "tls": "loss:5,delay:80", "all": "none"}; transports
@@ -109,17 +109,21 @@ class DevMode:
         if (request.content_length or 0) > MAX_DEV_BODY:
             return web.json_response({"error": "body too large"}, status=413)
         try:
-            body = json.loads(await request.read() or b"{}")
-            changes = _parse_body(body)
+            return web.json_response(self.apply(json.loads(await request.read() or b"{}")))
         except (ValueError, ImpairmentError) as exc:
             return web.json_response({"error": str(exc)}, status=400)
-        seed = body.get("seed") if isinstance(body, dict) else None
+
+    def apply(self, body: Any) -> dict[str, Any]:
+        """Change impairments as the endpoint's body says (raises ValueError naming the
+        bad part, changing nothing); returns the new state."""
+        changes = _parse_body(body)
+        seed = body.get("seed")
         if seed is not None:
-            self.impairments.rng.seed(int(seed))
-            self.impairments.seed = int(seed)
+            self.impairments.rng.seed(seed)
+            self.impairments.seed = seed
         self.impairments.set(changes)
         log.warning("DEVELOPER MODE: impairment now %s", safe_text(self._summary()))
-        return web.json_response(self._state())
+        return self.state()
 
 
 def _parse_body(body: Any) -> dict[str, Impairment]:

@@ -53,8 +53,7 @@ def message_type(method: int, message_class: int) -> int:
 def split_message_type(value: int) -> tuple[int, MessageClass]:
     """Return (method, class) of a 14-bit message type."""
     method = (value & 0x000F) | ((value & 0x00E0) >> 1) | ((value & 0x3E00) >> 2)
-    klass = ((value & 0x0010) >> 4) | ((value & 0x0100) >> 7)
-    return method, MessageClass(klass)
+    return method, _CLASSES[((value & 0x0010) >> 4) | ((value & 0x0100) >> 7)]
 
 
 @dataclass(slots=True)
@@ -124,8 +123,7 @@ def decode_message(data: bytes) -> StunMessage:
         raise StunDecodeError(
             f"STUN length field {length} does not match {len(data) - HEADER_LENGTH} bytes"
         )
-    method = (msg_type & 0x000F) | ((msg_type & 0x00E0) >> 1) | ((msg_type & 0x3E00) >> 2)
-    klass = _CLASSES[((msg_type & 0x0010) >> 4) | ((msg_type & 0x0100) >> 7)]
+    method, klass = split_message_type(msg_type)
     data = bytes(data)
     msg = StunMessage(method, klass, tid, raw=data, magic_cookie=cookie == MAGIC_COOKIE)
     attributes = msg.attributes
