@@ -342,3 +342,21 @@ def test_without_privileges_auto_falls_back_and_ebpf_refuses(packaged_object: Pa
         proc.terminate()
         _, err = proc.communicate(timeout=15)
     assert "kernel fast path off (auto): cannot load the BPF program" in err
+
+
+def test_a_full_map_refuses_a_flow_whole(program: ChannelRelayProgram) -> None:
+    """65,536 bindings fill the maps: the next add fails with OffloadError and leaves no
+    half-installed direction behind (the server then keeps that flow in user space)."""
+    added = 1  # the fixture's flow
+    for i in range(70_000):
+        client = ClientFlow(("127.0.1.1", 1 + i % 60000), SERVER, 0x4000 + i // 60000)
+        peer = PeerFlow(RELAY, ("127.0.2.1", 1 + i % 60000 + (i // 60000)))
+        try:
+            program.add(client, peer)
+        except OffloadError:
+            assert program.counters(client, peer) == (0, 0, 0, 0)
+            packet = frame(client.client, SERVER, struct.pack("!HH", client.channel, 1) + b"x")
+            assert program.test_run(packet) == (TC_ACT_OK, packet)  # not half relayed
+            break
+        added += 1
+    assert added == 65536

@@ -196,7 +196,11 @@ class ChannelRelayProgram:
         # peer side's packets go (relay, peer), peer_value where the client's go
         zero = _COUNTERS.pack(0, 0)
         self._update(b"client_to_peer", client.key(), peer.key() + bytes(4) + zero)
-        self._update(b"peer_to_client", peer.key(), client.key() + zero)
+        try:
+            self._update(b"peer_to_client", peer.key(), client.key() + zero)
+        except OffloadError:  # never one direction alone
+            self._counters(client, peer, self.lib.bpf_map_lookup_and_delete_elem)
+            raise
 
     def remove(self, client: ClientFlow, peer: PeerFlow) -> tuple[int, int, int, int]:
         """Remove both directions; returns the last counters (packets and bytes to the

@@ -104,6 +104,7 @@ class OffloadFlows:
         self.prog = prog
         self.local = local_ipv4_addresses()
         self.installed: dict[FiveTuple, Flows] = {}
+        self.add_failures = 0  # flows the maps refused (full): relayed in user space
         self._seen: dict[tuple[FiveTuple, int], tuple[int, int, int, int]] = {}
 
     @classmethod
@@ -156,7 +157,13 @@ class OffloadFlows:
                 del have[number]
         for number, flows in want.items():
             if number not in have:
-                self.prog.add(*flows)
+                try:
+                    self.prog.add(*flows)
+                except OffloadError as exc:  # e.g. the maps are full: user space relays it
+                    self.add_failures += 1
+                    if self.add_failures == 1:
+                        log.warning("kernel fast path: flow kept in user space: %s", exc)
+                    continue
                 have[number] = flows
         if have:
             self.installed[ft] = have
