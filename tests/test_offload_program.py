@@ -24,6 +24,7 @@ import pytest
 from turnserver.io.offload import (
     SOURCE,
     TC_ACT_OK,
+    TC_ACT_REDIRECT,
     ChannelRelayProgram,
     ClientFlow,
     OffloadError,
@@ -80,11 +81,17 @@ def frame(
     *,
     options: bytes = b"",
     frag: int = 0,
-    udp_check: int = 0x1234,
+    udp_check: int | None = 0x1234,
+    ttl: int = 64,
 ) -> bytes:
-    """Ethernet + IPv4 + UDP, IP checksum right; the UDP checksum as given (the program
-    must not care: it writes 0)."""
-    udp = struct.pack("!HHHH", src[1], dst[1], 8 + len(payload), udp_check) + payload
+    """Ethernet + IPv4 + UDP, IP checksum right; the UDP checksum as given (delivered
+    locally the program writes 0), or None: computed (RFC 768, pseudo-header)."""
+    udp = struct.pack("!HHHH", src[1], dst[1], 8 + len(payload), udp_check or 0) + payload
+    if udp_check is None:
+        pseudo = socket.inet_aton(src[0]) + socket.inet_aton(dst[0])
+        pseudo += struct.pack("!HH", 17, len(udp))
+        check = checksum(pseudo + udp + b"\0" * (len(udp) % 2)) or 0xFFFF
+        udp = udp[:6] + struct.pack("!H", check) + udp[8:]
     ihl = 5 + len(options) // 4
     ip = struct.pack(
         "!BBHHHBBH4s4s",
@@ -93,7 +100,7 @@ def frame(
         ihl * 4 + len(udp),
         7,
         frag,
-        64,
+        ttl,
         17,
         0,
         socket.inet_aton(src[0]),
@@ -114,7 +121,7 @@ def test_client_to_peer_strips_the_header(program: ChannelRelayProgram, size: in
     verdict, out = program.test_run(frame(CLIENT, SERVER, channel_data(payload)))
     assert verdict == TC_ACT_OK
     # what a packet from the relayed address to the peer is, built independently
-    assert out == frame(RELAY, PEER, payload, udp_check=0)
+    assert out == frame(RELAY, PEER, payload, udp_check=0, ttl=63)
     assert checksum(out[14:34]) == 0
     assert program.counters(ClientFlow(CLIENT, SERVER, CHANNEL), PeerFlow(RELAY, PEER))[:2] == (
         1,
@@ -127,12 +134,54 @@ def test_peer_to_client_adds_the_header(program: ChannelRelayProgram, size: int)
     payload = os.urandom(size)
     verdict, out = program.test_run(frame(PEER, RELAY, payload))
     assert verdict == TC_ACT_OK
-    assert out == frame(SERVER, CLIENT, channel_data(payload), udp_check=0)
+    assert out == frame(SERVER, CLIENT, channel_data(payload), udp_check=0, ttl=63)
     assert checksum(out[14:34]) == 0
     assert program.counters(ClientFlow(CLIENT, SERVER, CHANNEL), PeerFlow(RELAY, PEER))[2:] == (
         1,
         size,
     )
+
+
+@pytest.fixture
+def remote(bpf_object: Path) -> Iterator[ChannelRelayProgram]:
+    """The same binding with client and peer behind an interface (lo's index: the test
+    run reports the redirect and does not perform it)."""
+    try:
+        prog = ChannelRelayProgram(bpf_object)
+    except OffloadError as exc:
+        _unavailable(str(exc))
+    lo = socket.if_nametoindex("lo")
+    prog.add(ClientFlow(CLIENT, SERVER, CHANNEL, lo), PeerFlow(RELAY, PEER, lo))
+    yield prog
+    prog.close()
+
+
+@pytest.mark.parametrize("size", [0, 1, 3, 100, 1000, 1472])
+def test_to_another_host_the_udp_checksum_is_updated(
+    remote: ChannelRelayProgram, size: int
+) -> None:
+    payload = os.urandom(size)
+    cd = channel_data(payload)
+    for src, dst, data, want_src, want_dst, want in (
+        (CLIENT, SERVER, cd, RELAY, PEER, payload),
+        (PEER, RELAY, payload, SERVER, CLIENT, cd),
+    ):
+        verdict, out = remote.test_run(frame(src, dst, data, udp_check=None))
+        assert verdict == TC_ACT_REDIRECT
+        # the checksum computed independently over the new packet
+        assert out == frame(want_src, want_dst, want, udp_check=None, ttl=63)
+        # a sender without a checksum (IPv4 allows 0) gets none
+        verdict, out = remote.test_run(frame(src, dst, data, udp_check=0))
+        assert (verdict, out[40:42]) == (TC_ACT_REDIRECT, b"\0\0")
+
+
+def test_to_another_host_ttl_1_goes_up(remote: ChannelRelayProgram) -> None:
+    for packet in (
+        frame(CLIENT, SERVER, channel_data(b"abc"), ttl=1),
+        frame(PEER, RELAY, b"abc", ttl=0),
+    ):
+        assert remote.test_run(packet) == (TC_ACT_OK, packet)
+    assert remote.pass_reasons()["ttl"] == 2
 
 
 def test_everything_else_goes_up_unchanged_and_counted(program: ChannelRelayProgram) -> None:
@@ -223,7 +272,7 @@ def packaged_object(bpf_object: Path) -> Path:
     """The object where the server looks for it (`make bpf` builds it there)."""
     from turnserver.io.offload_flows import OBJECT
 
-    if not OBJECT.exists():
+    if not OBJECT.exists() or OBJECT.stat().st_mtime < SOURCE.stat().st_mtime:
         subprocess.run(clang_command(SOURCE, OBJECT), check=True)
     return OBJECT
 
@@ -360,3 +409,34 @@ def test_a_full_map_refuses_a_flow_whole(program: ChannelRelayProgram) -> None:
             break
         added += 1
     assert added == 65536
+
+
+def _install_in_child(maps: Any, port: int) -> None:  # runs in a spawned process
+    maps.add(ClientFlow(("127.0.5.1", port), SERVER, CHANNEL), PeerFlow(RELAY, ("127.0.6.1", port)))
+
+
+def test_workers_share_the_maps_and_a_dead_workers_flows_are_purged(
+    program: ChannelRelayProgram,
+) -> None:
+    """The supervisor hands each spawned worker the maps (the descriptors go with the
+    pickle); what a worker installs is relayed by the one program, marked as its own,
+    and removed by purge(index) when it dies, leaving the others' flows alone."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    for index, port in ((1, 1001), (2, 1002)):
+        proc = ctx.Process(target=_install_in_child, args=(program.for_worker(index), port))
+        proc.start()
+        proc.join(30)
+        assert proc.exitcode == 0
+    packet = frame(("127.0.5.1", 1001), SERVER, channel_data(b"from worker 1"))
+    assert program.test_run(packet)[1] == frame(
+        RELAY, ("127.0.6.1", 1001), b"from worker 1", udp_check=0, ttl=63
+    )
+    assert program.purge(1) == 2  # both directions of worker 1's flow
+    assert program.test_run(packet) == (TC_ACT_OK, packet)
+    flows = (ClientFlow(("127.0.5.1", 1002), SERVER, CHANNEL), PeerFlow(RELAY, ("127.0.6.1", 1002)))
+    program.test_run(frame(("127.0.5.1", 1002), SERVER, channel_data(b"still here")))
+    assert program.counters(*flows)[:2] == (1, 10)
+    assert program.purge(0) == 2  # the fixture's flow, installed by this process
+    assert program.counters(*flows)[:2] == (1, 10)

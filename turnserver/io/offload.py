@@ -20,12 +20,23 @@ from typing import Any
 
 SOURCE = Path(__file__).parent / "bpf" / "channel_relay.bpf.c"
 PROGRAM = "turn_channel_relay"
-TC_ACT_OK, TC_ACT_SHOT = 0, 2
-PASS_REASONS = ("ip_options", "fragment", "gso", "length", "mtu", "adjust")
+TC_ACT_OK, TC_ACT_SHOT, TC_ACT_REDIRECT = 0, 2, 7
+PASS_REASONS = (
+    "ip_options",
+    "fragment",
+    "gso",
+    "length",
+    "mtu",
+    "adjust",
+    "ttl",
+    "checksum_partial",
+)
 _BPF_TC_INGRESS = 1
 TC_HANDLE, TC_PRIORITY = 0x7475, 0x7475  # "tu": our filter on the interface
 _BPF_ANY = 0
 _COUNTERS = struct.Struct("=QQ")
+_VALUE_SIZE, _COUNTERS_AT = 40, 24  # both maps' values (io/bpf/channel_relay.bpf.c)
+_MAPS = (b"client_to_peer", b"peer_to_client", b"pass_reasons")
 
 
 class OffloadError(OSError):
@@ -107,6 +118,7 @@ def _libbpf() -> ctypes.CDLL:
         ("bpf_map_lookup_elem", ci, [ci, vp, vp]),
         ("bpf_map_lookup_and_delete_elem", ci, [ci, vp, vp]),
         ("bpf_map_delete_elem", ci, [ci, vp]),
+        ("bpf_map_get_next_key", ci, [ci, vp, vp]),
         ("bpf_prog_test_run_opts", ci, [ci, ctypes.POINTER(_TestRunOpts)]),
         ("bpf_tc_hook_create", ci, [ctypes.POINTER(_TcHook)]),
         ("bpf_tc_hook_destroy", ci, [ctypes.POINTER(_TcHook)]),
@@ -129,11 +141,13 @@ def _fail(what: str, ret: int) -> OffloadError:
 
 @dataclass(frozen=True)
 class ClientFlow:
-    """A bound channel, client side: client -> listener, channel number."""
+    """A bound channel, client side: client -> listener, channel number; `ifindex` is
+    the interface towards the client (0: an address of this host)."""
 
     client: tuple[str, int]
     server: tuple[str, int]
     channel: int
+    ifindex: int = 0
 
     def key(self) -> bytes:
         return (
@@ -145,10 +159,12 @@ class ClientFlow:
 
 @dataclass(frozen=True)
 class PeerFlow:
-    """The same binding, peer side: peer -> relayed address."""
+    """The same binding, peer side: peer -> relayed address; `ifindex` is the interface
+    towards the peer (0: an address of this host)."""
 
     relay: tuple[str, int]
     peer: tuple[str, int]
+    ifindex: int = 0
 
     def key(self) -> bytes:
         return (
@@ -158,34 +174,29 @@ class PeerFlow:
         )
 
 
-class ChannelRelayProgram:
-    """The loaded program and its maps (one per direction, plus pass-up reasons)."""
+class FlowMaps:
+    """The program's maps (one per direction, plus pass-up reasons), as one process uses
+    them: `owner` (a worker's index) is written into the entries it installs. Pickled
+    into a spawned worker, the map descriptors go with it (the same maps, shared)."""
 
-    def __init__(self, obj_path: Path) -> None:
+    def __init__(self, fds: dict[bytes, int], owner: int = 0) -> None:
         self.lib = _libbpf()
-        self.obj = self.lib.bpf_object__open_file(str(obj_path).encode(), None)
-        if not self.obj:
-            raise _fail(f"cannot open {obj_path}", -1)
-        ret = self.lib.bpf_object__load(self.obj)
-        if ret:
-            self.lib.bpf_object__close(self.obj)
-            raise _fail(
-                "cannot load the BPF program (it needs CAP_BPF and CAP_NET_ADMIN, or root)", ret
-            )
-        prog = self.lib.bpf_object__find_program_by_name(self.obj, PROGRAM.encode())
-        self.prog_fd = self.lib.bpf_program__fd(prog)
-        self.maps = {
-            name: self.lib.bpf_map__fd(self.lib.bpf_object__find_map_by_name(self.obj, name))
-            for name in (b"client_to_peer", b"peer_to_client", b"pass_reasons")
-        }
-        self._hook: _TcHook | None = None
-        self._tc: _TcOpts | None = None
+        self.maps = fds
+        self.owner = owner
+
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        from multiprocessing.reduction import DupFd
+
+        return _rebuild_maps, ({k: DupFd(fd) for k, fd in self.maps.items()}, self.owner)
+
+    def for_worker(self, index: int) -> FlowMaps:
+        """The same maps, as worker `index` writes them."""
+        return FlowMaps(self.maps, index)
 
     def close(self) -> None:
-        self.detach()
-        if self.obj:
-            self.lib.bpf_object__close(self.obj)
-            self.obj = None
+        for fd in self.maps.values():
+            os.close(fd)
+        self.maps = {}
 
     # -- flows ---------------------------------------------------------------------------
 
@@ -193,11 +204,14 @@ class ChannelRelayProgram:
         """Install both directions of a bound channel (after ChannelBind succeeded and
         its permission is live)."""
         # each value starts with the other direction's key: client_value is where the
-        # peer side's packets go (relay, peer), peer_value where the client's go
+        # client's packets go (relay, peer, the interface towards the peer), peer_value
+        # where the peer's go
         zero = _COUNTERS.pack(0, 0)
-        self._update(b"client_to_peer", client.key(), peer.key() + bytes(4) + zero)
+        to_peer = peer.key() + struct.pack("=IIxxxx", peer.ifindex, self.owner) + zero
+        self._update(b"client_to_peer", client.key(), to_peer)
         try:
-            self._update(b"peer_to_client", peer.key(), client.key() + zero)
+            to_client = client.key() + struct.pack("=II", client.ifindex, self.owner) + zero
+            self._update(b"peer_to_client", peer.key(), to_client)
         except OffloadError:  # never one direction alone
             self._counters(client, peer, self.lib.bpf_map_lookup_and_delete_elem)
             raise
@@ -210,16 +224,37 @@ class ChannelRelayProgram:
     def counters(self, client: ClientFlow, peer: PeerFlow) -> tuple[int, int, int, int]:
         return self._counters(client, peer, self.lib.bpf_map_lookup_elem)
 
+    def purge(self, owner: int) -> int:
+        """Delete every entry `owner` installed (a worker that died left them: its
+        allocations are gone); returns how many."""
+        removed = 0
+        # (key size, where the owner sits in the value)
+        for name, size, owner_at in ((b"client_to_peer", 16, 16), (b"peer_to_client", 12, 20)):
+            fd = self.maps[name]
+            key, nxt = ctypes.create_string_buffer(size), ctypes.create_string_buffer(size)
+            value = ctypes.create_string_buffer(_VALUE_SIZE)
+            theirs = []
+            first = True
+            while not self.lib.bpf_map_get_next_key(fd, None if first else key, nxt):
+                first = False
+                ctypes.memmove(key, nxt, size)
+                found = self.lib.bpf_map_lookup_elem(fd, key, value) == 0
+                if found and struct.unpack_from("=I", value.raw, owner_at)[0] == owner:
+                    theirs.append(key.raw)
+            for raw in theirs:
+                removed += self.lib.bpf_map_delete_elem(fd, ctypes.create_string_buffer(raw)) == 0
+        return removed
+
     def _counters(
         self, client: ClientFlow, peer: PeerFlow, lookup: Any
     ) -> tuple[int, int, int, int]:
         out: list[int] = []
         for name, key in ((b"client_to_peer", client.key()), (b"peer_to_client", peer.key())):
-            k, v = ctypes.create_string_buffer(key), ctypes.create_string_buffer(32)
+            k, v = ctypes.create_string_buffer(key), ctypes.create_string_buffer(_VALUE_SIZE)
             if lookup(self.maps[name], k, v):
                 out += (0, 0)  # no such flow (ENOENT)
             else:
-                out += _COUNTERS.unpack_from(v.raw, 16)
+                out += _COUNTERS.unpack_from(v.raw, _COUNTERS_AT)
         pp, bp, pc, bc = out
         return pp, bp, pc, bc
 
@@ -240,6 +275,42 @@ class ChannelRelayProgram:
         k, v = ctypes.create_string_buffer(key), ctypes.create_string_buffer(value)
         if self.lib.bpf_map_update_elem(self.maps[name], k, v, _BPF_ANY):
             raise _fail(f"{name.decode()} update", -1)
+
+
+def _rebuild_maps(fds: dict[bytes, Any], owner: int) -> FlowMaps:
+    return FlowMaps({k: d.detach() for k, d in fds.items()}, owner)
+
+
+class ChannelRelayProgram(FlowMaps):
+    """The loaded program: its maps, the test run, the tc attachment."""
+
+    def __init__(self, obj_path: Path) -> None:
+        lib = _libbpf()
+        self.obj = lib.bpf_object__open_file(str(obj_path).encode(), None)
+        if not self.obj:
+            raise _fail(f"cannot open {obj_path}", -1)
+        ret = lib.bpf_object__load(self.obj)
+        if ret:
+            lib.bpf_object__close(self.obj)
+            raise _fail(
+                "cannot load the BPF program (it needs CAP_BPF and CAP_NET_ADMIN, or root)", ret
+            )
+        prog = lib.bpf_object__find_program_by_name(self.obj, PROGRAM.encode())
+        self.prog_fd = lib.bpf_program__fd(prog)
+        # the object owns these descriptors (closed with it)
+        fds = {
+            name: lib.bpf_map__fd(lib.bpf_object__find_map_by_name(self.obj, name))
+            for name in _MAPS
+        }
+        super().__init__(fds)
+        self._attached: list[tuple[_TcHook, _TcOpts]] = []
+
+    def close(self) -> None:
+        self.detach()
+        if self.obj:
+            self.lib.bpf_object__close(self.obj)
+            self.obj = None
+        self.maps = {}
 
     # -- running it ----------------------------------------------------------------------
 
@@ -285,15 +356,14 @@ class ChannelRelayProgram:
         ret = self.lib.bpf_tc_attach(ctypes.byref(hook), ctypes.byref(opts))
         if ret:
             raise _fail(f"tc attach on ifindex {ifindex}", ret)
-        self._hook, self._tc = hook, opts
+        self._attached.append((hook, opts))
 
     def detach(self) -> None:
-        if self._hook is not None and self._tc is not None:
-            opts = _TcOpts(
-                sz=ctypes.sizeof(_TcOpts), handle=self._tc.handle, priority=self._tc.priority
-            )
-            self.lib.bpf_tc_detach(ctypes.byref(self._hook), ctypes.byref(opts))
-            self._hook = self._tc = None
+        """Our filter off every interface it was attached to."""
+        while self._attached:
+            hook, tc = self._attached.pop()
+            opts = _TcOpts(sz=ctypes.sizeof(_TcOpts), handle=tc.handle, priority=tc.priority)
+            self.lib.bpf_tc_detach(ctypes.byref(hook), ctypes.byref(opts))
 
 
 # struct __sk_buff (uapi/linux/bpf.h): the fields BPF_PROG_TEST_RUN takes from ctx_in

@@ -1,18 +1,19 @@
 """The kernel fast path in a running server: which channel flows go to the BPF program,
-kept in step with the core, and their counters folded back (issue 16, first part).
+kept in step with the core, and their counters folded back (issue 16).
 
-A flow is offloaded when its allocation is UDP, IPv4 and without a bandwidth limit, the
-channel is bound with a live permission (the allocation's `channel_routes`, which the
-core maintains), and the client and the peer are addresses of this host: the program
-delivers what it rewrites up this host's stack, and sending to remote hosts needs the
-CHECKSUM_PARTIAL case solved first (see the program). Developer mode, which impairs
-media in user space, keeps offload off. Everything else keeps the uvloop path.
+A flow is offloaded when its allocation is UDP, IPv4 and without a bandwidth limit, and
+the channel is bound with a live permission (the allocation's `channel_routes`, which the
+core maintains). Each direction's next hop is asked of the kernel's routing table when
+the flow is installed: an address of this host (the program delivers up the stack) or
+the interface the route leaves through (the program redirects there). The program is
+attached to the ingress of every interface that is up and carries an Ethernet header
+(loopback included) when the server starts; packets that arrive on an interface added
+later stay in user space. Developer mode, which impairs media in user space, keeps
+offload off. Everything else keeps the uvloop path.
 """
 
 from __future__ import annotations
 
-import fcntl
-import ipaddress
 import logging
 import socket
 import struct
@@ -22,89 +23,86 @@ from turnserver.core.allocation import Allocation
 from turnserver.core.five_tuple import ClientTransport, FiveTuple
 from turnserver.io.offload import (
     TC_ACT_OK,
+    TC_ACT_REDIRECT,
     ChannelRelayProgram,
     ClientFlow,
+    FlowMaps,
     OffloadError,
     PeerFlow,
 )
+from turnserver.io.routes import RouteLookup, ethernet_links
 
 log = logging.getLogger("turnserver")
 OBJECT = Path(__file__).parent / "bpf" / "channel_relay.bpf.o"
 MODES = ("off", "ebpf", "auto")
-_SIOCGIFADDR = 0x8915
 Flows = dict[int, tuple[ClientFlow, PeerFlow]]
 
 
-def local_ipv4_addresses() -> set[str]:
-    """This host's IPv4 addresses (every interface), loopback included."""
-    out = {"127.0.0.1"}
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        for _, name in socket.if_nameindex():
-            try:
-                packed = fcntl.ioctl(s.fileno(), _SIOCGIFADDR, struct.pack("256s", name.encode()))
-            except OSError:
-                continue
-            out.add(socket.inet_ntoa(packed[20:24]))
-    return out
-
-
-def _is_local(ip: str, local: set[str]) -> bool:
-    return ip in local or (ip.count(".") == 3 and ipaddress.IPv4Address(ip).is_loopback)
-
-
 def self_test(prog: ChannelRelayProgram) -> None:
-    """Run the loaded program on crafted frames both ways (BPF_PROG_TEST_RUN) and
-    compare every byte; raise OffloadError when the kernel does not do what we expect."""
+    """Run the loaded program on crafted frames both ways (BPF_PROG_TEST_RUN), for a
+    local destination and for one behind an interface, and compare every byte (UDP
+    checksums included); raise OffloadError when the kernel does not do what we expect."""
     client, server = ("192.0.2.1", 40000), ("192.0.2.2", 3478)
     relay, peer = ("192.0.2.2", 50000), ("192.0.2.3", 60000)
-    flows = (ClientFlow(client, server, 0x7FFF), PeerFlow(relay, peer))
-    prog.add(*flows)
-    try:
-        payload = bytes(range(97))
-        cd = struct.pack("!HH", 0x7FFF, len(payload)) + payload
-        for src, dst, data, want_src, want_dst, want in (
-            (client, server, cd, relay, peer, payload),
-            (peer, relay, payload, server, client, cd),
-        ):
-            verdict, out = prog.test_run(_frame(src, dst, data))
-            if verdict != TC_ACT_OK or out != _frame(want_src, want_dst, want):
-                raise OffloadError("the BPF program's self-test failed: output differs")
-    finally:
-        prog.remove(*flows)
+    payload = bytes(range(97))
+    cd = struct.pack("!HH", 0x7FFF, len(payload)) + payload
+    lo = socket.if_nametoindex("lo")
+    for ifindex, verdict, checked in ((0, TC_ACT_OK, False), (lo, TC_ACT_REDIRECT, True)):
+        flows = (ClientFlow(client, server, 0x7FFF, ifindex), PeerFlow(relay, peer, ifindex))
+        prog.add(*flows)
+        try:
+            for src, dst, data, want_src, want_dst, want in (
+                (client, server, cd, relay, peer, payload),
+                (peer, relay, payload, server, client, cd),
+            ):
+                got = prog.test_run(frame(src, dst, data, checked=True))
+                expected = frame(want_src, want_dst, want, ttl=63, checked=checked)
+                if got != (verdict, expected):
+                    raise OffloadError("the BPF program's self-test failed: output differs")
+        finally:
+            prog.remove(*flows)
 
 
-def _frame(src: tuple[str, int], dst: tuple[str, int], payload: bytes) -> bytes:
-    udp = struct.pack("!HHHH", src[1], dst[1], 8 + len(payload), 0) + payload
-    ip = bytearray(
-        struct.pack(
-            "!BBHHHBBH4s4s",
-            0x45,
-            0,
-            20 + len(udp),
-            0,
-            0,
-            64,
-            17,
-            0,
-            socket.inet_aton(src[0]),
-            socket.inet_aton(dst[0]),
-        )
-    )
-    total = sum(struct.unpack("!10H", ip))
+def _sum(data: bytes) -> int:
+    total: int = sum(struct.unpack(f"!{len(data) // 2}H", data))
     while total > 0xFFFF:
         total = (total & 0xFFFF) + (total >> 16)
-    ip[10:12] = struct.pack("!H", ~total & 0xFFFF)
+    return total
+
+
+def frame(
+    src: tuple[str, int],
+    dst: tuple[str, int],
+    payload: bytes,
+    ttl: int = 64,
+    checked: bool = False,
+) -> bytes:
+    """An Ethernet frame with IPv4 and UDP headers; the UDP checksum computed (RFC 768)
+    when `checked`, else 0."""
+    udp = struct.pack("!HHHH", src[1], dst[1], 8 + len(payload), 0) + payload
+    addresses = socket.inet_aton(src[0]) + socket.inet_aton(dst[0])
+    if checked:
+        pseudo = addresses + struct.pack("!HH", 17, len(udp))
+        check = ~_sum(pseudo + udp + bytes(len(udp) % 2)) & 0xFFFF or 0xFFFF
+        udp = udp[:6] + struct.pack("!H", check) + udp[8:]
+    ip = bytearray(struct.pack("!BBHHHBBH", 0x45, 0, 20 + len(udp), 0, 0, ttl, 17, 0))
+    ip += addresses
+    ip[10:12] = struct.pack("!H", ~_sum(bytes(ip)) & 0xFFFF)
     return bytes(12) + b"\x08\x00" + bytes(ip) + udp
 
 
 class OffloadFlows:
-    """The program attached to `lo`, and the flows installed per allocation."""
+    """The flows one process installed per allocation, in the program's maps (its own
+    program, attached to `interfaces`, or with --workers the supervisor's, shared)."""
 
-    def __init__(self, prog: ChannelRelayProgram) -> None:
+    def __init__(self, prog: FlowMaps, interfaces: list[str]) -> None:
         self.prog = prog
-        self.local = local_ipv4_addresses()
+        self.interfaces = interfaces
+        self.routes = RouteLookup()
         self.installed: dict[FiveTuple, Flows] = {}
         self.add_failures = 0  # flows the maps refused (full): relayed in user space
+        # what the kernel relayed, folded so far: packets and bytes to the peer, to the client
+        self.relayed = [0, 0, 0, 0]
         self._seen: dict[tuple[FiveTuple, int], tuple[int, int, int, int]] = {}
 
     @classmethod
@@ -113,16 +111,26 @@ class OffloadFlows:
         if not obj.exists():
             raise OffloadError(f"{obj} is not built (make bpf; the Dockerfile builds it)")
         prog = ChannelRelayProgram(obj)
+        attached = []
         try:
             self_test(prog)
-            prog.attach(socket.if_nametoindex("lo"))
+            for index, name in ethernet_links():
+                try:
+                    prog.attach(index)
+                except OffloadError as exc:
+                    if name == "lo":
+                        raise
+                    log.warning("kernel fast path: not on %s: %s", name, exc)
+                    continue
+                attached.append(name)
         except OffloadError:
             prog.close()
             raise
-        return cls(prog)
+        return cls(prog, attached)
 
     def close(self) -> None:
         self.prog.close()
+        self.routes.close()
         self.installed.clear()
 
     def active(self) -> int:
@@ -136,7 +144,6 @@ class OffloadFlows:
             and not alloc.rate
             and 4 in alloc.relays
             and ":" not in ft.client[0]
-            and _is_local(ft.client[0], self.local)
         )
 
     def sync(self, alloc: Allocation) -> None:
@@ -144,13 +151,18 @@ class OffloadFlows:
         ft = alloc.five_tuple
         have = self.installed.get(ft, {})
         want: Flows = {}
-        if self._eligible(alloc):
+        to_client = self.routes.next_hop(ft.client[0]) if self._eligible(alloc) else None
+        if to_client is not None:
             relay = alloc.relays[4]
             relayed = (_bound_ip(relay.endpoint, ft.server[0]), relay.port)
             for number, (_, peer) in alloc.channel_routes.items():
-                if ":" in peer[0] or not _is_local(peer[0], self.local):
+                to_peer = self.routes.next_hop(peer[0])
+                if to_peer is None:  # not IPv4, or no unicast route: user space says why
                     continue
-                want[number] = (ClientFlow(ft.client, ft.server, number), PeerFlow(relayed, peer))
+                want[number] = (
+                    ClientFlow(ft.client, ft.server, number, to_client),
+                    PeerFlow(relayed, peer, to_peer),
+                )
         for number, flows in list(have.items()):
             if want.get(number) != flows:
                 self._remove(alloc, number, flows)
@@ -198,6 +210,8 @@ class OffloadFlows:
         alloc.bytes_to_peer += bp
         alloc.packets_to_client += pc
         alloc.bytes_to_client += bc
+        for i, n in enumerate((pp, bp, pc, bc)):
+            self.relayed[i] += n
         self._seen[key] = now
 
 
@@ -206,17 +220,14 @@ def _bound_ip(endpoint: object, fallback: str) -> str:
     return str(address[0]) if address else fallback
 
 
-def start_offload(mode: str, workers: int, dev: bool) -> OffloadFlows | None:
+def start_offload(mode: str, dev: bool) -> OffloadFlows | None:
     """`relay.offload`: off, ebpf (must work: raises OffloadError) or auto (logs why
-    not and keeps the uvloop path)."""
+    not and keeps the uvloop path). With --workers the supervisor calls this and hands
+    each worker the maps (FlowMaps.for_worker)."""
     if mode == "off":
         return None
-    why = ""
-    if workers > 1:
-        why = "one worker only in this version (workers share no BPF maps yet)"
-    elif dev:
+    if dev:
         why = "developer mode impairs media in user space"
-    if why:
         if mode == "ebpf":
             raise OffloadError(f"--offload ebpf: {why}")
         log.info("kernel fast path off: %s", why)
@@ -228,5 +239,8 @@ def start_offload(mode: str, workers: int, dev: bool) -> OffloadFlows | None:
             raise
         log.info("kernel fast path off (auto): %s", exc)
         return None
-    log.info("kernel fast path on: channel-bound UDP flows between local addresses (tc ingress lo)")
+    log.info(
+        "kernel fast path on: channel-bound IPv4 UDP flows (tc ingress on %s)",
+        ", ".join(flows.interfaces),
+    )
     return flows

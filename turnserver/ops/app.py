@@ -20,7 +20,8 @@ from turnserver.core.config import CoreConfig, RelayAddress
 from turnserver.core.policy import DefaultPeerPolicy
 from turnserver.io.descriptors import DescriptorBudget
 from turnserver.io.loop import loop_factory, tune_gc
-from turnserver.io.offload_flows import start_offload
+from turnserver.io.offload import FlowMaps
+from turnserver.io.offload_flows import OffloadFlows, start_offload
 from turnserver.io.runtime import ServerRuntime, StreamOptions
 from turnserver.io.tls import ReloadableTLS, build_context
 from turnserver.ops import devmode
@@ -221,6 +222,7 @@ class Server:
         self.runtime.request_timer = self.metrics.observe_request_duration
         self.metrics.internal_users = frozenset({PROBE_USER})
         self.dev = devmode.attach(settings, self.runtime, self.metrics.registry)
+        self.shared_offload: FlowMaps | None = None  # set by a worker before start
         self.probe: SelfProbe | None = None
         if settings.probe_interval > 0:
             shared = (
@@ -252,7 +254,10 @@ class Server:
         settings = self.settings
         await self.runtime.start()
         try:  # --offload ebpf that cannot work stops the start (auto falls back)
-            self.runtime.offload = start_offload(settings.offload, settings.workers, settings.dev)
+            if self.shared_offload is not None:  # a worker: the supervisor's program
+                self.runtime.offload = OffloadFlows(self.shared_offload, [])
+            else:
+                self.runtime.offload = start_offload(settings.offload, settings.dev)
         except OSError:
             self.runtime.stop()
             raise

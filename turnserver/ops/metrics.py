@@ -166,10 +166,18 @@ class TurnCollector(Collector):
             "Packets of kernel-relayed flows passed up to user space, by reason",
             labels=["reason"],
         )
+        kernel = CounterMetricFamily(
+            "turn_offload_relayed_packets",
+            "Packets relayed in the kernel (also counted in turn_relayed_packets_total)",
+            labels=["direction"],
+        )
         if offload is not None:
             for reason, n in offload.prog.pass_reasons().items():
                 passed.add_metric([reason], n)
+            kernel.add_metric(["client_to_peer"], offload.relayed[0])
+            kernel.add_metric(["peer_to_client"], offload.relayed[2])
         yield passed
+        yield kernel
         pp, bp, pc, bc = core.relay_totals()
         packets.add_metric(["client_to_peer"], pp)
         packets.add_metric(["peer_to_client"], pc)

@@ -27,6 +27,8 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from turnserver.io.offload import FlowMaps
+from turnserver.io.offload_flows import start_offload
 from turnserver.io.sockets import bind_listener_group
 from turnserver.io.tls import build_context
 from turnserver.ops.admin import AdminApi, AdminService
@@ -70,9 +72,11 @@ def _worker_main(
     config_path: str | None,
     overrides: dict[str, Any],
     listeners: list[socket.socket],
+    offload: FlowMaps | None,
 ) -> None:
     """Entry point of one worker process; `listeners` are its sockets, one per
-    configured listener, owned by the parent (they outlive a crash of this worker)."""
+    configured listener, owned by the parent (they outlive a crash of this worker);
+    `offload` the kernel fast path's maps when the parent loaded the program."""
     from turnserver.io.loop import loop_factory
     from turnserver.ops.app import Server
     from turnserver.ops.banner import log_limits
@@ -94,6 +98,7 @@ def _worker_main(
         loop = asyncio.get_running_loop()
         server = Server(mine, loop, inherited=dict(enumerate(listeners)))
         server.worker_index = index
+        server.shared_offload = offload
         server.runtime.core.id_prefix = f"w{index}-"  # the supervisor routes admin calls by id
         ledger = SharedQuotaLedger(shm_name, workers, index, lock)
         server.runtime.core.quotas = ledger
@@ -150,6 +155,8 @@ def _worker_main(
 # Metrics that are not sums over workers
 _MIN = {"turn_probe_success"}
 _MAX = {
+    "turn_offload_enabled",  # every worker reads the one program's maps
+    "turn_offload_passed_up",
     "turn_probe_rtt_seconds",
     "turn_event_loop_lag_seconds",
     "turn_build_info",
@@ -226,6 +233,15 @@ class Supervisor:
         except OSError:
             self.close_listeners()
             raise
+        # the kernel fast path: one program, attached by this process; the workers
+        # install their flows in its maps (raises OffloadError for ebpf that cannot work)
+        try:
+            self.offload = start_offload(settings.offload, settings.dev)
+        except OSError:
+            self.close_listeners()
+            raise
+        if self.offload is None:
+            self.settings = settings = replace(settings, offload="off")
         self.ctx = multiprocessing.get_context("spawn")
         self.lock = self.ctx.Lock()
         self.shm = SharedMemory(create=True, size=SharedQuotaLedger.size(self.n))
@@ -253,6 +269,7 @@ class Supervisor:
                 self.config_path,
                 self.overrides,
                 self.listeners[index],
+                self.offload.prog.for_worker(index) if self.offload is not None else None,
             ),
         )
         proc.start()
@@ -290,6 +307,9 @@ class Supervisor:
         self.shm.close()
         self.shm.unlink()
         self.close_listeners()
+        if self.offload is not None:
+            self.offload.close()  # detaches the program
+            self.offload = None
 
     def close_listeners(self) -> None:
         for group in self.listeners:
@@ -461,6 +481,8 @@ class Supervisor:
                 proc.join()
                 code = proc.exitcode
                 clear_worker(self.shm, i, self.lock)
+                if self.offload is not None:  # its allocations are gone: so are its flows
+                    self.offload.prog.purge(i)
                 if self.stopping:
                     self.procs[i] = None
                     continue

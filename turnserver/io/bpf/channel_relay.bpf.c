@@ -11,15 +11,26 @@
  * with a live permission and removes it on expiry, Refresh 0, deletion and policy
  * changes. Anything this program is unsure of goes up to user space unchanged (IPv6 in
  * this version, IP options, fragments, GSO packets, padded or truncated ChannelData,
- * packets that would exceed the MTU), counted by reason.
+ * packets that would exceed the MTU, TTL 1), counted by reason.
  *
- * The rewritten packet continues up this host's stack (TC_ACT_OK): user space installs
- * only flows whose client and peer are addresses of this host. Sending to remote hosts
- * (bpf_redirect_neigh) needs the CHECKSUM_PARTIAL case solved first: bpf_skb_adjust_room
- * does not move csum_start, so a locally generated packet leaving through a NIC would
- * get its checksum written 4 bytes off. For local delivery an IPv4 UDP checksum of 0
- * ("no checksum", RFC 768) is accepted in every ip_summed state (udp4_csum_init); the IP
- * header checksum is recomputed.
+ * Next hop: an entry's `ifindex` is 0 when the destination is an address of this host
+ * (the packet continues up this host's stack, TC_ACT_OK) or the interface user space
+ * found the route through (bpf_redirect_neigh: the kernel's FIB and neighbour tables
+ * fill in the link layer; no IP forwarding needed).
+ *
+ * Checksums, per ip_summed state:
+ * - up this host's stack: UDP checksum 0 ("no checksum", RFC 768), accepted for IPv4 in
+ *   every state (udp4_csum_init).
+ * - out of an interface, CHECKSUM_NONE / UNNECESSARY / COMPLETE: the received UDP
+ *   checksum is updated incrementally (RFC 1624) for the new addresses, ports, length and
+ *   the ChannelData header; the payload moves by 4 bytes, an even offset, so its sum is
+ *   unchanged. A received 0 stays 0.
+ * - out of an interface, CHECKSUM_PARTIAL (a sender on this host, through veth or lo):
+ *   the checksum is still to be computed at csum_start, which bpf_skb_adjust_room does
+ *   not move (net/core/filter.c): the device would write it 4 bytes off. Those packets go
+ *   up to user space (reason checksum_partial).
+ * The IPv4 header checksum is recomputed; the TTL is decremented (RFC 8656 §14.3,
+ * preferred behaviour: a packet that arrives with TTL 1 or 0 goes up to user space).
  */
 #include <linux/bpf.h>
 #include <linux/if_ether.h>
@@ -28,6 +39,7 @@
 #include <linux/pkt_cls.h>
 #include <linux/udp.h>
 #include <bpf/bpf_endian.h>
+#include <bpf/bpf_core_read.h>
 #include <bpf/bpf_helpers.h>
 
 struct client_key {      /* a client's 5-tuple to a listener, and the channel */
@@ -44,6 +56,8 @@ struct client_value {
 	__u32 peer_ip;
 	__u16 relay_port;
 	__u16 peer_port;
+	__u32 ifindex;   /* towards the peer; 0: up this host's stack */
+	__u32 owner;     /* the worker that installed it (user space's bookkeeping) */
 	__u32 pad;
 	__u64 packets;
 	__u64 bytes;
@@ -63,6 +77,8 @@ struct peer_value {
 	__u16 server_port;
 	__u16 channel;
 	__u16 pad;
+	__u32 ifindex;   /* towards the client; 0: up this host's stack */
+	__u32 owner;
 	__u64 packets;
 	__u64 bytes;
 };
@@ -74,6 +90,8 @@ enum pass_reason {       /* why a packet of a known flow went up to user space *
 	PASS_LENGTH,     /* ChannelData length and UDP length disagree (padding, truncation) */
 	PASS_MTU,
 	PASS_ADJUST,     /* a helper refused */
+	PASS_TTL,        /* TTL 0 or 1: user space sends it with the default TTL */
+	PASS_CSUM_PARTIAL, /* to another host, checksum not yet computed (see above) */
 	PASS_REASONS,
 };
 
@@ -111,94 +129,147 @@ static __always_inline int pass(__u32 reason)
 #define UDP_LEN sizeof(struct udphdr)
 #define IP_OFF ETH_LEN
 #define L4_OFF (ETH_LEN + IP_LEN)
+#define CHECKSUM_PARTIAL 3
 
-/* The IPv4 header checksum of the 20-byte header at IP_OFF, computed afresh. */
-static __always_inline int fix_ip_checksum(struct __sk_buff *skb)
+/* The kernel's sk_buff, only what we read (CO-RE: libbpf finds the real offsets). */
+struct sk_buff___turn {
+	__u8 ip_summed:2;
+} __attribute__((preserve_access_index));
+
+extern void *bpf_cast_to_kern_ctx(void *obj) __ksym;
+
+static __always_inline int checksum_partial(struct __sk_buff *skb)
 {
-	__u16 words[10];
+	struct sk_buff___turn *k = bpf_cast_to_kern_ctx(skb);
+	return BPF_CORE_READ_BITFIELD(k, ip_summed) == CHECKSUM_PARTIAL;
+}
+
+static __always_inline __u16 fold(__u32 sum)
+{
+	sum = (sum & 0xffff) + (sum >> 16);
+	sum = (sum & 0xffff) + (sum >> 16);
+	return sum;
+}
+
+/* The IPv4 header at IP_OFF, written whole: the caller's fields, a checksum computed
+ * afresh. */
+static __always_inline int store_ip_header(struct __sk_buff *skb, struct iphdr *ip)
+{
+	__u16 *words = (__u16 *)ip;
 	__u32 sum = 0;
 
-	if (bpf_skb_load_bytes(skb, IP_OFF, words, sizeof(words)) < 0)
-		return -1;
-	words[5] = 0;
+	ip->check = 0;
 #pragma unroll
 	for (int i = 0; i < 10; i++)
 		sum += words[i];
-	sum = (sum & 0xffff) + (sum >> 16);
-	sum = (sum & 0xffff) + (sum >> 16);
-	__u16 check = ~sum;
-	return bpf_skb_store_bytes(skb, IP_OFF + 10, &check, sizeof(check), 0);
+	ip->check = ~fold(sum);
+	return bpf_skb_store_bytes(skb, IP_OFF, ip, IP_LEN, 0);
+}
+
+/* RFC 1624: the received UDP checksum `check` with the words in `from` taken out of
+ * the sum and those in `to` put in (sizes in bytes, multiples of 4). */
+static __always_inline __u16 update_checksum(__u16 check, __be32 *from, __u32 from_size,
+					     __be32 *to, __u32 to_size)
+{
+	if (!check) /* IPv4 "no checksum" stays so */
+		return 0;
+	__s64 sum = bpf_csum_diff(from, from_size, to, to_size, (__u16)~check);
+	if (sum < 0)
+		return 0;
+	__u16 out = ~fold((__u32)sum);
+	return out ? out : 0xffff; /* a computed 0 is sent as all ones (RFC 768) */
+}
+
+/* A rewritten packet leaves: up this host's stack, or out of `ifindex` to the next hop. */
+static __always_inline int deliver(__u32 ifindex)
+{
+	if (!ifindex)
+		return TC_ACT_OK;
+	return bpf_redirect_neigh(ifindex, 0, 0, 0);
 }
 
 /* A bound client's ChannelData: strip the header, send the payload to the peer. */
-static __always_inline int to_peer(struct __sk_buff *skb, struct client_value *v,
-				   __u16 udp_len, __u16 tot_len)
+static __always_inline int to_peer(struct __sk_buff *skb, struct iphdr *ip,
+				   struct udphdr *udp, struct client_value *v)
 {
-	__u32 relay_ip = v->relay_ip, peer_ip = v->peer_ip;
-	__u16 relay_port = v->relay_port, peer_port = v->peer_port;
+	__u16 udp_len = bpf_ntohs(udp->len);
+	__u32 ifindex = v->ifindex;
+	__be32 from[5] = {ip->saddr, ip->daddr, *(__be32 *)udp, 0, *(__be32 *)(udp + 1)};
+	struct iphdr head = *ip;
+	__u16 check = udp->check;
 
+	head.tot_len = bpf_htons(bpf_ntohs(ip->tot_len) - 4);
+	head.ttl -= 1;
+	head.saddr = v->relay_ip;
+	head.daddr = v->peer_ip;
+	struct udphdr out = {
+		.source = v->relay_port,
+		.dest = v->peer_port,
+		.len = bpf_htons(udp_len - 4),
+	};
+	if (ifindex) {
+		__be32 to[4] = {head.saddr, head.daddr, *(__be32 *)&out, out.len | out.len << 16};
+		from[3] = udp->len | udp->len << 16; /* pseudo-header and header lengths */
+		out.check = update_checksum(check, from, sizeof(from), to, sizeof(to));
+	}
 	/* removes the 4 bytes right after the IP header (the UDP ports); the 8 bytes
 	 * from there on (UDP length and checksum, ChannelData header) become the new
 	 * UDP header */
 	if (bpf_skb_adjust_room(skb, -4, BPF_ADJ_ROOM_NET, 0) < 0)
 		return pass(PASS_ADJUST);
-	struct udphdr udp = {
-		.source = relay_port,
-		.dest = peer_port,
-		.len = bpf_htons(udp_len - 4),
-		.check = 0,
-	};
-	__u16 new_tot = bpf_htons(tot_len - 4);
-	if (bpf_skb_store_bytes(skb, L4_OFF, &udp, sizeof(udp), 0) < 0 ||
-	    bpf_skb_store_bytes(skb, IP_OFF + 2, &new_tot, 2, 0) < 0 ||
-	    bpf_skb_store_bytes(skb, IP_OFF + 12, &relay_ip, 4, 0) < 0 ||
-	    bpf_skb_store_bytes(skb, IP_OFF + 16, &peer_ip, 4, 0) < 0 ||
-	    fix_ip_checksum(skb) < 0)
+	if (bpf_skb_store_bytes(skb, L4_OFF, &out, sizeof(out), 0) < 0 ||
+	    store_ip_header(skb, &head) < 0)
 		return TC_ACT_SHOT; /* half rewritten: never deliver a corrupt packet */
 	__sync_fetch_and_add(&v->packets, 1);
 	__sync_fetch_and_add(&v->bytes, udp_len - UDP_LEN - 4);
-	return TC_ACT_OK;
+	return deliver(ifindex);
 }
 
 /* A bound peer's datagram: prepend the ChannelData header, send it to the client. */
-static __always_inline int to_client(struct __sk_buff *skb, struct peer_value *v,
-				     __u16 udp_len, __u16 tot_len)
+static __always_inline int to_client(struct __sk_buff *skb, struct iphdr *ip,
+				     struct udphdr *udp, struct peer_value *v)
 {
-	__u32 server_ip = v->server_ip, client_ip = v->client_ip;
-	__u16 server_port = v->server_port, client_port = v->client_port;
-	__u16 channel = v->channel;
+	__u16 udp_len = bpf_ntohs(udp->len);
+	__u32 ifindex = v->ifindex;
+	__be32 from[4] = {ip->saddr, ip->daddr, *(__be32 *)udp, udp->len | udp->len << 16};
+	struct iphdr head = *ip;
+	__u16 check = udp->check;
 	__u32 mtu = 0;
 
-	if (bpf_check_mtu(skb, skb->ingress_ifindex, &mtu, 4, 0) != BPF_MTU_CHK_RET_SUCCESS)
+	if (bpf_check_mtu(skb, ifindex, &mtu, 4, 0) != BPF_MTU_CHK_RET_SUCCESS)
 		return pass(PASS_MTU);
-	/* 4 bytes after the IP header: with the old UDP header's 8 they make the new
-	 * UDP header and the ChannelData header */
-	if (bpf_skb_adjust_room(skb, 4, BPF_ADJ_ROOM_NET, 0) < 0)
-		return pass(PASS_ADJUST);
+	head.tot_len = bpf_htons(bpf_ntohs(ip->tot_len) + 4);
+	head.ttl -= 1;
+	head.saddr = v->server_ip;
+	head.daddr = v->client_ip;
 	struct {
 		struct udphdr udp;
 		__u16 channel;
 		__u16 length;
-	} head = {
+	} out = {
 		.udp = {
-			.source = server_port,
-			.dest = client_port,
+			.source = v->server_port,
+			.dest = v->client_port,
 			.len = bpf_htons(udp_len + 4),
-			.check = 0,
 		},
-		.channel = channel,
+		.channel = v->channel,
 		.length = bpf_htons(udp_len - UDP_LEN),
 	};
-	__u16 new_tot = bpf_htons(tot_len + 4);
-	if (bpf_skb_store_bytes(skb, L4_OFF, &head, sizeof(head), 0) < 0 ||
-	    bpf_skb_store_bytes(skb, IP_OFF + 2, &new_tot, 2, 0) < 0 ||
-	    bpf_skb_store_bytes(skb, IP_OFF + 12, &server_ip, 4, 0) < 0 ||
-	    bpf_skb_store_bytes(skb, IP_OFF + 16, &client_ip, 4, 0) < 0 ||
-	    fix_ip_checksum(skb) < 0)
+	if (ifindex) {
+		__be32 to[5] = {head.saddr, head.daddr, *(__be32 *)&out.udp,
+				out.udp.len | out.udp.len << 16, *(__be32 *)&out.channel};
+		out.udp.check = update_checksum(check, from, sizeof(from), to, sizeof(to));
+	}
+	/* 4 bytes after the IP header: with the old UDP header's 8 they make the new
+	 * UDP header and the ChannelData header */
+	if (bpf_skb_adjust_room(skb, 4, BPF_ADJ_ROOM_NET, 0) < 0)
+		return pass(PASS_ADJUST);
+	if (bpf_skb_store_bytes(skb, L4_OFF, &out, sizeof(out), 0) < 0 ||
+	    store_ip_header(skb, &head) < 0)
 		return TC_ACT_SHOT;
 	__sync_fetch_and_add(&v->packets, 1);
 	__sync_fetch_and_add(&v->bytes, udp_len - UDP_LEN);
-	return TC_ACT_OK;
+	return deliver(ifindex);
 }
 
 SEC("tc")
@@ -231,7 +302,10 @@ int turn_channel_relay(struct __sk_buff *skb)
 	};
 	struct peer_value *pv = bpf_map_lookup_elem(&peer_to_client, &pk);
 	struct client_value *cv = 0;
-	if (!pv) {
+	__u32 ifindex;
+	if (pv) {
+		ifindex = pv->ifindex;
+	} else {
 		if ((void *)(cd + 4) > end || cd[0] < 0x40 || cd[0] > 0x7f)
 			return TC_ACT_OK;
 		struct client_key ck = {
@@ -247,6 +321,7 @@ int turn_channel_relay(struct __sk_buff *skb)
 		__u16 cd_len = ((__u16)cd[2] << 8) | cd[3];
 		if (cd_len + 4 + UDP_LEN != udp_len)
 			return pass(PASS_LENGTH);
+		ifindex = cv->ifindex;
 	}
 	/* a flow we relay: anything unusual goes up to user space, counted */
 	if (ihl != IP_LEN)
@@ -257,9 +332,15 @@ int turn_channel_relay(struct __sk_buff *skb)
 		return pass(PASS_GSO);
 	if (tot_len != IP_LEN + udp_len || udp_len < UDP_LEN || skb->len != ETH_LEN + tot_len)
 		return pass(PASS_LENGTH);
+	if (ip->ttl <= 1)
+		return pass(PASS_TTL);
+	if (ifindex && checksum_partial(skb))
+		return pass(PASS_CSUM_PARTIAL);
 	if (pv)
-		return to_client(skb, pv, udp_len, tot_len);
-	return to_peer(skb, cv, udp_len, tot_len);
+		return to_client(skb, ip, udp, pv);
+	if ((void *)(cd + 4) > end) /* checked above; the verifier wants it on this path */
+		return TC_ACT_OK;
+	return to_peer(skb, ip, udp, cv);
 }
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";
