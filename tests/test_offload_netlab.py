@@ -35,6 +35,7 @@ __all__ = ["bpf_object", "packaged_object"]  # fixtures this module uses
 COUNT = 300
 SERVER_IP, CLIENT_IP = "10.80.1.1", "10.80.1.2"
 RELAY_IP, PEER_IP = "10.80.2.1", "10.80.2.2"
+SERVER6, CLIENT6, RELAY6, PEER6 = "fd00:80:1::1", "fd00:80:1::2", "fd00:80:2::1", "fd00:80:2::2"
 METRICS = f"http://{SERVER_IP}:9641/metrics"
 ECHO = """
 import socket
@@ -73,12 +74,17 @@ def netlab(sender_checksums: bool) -> Iterator[dict[str, str]]:
             subprocess.run(["ip", "netns", "add", name], check=True)
             made.append(name)
             _ip(name, "link", "set", "lo", "up")
-        for side, inner, outer in (("cli", SERVER_IP, CLIENT_IP), ("peer", RELAY_IP, PEER_IP)):
+        for side, inner, outer, inner6, outer6 in (
+            ("cli", SERVER_IP, CLIENT_IP, SERVER6, CLIENT6),
+            ("peer", RELAY_IP, PEER_IP, RELAY6, PEER6),
+        ):
             here, there = f"{side}-srv", f"{side}-out"
             link = ["ip", "link", "add", here, "netns", ns["srv"], "type", "veth"]
             subprocess.run([*link, "peer", "name", there, "netns", ns[side]], check=True)
             _ip(ns["srv"], "addr", "add", f"{inner}/24", "dev", here)
             _ip(ns[side], "addr", "add", f"{outer}/24", "dev", there)
+            _ip(ns["srv"], "addr", "add", f"{inner6}/64", "dev", here, "nodad")
+            _ip(ns[side], "addr", "add", f"{outer6}/64", "dev", there, "nodad")
             _ip(ns["srv"], "link", "set", here, "up")
             _ip(ns[side], "link", "set", there, "up")
             if sender_checksums:
@@ -134,7 +140,9 @@ def _run(
     server's metrics after it, the server's log, and the tc filters left after stop."""
     serve = ["ip", "netns", "exec", ns["srv"], sys.executable, "-m", "turnserver", "serve"]
     serve += ["--secret", "s", "--listen", f"udp://{SERVER_IP}:3478", "--relay-ip", RELAY_IP]
-    serve += ["--allow-peer", "10.80.2.0/24", "--offload", "ebpf", "--workers", str(workers)]
+    serve += ["--listen", f"udp://[{SERVER6}]:3478", "--relay-ip", RELAY6]
+    serve += ["--allow-peer", "10.80.2.0/24", "--allow-peer", "fd00:80:2::/64"]
+    serve += ["--offload", "ebpf", "--workers", str(workers)]
     serve += ["--metrics-listen", f"{SERVER_IP}:9641", "--probe-interval", "0"]
     echo = ["ip", "netns", "exec", ns["peer"], *(peer or [sys.executable, "-c", ECHO])]
     procs = [
@@ -226,14 +234,25 @@ def test_nic_path_passes_checksum_partial_up_and_user_space_relays_it() -> None:
 
 
 @pytest.mark.usefixtures("tools")
-def test_uclient_relays_through_the_kernel_path_with_zero_loss() -> None:
+@pytest.mark.parametrize("family", [4, 6])
+def test_uclient_relays_through_the_kernel_path_with_zero_loss(family: int) -> None:
     """coturn's turnutils_uclient (channels, 20 clients x 200 packets of 100 bytes) and
-    turnutils_peer across the namespaces, checksums by the senders."""
+    turnutils_peer across the namespaces, checksums by the senders; IPv4, and IPv6 end
+    to end (client, relayed address and peer)."""
     uclient, peer = require_tool("turnutils_uclient"), require_tool("turnutils_peer")
-    client = [uclient, "-e", PEER_IP, "-r", "7000", "-X", "-g", "-u", "user", "-W", "s"]
-    client += ["-m", "20", "-n", "200", "-p", "3478", SERVER_IP]
+    server, peer_ip, relay_family = (
+        (SERVER_IP, PEER_IP, "-X")
+        if family == 4
+        else (
+            SERVER6,
+            PEER6,
+            "-x",
+        )
+    )
+    client = [uclient, "-e", peer_ip, "-r", "7000", relay_family, "-g", "-u", "user", "-W", "s"]
+    client += ["-m", "20", "-n", "200", "-p", "3478", server]
     with netlab(sender_checksums=True) as ns:
-        output, m, log, filters = _run(ns, client, peer=[peer, "-L", PEER_IP, "-p", "7000"])
+        output, m, log, filters = _run(ns, client, peer=[peer, "-L", peer_ip, "-p", "7000"])
         counters = {side: _udp_counters(ns[side]) for side in ("cli", "peer")}
     result = UclientResult([], output)
     assert result.lost_packets == 0 and result.sent_bytes >= 20 * 200 * 100, output[-1500:]

@@ -25,6 +25,7 @@ from turnserver.io.offload import (
     SOURCE,
     TC_ACT_OK,
     TC_ACT_REDIRECT,
+    TC_ACT_UNSPEC,
     ChannelRelayProgram,
     ClientFlow,
     OffloadError,
@@ -180,8 +181,70 @@ def test_to_another_host_ttl_1_goes_up(remote: ChannelRelayProgram) -> None:
         frame(CLIENT, SERVER, channel_data(b"abc"), ttl=1),
         frame(PEER, RELAY, b"abc", ttl=0),
     ):
-        assert remote.test_run(packet) == (TC_ACT_OK, packet)
+        assert remote.test_run(packet) == (TC_ACT_UNSPEC, packet)
     assert remote.pass_reasons()["ttl"] == 2
+
+
+CLIENT6, SERVER6 = ("fd00:80::2", 40000), ("fd00:80::1", 3478)
+RELAY6, PEER6 = ("fd00:80::1", 50000), ("fd00:80::3", 60000)
+
+
+def frame6(
+    src: tuple[str, int],
+    dst: tuple[str, int],
+    payload: bytes,
+    *,
+    hops: int = 64,
+    next_header: int = 17,
+    udp_check: int | None = None,
+) -> bytes:
+    """Ethernet + IPv6 + UDP; the UDP checksum computed (RFC 8200 §8.1) unless given."""
+    addresses = socket.inet_pton(socket.AF_INET6, src[0]) + socket.inet_pton(
+        socket.AF_INET6, dst[0]
+    )
+    udp = struct.pack("!HHHH", src[1], dst[1], 8 + len(payload), 0) + payload
+    if udp_check is None:
+        pseudo = addresses + struct.pack("!II", len(udp), 17)
+        udp_check = checksum(pseudo + udp + b"\0" * (len(udp) % 2)) or 0xFFFF
+    udp = udp[:6] + struct.pack("!H", udp_check) + udp[8:]
+    ip = struct.pack("!IHBB", 0x6000_0000 | 0x12345, len(udp), next_header, hops) + addresses
+    return bytes(12) + b"\x86\xdd" + ip + udp
+
+
+@pytest.mark.parametrize("where", ["local", "remote"])
+@pytest.mark.parametrize("size", [0, 1, 3, 100, 1000, 1452])
+def test_ipv6_both_ways_with_checksums(bpf_object: Path, where: str, size: int) -> None:
+    """IPv6: no header checksum, the UDP checksum mandatory, so it is updated whether the
+    packet goes up this host's stack or out of an interface; hop limit decremented."""
+    try:
+        prog = ChannelRelayProgram(bpf_object)
+    except OffloadError as exc:
+        _unavailable(str(exc))
+    ifindex = socket.if_nametoindex("lo") if where == "remote" else 0
+    flows = ClientFlow(CLIENT6, SERVER6, CHANNEL, ifindex), PeerFlow(RELAY6, PEER6, ifindex)
+    prog.add(*flows)
+    try:
+        verdict_ok = TC_ACT_REDIRECT if ifindex else TC_ACT_OK
+        payload = os.urandom(size)
+        cd = channel_data(payload)
+        verdict, out = prog.test_run(frame6(CLIENT6, SERVER6, cd))
+        assert (verdict, out) == (verdict_ok, frame6(RELAY6, PEER6, payload, hops=63))
+        verdict, out = prog.test_run(frame6(PEER6, RELAY6, payload))
+        assert (verdict, out) == (verdict_ok, frame6(SERVER6, CLIENT6, cd, hops=63))
+        assert prog.counters(*flows) == (1, size, 1, size)
+        for packet, reason in (
+            (frame6(CLIENT6, SERVER6, cd, hops=1), "ttl"),
+            (frame6(PEER6, RELAY6, payload, udp_check=0), None),  # invalid in IPv6: up
+            (frame6(PEER6, RELAY6, payload, next_header=0), None),  # an extension header
+            (frame6(CLIENT6, SERVER6, cd + b"\0"), "length"),
+        ):
+            before = prog.pass_reasons()
+            assert prog.test_run(packet) == (TC_ACT_UNSPEC, packet)
+            after = prog.pass_reasons()
+            assert {k for k in after if after[k] != before[k]} == ({reason} if reason else set())
+        assert prog.remove(*flows) == (1, size, 1, size)
+    finally:
+        prog.close()
 
 
 def test_everything_else_goes_up_unchanged_and_counted(program: ChannelRelayProgram) -> None:
@@ -201,13 +264,13 @@ def test_everything_else_goes_up_unchanged_and_counted(program: ChannelRelayProg
     for name, (packet, reason) in cases.items():
         before = program.pass_reasons()
         verdict, out = program.test_run(packet)
-        assert verdict == TC_ACT_OK and out == packet, name
+        assert verdict == TC_ACT_UNSPEC and out == packet, name
         after = program.pass_reasons()
         changed = {k for k in after if after[k] != before[k]}
         assert changed == ({reason} if reason else set()), (name, changed)
     packet = frame(PEER, RELAY, b"x" * 600)  # a GSO super-packet of two segments
     verdict, out = program.test_run(packet, gso_size=300)
-    assert verdict == TC_ACT_OK and out == packet
+    assert verdict == TC_ACT_UNSPEC and out == packet
     assert program.pass_reasons()["gso"] == 1
     assert program.counters(ClientFlow(CLIENT, SERVER, CHANNEL), PeerFlow(RELAY, PEER)) == (
         0,
@@ -225,7 +288,7 @@ def test_removed_flows_are_not_relayed_and_keep_their_last_counts(
     program.test_run(frame(PEER, RELAY, b"123"))
     assert program.remove(client, peer) == (1, 5, 1, 3)
     packet = frame(CLIENT, SERVER, channel_data(b"12345"))
-    assert program.test_run(packet) == (TC_ACT_OK, packet)
+    assert program.test_run(packet) == (TC_ACT_UNSPEC, packet)
     assert program.remove(client, peer) == (0, 0, 0, 0)
 
 
@@ -405,7 +468,7 @@ def test_a_full_map_refuses_a_flow_whole(program: ChannelRelayProgram) -> None:
         except OffloadError:
             assert program.counters(client, peer) == (0, 0, 0, 0)
             packet = frame(client.client, SERVER, struct.pack("!HH", client.channel, 1) + b"x")
-            assert program.test_run(packet) == (TC_ACT_OK, packet)  # not half relayed
+            assert program.test_run(packet) == (TC_ACT_UNSPEC, packet)  # not half relayed
             break
         added += 1
     assert added == 65536
@@ -434,7 +497,7 @@ def test_workers_share_the_maps_and_a_dead_workers_flows_are_purged(
         RELAY, ("127.0.6.1", 1001), b"from worker 1", udp_check=0, ttl=63
     )
     assert program.purge(1) == 2  # both directions of worker 1's flow
-    assert program.test_run(packet) == (TC_ACT_OK, packet)
+    assert program.test_run(packet) == (TC_ACT_UNSPEC, packet)
     flows = (ClientFlow(("127.0.5.1", 1002), SERVER, CHANNEL), PeerFlow(RELAY, ("127.0.6.1", 1002)))
     program.test_run(frame(("127.0.5.1", 1002), SERVER, channel_data(b"still here")))
     assert program.counters(*flows)[:2] == (1, 10)

@@ -20,7 +20,8 @@ from typing import Any
 
 SOURCE = Path(__file__).parent / "bpf" / "channel_relay.bpf.c"
 PROGRAM = "turn_channel_relay"
-TC_ACT_OK, TC_ACT_SHOT, TC_ACT_REDIRECT = 0, 2, 7
+# tc verdicts; UNSPEC: unchanged, on to the next filter and up the stack
+TC_ACT_UNSPEC, TC_ACT_OK, TC_ACT_SHOT, TC_ACT_REDIRECT = -1, 0, 2, 7
 PASS_REASONS = (
     "ip_options",
     "fragment",
@@ -35,8 +36,22 @@ _BPF_TC_INGRESS = 1
 TC_HANDLE, TC_PRIORITY = 0x7475, 0x7475  # "tu": our filter on the interface
 _BPF_ANY = 0
 _COUNTERS = struct.Struct("=QQ")
-_VALUE_SIZE, _COUNTERS_AT = 40, 24  # both maps' values (io/bpf/channel_relay.bpf.c)
-_MAPS = (b"client_to_peer", b"peer_to_client", b"pass_reasons")
+# io/bpf/channel_relay.bpf.c: per map, (key size, value size, where the owner and the
+# counters sit in the value); a value is the other direction's key, the interface, the
+# owner, padding to 8 bytes, then the counters
+_LAYOUT = {
+    b"client_to_peer": (16, 40, 16, 24),
+    b"peer_to_client": (12, 40, 20, 24),
+    b"client_to_peer6": (40, 64, 40, 48),
+    b"peer_to_client6": (36, 64, 44, 48),
+}
+_MAPS = (*_LAYOUT, b"pass_reasons")
+
+
+def _addresses(*ips: str) -> bytes:
+    """IPv4 or IPv6 addresses, packed (4 or 16 bytes each)."""
+    family = socket.AF_INET6 if ":" in ips[0] else socket.AF_INET
+    return b"".join(socket.inet_pton(family, ip) for ip in ips)
 
 
 class OffloadError(OSError):
@@ -149,11 +164,14 @@ class ClientFlow:
     channel: int
     ifindex: int = 0
 
+    @property
+    def map_names(self) -> tuple[bytes, bytes]:
+        """This flow's maps: (client side, peer side), by address family."""
+        return (b"client_to_peer6", b"peer_to_client6") if ":" in self.client[0] else _MAPS4
+
     def key(self) -> bytes:
-        return (
-            socket.inet_aton(self.client[0])
-            + socket.inet_aton(self.server[0])
-            + struct.pack("!HHHxx", self.client[1], self.server[1], self.channel)
+        return _addresses(self.client[0], self.server[0]) + struct.pack(
+            "!HHHxx", self.client[1], self.server[1], self.channel
         )
 
 
@@ -167,11 +185,12 @@ class PeerFlow:
     ifindex: int = 0
 
     def key(self) -> bytes:
-        return (
-            socket.inet_aton(self.relay[0])
-            + socket.inet_aton(self.peer[0])
-            + struct.pack("!HH", self.relay[1], self.peer[1])
+        return _addresses(self.relay[0], self.peer[0]) + struct.pack(
+            "!HH", self.relay[1], self.peer[1]
         )
+
+
+_MAPS4 = (b"client_to_peer", b"peer_to_client")
 
 
 class FlowMaps:
@@ -207,11 +226,12 @@ class FlowMaps:
         # client's packets go (relay, peer, the interface towards the peer), peer_value
         # where the peer's go
         zero = _COUNTERS.pack(0, 0)
-        to_peer = peer.key() + struct.pack("=IIxxxx", peer.ifindex, self.owner) + zero
-        self._update(b"client_to_peer", client.key(), to_peer)
+        client_map, peer_map = client.map_names
+        to_peer = peer.key() + struct.pack("=II", peer.ifindex, self.owner)
+        to_client = client.key() + struct.pack("=II", client.ifindex, self.owner)
+        self._update(client_map, client.key(), to_peer.ljust(_LAYOUT[client_map][3], b"\0") + zero)
         try:
-            to_client = client.key() + struct.pack("=II", client.ifindex, self.owner) + zero
-            self._update(b"peer_to_client", peer.key(), to_client)
+            self._update(peer_map, peer.key(), to_client.ljust(_LAYOUT[peer_map][3], b"\0") + zero)
         except OffloadError:  # never one direction alone
             self._counters(client, peer, self.lib.bpf_map_lookup_and_delete_elem)
             raise
@@ -228,11 +248,10 @@ class FlowMaps:
         """Delete every entry `owner` installed (a worker that died left them: its
         allocations are gone); returns how many."""
         removed = 0
-        # (key size, where the owner sits in the value)
-        for name, size, owner_at in ((b"client_to_peer", 16, 16), (b"peer_to_client", 12, 20)):
+        for name, (size, value_size, owner_at, _) in _LAYOUT.items():
             fd = self.maps[name]
             key, nxt = ctypes.create_string_buffer(size), ctypes.create_string_buffer(size)
-            value = ctypes.create_string_buffer(_VALUE_SIZE)
+            value = ctypes.create_string_buffer(value_size)
             theirs = []
             first = True
             while not self.lib.bpf_map_get_next_key(fd, None if first else key, nxt):
@@ -249,12 +268,13 @@ class FlowMaps:
         self, client: ClientFlow, peer: PeerFlow, lookup: Any
     ) -> tuple[int, int, int, int]:
         out: list[int] = []
-        for name, key in ((b"client_to_peer", client.key()), (b"peer_to_client", peer.key())):
-            k, v = ctypes.create_string_buffer(key), ctypes.create_string_buffer(_VALUE_SIZE)
+        for name, key in zip(client.map_names, (client.key(), peer.key()), strict=True):
+            _, value_size, _, counters_at = _LAYOUT[name]
+            k, v = ctypes.create_string_buffer(key), ctypes.create_string_buffer(value_size)
             if lookup(self.maps[name], k, v):
                 out += (0, 0)  # no such flow (ENOENT)
             else:
-                out += _COUNTERS.unpack_from(v.raw, _COUNTERS_AT)
+                out += _COUNTERS.unpack_from(v.raw, counters_at)
         pp, bp, pc, bc = out
         return pp, bp, pc, bc
 
@@ -338,7 +358,7 @@ class ChannelRelayProgram(FlowMaps):
         ret = self.lib.bpf_prog_test_run_opts(self.prog_fd, ctypes.byref(opts))
         if ret:
             raise _fail("BPF_PROG_TEST_RUN", ret)
-        return opts.retval, data_out.raw[: opts.data_size_out]
+        return ctypes.c_int32(opts.retval).value, data_out.raw[: opts.data_size_out]
 
     def attach(self, ifindex: int) -> None:
         """TC clsact ingress on the interface (the hook is made if missing), as our own

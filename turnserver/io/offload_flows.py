@@ -1,8 +1,9 @@
 """The kernel fast path in a running server: which channel flows go to the BPF program,
 kept in step with the core, and their counters folded back (issue 16).
 
-A flow is offloaded when its allocation is UDP, IPv4 and without a bandwidth limit, and
-the channel is bound with a live permission (the allocation's `channel_routes`, which the
+A flow is offloaded when its allocation is UDP and without a bandwidth limit, the
+client, relayed address and peer are of one family (IPv4 or IPv6), and the channel is
+bound with a live permission (the allocation's `channel_routes`, which the
 core maintains). Each direction's next hop is asked of the kernel's routing table when
 the flow is installed: an address of this host (the program delivers up the stack) or
 the interface the route leaves through (the program redirects there). The program is
@@ -39,31 +40,38 @@ Flows = dict[int, tuple[ClientFlow, PeerFlow]]
 
 
 def self_test(prog: ChannelRelayProgram) -> None:
-    """Run the loaded program on crafted frames both ways (BPF_PROG_TEST_RUN), for a
-    local destination and for one behind an interface, and compare every byte (UDP
-    checksums included); raise OffloadError when the kernel does not do what we expect."""
-    client, server = ("192.0.2.1", 40000), ("192.0.2.2", 3478)
-    relay, peer = ("192.0.2.2", 50000), ("192.0.2.3", 60000)
+    """Run the loaded program on crafted frames both ways (BPF_PROG_TEST_RUN), IPv4 and
+    IPv6, for a local destination and for one behind an interface, and compare every
+    byte (checksums included); raise OffloadError when the kernel does not do what we
+    expect."""
     payload = bytes(range(97))
     cd = struct.pack("!HH", 0x7FFF, len(payload)) + payload
     lo = socket.if_nametoindex("lo")
-    for ifindex, verdict, checked in ((0, TC_ACT_OK, False), (lo, TC_ACT_REDIRECT, True)):
-        flows = (ClientFlow(client, server, 0x7FFF, ifindex), PeerFlow(relay, peer, ifindex))
-        prog.add(*flows)
-        try:
-            for src, dst, data, want_src, want_dst, want in (
-                (client, server, cd, relay, peer, payload),
-                (peer, relay, payload, server, client, cd),
-            ):
-                got = prog.test_run(frame(src, dst, data, checked=True))
-                expected = frame(want_src, want_dst, want, ttl=63, checked=checked)
-                if got != (verdict, expected):
-                    raise OffloadError("the BPF program's self-test failed: output differs")
-        finally:
-            prog.remove(*flows)
+    for client_ip, server_ip, peer_ip in (
+        ("192.0.2.1", "192.0.2.2", "192.0.2.3"),
+        ("2001:db8::1", "2001:db8::2", "2001:db8::3"),
+    ):
+        client, server = (client_ip, 40000), (server_ip, 3478)
+        relay, peer = (server_ip, 50000), (peer_ip, 60000)
+        v6 = ":" in client_ip
+        for ifindex, verdict in ((0, TC_ACT_OK), (lo, TC_ACT_REDIRECT)):
+            flows = (ClientFlow(client, server, 0x7FFF, ifindex), PeerFlow(relay, peer, ifindex))
+            prog.add(*flows)
+            try:
+                for src, dst, data, want_src, want_dst, want in (
+                    (client, server, cd, relay, peer, payload),
+                    (peer, relay, payload, server, client, cd),
+                ):
+                    got = prog.test_run(frame(src, dst, data, checked=True))
+                    checked = bool(ifindex) or v6  # IPv4 up the stack: no checksum
+                    if got != (verdict, frame(want_src, want_dst, want, 63, checked)):
+                        raise OffloadError("the BPF program's self-test failed: output differs")
+            finally:
+                prog.remove(*flows)
 
 
 def _sum(data: bytes) -> int:
+    data += bytes(len(data) % 2)
     total: int = sum(struct.unpack(f"!{len(data) // 2}H", data))
     while total > 0xFFFF:
         total = (total & 0xFFFF) + (total >> 16)
@@ -77,14 +85,23 @@ def frame(
     ttl: int = 64,
     checked: bool = False,
 ) -> bytes:
-    """An Ethernet frame with IPv4 and UDP headers; the UDP checksum computed (RFC 768)
-    when `checked`, else 0."""
+    """An Ethernet frame with an IPv4 or IPv6 header and UDP; the UDP checksum computed
+    (RFC 768, RFC 8200 §8.1) when `checked`, else 0."""
+    v6 = ":" in src[0]
+    family = socket.AF_INET6 if v6 else socket.AF_INET
+    addresses = socket.inet_pton(family, src[0]) + socket.inet_pton(family, dst[0])
     udp = struct.pack("!HHHH", src[1], dst[1], 8 + len(payload), 0) + payload
-    addresses = socket.inet_aton(src[0]) + socket.inet_aton(dst[0])
     if checked:
-        pseudo = addresses + struct.pack("!HH", 17, len(udp))
-        check = ~_sum(pseudo + udp + bytes(len(udp) % 2)) & 0xFFFF or 0xFFFF
+        length = struct.pack("!II", len(udp), 17) if v6 else struct.pack("!HH", 17, len(udp))
+        check = ~_sum(addresses + length + udp) & 0xFFFF or 0xFFFF
         udp = udp[:6] + struct.pack("!H", check) + udp[8:]
+    if v6:
+        return (
+            bytes(12)
+            + b"\x86\xdd"
+            + struct.pack("!IHBB", 6 << 28, len(udp), 17, ttl)
+            + (addresses + udp)
+        )
     ip = bytearray(struct.pack("!BBHHHBBH", 0x45, 0, 20 + len(udp), 0, 0, ttl, 17, 0))
     ip += addresses
     ip[10:12] = struct.pack("!H", ~_sum(bytes(ip)) & 0xFFFF)
@@ -136,28 +153,36 @@ class OffloadFlows:
     def active(self) -> int:
         return sum(len(f) for f in self.installed.values())
 
-    def _eligible(self, alloc: Allocation) -> bool:
+    def _eligible(self, alloc: Allocation) -> int:
+        """The address family (4, 6) whose flows this allocation may offload, or 0:
+        UDP, no bandwidth limit, a relayed address of the client's family."""
         ft = alloc.five_tuple
-        return (
+        family = 6 if ":" in ft.client[0] else 4
+        if (
             alloc.live
             and ft.transport == ClientTransport.UDP
             and not alloc.rate
-            and 4 in alloc.relays
-            and ":" not in ft.client[0]
-        )
+            and family in alloc.relays
+            and "%" not in ft.client[0]  # scoped (link-local) addresses stay in user space
+        ):
+            return family
+        return 0
 
     def sync(self, alloc: Allocation) -> None:
         """Make the kernel's flows for this allocation match its live channels."""
         ft = alloc.five_tuple
         have = self.installed.get(ft, {})
         want: Flows = {}
-        to_client = self.routes.next_hop(ft.client[0]) if self._eligible(alloc) else None
+        family = self._eligible(alloc)
+        to_client = self.routes.next_hop(ft.client[0]) if family else None
         if to_client is not None:
-            relay = alloc.relays[4]
+            relay = alloc.relays[family]
             relayed = (_bound_ip(relay.endpoint, ft.server[0]), relay.port)
             for number, (_, peer) in alloc.channel_routes.items():
+                if (":" in peer[0]) != (family == 6) or "%" in peer[0]:
+                    continue  # across families (a header rewrite cannot), scoped
                 to_peer = self.routes.next_hop(peer[0])
-                if to_peer is None:  # not IPv4, or no unicast route: user space says why
+                if to_peer is None:  # no unicast route: user space relays and says why
                     continue
                 want[number] = (
                     ClientFlow(ft.client, ft.server, number, to_client),
@@ -216,8 +241,11 @@ class OffloadFlows:
 
 
 def _bound_ip(endpoint: object, fallback: str) -> str:
+    """The relay socket's own address; the listener's when it is bound to a wildcard."""
     address = getattr(endpoint, "address", None)
-    return str(address[0]) if address else fallback
+    if not address or address[0] in ("0.0.0.0", "::"):
+        return fallback
+    return str(address[0])
 
 
 def start_offload(mode: str, dev: bool) -> OffloadFlows | None:

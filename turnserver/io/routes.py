@@ -20,7 +20,7 @@ ARPHRD_ETHER, ARPHRD_LOOPBACK = 1, 772  # link types that carry an Ethernet head
 
 
 class RouteLookup:
-    """`ip route get` for IPv4 destinations, answered by the kernel."""
+    """`ip route get` for IPv4 and IPv6 destinations, answered by the kernel."""
 
     def __init__(self) -> None:
         self._sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
@@ -34,15 +34,15 @@ class RouteLookup:
     def next_hop(self, ip: str) -> int | None:
         """0 when `ip` is an address of this host, the index of the interface the route
         leaves through when it is reachable by unicast, None otherwise (no route, a
-        blackhole or broadcast, not IPv4)."""
+        blackhole, broadcast or multicast, not an address)."""
+        family = socket.AF_INET6 if ":" in ip else socket.AF_INET
         try:
-            dst = socket.inet_aton(ip)
+            dst = socket.inet_pton(family, ip)
         except OSError:
             return None
-        if ip.count(".") != 3:
-            return None
         self._seq += 1
-        body = _RTMSG.pack(socket.AF_INET, 32, 0, 0, 0, 0, 0, 0, 0) + _RTA.pack(8, _RTA_DST) + dst
+        body = _RTMSG.pack(family, 8 * len(dst), 0, 0, 0, 0, 0, 0, 0)
+        body += _RTA.pack(_RTA.size + len(dst), _RTA_DST) + dst
         self._sock.send(
             _NLMSG.pack(_NLMSG.size + len(body), _RTM_GETROUTE, _NLM_F_REQUEST, self._seq, 0) + body
         )

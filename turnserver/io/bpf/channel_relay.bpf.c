@@ -9,9 +9,10 @@
  *
  * Python keeps the control plane: it installs an entry only after ChannelBind succeeded
  * with a live permission and removes it on expiry, Refresh 0, deletion and policy
- * changes. Anything this program is unsure of goes up to user space unchanged (IPv6 in
- * this version, IP options, fragments, GSO packets, padded or truncated ChannelData,
- * packets that would exceed the MTU, TTL 1), counted by reason.
+ * changes. Both IPv4 and IPv6 (client, relayed address and peer of one family). Anything
+ * this program is unsure of goes up to user space unchanged (IP options and IPv6
+ * extension headers, fragments, GSO packets, padded or truncated ChannelData, packets
+ * that would exceed the MTU, TTL 1), counted by reason.
  *
  * Next hop: an entry's `ifindex` is 0 when the destination is an address of this host
  * (the packet continues up this host's stack, TC_ACT_OK) or the interface user space
@@ -36,6 +37,7 @@
 #include <linux/if_ether.h>
 #include <linux/in.h>
 #include <linux/ip.h>
+#include <linux/ipv6.h>
 #include <linux/pkt_cls.h>
 #include <linux/udp.h>
 #include <bpf/bpf_endian.h>
@@ -83,6 +85,48 @@ struct peer_value {
 	__u64 bytes;
 };
 
+/* The same for IPv6 (addresses of 16 bytes; client, relay and peer of one family). */
+struct client_key6 {
+	__u32 client_ip[4];
+	__u32 server_ip[4];
+	__u16 client_port;
+	__u16 server_port;
+	__u16 channel;
+	__u16 pad;
+};
+
+struct client_value6 {
+	__u32 relay_ip[4];
+	__u32 peer_ip[4];
+	__u16 relay_port;
+	__u16 peer_port;
+	__u32 ifindex;
+	__u32 owner;
+	__u32 pad;
+	__u64 packets;
+	__u64 bytes;
+};
+
+struct peer_key6 {
+	__u32 relay_ip[4];
+	__u32 peer_ip[4];
+	__u16 relay_port;
+	__u16 peer_port;
+};
+
+struct peer_value6 {
+	__u32 client_ip[4];
+	__u32 server_ip[4];
+	__u16 client_port;
+	__u16 server_port;
+	__u16 channel;
+	__u16 pad;
+	__u32 ifindex;
+	__u32 owner;
+	__u64 packets;
+	__u64 bytes;
+};
+
 enum pass_reason {       /* why a packet of a known flow went up to user space */
 	PASS_IP_OPTIONS,
 	PASS_FRAGMENT,
@@ -110,18 +154,36 @@ struct {
 } peer_to_client SEC(".maps");
 
 struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct client_key6);
+	__type(value, struct client_value6);
+} client_to_peer6 SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct peer_key6);
+	__type(value, struct peer_value6);
+} peer_to_client6 SEC(".maps");
+
+struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
 	__uint(max_entries, PASS_REASONS);
 	__type(key, __u32);
 	__type(value, __u64);
 } pass_reasons SEC(".maps");
 
+/* Unchanged: on to the next tc filter (another program on this hook, a CNI's), then up
+ * the stack as if we were not here. */
+#define PASS_ON TC_ACT_UNSPEC
+
 static __always_inline int pass(__u32 reason)
 {
 	__u64 *n = bpf_map_lookup_elem(&pass_reasons, &reason);
 	if (n)
 		*n += 1;
-	return TC_ACT_OK;
+	return PASS_ON;
 }
 
 #define ETH_LEN sizeof(struct ethhdr)
@@ -178,6 +240,14 @@ static __always_inline __u16 update_checksum(__u16 check, __be32 *from, __u32 fr
 		return 0;
 	__u16 out = ~fold((__u32)sum);
 	return out ? out : 0xffff; /* a computed 0 is sent as all ones (RFC 768) */
+}
+
+/* CHECKSUM_PARTIAL: the field holds the pseudo-header's sum, not complemented, for the
+ * device to complete; replace the old pseudo-header words with the new ones. */
+static __always_inline __u16 update_partial(__u16 seed, __be32 *from, __be32 *to, __u32 size)
+{
+	__s64 sum = bpf_csum_diff(from, size, to, size, seed);
+	return sum < 0 ? seed : fold((__u32)sum);
 }
 
 /* A rewritten packet leaves: up this host's stack, or out of `ifindex` to the next hop. */
@@ -272,6 +342,164 @@ static __always_inline int to_client(struct __sk_buff *skb, struct iphdr *ip,
 	return deliver(ifindex);
 }
 
+/* IPv6 (RFC 8200): no header checksum; the UDP checksum is mandatory (a received 0 goes
+ * up, where the stack drops it), so it is updated for local delivery too. */
+#define IP6_LEN sizeof(struct ipv6hdr)
+#define L4_OFF6 (ETH_LEN + IP6_LEN)
+
+static __always_inline int to_peer6(struct __sk_buff *skb, struct ipv6hdr *ip, struct udphdr *udp,
+				    struct client_value6 *v, int partial)
+{
+	__u16 udp_len = bpf_ntohs(udp->len);
+	__u32 ifindex = v->ifindex;
+	__u16 check = udp->check;
+	struct ipv6hdr head = *ip;
+	struct udphdr out = {
+		.source = v->relay_port,
+		.dest = v->peer_port,
+		.len = bpf_htons(udp_len - 4),
+	};
+	/* old and new: addresses, then length (pseudo-header and UDP header), ports,
+	 * ChannelData header (old only) */
+	__be32 from[11], to[10];
+	__builtin_memcpy(from, &ip->saddr, 32);
+	__builtin_memcpy(&to[0], v->relay_ip, 16);
+	__builtin_memcpy(&to[4], v->peer_ip, 16);
+	__builtin_memcpy(&head.saddr, v->relay_ip, 16);
+	__builtin_memcpy(&head.daddr, v->peer_ip, 16);
+	head.payload_len = out.len;
+	head.hop_limit -= 1;
+	if (partial) {
+		from[8] = udp->len;
+		to[8] = out.len;
+		out.check = update_partial(check, from, to, 36);
+	} else {
+		from[8] = udp->len | udp->len << 16;
+		from[9] = *(__be32 *)udp;
+		from[10] = *(__be32 *)(udp + 1);
+		to[8] = out.len | out.len << 16;
+		to[9] = *(__be32 *)&out;
+		out.check = update_checksum(check, from, sizeof(from), to, sizeof(to));
+	}
+	if (bpf_skb_adjust_room(skb, -4, BPF_ADJ_ROOM_NET, 0) < 0)
+		return pass(PASS_ADJUST);
+	if (bpf_skb_store_bytes(skb, L4_OFF6, &out, sizeof(out), 0) < 0 ||
+	    bpf_skb_store_bytes(skb, IP_OFF, &head, IP6_LEN, 0) < 0)
+		return TC_ACT_SHOT;
+	__sync_fetch_and_add(&v->packets, 1);
+	__sync_fetch_and_add(&v->bytes, udp_len - UDP_LEN - 4);
+	return deliver(ifindex);
+}
+
+static __always_inline int to_client6(struct __sk_buff *skb, struct ipv6hdr *ip,
+				      struct udphdr *udp, struct peer_value6 *v, int partial)
+{
+	__u16 udp_len = bpf_ntohs(udp->len);
+	__u32 ifindex = v->ifindex;
+	__u16 check = udp->check;
+	struct ipv6hdr head = *ip;
+	__u32 mtu = 0;
+	struct {
+		struct udphdr udp;
+		__u16 channel;
+		__u16 length;
+	} out = {
+		.udp = {
+			.source = v->server_port,
+			.dest = v->client_port,
+			.len = bpf_htons(udp_len + 4),
+		},
+		.channel = v->channel,
+		.length = bpf_htons(udp_len - UDP_LEN),
+	};
+	__be32 from[10], to[11];
+
+	if (bpf_check_mtu(skb, ifindex, &mtu, 4, 0) != BPF_MTU_CHK_RET_SUCCESS)
+		return pass(PASS_MTU);
+	__builtin_memcpy(from, &ip->saddr, 32);
+	__builtin_memcpy(&to[0], v->server_ip, 16);
+	__builtin_memcpy(&to[4], v->client_ip, 16);
+	__builtin_memcpy(&head.saddr, v->server_ip, 16);
+	__builtin_memcpy(&head.daddr, v->client_ip, 16);
+	head.payload_len = out.udp.len;
+	head.hop_limit -= 1;
+	if (partial) {
+		from[8] = udp->len;
+		to[8] = out.udp.len;
+		out.udp.check = update_partial(check, from, to, 36);
+	} else {
+		from[8] = udp->len | udp->len << 16;
+		from[9] = *(__be32 *)udp;
+		to[8] = out.udp.len | out.udp.len << 16;
+		to[9] = *(__be32 *)&out.udp;
+		to[10] = *(__be32 *)&out.channel;
+		out.udp.check = update_checksum(check, from, sizeof(from), to, sizeof(to));
+	}
+	if (bpf_skb_adjust_room(skb, 4, BPF_ADJ_ROOM_NET, 0) < 0)
+		return pass(PASS_ADJUST);
+	if (bpf_skb_store_bytes(skb, L4_OFF6, &out, sizeof(out), 0) < 0 ||
+	    bpf_skb_store_bytes(skb, IP_OFF, &head, IP6_LEN, 0) < 0)
+		return TC_ACT_SHOT;
+	__sync_fetch_and_add(&v->packets, 1);
+	__sync_fetch_and_add(&v->bytes, udp_len - UDP_LEN);
+	return deliver(ifindex);
+}
+
+static __always_inline int relay6(struct __sk_buff *skb, void *data, void *end)
+{
+	struct ipv6hdr *ip = data + ETH_LEN;
+	struct udphdr *udp = (void *)(ip + 1);
+	__u8 *cd = (__u8 *)(udp + 1);
+
+	/* extension headers (fragments among them) make nexthdr something else: up */
+	if ((void *)(udp + 1) > end || ip->nexthdr != IPPROTO_UDP)
+		return PASS_ON;
+	__u16 udp_len = bpf_ntohs(udp->len);
+	struct peer_key6 pk = {.relay_port = udp->dest, .peer_port = udp->source};
+	__builtin_memcpy(pk.relay_ip, &ip->daddr, 16);
+	__builtin_memcpy(pk.peer_ip, &ip->saddr, 16);
+	struct peer_value6 *pv = bpf_map_lookup_elem(&peer_to_client6, &pk);
+	struct client_value6 *cv = 0;
+	__u32 ifindex;
+	if (pv) {
+		ifindex = pv->ifindex;
+	} else {
+		if ((void *)(cd + 4) > end || cd[0] < 0x40 || cd[0] > 0x7f)
+			return PASS_ON;
+		struct client_key6 ck = {
+			.client_port = udp->source,
+			.server_port = udp->dest,
+			.channel = *(__u16 *)cd,
+		};
+		__builtin_memcpy(ck.client_ip, &ip->saddr, 16);
+		__builtin_memcpy(ck.server_ip, &ip->daddr, 16);
+		cv = bpf_map_lookup_elem(&client_to_peer6, &ck);
+		if (!cv)
+			return PASS_ON;
+		__u16 cd_len = ((__u16)cd[2] << 8) | cd[3];
+		if (cd_len + 4 + UDP_LEN != udp_len)
+			return pass(PASS_LENGTH);
+		ifindex = cv->ifindex;
+	}
+	if (skb->gso_segs > 1 || skb->gso_size)
+		return pass(PASS_GSO);
+	if (bpf_ntohs(ip->payload_len) != udp_len || udp_len < UDP_LEN ||
+	    skb->len != ETH_LEN + IP6_LEN + udp_len)
+		return pass(PASS_LENGTH);
+	if (ip->hop_limit <= 1)
+		return pass(PASS_TTL);
+	if (!udp->check)
+		return PASS_ON;
+	int partial = checksum_partial(skb);
+	if (ifindex && partial)
+		return pass(PASS_CSUM_PARTIAL);
+	if (pv)
+		return to_client6(skb, ip, udp, pv, partial);
+	if ((void *)(cd + 4) > end)
+		return PASS_ON;
+	return to_peer6(skb, ip, udp, cv, partial);
+}
+
 SEC("tc")
 int turn_channel_relay(struct __sk_buff *skb)
 {
@@ -281,16 +509,18 @@ int turn_channel_relay(struct __sk_buff *skb)
 	struct iphdr *ip = data + ETH_LEN;
 
 	if ((void *)(ip + 1) > end)
-		return TC_ACT_OK;
+		return PASS_ON;
+	if (eth->h_proto == bpf_htons(ETH_P_IPV6))
+		return relay6(skb, data, end);
 	if (eth->h_proto != bpf_htons(ETH_P_IP) || ip->protocol != IPPROTO_UDP)
-		return TC_ACT_OK;
+		return PASS_ON;
 	__u32 ihl = ip->ihl * 4;
 	if (ihl < IP_LEN || ihl > 60)
-		return TC_ACT_OK;
+		return PASS_ON;
 	struct udphdr *udp = data + ETH_LEN + ihl;
 	__u8 *cd = (__u8 *)(udp + 1);
 	if ((void *)(udp + 1) > end)
-		return TC_ACT_OK;
+		return PASS_ON;
 	__u16 tot_len = bpf_ntohs(ip->tot_len);
 	__u16 udp_len = bpf_ntohs(udp->len);
 
@@ -307,7 +537,7 @@ int turn_channel_relay(struct __sk_buff *skb)
 		ifindex = pv->ifindex;
 	} else {
 		if ((void *)(cd + 4) > end || cd[0] < 0x40 || cd[0] > 0x7f)
-			return TC_ACT_OK;
+			return PASS_ON;
 		struct client_key ck = {
 			.client_ip = ip->saddr,
 			.server_ip = ip->daddr,
@@ -317,7 +547,7 @@ int turn_channel_relay(struct __sk_buff *skb)
 		};
 		cv = bpf_map_lookup_elem(&client_to_peer, &ck);
 		if (!cv)
-			return TC_ACT_OK; /* not a bound channel: user space decides */
+			return PASS_ON; /* not a bound channel: user space decides */
 		__u16 cd_len = ((__u16)cd[2] << 8) | cd[3];
 		if (cd_len + 4 + UDP_LEN != udp_len)
 			return pass(PASS_LENGTH);
@@ -339,7 +569,7 @@ int turn_channel_relay(struct __sk_buff *skb)
 	if (pv)
 		return to_client(skb, ip, udp, pv);
 	if ((void *)(cd + 4) > end) /* checked above; the verifier wants it on this path */
-		return TC_ACT_OK;
+		return PASS_ON;
 	return to_peer(skb, ip, udp, cv);
 }
 
