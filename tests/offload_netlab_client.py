@@ -1,9 +1,10 @@
 """Run in the client's network namespace of the netlab test (ip netns exec NS python THIS
-SERVER_IP PEER_IP:PORT METRICS_URL COUNT ALLOCATIONS): for each of ALLOCATIONS aioice
+SERVER_IP PEER_IP:PORT METRICS_URL COUNT ALLOCATIONS [BIG]): for each of ALLOCATIONS aioice
 allocations in turn (each from its own port: with --workers they spread), relay COUNT
 datagrams through a channel to the echo peer in another namespace and wait for each
-echo; prints one JSON object with what came back and the server's turn_offload_* and
-relay metrics while every allocation is still live."""
+echo (every tenth datagram of 3,000 bytes with BIG); prints one JSON object with what
+came back and the server's turn_offload_* and relay metrics while every allocation is
+still live."""
 
 from __future__ import annotations
 
@@ -41,7 +42,7 @@ def metrics(url: str) -> dict[str, float]:
 
 
 async def main(
-    server_ip: str, peer: tuple[str, int], url: str, count: int, allocations: int
+    server_ip: str, peer: tuple[str, int], url: str, count: int, allocations: int, big: bool
 ) -> None:
     deadline = time.monotonic() + 30
     while True:  # the server starts in its own namespace: wait until it answers
@@ -62,6 +63,8 @@ async def main(
         endpoints.append(relay_t)
         for i in range(count):
             payload = b"%05d" % i * (1 + i % 200)  # 5 to 1,000 bytes
+            if big and i % 10 == 9:
+                payload = b"%05d" % i * 600
             relay_t.sendto(payload, peer)
             echoed += await asyncio.wait_for(proto.queue.get(), 3) == payload
             if i == 4:  # aioice binds its channel after the first sends: wait for the flow
@@ -78,5 +81,6 @@ async def main(
 
 if __name__ == "__main__":
     host, port = sys.argv[2].rsplit(":", 1)
-    args = sys.argv[1], (host, int(port)), sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
+    big = sys.argv[6:] == ["big"]
+    args = sys.argv[1], (host, int(port)), sys.argv[3], int(sys.argv[4]), int(sys.argv[5]), big
     asyncio.run(main(*args))

@@ -20,16 +20,18 @@
  * fill in the link layer; no IP forwarding needed).
  *
  * Checksums, per ip_summed state:
- * - up this host's stack: UDP checksum 0 ("no checksum", RFC 768), accepted for IPv4 in
+ * - IPv4 up this host's stack: UDP checksum 0 ("no checksum", RFC 768), accepted in
  *   every state (udp4_csum_init).
- * - out of an interface, CHECKSUM_NONE / UNNECESSARY / COMPLETE: the received UDP
- *   checksum is updated incrementally (RFC 1624) for the new addresses, ports, length and
- *   the ChannelData header; the payload moves by 4 bytes, an even offset, so its sum is
- *   unchanged. A received 0 stays 0.
- * - out of an interface, CHECKSUM_PARTIAL (a sender on this host, through veth or lo):
- *   the checksum is still to be computed at csum_start, which bpf_skb_adjust_room does
- *   not move (net/core/filter.c): the device would write it 4 bytes off. Those packets go
- *   up to user space (reason checksum_partial).
+ * - out of an interface (and IPv6 anywhere: its UDP checksum is mandatory),
+ *   CHECKSUM_NONE / UNNECESSARY / COMPLETE: the received UDP checksum is updated
+ *   incrementally (RFC 1624) for the new addresses, ports, length and the ChannelData
+ *   header; the payload moves by 4 bytes, an even offset, so its sum is unchanged. A
+ *   received IPv4 0 stays 0; a received IPv6 0 goes up (the stack drops it).
+ * - CHECKSUM_PARTIAL (a sender on this host, through veth or lo): the field holds the
+ *   pseudo-header's sum for the device to complete at csum_start. That seed is updated
+ *   for the new pseudo-header. bpf_skb_adjust_room does not move csum_start
+ *   (net/core/filter.c), so out of an interface the UDP header stays where it is and the
+ *   payload moves instead (shift_payload; up to 1,536 bytes, longer ones go up).
  * The IPv4 header checksum is recomputed; the TTL is decremented (RFC 8656 §14.3,
  * preferred behaviour: a packet that arrives with TTL 1 or 0 goes up to user space).
  */
@@ -258,9 +260,52 @@ static __always_inline int deliver(__u32 ifindex)
 	return bpf_redirect_neigh(ifindex, 0, 0, 0);
 }
 
+#define CHUNK 128
+#define MAX_CHUNKS 12 /* CHECKSUM_PARTIAL payloads up to 1,536 bytes move; longer go up */
+
+/* CHECKSUM_PARTIAL out of an interface: the device completes the UDP checksum at
+ * csum_start, where the UDP header is now, so the header must stay and the payload
+ * (`len` bytes at `at`) moves by `shift` (+4 or -4), the packet's end with it. Only a
+ * failed helper (never expected once the lengths are checked) leaves it half moved. */
+static __always_inline int shift_payload(struct __sk_buff *skb, __u64 at, __u64 len, int shift)
+{
+	__u8 buf[CHUNK];
+
+	if (shift > 0 && bpf_skb_change_tail(skb, skb->len + shift, 0) < 0)
+		return -1;
+	for (int i = 0; i < MAX_CHUNKS; i++) {
+		__u64 done = i * CHUNK; /* 64-bit: sizes the verifier can bound */
+		if (done >= len)
+			break;
+		__u64 n = len - done;
+		if (n > CHUNK)
+			n = CHUNK;
+		if (n < 1)
+			break;
+		__u64 off = shift > 0 ? len - done - n : done; /* to the right: from the end */
+		if (bpf_skb_load_bytes(skb, at + off, buf, n) < 0 ||
+		    bpf_skb_store_bytes(skb, at + off + shift, buf, n, 0) < 0)
+			return -1;
+	}
+	if (shift < 0 && bpf_skb_change_tail(skb, skb->len + shift, 0) < 0)
+		return -1;
+	return 0;
+}
+
+/* Make room for the new headers: 4 bytes fewer or more between the IP header and the
+ * payload. Either the headers move (bpf_skb_adjust_room at the network header) or, for
+ * CHECKSUM_PARTIAL leaving through an interface, the payload does. */
+static __always_inline int resize(struct __sk_buff *skb, __u32 l4, __u32 payload_at,
+				  __u32 payload_len, int shift, int move_payload)
+{
+	if (move_payload)
+		return shift_payload(skb, l4 + payload_at, payload_len, shift) < 0 ? -2 : 0;
+	return bpf_skb_adjust_room(skb, shift, BPF_ADJ_ROOM_NET, 0) < 0 ? -1 : 0;
+}
+
 /* A bound client's ChannelData: strip the header, send the payload to the peer. */
 static __always_inline int to_peer(struct __sk_buff *skb, struct iphdr *ip,
-				   struct udphdr *udp, struct client_value *v)
+				   struct udphdr *udp, struct client_value *v, int partial)
 {
 	__u16 udp_len = bpf_ntohs(udp->len);
 	__u32 ifindex = v->ifindex;
@@ -277,16 +322,21 @@ static __always_inline int to_peer(struct __sk_buff *skb, struct iphdr *ip,
 		.dest = v->peer_port,
 		.len = bpf_htons(udp_len - 4),
 	};
-	if (ifindex) {
+	int move = partial && ifindex;
+	if (move) {
+		__be32 pf[3] = {ip->saddr, ip->daddr, udp->len}, pt[3] = {head.saddr, head.daddr, out.len};
+		out.check = update_partial(check, pf, pt, sizeof(pf));
+	} else if (ifindex) {
 		__be32 to[4] = {head.saddr, head.daddr, *(__be32 *)&out, out.len | out.len << 16};
 		from[3] = udp->len | udp->len << 16; /* pseudo-header and header lengths */
 		out.check = update_checksum(check, from, sizeof(from), to, sizeof(to));
 	}
-	/* removes the 4 bytes right after the IP header (the UDP ports); the 8 bytes
-	 * from there on (UDP length and checksum, ChannelData header) become the new
+	/* adjust_room removes the 4 bytes right after the IP header (the UDP ports); the 8
+	 * bytes from there on (UDP length and checksum, ChannelData header) become the new
 	 * UDP header */
-	if (bpf_skb_adjust_room(skb, -4, BPF_ADJ_ROOM_NET, 0) < 0)
-		return pass(PASS_ADJUST);
+	int err = resize(skb, L4_OFF, UDP_LEN + 4, udp_len - UDP_LEN - 4, -4, move);
+	if (err)
+		return err == -1 ? pass(PASS_ADJUST) : TC_ACT_SHOT;
 	if (bpf_skb_store_bytes(skb, L4_OFF, &out, sizeof(out), 0) < 0 ||
 	    store_ip_header(skb, &head) < 0)
 		return TC_ACT_SHOT; /* half rewritten: never deliver a corrupt packet */
@@ -297,7 +347,7 @@ static __always_inline int to_peer(struct __sk_buff *skb, struct iphdr *ip,
 
 /* A bound peer's datagram: prepend the ChannelData header, send it to the client. */
 static __always_inline int to_client(struct __sk_buff *skb, struct iphdr *ip,
-				     struct udphdr *udp, struct peer_value *v)
+				     struct udphdr *udp, struct peer_value *v, int partial)
 {
 	__u16 udp_len = bpf_ntohs(udp->len);
 	__u32 ifindex = v->ifindex;
@@ -325,15 +375,21 @@ static __always_inline int to_client(struct __sk_buff *skb, struct iphdr *ip,
 		.channel = v->channel,
 		.length = bpf_htons(udp_len - UDP_LEN),
 	};
-	if (ifindex) {
+	int move = partial && ifindex;
+	if (move) {
+		__be32 pf[3] = {ip->saddr, ip->daddr, udp->len};
+		__be32 pt[3] = {head.saddr, head.daddr, out.udp.len};
+		out.udp.check = update_partial(check, pf, pt, sizeof(pf));
+	} else if (ifindex) {
 		__be32 to[5] = {head.saddr, head.daddr, *(__be32 *)&out.udp,
 				out.udp.len | out.udp.len << 16, *(__be32 *)&out.channel};
 		out.udp.check = update_checksum(check, from, sizeof(from), to, sizeof(to));
 	}
-	/* 4 bytes after the IP header: with the old UDP header's 8 they make the new
-	 * UDP header and the ChannelData header */
-	if (bpf_skb_adjust_room(skb, 4, BPF_ADJ_ROOM_NET, 0) < 0)
-		return pass(PASS_ADJUST);
+	/* adjust_room adds 4 bytes after the IP header: with the old UDP header's 8 they
+	 * make the new UDP header and the ChannelData header */
+	int err = resize(skb, L4_OFF, UDP_LEN, udp_len - UDP_LEN, 4, move);
+	if (err)
+		return err == -1 ? pass(PASS_ADJUST) : TC_ACT_SHOT;
 	if (bpf_skb_store_bytes(skb, L4_OFF, &out, sizeof(out), 0) < 0 ||
 	    store_ip_header(skb, &head) < 0)
 		return TC_ACT_SHOT;
@@ -381,8 +437,9 @@ static __always_inline int to_peer6(struct __sk_buff *skb, struct ipv6hdr *ip, s
 		to[9] = *(__be32 *)&out;
 		out.check = update_checksum(check, from, sizeof(from), to, sizeof(to));
 	}
-	if (bpf_skb_adjust_room(skb, -4, BPF_ADJ_ROOM_NET, 0) < 0)
-		return pass(PASS_ADJUST);
+	int err = resize(skb, L4_OFF6, UDP_LEN + 4, udp_len - UDP_LEN - 4, -4, partial && ifindex);
+	if (err)
+		return err == -1 ? pass(PASS_ADJUST) : TC_ACT_SHOT;
 	if (bpf_skb_store_bytes(skb, L4_OFF6, &out, sizeof(out), 0) < 0 ||
 	    bpf_skb_store_bytes(skb, IP_OFF, &head, IP6_LEN, 0) < 0)
 		return TC_ACT_SHOT;
@@ -435,8 +492,9 @@ static __always_inline int to_client6(struct __sk_buff *skb, struct ipv6hdr *ip,
 		to[10] = *(__be32 *)&out.channel;
 		out.udp.check = update_checksum(check, from, sizeof(from), to, sizeof(to));
 	}
-	if (bpf_skb_adjust_room(skb, 4, BPF_ADJ_ROOM_NET, 0) < 0)
-		return pass(PASS_ADJUST);
+	int err = resize(skb, L4_OFF6, UDP_LEN, udp_len - UDP_LEN, 4, partial && ifindex);
+	if (err)
+		return err == -1 ? pass(PASS_ADJUST) : TC_ACT_SHOT;
 	if (bpf_skb_store_bytes(skb, L4_OFF6, &out, sizeof(out), 0) < 0 ||
 	    bpf_skb_store_bytes(skb, IP_OFF, &head, IP6_LEN, 0) < 0)
 		return TC_ACT_SHOT;
@@ -491,7 +549,7 @@ static __always_inline int relay6(struct __sk_buff *skb, void *data, void *end)
 	if (!udp->check)
 		return PASS_ON;
 	int partial = checksum_partial(skb);
-	if (ifindex && partial)
+	if (ifindex && partial && udp_len > UDP_LEN + CHUNK * MAX_CHUNKS)
 		return pass(PASS_CSUM_PARTIAL);
 	if (pv)
 		return to_client6(skb, ip, udp, pv, partial);
@@ -564,13 +622,14 @@ int turn_channel_relay(struct __sk_buff *skb)
 		return pass(PASS_LENGTH);
 	if (ip->ttl <= 1)
 		return pass(PASS_TTL);
-	if (ifindex && checksum_partial(skb))
+	int partial = checksum_partial(skb);
+	if (ifindex && partial && udp_len > UDP_LEN + CHUNK * MAX_CHUNKS)
 		return pass(PASS_CSUM_PARTIAL);
 	if (pv)
-		return to_client(skb, ip, udp, pv);
+		return to_client(skb, ip, udp, pv, partial);
 	if ((void *)(cd + 4) > end) /* checked above; the verifier wants it on this path */
 		return PASS_ON;
-	return to_peer(skb, ip, udp, cv);
+	return to_peer(skb, ip, udp, cv, partial);
 }
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";
