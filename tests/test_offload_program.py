@@ -503,3 +503,30 @@ def test_workers_share_the_maps_and_a_dead_workers_flows_are_purged(
     assert program.counters(*flows)[:2] == (1, 10)
     assert program.purge(0) == 2  # the fixture's flow, installed by this process
     assert program.counters(*flows)[:2] == (1, 10)
+
+
+COVER = """
+import subprocess, sys
+sys.path.insert(0, sys.argv[1])
+from turnserver.io.offload_flows import OffloadFlows
+flows = OffloadFlows.start()
+print(flows.interfaces)
+subprocess.run(["ip", "link", "add", "d0", "type", "veth", "peer", "name", "d1"], check=True)
+print(flows.cover_new_links(every=60))  # checked less than a minute ago: not yet
+subprocess.run(["ip", "link", "set", "d0", "up"], check=True)
+print(flows.cover_new_links(every=0))
+print(flows.cover_new_links(every=0))
+print("ours" if "0x7475" in subprocess.run(
+    ["tc", "filter", "show", "dev", "d0", "ingress"], capture_output=True, text=True
+).stdout else "none")
+flows.close()
+print(subprocess.run(["tc", "filter", "show", "dev", "d0", "ingress"], capture_output=True,
+      text=True).stdout.strip() or "detached")
+"""
+
+
+def test_an_interface_that_comes_up_later_is_covered(packaged_object: Path) -> None:
+    root = str(Path(__file__).resolve().parent.parent)
+    result = _in_netns(f"{sys.executable} -c '{COVER}' {root}")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split("\n")[:6] == ["['lo']", "[]", "['d0']", "[]", "ours", "detached"]

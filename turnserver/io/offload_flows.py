@@ -8,8 +8,8 @@ core maintains). Each direction's next hop is asked of the kernel's routing tabl
 the flow is installed: an address of this host (the program delivers up the stack) or
 the interface the route leaves through (the program redirects there). The program is
 attached to the ingress of every interface that is up and carries an Ethernet header
-(loopback included) when the server starts; packets that arrive on an interface added
-later stay in user space. Developer mode, which impairs media in user space, keeps
+(loopback included) when the server starts, and to those that come up later (looked for
+every 10 s). Developer mode, which impairs media in user space, keeps
 offload off. Everything else keeps the uvloop path.
 """
 
@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import socket
 import struct
+import time
 from pathlib import Path
 
 from turnserver.core.allocation import Allocation
@@ -116,6 +117,8 @@ class OffloadFlows:
         self.prog = prog
         self.interfaces = interfaces
         self.routes = RouteLookup()
+        self._links_checked = time.monotonic()
+        self._indices = {i for i, name in ethernet_links() if name in interfaces}
         self.installed: dict[FiveTuple, Flows] = {}
         self.add_failures = 0  # flows the maps refused (full): relayed in user space
         # what the kernel relayed, folded so far: packets and bytes to the peer, to the client
@@ -144,6 +147,29 @@ class OffloadFlows:
             prog.close()
             raise
         return cls(prog, attached)
+
+    def cover_new_links(self, every: float = 10.0) -> list[str]:
+        """In the process that owns the program: attach it to interfaces that came up
+        since (a new VLAN, a container's veth), looked for at most every `every`
+        seconds; returns their names."""
+        now = time.monotonic()
+        if not isinstance(self.prog, ChannelRelayProgram) or now - self._links_checked < every:
+            return []
+        self._links_checked = now
+        added = []
+        for index, name in ethernet_links():
+            if index in self._indices:
+                continue
+            try:
+                self.prog.attach(index)
+            except OffloadError as exc:
+                log.warning("kernel fast path: not on %s: %s", name, exc)
+                continue
+            self._indices.add(index)
+            self.interfaces.append(name)
+            added.append(name)
+            log.info("kernel fast path: now also on %s", name)
+        return added
 
     def close(self) -> None:
         self.prog.close()

@@ -326,6 +326,8 @@ class ServerRuntime:
                 conn.close("first_request_timeout", "no successful request")
             elif conn.alloc is None and conn.last_active < idle_before:
                 conn.close("idle_timeout", f"no allocation and idle {now - conn.last_active:.0f} s")
+        if self.offload is not None:
+            self.offload.cover_new_links()  # every 10 s at most
         self._schedule_sweep()
 
     # ---- routing ---------------------------------------------------------------------

@@ -497,6 +497,8 @@ class Supervisor:
                 self._spawn(i)
             if self.stopping and all(p is None for p in self.procs):
                 break
+            if self.offload is not None:
+                self.offload.cover_new_links()  # every 10 s at most
             try:
                 await asyncio.wait_for(stop.wait(), 0.2)
             except TimeoutError:
