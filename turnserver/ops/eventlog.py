@@ -6,6 +6,7 @@ answer "why did alice's call fail"), 5-tuples and refusal reasons always.
 
 from __future__ import annotations
 
+import asyncio
 import errno as errno_names
 import json
 import logging
@@ -26,8 +27,7 @@ class JsonFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         out: dict[str, Any] = {
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-            + f".{int(record.msecs):03d}Z",
+            "time": _json_time(record.created),
             "level": record.levelname.lower(),
             "msg": record.getMessage(),
         }
@@ -39,15 +39,107 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, separators=(",", ":"))
 
 
+class TextFormatter(logging.Formatter):
+    """`time level message`, the time as logging's default (local time, milliseconds),
+    its seconds formatted once per second rather than once per line."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(message)s")
+        self._second = -1
+        self._stamp = ""
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        return self.asctime(record.created)
+
+    def asctime(self, created: float) -> str:
+        second = int(created)
+        if second != self._second:
+            self._second = second
+            self._stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second))
+        return f"{self._stamp},{int((created - second) * 1000):03d}"
+
+
+class LineHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """The server's log on stderr. Lines are flushed together once per event-loop
+    iteration (one write(2) for a burst of requests' lines), at once for warnings and
+    errors and outside a running loop; `write_event` takes the event lines without the
+    LogRecord machinery. 10.6 µs for an "allocation created" line through logging, 3.7
+    µs this way (benchmarks/README.md)."""
+
+    def __init__(self, stream: Any, fmt: str) -> None:
+        super().__init__(stream)
+        self.text = TextFormatter()
+        self.setFormatter(JsonFormatter() if fmt == "json" else self.text)
+        self.json = fmt == "json"
+        self._pending: list[str] = []
+        self._scheduled = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = self.format(record)
+        except Exception:  # logging's contract: a bad record never raises
+            self.handleError(record)
+            return
+        self._queue(line, record.levelno)
+
+    def write_event(self, level: int, message: str, text: str, fields: dict[str, Any]) -> None:
+        """One event line, formatted as emit() would have."""
+        now = time.time()
+        name = logging.getLevelName(level)
+        if self.json:
+            out = {"time": _json_time(now), "level": name.lower(), "msg": f"{message} {text}"}
+            out.update(fields)
+            line = json.dumps(out, separators=(",", ":"))
+        else:
+            line = f"{self.text.asctime(now)} {name} {message} {text}"
+        self._queue(line, level)
+
+    def _queue(self, line: str, level: int) -> None:
+        with self.lock:  # type: ignore[union-attr]
+            self._pending.append(line)
+            if level < logging.WARNING and self._scheduled:
+                return
+        if level >= logging.WARNING or not self._schedule():
+            self.flush()
+
+    def _schedule(self) -> bool:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # no loop in this thread: write now
+            return False
+        self._scheduled = True
+        loop.call_soon(self.flush)
+        return True
+
+    def flush(self) -> None:
+        with self.lock:  # type: ignore[union-attr]
+            self._scheduled = False
+            if not self._pending:
+                return
+            text = "\n".join(self._pending) + "\n"
+            self._pending.clear()
+            try:
+                self.stream.write(text)
+                self.stream.flush()
+            except (OSError, ValueError):  # stderr closed or gone: nothing to do
+                pass
+
+
+def _json_time(created: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(created)) + (
+        f".{int(created % 1 * 1000):03d}Z"
+    )
+
+
+_handler: LineHandler | None = None
+
+
 def setup_logging(level: str, fmt: str) -> None:
     """Configure the root 'turnserver' logger to write to stderr."""
-    handler = logging.StreamHandler(sys.stderr)
-    if fmt == "json":
-        handler.setFormatter(JsonFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    global _handler
+    _handler = LineHandler(sys.stderr, fmt)
     root = logging.getLogger(LOGGER_NAME)
-    root.handlers[:] = [handler]
+    root.handlers[:] = [_handler]
     root.setLevel(level.upper())
     root.propagate = False
     # Nothing we log uses the caller's file and line, thread or process names: the
@@ -226,6 +318,12 @@ def _emit(level: int, msg: str, five_tuple: object, **fields: Any) -> None:
         return
     fields = {"five_tuple": str(five_tuple), **fields}
     text = " ".join(f"{k}={_quote(v)}" for k, v in fields.items())
+    handler = _handler
+    if handler is not None and log.handlers == [handler] and not log.filters:
+        # our own handler alone (setup_logging): the line without a LogRecord
+        if not handler.filters and level >= handler.level:
+            handler.write_event(level, msg, text, {"event": msg, **fields})
+        return
     # the fields as data for JSON logs (any other handler still sees the text)
     log.log(level, "%s %s", msg, text, extra={"fields": {"event": msg, **fields}})
 
