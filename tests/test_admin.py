@@ -314,8 +314,9 @@ async def test_revocation_across_workers_persists_and_follows_the_file(tmp_path:
     ]
     url = f"http://127.0.0.1:{admin_port}"
     with turnserver_process(tmp_path, *args) as server:
-        for _ in range(100):
-            if (await asyncio.to_thread(_admin_cli, url, "summary")).returncode == 0:
+        for _ in range(100):  # until both workers answer the admin fan-out
+            got = await asyncio.to_thread(_admin_cli, url, "summary")
+            if got.returncode == 0 and json.loads(got.stdout).get("workers") == 2:
                 break
             await asyncio.sleep(0.1)
         # Three or more allocations of one user, on both workers (relay port slices)

@@ -7,6 +7,7 @@ emitted per relayed packet.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from turnserver.core.five_tuple import FiveTuple
@@ -186,3 +187,14 @@ Event = (
     | TlsHandshakeFailed
     | PeerConnectionBound
 )
+
+
+def handles(*types: type) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    """Mark an event sink with the event types it acts on: the I/O layer calls it for
+    those only (a sink without the mark gets every event)."""
+
+    def mark(sink: Callable[..., None]) -> Callable[..., None]:
+        setattr(sink, "event_types", frozenset(types))  # noqa: B010
+        return sink
+
+    return mark

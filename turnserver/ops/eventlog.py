@@ -241,6 +241,7 @@ def _value(name: str, value: Any) -> Any:
     return value
 
 
+@ev.handles(*_LINES)
 def log_event(event: ev.Event) -> None:
     """Write the log line for one event (the core's event sink). Decides first and
     formats after: most events of a busy server (each request's) make no line."""

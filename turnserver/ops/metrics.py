@@ -426,8 +426,19 @@ class Metrics:
             child = self._children[key] = metric.labels(*labels)
         return child
 
+    @ev.handles(
+        ev.RequestHandled,
+        ev.AllocationCreated,
+        ev.AllocationRefused,
+        ev.AuthFailed,
+        ev.AllocationEnded,
+        ev.PeerDenied,
+        ev.ConnectionClosed,
+        ev.TlsHandshakeFailed,
+        ev.PermissionRevoked,
+    )
     def on_event(self, event: ev.Event) -> None:
-        """The event sink: one counter update per control-plane event."""
+        """The event sink: one counter update per control-plane event (the types above)."""
         if getattr(event, "username", "") in self.internal_users:
             return  # the self-probe reports through turn_probe_*, not as user traffic
         counts = self.counts
