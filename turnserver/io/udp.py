@@ -199,7 +199,7 @@ class UdpRelay:
         self._loop = loop
         self.alloc = alloc
         self.sock = sock
-        self.v6 = sock.family == socket.AF_INET6
+        self.v6 = ":" in address[0]  # sock.family builds an enum each time: 0.4 µs
         self.address = address  # where it is bound (port 0 is never asked for)
         self.sendto: SendTo = sock.sendto
         self._fd = sock.fileno()
