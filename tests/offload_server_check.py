@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import subprocess
 import sys
 import time
@@ -17,6 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from aioice import turn
 
 from turnserver.core.policy import DefaultPeerPolicy
+from turnserver.io.offload import tcx_program_ids
 from turnserver.io.runtime import ListenAddress
 from turnserver.ops.app import Server
 from turnserver.ops.config import Settings
@@ -113,7 +115,10 @@ async def main() -> None:
     tc = subprocess.run(
         ["tc", "filter", "show", "dev", "lo", "ingress"], capture_output=True, text=True
     )
-    out["tc_after_stop"] = tc.stdout.strip()
+    # nothing left on lo: no TC filter, no tcx program
+    out["tc_after_stop"] = tc.stdout.strip() + " ".join(
+        map(str, tcx_program_ids(socket.if_nametoindex("lo")))
+    )
     print(json.dumps(out))
 
 

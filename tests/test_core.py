@@ -12,7 +12,7 @@ from turnserver.core import events as ev
 from turnserver.core.config import RelayAddress
 from turnserver.core.quota import LocalQuotaLedger
 from turnserver.stun import Attr, MessageClass, Method, decode_message, encode_message
-from turnserver.stun.message import verify_integrity
+from turnserver.stun.message import long_term_key, verify_integrity
 
 from .helpers import NOW, REALM, CoreClient, error_code, make_core, rest_credential
 
@@ -315,6 +315,20 @@ def test_quotas() -> None:
     assert CoreClient(core, ("192.0.2.91", 1), user, pw).allocate().message_class == 2
     user, pw = rest_credential("carol")
     assert error_code(CoreClient(core, ("192.0.2.92", 1), user, pw).allocate()) == 486
+    assert events_of(core, ev.AllocationRefused)[-1].reason == "quota_total"
+
+
+def test_the_self_probe_has_no_per_user_or_per_address_quota() -> None:
+    """The server's internal user (the self-probe) probes every listener of every
+    worker at once from one loopback address: only the server's total applies."""
+    core, _ = make_core(
+        max_allocations_per_user=1, max_allocations_per_client_ip=1, max_allocations=3
+    )
+    core.auth.internal_keys["probe"] = long_term_key("probe", REALM, "probe-pw")
+    for port in (1, 2, 3):
+        c = CoreClient(core, ("127.0.0.1", port), "probe", "probe-pw")
+        assert c.allocate().message_class == MessageClass.SUCCESS, port
+    assert error_code(CoreClient(core, ("127.0.0.1", 4), "probe", "probe-pw").allocate()) == 486
     assert events_of(core, ev.AllocationRefused)[-1].reason == "quota_total"
 
 

@@ -375,19 +375,31 @@ def test_server_relays_channels_in_the_kernel(packaged_object: Path) -> None:
     assert out["flows_at_end"] == 0 and out["tc_after_stop"] == "", out
 
 
-def _filter_ids(ns: str) -> list[str]:
-    """Program ids of our tc filters (handle 0x7475) on the namespace's lo."""
+def attached_ids(ns: str, dev: str = "lo") -> list[str]:
+    """Programs on the ingress of `dev` in the namespace: tcx links ("tcx:ID", Linux
+    6.6) and our TC filters ("tc:ID", handle 0x7475)."""
+    query = "import socket, sys; from turnserver.io.offload import tcx_program_ids; "
+    query += f"print(*tcx_program_ids(socket.if_nametoindex({dev!r})))"
+    root = str(Path(__file__).resolve().parent.parent)
+    tcx = subprocess.run(
+        ["ip", "netns", "exec", ns, sys.executable, "-c", query],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=root,
+    ).stdout.split()
     out = subprocess.run(
-        ["ip", "netns", "exec", ns, "tc", "filter", "show", "dev", "lo", "ingress"],
+        ["ip", "netns", "exec", ns, "tc", "filter", "show", "dev", dev, "ingress"],
         capture_output=True,
         text=True,
         check=True,
     ).stdout
-    return [
+    tc = [
         line.split(" id ")[1].split()[0]
         for line in out.splitlines()
         if "handle 0x7475" in line and " id " in line
     ]
+    return [f"tcx:{i}" for i in tcx] + [f"tc:{i}" for i in tc]
 
 
 def _until(check: Any, timeout: float = 15) -> None:
@@ -397,9 +409,11 @@ def _until(check: Any, timeout: float = 15) -> None:
         time.sleep(0.05)
 
 
-def test_a_killed_server_leaves_one_filter_at_most(packaged_object: Path) -> None:
-    """SIGKILL gives no chance to detach: the next start replaces the stale filter (one
-    filter, the new program); a clean stop leaves none."""
+def test_a_killed_server_leaves_one_program_at_most(packaged_object: Path) -> None:
+    """SIGKILL gives no chance to detach: with a tcx link the kernel detaches the
+    program when the process's descriptors close; with a TC filter (kernels before 6.6)
+    the next start replaces the stale one. One program at most, the new one; a clean
+    stop leaves none."""
     ns = f"turnoffload-{uuid.uuid4().hex[:8]}"
     subprocess.run(["ip", "netns", "add", ns], check=True)
     serve = ["ip", "netns", "exec", ns, sys.executable, "-m", "turnserver", "serve"]
@@ -409,17 +423,19 @@ def test_a_killed_server_leaves_one_filter_at_most(packaged_object: Path) -> Non
     try:
         subprocess.run(["ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up"], check=True)
         procs.append(subprocess.Popen(serve, stderr=subprocess.DEVNULL))
-        _until(lambda: len(_filter_ids(ns)) == 1)
-        (stale,) = _filter_ids(ns)
+        _until(lambda: len(attached_ids(ns)) == 1)
+        (first,) = attached_ids(ns)
         procs[0].kill()
         procs[0].wait()
-        assert _filter_ids(ns) == [stale]  # still attached: nobody detached it
+        left = attached_ids(ns)
+        # a link goes with the process; a TC filter stays until someone removes it
+        assert left == ([] if first.startswith("tcx:") else [first])
         procs.append(subprocess.Popen(serve, stderr=subprocess.DEVNULL))
-        _until(lambda: _filter_ids(ns) not in ([], [stale]))
-        assert len(_filter_ids(ns)) == 1
+        _until(lambda: attached_ids(ns) not in ([], [first]))
+        assert len(attached_ids(ns)) == 1
         procs[1].send_signal(signal.SIGINT)
         procs[1].wait(15)
-        assert _filter_ids(ns) == []
+        assert attached_ids(ns) == []
     finally:
         for proc in procs:
             if proc.poll() is None:
@@ -516,12 +532,15 @@ print(flows.cover_new_links(every=60))  # checked less than a minute ago: not ye
 subprocess.run(["ip", "link", "set", "d0", "up"], check=True)
 print(flows.cover_new_links(every=0))
 print(flows.cover_new_links(every=0))
-print("ours" if "0x7475" in subprocess.run(
-    ["tc", "filter", "show", "dev", "d0", "ingress"], capture_output=True, text=True
-).stdout else "none")
+import socket
+from turnserver.io.offload import tcx_program_ids
+def ours():
+    tc = subprocess.run(["tc", "filter", "show", "dev", "d0", "ingress"],
+                        capture_output=True, text=True).stdout
+    return bool(tcx_program_ids(socket.if_nametoindex("d0"))) or "0x7475" in tc
+print("ours" if ours() else "none")
 flows.close()
-print(subprocess.run(["tc", "filter", "show", "dev", "d0", "ingress"], capture_output=True,
-      text=True).stdout.strip() or "detached")
+print("attached" if ours() else "detached")
 """
 
 

@@ -202,12 +202,14 @@ class AllocationHandlers(CoreState):
     def _reserve_quota(self, alloc: Allocation, ident: Identity) -> None:
         """Count the allocation against the quotas, last, so no failure needs undoing."""
         cfg = self.config
+        # the self-probe (an internal user) runs on every worker and listener at once,
+        # from one loopback address: only the server's total applies to it
         why = self.quotas.reserve(
             ident.user,
             alloc.five_tuple.client[0],
             cfg.max_allocations,
-            cfg.max_allocations_per_user,
-            cfg.max_allocations_per_client_ip,
+            0 if ident.internal else cfg.max_allocations_per_user,
+            0 if ident.internal else cfg.max_allocations_per_client_ip,
         )
         if why is not None:
             self._close_relays(alloc)

@@ -92,6 +92,7 @@ class Identity:
     key: bytes
     expires: float | None  # REST credential expiry, None for static users
     sha256_integrity: bool = False  # answer with MESSAGE-INTEGRITY-SHA256 (RFC 8489 §14.6)
+    internal: bool = False  # the server's own user (the self-probe): no per-user quota
 
 
 class NonceIssuer:
@@ -215,10 +216,14 @@ class Authenticator:
             username = creds.userhashes.get(bytes(hashed or b""))
             if username is None:
                 raise Unauthorized("unknown USERHASH", reason="bad_credentials")
+        internal = False
         if algorithm == PasswordAlgorithm.SHA256:
             key = creds.user_keys_sha256.get(username)
         else:
-            key = creds.user_keys.get(username) or self.internal_keys.get(username)
+            key = creds.user_keys.get(username)
+            if key is None:
+                key = self.internal_keys.get(username)
+                internal = key is not None
         if key is None and username in creds.user_keys:
             raise Unauthorized(
                 f"user {username!r} has no SHA-256 key (configured as an MD5 key)",
@@ -226,7 +231,7 @@ class Authenticator:
             )
         if key is not None:
             if verify_integrity(msg, key):
-                return Identity(username, username, key, None, sha256)
+                return Identity(username, username, key, None, sha256, internal)
             raise Unauthorized(f"bad password for user {username!r}", reason="bad_credentials")
         parsed = parse_rest_username(username) if creds.secrets else None
         if parsed is None:

@@ -33,6 +33,7 @@ PASS_REASONS = (
     "checksum_partial",
 )
 _BPF_TC_INGRESS = 1
+BPF_TCX_INGRESS = 46  # enum bpf_attach_type, Linux 6.6 (newer than Debian 12's headers)
 TC_HANDLE, TC_PRIORITY = 0x7475, 0x7475  # "tu": our filter on the interface
 _BPF_ANY = 0
 _COUNTERS = struct.Struct("=QQ")
@@ -140,6 +141,8 @@ def _libbpf() -> ctypes.CDLL:
         ("bpf_tc_attach", ci, [ctypes.POINTER(_TcHook), ctypes.POINTER(_TcOpts)]),
         ("bpf_tc_detach", ci, [ctypes.POINTER(_TcHook), ctypes.POINTER(_TcOpts)]),
         ("libbpf_set_print", vp, [vp]),
+        ("bpf_link_create", ci, [ci, ci, ci, vp]),
+        ("bpf_prog_query", ci, [ci, ci, ctypes.c_uint32, vp, vp, vp]),
     ):
         f = getattr(lib, fn)
         f.restype, f.argtypes = res, args
@@ -324,6 +327,7 @@ class ChannelRelayProgram(FlowMaps):
         }
         super().__init__(fds)
         self._attached: list[tuple[_TcHook, _TcOpts]] = []
+        self._links: list[int] = []  # tcx link descriptors
 
     def close(self) -> None:
         self.detach()
@@ -361,15 +365,22 @@ class ChannelRelayProgram(FlowMaps):
         return ctypes.c_int32(opts.retval).value, data_out.raw[: opts.data_size_out]
 
     def attach(self, ifindex: int) -> None:
-        """TC clsact ingress on the interface (the hook is made if missing), as our own
-        filter (fixed handle and priority): a filter left by a server that was killed
-        (SIGKILL gives no chance to detach) is replaced, never stacked."""
+        """On the interface's ingress. A tcx link where the kernel has them (Linux 6.6):
+        the kernel detaches the program when the link's last descriptor closes, so a
+        crash or SIGKILL leaves nothing behind, and other programs on the hook (another
+        server's, a CNI's) keep running. Otherwise a TC clsact filter of our own (fixed
+        handle and priority): one left by a server that was killed is replaced, never
+        stacked. A stale filter of ours goes first either way."""
         hook = _TcHook(sz=ctypes.sizeof(_TcHook), ifindex=ifindex, attach_point=_BPF_TC_INGRESS)
+        stale = _TcOpts(sz=ctypes.sizeof(_TcOpts), handle=TC_HANDLE, priority=TC_PRIORITY)
+        self.lib.bpf_tc_detach(ctypes.byref(hook), ctypes.byref(stale))  # ENOENT: none
+        link = self.lib.bpf_link_create(self.prog_fd, ifindex, BPF_TCX_INGRESS, None)
+        if link >= 0:
+            self._links.append(link)
+            return
         ret = self.lib.bpf_tc_hook_create(ctypes.byref(hook))
         if ret and -ret != 17:  # EEXIST: a clsact qdisc is already there
             raise _fail(f"tc hook on ifindex {ifindex}", ret)
-        stale = _TcOpts(sz=ctypes.sizeof(_TcOpts), handle=TC_HANDLE, priority=TC_PRIORITY)
-        self.lib.bpf_tc_detach(ctypes.byref(hook), ctypes.byref(stale))  # ENOENT: none
         opts = _TcOpts(
             sz=ctypes.sizeof(_TcOpts), prog_fd=self.prog_fd, handle=TC_HANDLE, priority=TC_PRIORITY
         )
@@ -379,11 +390,32 @@ class ChannelRelayProgram(FlowMaps):
         self._attached.append((hook, opts))
 
     def detach(self) -> None:
-        """Our filter off every interface it was attached to."""
+        """Off every interface it was attached to."""
+        while self._links:
+            os.close(self._links.pop())  # the kernel detaches with the last descriptor
         while self._attached:
             hook, tc = self._attached.pop()
             opts = _TcOpts(sz=ctypes.sizeof(_TcOpts), handle=tc.handle, priority=tc.priority)
             self.lib.bpf_tc_detach(ctypes.byref(hook), ctypes.byref(opts))
+
+    @property
+    def links(self) -> int:
+        """How many interfaces have it through a tcx link (the rest: TC filters)."""
+        return len(self._links)
+
+
+def tcx_program_ids(ifindex: int) -> list[int]:
+    """Ids of the programs on the interface's tcx ingress (BPF_PROG_QUERY; [] on a
+    kernel without tcx). For tests and operators: `bpftool` before 7.3 does not show
+    tcx attachments."""
+    lib = _libbpf()
+    ids = (ctypes.c_uint32 * 64)()
+    count = ctypes.c_uint32(64)
+    if lib.bpf_prog_query(
+        ifindex, BPF_TCX_INGRESS, 0, None, ctypes.byref(ids), ctypes.byref(count)
+    ):
+        return []
+    return list(ids[: count.value])
 
 
 # struct __sk_buff (uapi/linux/bpf.h): the fields BPF_PROG_TEST_RUN takes from ctx_in

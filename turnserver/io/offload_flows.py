@@ -293,8 +293,10 @@ def start_offload(mode: str, dev: bool) -> OffloadFlows | None:
             raise
         log.info("kernel fast path off (auto): %s", exc)
         return None
+    assert isinstance(flows.prog, ChannelRelayProgram)
     log.info(
-        "kernel fast path on: channel-bound IPv4 UDP flows (tc ingress on %s)",
+        "kernel fast path on: channel-bound UDP flows, IPv4 and IPv6 (%s ingress on %s)",
+        "tcx" if flows.prog.links else "tc",
         ", ".join(flows.interfaces),
     )
     return flows
