@@ -7,6 +7,7 @@ import asyncio
 import os
 import signal
 import socket
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -16,6 +17,7 @@ import pytest
 
 from turnserver.client.turnclient import TurnClient, TurnClientError
 from turnserver.ops.credentials import mint
+from turnserver.testing import stun_ping
 
 from .conftest import EchoProtocol
 from .procs import free_port, loopback_args, turnserver_process
@@ -228,3 +230,110 @@ async def test_a_second_instance_cannot_join_the_ports(tmp_path: Path) -> None:
             assert run.returncode == 1, text
             assert f"cannot bind udp://127.0.0.1:{port}" in text
             assert "Traceback" not in text and "Exception ignored" not in text
+
+
+async def test_workers_stop_when_the_supervisor_is_killed(tmp_path: Path) -> None:
+    """kill -9 of the supervisor (OOM killer, a careless script): its workers notice at
+    once and stop, rather than live on as orphans holding the port and allocations."""
+    mport = free_port(socket.SOCK_STREAM)
+    lo = 37000 + os.getpid() % 500
+    with turnserver_process(
+        tmp_path,
+        *loopback_args(SECRET, lo, lo + 99),
+        "--probe-interval",
+        "0",
+        "--metrics-listen",
+        f"127.0.0.1:{mport}",
+        "--workers",
+        "2",
+    ) as server:
+        status, body = await _get(mport, "/readyz")
+        for _ in range(100):
+            if status == 200:
+                break
+            await asyncio.sleep(0.1)
+            status, body = await _get(mport, "/readyz")
+        assert status == 200, body
+        pids = [int(p) for p in __import__("re").findall(r'"pid": (\d+)', body)]
+        assert len(pids) == 2, body
+        c = await _allocate(server.port, "orphan")  # a live allocation on one worker
+        assert isinstance(c, TurnClient)
+        server.proc.kill()
+        server.proc.wait()
+        deadline = time.monotonic() + 10
+        alive = pids
+        while alive and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+            alive = [p for p in pids if _running(p)]
+        c.close()
+        assert alive == [], f"workers {alive} outlived their supervisor"
+        assert "the supervisor is gone; stopping" in server.log()
+        # and the port is free for the next start
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.bind(("127.0.0.1", server.port))
+
+
+def _running(pid: int) -> bool:
+    """True while the process exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+async def test_sighup_while_starting_is_a_reload_not_an_exit(tmp_path: Path, workers: int) -> None:
+    """A reload (SIGHUP) sent while the server starts, as a config-management run may do:
+    from the moment our code runs (the first lines of `serve` ignore it until the event
+    loop handles it) the server still comes up and serves; SIGHUP never ends it."""
+    from turnserver.testing import serve_command, stop_process
+
+    port = free_port()
+    lo = 38000 + os.getpid() % 400 + workers * 100
+    cmd = serve_command(
+        port, *loopback_args(SECRET, lo, lo + 99), "--probe-interval", "0", workers=workers
+    )
+    log_path = tmp_path / "serve.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 20
+        while not _handles_sighup(proc.pid):  # the interpreter has started our code
+            assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()
+            await asyncio.sleep(0.002)
+        hups = 0
+
+        async def storm() -> None:  # a SIGHUP every 10 ms until the server answers
+            nonlocal hups
+            while True:
+                proc.send_signal(signal.SIGHUP)
+                hups += 1
+                await asyncio.sleep(0.01)
+
+        task = asyncio.create_task(storm())
+        try:
+            while not await asyncio.to_thread(stun_ping, ("127.0.0.1", port)):
+                assert proc.poll() is None, log_path.read_text()
+                assert time.monotonic() < deadline, "did not start"
+        finally:
+            task.cancel()
+        assert hups > 5
+        await asyncio.sleep(0.5)  # the replayed reloads are done
+        assert proc.poll() is None, log_path.read_text()
+        c = await _allocate(port, "after-hup")
+        assert isinstance(c, TurnClient), c
+        c.close()
+        assert "Traceback" not in log_path.read_text()
+    finally:
+        stop_process(proc)
+
+
+def _handles_sighup(pid: int) -> bool:
+    """SIGHUP is ignored or caught (/proc/PID/status SigIgn, SigCgt: bit 0 is signal 1)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text().splitlines()
+    except OSError:
+        return False
+    masks = [int(line.split()[1], 16) for line in status if line.startswith(("SigIgn", "SigCgt"))]
+    return any(m & 1 for m in masks)

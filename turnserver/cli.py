@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from typing import Any, NoReturn
 
@@ -394,6 +395,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return 2
     if args.command == "serve":
+        # until the event loop handles it: SIGHUP (a reload) must not end the process
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
         from turnserver.ops.app import serve
         from turnserver.ops.config_values import _cidr_list, _ip_list
 

@@ -107,13 +107,17 @@ def serve_command(
     ]
 
 
-def stop_process(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> None:
-    """Signal a process (its whole group when it leads one) and wait for it."""
+def stop_process(proc: subprocess.Popen[bytes], sig: int = signal.SIGINT) -> None:
+    """Signal a process and wait for it (a supervisor forwards the signal to its
+    workers); after 15 s, or once it is gone, SIGKILL to whatever is left of the process
+    group it leads. SIGINT stops a server at once; SIGTERM would drain it first, waiting
+    up to drain.timeout for live allocations."""
     try:
-        if os.getpgid(proc.pid) == proc.pid:
-            os.killpg(proc.pid, sig)
-        else:
-            proc.send_signal(sig)
+        leads_group = os.getpgid(proc.pid) == proc.pid
+    except ProcessLookupError:
+        leads_group = False
+    try:
+        proc.send_signal(sig)
     except ProcessLookupError:
         pass
     try:
@@ -121,6 +125,11 @@ def stop_process(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> No
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+    if leads_group:  # stragglers: workers of a supervisor that did not stop them
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def process_tree(pid: int) -> list[int]:
@@ -181,7 +190,9 @@ def server_process(
         port, *args, streams=streams, tls_port=tls_port, workers=workers, metrics=metrics
     )
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        proc = subprocess.Popen(
+            cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )  # its own process group: stopped with its workers
     try:
         try:
             wait_for_stun(proc, port, start_timeout)

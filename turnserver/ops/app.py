@@ -433,6 +433,8 @@ async def _serve(
     on_ready: Callable[[Server], None] | None,
 ) -> int:
     loop = asyncio.get_running_loop()
+    early_hup: list[bool] = []  # SIGHUP's default action would end a starting server
+    loop.add_signal_handler(signal.SIGHUP, early_hup.append, True)
     try:
         server = Server(settings, loop)
         await server.start()
@@ -482,6 +484,8 @@ async def _serve(
         )
 
     loop.add_signal_handler(signal.SIGHUP, on_hup)
+    if early_hup:  # the file may have changed after it was read: read it again
+        on_hup()
     gc.freeze()  # what start-up built lives as long as the process: never scan it again
     stop_task = loop.create_task(stop.wait())
     drain_task = loop.create_task(drain.wait())

@@ -102,6 +102,14 @@ def _worker_main(
         server.runtime.core.id_prefix = f"w{index}-"  # the supervisor routes admin calls by id
         ledger = SharedQuotaLedger(shm_name, workers, index, lock)
         server.runtime.core.quotas = ledger
+        # Signals count from the first moment (the default action of SIGHUP would end
+        # the process); a SIGHUP before the listeners are up is applied once they are
+        stop = asyncio.Event()
+        drain = asyncio.Event()
+        early_hup: list[bool] = []
+        loop.add_signal_handler(signal.SIGTERM, drain.set)
+        loop.add_signal_handler(signal.SIGINT, stop.set)
+        loop.add_signal_handler(signal.SIGHUP, early_hup.append, True)
         try:
             await server.start()
         except (OSError, ValueError) as exc:
@@ -112,10 +120,6 @@ def _worker_main(
             log_limits(server.runtime)
         ports[workers + index] = server.admin.port if server.admin is not None else 0
         ports[index] = server.health.port
-        stop = asyncio.Event()
-        drain = asyncio.Event()
-        loop.add_signal_handler(signal.SIGTERM, drain.set)
-        loop.add_signal_handler(signal.SIGINT, stop.set)
 
         def on_hup() -> None:
             try:
@@ -138,6 +142,18 @@ def _worker_main(
             log.info("worker %d: configuration reloaded", index)
 
         loop.add_signal_handler(signal.SIGHUP, on_hup)
+        if early_hup:
+            on_hup()
+        parent = multiprocessing.parent_process()
+        if parent is not None:
+            # The supervisor's end of this pipe closes when it dies (SIGKILL, OOM killer):
+            # stop at once rather than live on as an orphan holding ports and allocations
+            def parent_gone() -> None:
+                loop.remove_reader(parent.sentinel)
+                log.error("worker %d: the supervisor is gone; stopping", index)
+                stop.set()
+
+            loop.add_reader(parent.sentinel, parent_gone)
         waiters = {loop.create_task(stop.wait()), loop.create_task(drain.wait())}
         await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
         if drain.is_set() and not stop.is_set():
@@ -380,6 +396,11 @@ class Supervisor:
         from turnserver.ops.uris import api_config
 
         loop = asyncio.get_running_loop()
+        # Signals that arrive while the workers start are kept and acted on once the
+        # handlers below are in place (SIGHUP's default action would end the process)
+        early: list[signal.Signals] = []
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.add_signal_handler(sig, early.append, sig)
         for i in range(self.n):
             self._spawn(i)
         runner = None
@@ -474,6 +495,8 @@ class Supervisor:
         loop.add_signal_handler(signal.SIGTERM, on_term)
         loop.add_signal_handler(signal.SIGINT, on_int)
         loop.add_signal_handler(signal.SIGHUP, on_hup)
+        for pending in early:
+            {signal.SIGTERM: on_term, signal.SIGINT: on_int, signal.SIGHUP: on_hup}[pending]()
         while True:
             for i, proc in enumerate(self.procs):
                 if proc is None or proc.is_alive():
