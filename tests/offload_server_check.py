@@ -41,6 +41,17 @@ class Queue(asyncio.DatagramProtocol):
         self.queue.put_nowait(data)
 
 
+async def delivered(
+    relay_t: Any, proto: Queue, payload: bytes, peer: tuple[str, int], wait: float = 0.5
+) -> bool:
+    """Send through the allocation; True when the echo comes back within `wait`."""
+    relay_t.sendto(payload, peer)
+    try:
+        return await asyncio.wait_for(proto.queue.get(), wait) == payload
+    except TimeoutError:
+        return False
+
+
 async def main() -> None:
     settings = Settings(
         secrets=("s",),
@@ -88,17 +99,29 @@ async def main() -> None:
     out["metrics"] = [ln for ln in metrics.splitlines() if ln.startswith("turn_offload_")]
     alloc = runtime.core.allocations[ft]
     out["alloc_counts"] = [alloc.packets_to_peer, alloc.packets_to_client]
+    # The permission expires (RFC 8656 §9.2: the clock passes its 300 s): the core's
+    # timer removes the kernel's flow at once and the next packet is not relayed
+    runtime.core.handle_timer(runtime.now() + 301)
+    runtime.after_core_call()
+    out["flows_after_expiry"] = offload.active()
+    out["expired_delivered"] = await delivered(relay_t, proto, b"expired", peer)
+    # aioice refreshes its channel when its refresh time has come (ChannelBind installs
+    # the permission again, §12.2): the kernel takes the flow back
+    inner = relay_t._TurnTransport__inner_protocol  # type: ignore[attr-defined]
+    for number in inner.channel_refresh_at:
+        inner.channel_refresh_at[number] = 0
+    out["refreshed_delivered"] = await delivered(relay_t, proto, b"refreshed", peer, 2)
+    for _ in range(100):
+        if offload.active():
+            break
+        await asyncio.sleep(0.05)
+    out["flows_after_refresh"] = offload.active()
     # SIGHUP that denies loopback peers: the kernel path stops at once
     runtime.core.peer_policy = DefaultPeerPolicy(allow_loopback=False)
     runtime.core.revoke_denied_peers()
     runtime.after_core_call()
     out["flows_after_deny"] = offload.active()
-    relay_t.sendto(b"denied", peer)
-    try:
-        await asyncio.wait_for(proto.queue.get(), 0.5)
-        out["denied_delivered"] = True
-    except TimeoutError:
-        out["denied_delivered"] = False
+    out["denied_delivered"] = await delivered(relay_t, proto, b"denied", peer)
     ended: list[Any] = []
     runtime.event_sinks.append(
         lambda e: ended.append(e) if type(e).__name__ == "AllocationEnded" else None

@@ -357,8 +357,9 @@ def _in_netns(*cmd: str, timeout: float = 60) -> subprocess.CompletedProcess[str
 
 def test_server_relays_channels_in_the_kernel(packaged_object: Path) -> None:
     """aioice through our server with relay.offload ebpf: the channel's packets are
-    relayed by the kernel, counted in the allocation and the metrics; a peer policy
-    that now denies the peer removes the flow at once; Refresh 0 ends it with the
+    relayed by the kernel, counted in the allocation and the metrics; an expired
+    permission removes the flow at once and aioice's channel refresh brings it back; a
+    peer policy that now denies the peer removes the flow at once; Refresh 0 ends it with the
     kernel's counts in the allocation's last numbers; stopping detaches the program."""
     script = Path(__file__).parent / "offload_server_check.py"
     result = _in_netns(f"{sys.executable} {script}")
@@ -370,8 +371,10 @@ def test_server_relays_channels_in_the_kernel(packaged_object: Path) -> None:
     assert out["alloc_counts"] == [200, 200], out  # user-space and kernel counts together
     assert "turn_offload_enabled 1.0" in out["metrics"]
     assert "turn_offload_flows_active 1.0" in out["metrics"]
+    assert out["flows_after_expiry"] == 0 and out["expired_delivered"] is False, out
+    assert out["refreshed_delivered"] is True and out["flows_after_refresh"] == 1, out
     assert out["flows_after_deny"] == 0 and out["denied_delivered"] is False, out
-    assert out["ended_counts"] == [200, 200], out
+    assert out["ended_counts"] == [201, 201], out  # the refreshed packet, both ways
     assert out["flows_at_end"] == 0 and out["tc_after_stop"] == "", out
 
 
