@@ -46,7 +46,7 @@ typecheck: $(STAMP)
 	$(BIN)/mypy --strict turnserver
 
 unit: $(STAMP)
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q --durations=15
 
 test: lint typecheck unit
 

@@ -202,6 +202,7 @@ class SetupResult:
     failed: int
     per_second: float
     server_us_per_setup: float
+    generator_cpu: float  # of one core: the Python generator shares the machine's cores
 
 
 def run_setups(t: Target, peer: tuple[str, int], count: int, prefix: str) -> SetupResult:
@@ -209,9 +210,9 @@ def run_setups(t: Target, peer: tuple[str, int], count: int, prefix: str) -> Set
     50 in flight; server CPU per completed setup and setups per second."""
     gen = LoadGen(("127.0.0.1", t.port), SECRET, peer)
     try:
-        c0 = cpu_seconds(t.proc.pid)
+        c0, g0 = cpu_seconds(t.proc.pid), _own_cpu()
         s = gen.setup(count, window=50, prefix=prefix)
-        c1 = cpu_seconds(t.proc.pid)
+        c1, g1 = cpu_seconds(t.proc.pid), _own_cpu()
     finally:
         gen.close()  # the allocations stay until they expire; the next run adds to them
     done = len(s.ready)
@@ -220,7 +221,13 @@ def run_setups(t: Target, peer: tuple[str, int], count: int, prefix: str) -> Set
         s.failed,
         done / s.seconds if s.seconds else 0.0,
         (c1 - c0) * 1e6 / max(1, done),
+        (g1 - g0) / s.seconds if s.seconds else 0.0,
     )
+
+
+def _own_cpu() -> float:
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
 
 
 def median_by(results: list, key: str) -> Any:
@@ -350,6 +357,38 @@ def measure_floor(
     return out
 
 
+def measure_direct(
+    pacer: Path,
+    peer: tuple[str, int],
+    rates: list[int],
+    seconds: float,
+    capacity_rates: list[int],
+    repeats: int,
+) -> dict:
+    """No relay at all: the pacer's sockets connected straight to the echo peer, which
+    sends the same 164 bytes back (a ChannelData header and all). What the generator and
+    the peer cost, and where they stop keeping up: the ceiling of every row above."""
+    # an idle process stands in for the server: its CPU share is 0
+    idle = subprocess.Popen(["sleep", "600"])
+    t = Target("no relay (generator and echo peer alone)", idle, 0)
+    print(f"measuring {t.name} ...", flush=True)
+    clients = []
+    for _ in range(50):
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.bind((next_source(), 0))
+        s.connect(peer)
+        s.setblocking(False)
+        clients.append(_Sock(s))
+    out: dict = {"name": t.name}
+    try:
+        out.update(relay_rates(t, pacer, clients, rates, seconds, capacity_rates, repeats))
+    finally:
+        for c in clients:
+            c.sock.close()
+        t.stop()
+    return out
+
+
 def worker_shares(t: Target) -> list[float]:
     try:
         raw = urllib.request.urlopen(f"http://127.0.0.1:{t.metrics_port}/readyz", timeout=5).read()
@@ -451,6 +490,7 @@ def report(
     two: dict,
     floor: dict,
     offload: dict | None,
+    direct: dict,
     rates: list[int],
     repeats: int,
 ) -> str:
@@ -466,7 +506,8 @@ def report(
         "## 1. Relay cost (server CPU per relayed packet, both directions counted)",
         "",
     ]
-    lines += fmt_rows([*results, *([offload] if offload else []), floor], rates)
+    rows = [*results, *([offload] if offload else []), floor, direct]
+    lines += fmt_rows(rows, rates)
     if len(results) == 2:
         lines += [
             "",
@@ -493,9 +534,19 @@ def report(
                 f"(pipeline {a.system_us_per_packet / b.system_us_per_packet:.2f}x)"
                 for r, a, b in zip(rates, offload["rates"], results[1]["rates"], strict=True)
             ),
+            "",
+            "What relaying adds to the pipeline's CPU per packet, above the no-relay row "
+            "(the generator and the echo peer alone), kernel fast path / coturn: "
+            + ", ".join(
+                f"{r}: {a.system_us_per_packet - d.system_us_per_packet:.1f} / "
+                f"{b.system_us_per_packet - d.system_us_per_packet:.1f} µs"
+                for r, a, b, d in zip(
+                    rates, offload["rates"], results[1]["rates"], direct["rates"], strict=True
+                )
+            ),
         ]
     lines += ["", "## 2. Capacity (highest offered rate with < 0.1 % loss, one core)", ""]
-    for res in [*results, *([offload] if offload else []), floor]:
+    for res in rows:
         cap = res["capacity"]
         limit = res.get("capacity_limit")
         if limit is None:
@@ -518,7 +569,8 @@ def report(
         s = res["setup"]
         lines.append(
             f"- {res['name']}: {s.server_us_per_setup:.0f} µs server CPU per setup, "
-            f"{s.per_second:.0f} setups/s ({s.failed} failed of {s.setups + s.failed})"
+            f"{s.per_second:.0f} setups/s ({s.failed} failed of {s.setups + s.failed}; "
+            f"the generator used {s.generator_cpu:.0%} of a core)"
         )
     if len(results) == 2:
         a, b = results[0]["setup"], results[1]["setup"]
@@ -544,7 +596,9 @@ def report(
         f"loss {two['rate'].loss:.2%}",
         f"- setups/s: {two['setup'].per_second:.0f} "
         f"({two['setup'].per_second / max(1.0, one.per_second):.2f}x one worker), "
-        f"{two['setup'].server_us_per_setup:.0f} µs CPU per setup",
+        f"{two['setup'].server_us_per_setup:.0f} µs CPU per setup; the generator used "
+        f"{two['setup'].generator_cpu:.0%} of a core, so the workers had at most "
+        f"{2 - two['setup'].generator_cpu:.2f} cores",
     ]
     return "\n".join(lines) + "\n"
 
@@ -562,7 +616,7 @@ def main() -> int:
     seconds = 3.0 if args.quick else 4.0
     repeats = 1 if args.quick else 3
     rates = [5000, 10000, 20000, 50000]
-    capacity_rates = [20000, 30000, 40000, 50000, 60000, 70000, 80000, 100000, 150000]
+    capacity_rates = [20000, 30000, 40000, 50000, 60000, 70000, 80000, 100000, 120000, 150000]
     memory_counts = [1000] if args.quick else [1000, 7000]  # the 8,000-port range
     peer_exe = shutil.which("turnutils_peer")
     if peer_exe is None:
@@ -590,6 +644,7 @@ def main() -> int:
         starts.append(lambda: start_coturn(1, workdir))
     two: dict = {}
     floor: dict = {}
+    direct: dict = {}
     offload: dict | None = None
     try:
         for start in starts:
@@ -624,6 +679,9 @@ def main() -> int:
             floor = measure_floor(
                 pacer, ("127.0.0.1", peer_port), rates, seconds, capacity_rates, repeats
             )
+            direct = measure_direct(
+                pacer, ("127.0.0.1", peer_port), rates, seconds, capacity_rates, repeats
+            )
             print("measuring 2 workers ...", flush=True)
             two = two_workers(pacer, ("127.0.0.1", peer_port), seconds, 2000, log)
     finally:
@@ -639,7 +697,7 @@ def main() -> int:
                 + f"; capacity {res['capacity'].offered if res['capacity'] else 0}"
             )
         return 0
-    text = report(results, two, floor, offload, rates, repeats)
+    text = report(results, two, floor, offload, direct, rates, repeats)
     print(text)
     Path(args.out).write_text(text)
     return 0
