@@ -15,6 +15,7 @@ from prometheus_client import (
     CollectorRegistry,
     Counter,
     Gauge,
+    GCCollector,
     Histogram,
     PlatformCollector,
     ProcessCollector,
@@ -346,6 +347,7 @@ class Metrics:
         self.registry = CollectorRegistry()
         ProcessCollector(registry=self.registry)
         PlatformCollector(registry=self.registry)
+        GCCollector(registry=self.registry)  # python_gc_*: a busy collector costs setups
         r = self.registry
         info = Gauge("turn_build_info", "Build information", ["version"], registry=r)
         info.labels(__version__).set(1)
