@@ -342,22 +342,7 @@ def measure_floor(
     assert proc.stdout is not None
     proc.stdout.readline()  # "ready"
     t = Target("minimal uvloop relay (the floor)", proc, port)
-    print(f"measuring {t.name} ...", flush=True)
-    clients = []
-    for _ in range(50):
-        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        s.bind((next_source(), 0))
-        s.connect(("127.0.0.1", port))
-        s.setblocking(False)
-        clients.append(_Sock(s))
-    out: dict = {"name": t.name}
-    try:
-        out.update(relay_rates(t, pacer, clients, rates, seconds, capacity_rates, repeats))
-    finally:
-        for c in clients:
-            c.sock.close()
-        t.stop()
-    return out
+    return _plain_udp(t, ("127.0.0.1", port), pacer, rates, seconds, capacity_rates, repeats)
 
 
 def measure_direct(
@@ -374,12 +359,26 @@ def measure_direct(
     # an idle process stands in for the server: its CPU share is 0
     idle = subprocess.Popen(["sleep", "600"])
     t = Target("no relay (generator and echo peer alone)", idle, 0)
+    return _plain_udp(t, peer, pacer, rates, seconds, capacity_rates, repeats)
+
+
+def _plain_udp(
+    t: Target,
+    to: tuple[str, int],
+    pacer: Path,
+    rates: list[int],
+    seconds: float,
+    capacity_rates: list[int],
+    repeats: int,
+) -> dict:
+    """The pacer's traffic from 50 sockets connected to `to`, with no TURN set-up (the
+    floor relay, or the echo peer itself); stops `t` at the end."""
     print(f"measuring {t.name} ...", flush=True)
     clients = []
     for _ in range(50):
         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         s.bind((next_source(), 0))
-        s.connect(peer)
+        s.connect(to)
         s.setblocking(False)
         clients.append(_Sock(s))
     out: dict = {"name": t.name}

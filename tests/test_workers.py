@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -32,6 +33,31 @@ async def _get(port: int, path: str) -> tuple[int, str]:
         session.get(f"http://127.0.0.1:{port}{path}") as resp,
     ):
         return resp.status, await resp.text()
+
+
+async def _ready_body(mport: int) -> str:
+    """The supervisor's /readyz body once every worker is ready (within 10 s)."""
+    status, body = 0, ""
+    for _ in range(100):
+        status, body = await _get(mport, "/readyz")
+        if status == 200:
+            return body
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"/readyz {status}: {body}")
+
+
+def _two_workers(tmp_path: Path, lo: int, hi: int, mport: int) -> Any:
+    """Two workers on 127.0.0.1 with relay ports lo..hi, metrics on mport, no probe."""
+    return turnserver_process(
+        tmp_path,
+        *loopback_args(SECRET, lo, hi),
+        "--probe-interval",
+        "0",
+        "--metrics-listen",
+        f"127.0.0.1:{mport}",
+        "--workers",
+        "2",
+    )
 
 
 async def _allocate(port: int, user: str) -> TurnClient | int | None:
@@ -65,12 +91,7 @@ async def test_two_workers(tmp_path: Path, echo_peer: tuple[tuple[str, int], Ech
         "2",
         streams=True,
     ) as server:
-        for _ in range(100):
-            status, body = await _get(mport, "/readyz")
-            if status == 200:
-                break
-            await asyncio.sleep(0.1)
-        assert status == 200, body
+        body = await _ready_body(mport)
         pids = {int(p) for p in __import__("re").findall(r'"pid": (\d+)', body)}
         assert len(pids) == 2
         # Per-user quota across workers: 6 source ports, one user, at most 2 succeed
@@ -136,24 +157,9 @@ async def test_a_worker_crash_costs_other_workers_nothing(
     mport = free_port(socket.SOCK_STREAM)
     lo = 36000 + os.getpid() % 500
     hi = lo + 99
-    with turnserver_process(
-        tmp_path,
-        *loopback_args(SECRET, lo, hi),
-        "--probe-interval",
-        "0",
-        "--metrics-listen",
-        f"127.0.0.1:{mport}",
-        "--workers",
-        "2",
-    ) as server:
+    with _two_workers(tmp_path, lo, hi, mport) as server:
         for victim_index in (0, 1):
-            status, body = await _get(mport, "/readyz")
-            for _ in range(100):
-                if status == 200:
-                    break
-                await asyncio.sleep(0.1)
-                status, body = await _get(mport, "/readyz")
-            assert status == 200, body
+            body = await _ready_body(mport)
             pids = {
                 int(k): int(v)
                 for k, v in __import__("re").findall(r'"(\d)": \{"ok": true, "pid": (\d+)', body)
@@ -237,23 +243,8 @@ async def test_workers_stop_when_the_supervisor_is_killed(tmp_path: Path) -> Non
     once and stop, rather than live on as orphans holding the port and allocations."""
     mport = free_port(socket.SOCK_STREAM)
     lo = 37000 + os.getpid() % 500
-    with turnserver_process(
-        tmp_path,
-        *loopback_args(SECRET, lo, lo + 99),
-        "--probe-interval",
-        "0",
-        "--metrics-listen",
-        f"127.0.0.1:{mport}",
-        "--workers",
-        "2",
-    ) as server:
-        status, body = await _get(mport, "/readyz")
-        for _ in range(100):
-            if status == 200:
-                break
-            await asyncio.sleep(0.1)
-            status, body = await _get(mport, "/readyz")
-        assert status == 200, body
+    with _two_workers(tmp_path, lo, lo + 99, mport) as server:
+        body = await _ready_body(mport)
         pids = [int(p) for p in __import__("re").findall(r'"pid": (\d+)', body)]
         assert len(pids) == 2, body
         c = await _allocate(server.port, "orphan")  # a live allocation on one worker
@@ -346,22 +337,8 @@ async def test_workers_run_with_the_tuned_collector(tmp_path: Path) -> None:
     worker's python_gc_collections_total across 200 allocations."""
     mport = free_port(socket.SOCK_STREAM)
     lo = 37600 + os.getpid() % 300
-    with turnserver_process(
-        tmp_path,
-        *loopback_args(SECRET, lo, lo + 599),
-        "--probe-interval",
-        "0",
-        "--metrics-listen",
-        f"127.0.0.1:{mport}",
-        "--workers",
-        "2",
-    ) as server:
-        status, body = await _get(mport, "/readyz")
-        for _ in range(100):
-            if status == 200:
-                break
-            await asyncio.sleep(0.1)
-            status, body = await _get(mport, "/readyz")
+    with _two_workers(tmp_path, lo, lo + 599, mport) as server:
+        body = await _ready_body(mport)
         ports = [int(p) for p in __import__("re").findall(r'"metrics_port": (\d+)', body)]
         assert len(ports) == 2, body
 
