@@ -7,7 +7,7 @@ emitted per relayed packet.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from turnserver.core.five_tuple import FiveTuple
@@ -198,3 +198,20 @@ def handles(*types: type) -> Callable[[Callable[..., None]], Callable[..., None]
         return sink
 
     return mark
+
+
+class EventTable:
+    """An event sink that is a table of handlers, one per event type: the I/O layer
+    looks the handler up once per type and calls it directly (no isinstance chain
+    per event; 9 events a setup, issue 15). Calling the table works too."""
+
+    __slots__ = ("event_types", "handlers")
+
+    def __init__(self, handlers: Mapping[type, Callable[..., None]]) -> None:
+        self.handlers = dict(handlers)
+        self.event_types = frozenset(self.handlers)
+
+    def __call__(self, event: Event) -> None:
+        handler = self.handlers.get(type(event))
+        if handler is not None:
+            handler(event)

@@ -372,6 +372,11 @@ class ServerRuntime:
         third returned at once (issue 15)."""
         sinks: list[EventSink] = [self._route] if kind in _ROUTED else []
         for sink in self.event_sinks:
+            if isinstance(sink, ev.EventTable):  # its handler for this type, if any
+                handler = sink.handlers.get(kind)
+                if handler is not None:
+                    sinks.append(handler)
+                continue
             wanted = getattr(sink, "event_types", None)
             if wanted is None or kind in wanted:
                 sinks.append(sink)

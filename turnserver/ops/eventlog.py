@@ -13,6 +13,7 @@ import logging
 import re
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 from turnserver.core import events as ev
@@ -82,11 +83,13 @@ class LineHandler(logging.StreamHandler):  # type: ignore[type-arg]
             return
         self._queue(line, record.levelno)
 
-    def write_event(self, level: int, message: str, text: str, fields: dict[str, Any]) -> None:
-        """One event line, formatted as emit() would have."""
+    def write_event(
+        self, level: int, message: str, text: str, fields: dict[str, Any] | None
+    ) -> None:
+        """One event line, formatted as emit() would have (`fields`: for JSON only)."""
         now = time.time()
         name = logging.getLevelName(level)
-        if self.json:
+        if self.json and fields is not None:
             out = {"time": _json_time(now), "level": name.lower(), "msg": f"{message} {text}"}
             out.update(fields)
             line = json.dumps(out, separators=(",", ":"))
@@ -226,59 +229,98 @@ _LINES: dict[type, tuple[int, str, dict[str, str]]] = {
 }
 
 
-def _value(name: str, value: Any) -> Any:
-    """How a field looks in the log."""
-    if name == "relayed":
-        return ",".join(format_address(a) for a in value)
-    if name == "peer" and isinstance(value, tuple):
-        return format_address(value)
-    if name == "channel":
-        return f"0x{value:04x}"
-    if name == "lifetime_s":
-        return round(value, 3)
-    if name == "errno":
-        return errno_names.errorcode.get(value, str(value))
-    return value
+def _relayed(value: Any) -> str:
+    return ",".join([format_address(a) for a in value])
 
 
-@ev.handles(*_LINES)
-def log_event(event: ev.Event) -> None:
-    """Write the log line for one event (the core's event sink). Decides first and
-    formats after: most events of a busy server (each request's) make no line."""
-    line = _LINES.get(type(event))
-    if line is None:
-        return
-    level, message, fields = line
-    extra: dict[str, Any] = {}
-    if isinstance(event, ev.RequestHandled):
-        # Allocate refusals and authentication failures have their own line
-        if not event.code or event.code in (401, 438) or event.method == "allocate":
-            return
-    elif isinstance(event, ev.AllocationRefused):
-        if event.reason == "unauthenticated":
-            level = logging.DEBUG  # the normal first 401 of every allocation
-    elif isinstance(event, ev.AuthFailed):
-        if event.method == "allocate":
-            return  # the "allocation refused" line says it (one line per failure)
-    elif isinstance(event, ev.TlsHandshakeFailed):
-        key = f"tls:{event.reason}"
-        if not log.isEnabledFor(level) or not _throttle.allow(key):
-            return
-        extra["suppressed"] = _throttle.take_suppressed(key)
-    elif isinstance(event, ev.ConnectionClosed):
-        if event.reason in ("tls", "handshake_timeout"):
-            return  # logged as "tls handshake failed"
-        if event.reason in CAP_REASONS:  # one line per cap and interval under a flood
-            if not _throttle.allow(event.reason):
-                return
-            reason = event.reason
-            level, message = logging.WARNING, "connection refused"
-            fields = {}
-            extra = {"reason": reason, "suppressed": _throttle.take_suppressed(reason)}
-    if not log.isEnabledFor(level):
-        return
-    values = {name: _value(name, getattr(event, attr)) for name, attr in fields.items()}
-    _emit(level, message, event.five_tuple, **values, **extra)
+def _peer(value: Any) -> Any:
+    return format_address(value) if isinstance(value, tuple) else value
+
+
+def _channel(value: Any) -> str:
+    return f"0x{value:04x}"
+
+
+def _lifetime(value: float) -> float:
+    return round(value, 3)
+
+
+def _errno(value: Any) -> str:
+    return errno_names.errorcode.get(value, str(value))
+
+
+# how a field looks in the log, when it is not the event's value as it is
+_FORMATS: dict[str, Callable[[Any], Any]] = {
+    "relayed": _relayed,
+    "peer": _peer,
+    "channel": _channel,
+    "lifetime_s": _lifetime,
+    "errno": _errno,
+}
+
+# event type -> ((log field, event attribute, format or None), ...), worked out once
+_FIELDS: dict[type, tuple[tuple[str, str, Callable[[Any], Any] | None], ...]] = {
+    kind: tuple((name, attr, _FORMATS.get(name)) for name, attr in fields.items())
+    for kind, (_, _, fields) in _LINES.items()
+}
+
+
+def _values(event: ev.Event) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    for name, attr, fmt in _FIELDS[type(event)]:
+        value = getattr(event, attr)
+        values[name] = value if fmt is None else fmt(value)
+    return values
+
+
+def _line(event: Any, level: int = -1) -> None:
+    """The event's line as _LINES says, at `level` if given."""
+    default, message, _ = _LINES[type(event)]
+    level = default if level < 0 else level
+    if log.isEnabledFor(level):
+        _emit(level, message, event.five_tuple, **_values(event))
+
+
+def _request_refused(event: ev.RequestHandled) -> None:
+    # Allocate refusals and authentication failures have their own line
+    if event.code and event.code not in (401, 438) and event.method != "allocate":
+        _line(event)
+
+
+def _allocation_refused(event: ev.AllocationRefused) -> None:
+    # the normal first 401 of every allocation at debug
+    _line(event, logging.DEBUG if event.reason == "unauthenticated" else -1)
+
+
+def _auth_failed(event: ev.AuthFailed) -> None:
+    if event.method != "allocate":  # the "allocation refused" line says it
+        _line(event)
+
+
+def _tls_handshake_failed(event: ev.TlsHandshakeFailed) -> None:
+    key = f"tls:{event.reason}"
+    level, message, _ = _LINES[ev.TlsHandshakeFailed]
+    if log.isEnabledFor(level) and _throttle.allow(key):
+        suppressed = _throttle.take_suppressed(key)
+        _emit(level, message, event.five_tuple, **_values(event), suppressed=suppressed)
+
+
+def _connection_closed(event: ev.ConnectionClosed) -> None:
+    reason = event.reason
+    if reason in ("tls", "handshake_timeout"):
+        return  # logged as "tls handshake failed"
+    if reason not in CAP_REASONS:
+        _line(event)
+    elif _throttle.allow(reason) and log.isEnabledFor(logging.WARNING):
+        # one line per cap and interval under a flood
+        suppressed = _throttle.take_suppressed(reason)
+        _emit(
+            logging.WARNING,
+            "connection refused",
+            event.five_tuple,
+            reason=reason,
+            suppressed=suppressed,
+        )
 
 
 QUIET_USERS = {"turnserver-self-probe"}  # the self-probe: debug level only
@@ -311,22 +353,47 @@ class Throttle:
 
 _throttle = Throttle()
 
+# The core's event sink: a handler per event type, most a plain line as _LINES says.
+# Decides first and formats after: most events of a busy server (each request's) make
+# no line.
+log_event = ev.EventTable(
+    {
+        **{kind: _line for kind in _LINES},
+        ev.RequestHandled: _request_refused,
+        ev.AllocationRefused: _allocation_refused,
+        ev.AuthFailed: _auth_failed,
+        ev.TlsHandshakeFailed: _tls_handshake_failed,
+        ev.ConnectionClosed: _connection_closed,
+    }
+)
+
 
 def _emit(level: int, msg: str, five_tuple: object, **fields: Any) -> None:
     if fields.get("user") in QUIET_USERS:
         level = logging.DEBUG
     if not log.isEnabledFor(level):
         return
-    fields = {"five_tuple": str(five_tuple), **fields}
-    text = " ".join(f"{k}={_quote(v)}" for k, v in fields.items())
+    where = str(five_tuple)
+    # the text in one join; ints (counts, codes, lifetimes) need no quoting check
+    text = " ".join(
+        [
+            f"five_tuple={_quote(where)}",
+            *[f"{k}={v}" if type(v) is int else f"{k}={_quote(v)}" for k, v in fields.items()],
+        ]
+    )
     handler = _handler
-    if handler is not None and log.handlers == [handler] and not log.filters:
+    handlers = log.handlers
+    if handler is not None and len(handlers) == 1 and handlers[0] is handler and not log.filters:
         # our own handler alone (setup_logging): the line without a LogRecord
         if not handler.filters and level >= handler.level:
-            handler.write_event(level, msg, text, {"event": msg, **fields})
+            if handler.json:
+                handler.write_event(level, msg, text, {"event": msg, "five_tuple": where, **fields})
+            else:
+                handler.write_event(level, msg, text, None)
         return
     # the fields as data for JSON logs (any other handler still sees the text)
-    log.log(level, "%s %s", msg, text, extra={"fields": {"event": msg, **fields}})
+    extra = {"fields": {"event": msg, "five_tuple": where, **fields}}
+    log.log(level, "%s %s", msg, text, extra=extra)
 
 
 _BARE = re.compile(r"[!#-~]+")  # printable ASCII without space and '"'

@@ -8,8 +8,8 @@ usernames or addresses.
 from __future__ import annotations
 
 import bisect
-from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import (
     CollectorRegistry,
@@ -42,6 +42,7 @@ if TYPE_CHECKING:
 disable_created_metrics()  # type: ignore[no-untyped-call]  # no *_created series
 
 TRANSPORTS = tuple(t.value for t in ClientTransport)
+_TRANSPORT_NAMES = {t: t.value for t in ClientTransport}  # an enum's .value is a descriptor
 REQUEST_BUCKETS = (
     0.00005,
     0.0001,
@@ -415,6 +416,8 @@ class Metrics:
         self._last_duration: float | None = None
         self.internal_users: frozenset[str] = frozenset()
         self._children: dict[tuple[int, tuple[str, ...]], Counter] = {}
+        self._requests = self.counts.values["requests"]
+        self.on_event = self._event_table()
 
     def observe_request_duration(self, seconds: float | None) -> None:
         """The I/O layer timed the call whose events follow (None: no longer timing)."""
@@ -428,49 +431,61 @@ class Metrics:
             child = self._children[key] = metric.labels(*labels)
         return child
 
-    @ev.handles(
-        ev.RequestHandled,
-        ev.AllocationCreated,
-        ev.AllocationRefused,
-        ev.AuthFailed,
-        ev.AllocationEnded,
-        ev.PeerDenied,
-        ev.ConnectionClosed,
-        ev.TlsHandshakeFailed,
-        ev.PermissionRevoked,
-    )
-    def on_event(self, event: ev.Event) -> None:
-        """The event sink: one counter update per control-plane event (the types above)."""
-        if getattr(event, "username", "") in self.internal_users:
-            return  # the self-probe reports through turn_probe_*, not as user traffic
-        counts = self.counts
-        if isinstance(event, ev.RequestHandled):
-            result = "success" if event.code == 0 else str(int(event.code))
-            counts.inc("requests", event.method, result)
-            if event.code and event.method != "allocate" and event.code not in (401, 438):
-                counts.inc("request_failures", event.method, result, event.reason)
-            if self._last_duration is not None:
-                counts.observe(event.method, self._last_duration)
-        elif isinstance(event, ev.AllocationCreated):
-            counts.inc("allocations", event.five_tuple.transport.value)
-        elif isinstance(event, ev.AllocationRefused):
-            counts.inc(
-                "allocation_failures",
-                event.five_tuple.transport.value,
-                str(int(event.code)),
-                event.reason,
-            )
-            if event.reason == "unauthenticated":
-                counts.inc("auth_failures", "unauthenticated")
-        elif isinstance(event, ev.AuthFailed):
-            counts.inc("auth_failures", event.reason)
-        elif isinstance(event, ev.AllocationEnded):
+    def _event_table(self) -> ev.EventTable:
+        """The event sink: one counter update per control-plane event, a handler per
+        type. Events of internal users (the self-probe) are not user traffic: it
+        reports through turn_probe_*."""
+        return ev.EventTable(
+            {
+                ev.RequestHandled: self._request_handled,
+                ev.AllocationCreated: self._allocation_created,
+                ev.AllocationRefused: self._allocation_refused,
+                ev.AuthFailed: self._auth_failed,
+                ev.AllocationEnded: self._allocation_ended,
+                ev.PeerDenied: lambda _: self.peer_denied.inc(),
+                ev.ConnectionClosed: self._by_reason(self.connections_closed),
+                ev.TlsHandshakeFailed: self._by_reason(self.tls_handshake_failures),
+                ev.PermissionRevoked: self._by_reason(self.permissions_revoked),
+            }
+        )
+
+    def _request_handled(self, event: ev.RequestHandled) -> None:
+        if event.username in self.internal_users:
+            return
+        code = event.code
+        method = event.method
+        result = "success" if code == 0 else str(int(code))
+        requests = self._requests
+        key = (method, result)
+        requests[key] = requests.get(key, 0) + 1
+        if code and method != "allocate" and code not in (401, 438):
+            self.counts.inc("request_failures", method, result, event.reason)
+        if self._last_duration is not None:
+            self.counts.observe(method, self._last_duration)
+
+    def _allocation_created(self, event: ev.AllocationCreated) -> None:
+        if event.username not in self.internal_users:
+            self.counts.inc("allocations", _TRANSPORT_NAMES[event.five_tuple.transport])
+
+    def _allocation_refused(self, event: ev.AllocationRefused) -> None:
+        if event.username in self.internal_users:
+            return
+        transport = _TRANSPORT_NAMES[event.five_tuple.transport]
+        self.counts.inc("allocation_failures", transport, str(int(event.code)), event.reason)
+        if event.reason == "unauthenticated":
+            self.counts.inc("auth_failures", "unauthenticated")
+
+    def _auth_failed(self, event: ev.AuthFailed) -> None:
+        if event.username not in self.internal_users:
+            self.counts.inc("auth_failures", event.reason)
+
+    def _allocation_ended(self, event: ev.AllocationEnded) -> None:
+        if event.username not in self.internal_users:
             self.allocation_lifetime.observe(event.duration)
-        elif isinstance(event, ev.PeerDenied):
-            self.peer_denied.inc()
-        elif isinstance(event, ev.ConnectionClosed):
-            self._child(self.connections_closed, event.reason).inc()
-        elif isinstance(event, ev.TlsHandshakeFailed):
-            self._child(self.tls_handshake_failures, event.reason).inc()
-        elif isinstance(event, ev.PermissionRevoked):
-            self._child(self.permissions_revoked, event.reason).inc()
+
+    def _by_reason(self, metric: Counter) -> Callable[[Any], None]:
+        def count(event: Any) -> None:  # ReasonEvent, PermissionRevoked
+            if getattr(event, "username", "") not in self.internal_users:
+                self._child(metric, event.reason).inc()
+
+        return count
