@@ -40,12 +40,19 @@ from turnserver.core.state import (
 from turnserver.core.tcp_connections import TcpConnectionHandlers
 from turnserver.stun.attributes import Address
 from turnserver.stun.constants import (
+    ERROR_REASONS,
     Attr,
+    ErrorCode,
     MessageClass,
     Method,
 )
 from turnserver.stun.errors import StunDecodeError
-from turnserver.stun.message import StunMessage, decode_message, encode_message
+from turnserver.stun.message import (
+    StunMessage,
+    decode_message,
+    encode_attributes,
+    encode_message,
+)
 
 __all__ = [
     "MAX_CONTROL_MESSAGE",
@@ -158,6 +165,8 @@ class TurnServer(AdminActions, PermissionHandlers, TcpConnectionHandlers):
                 return existing.allocate_response  # retransmission (RFC 8656 §7.2)
         handler = self._handlers.get(method)
         method_name = _method_name(method)
+        if handler is not None and msg.integrity_offset < 0 and msg.integrity_sha256_offset < 0:
+            return self._challenge(msg, ft, method_name, now)
         identity: Identity | None = None
         try:
             if handler is None:
@@ -207,6 +216,44 @@ class TurnServer(AdminActions, PermissionHandlers, TcpConnectionHandlers):
             self._finish_connection_bind(msg, ft)
         self.events.append(ev.RequestHandled(ft, method_name, 0, "", identity.username))
         return response
+
+    def _challenge(
+        self, msg: StunMessage, ft: FiveTuple, method_name: str, now: float
+    ) -> bytes | None:
+        """A request without MESSAGE-INTEGRITY: 401 with REALM and a fresh NONCE (RFC
+        8489 §9.2.4), what authenticate() would raise first, without the exception path;
+        the first answer of every allocation (issue 15: 16 -> 9 µs of the core)."""
+        if ft.transport == ClientTransport.UDP and not self._challenge_allowed(ft.client[0], now):
+            self.stats.dropped_rate_limited += 1  # RFC 8656 §21.1, as in _handle_request
+            self.events.append(ev.MessageDiscarded(ft, "challenge_rate_limited", ""))
+            return None
+        username = _safe_username(msg)
+        self.events.append(ev.RequestHandled(ft, method_name, 401, "unauthenticated", username))
+        if msg.method == Method.ALLOCATE:
+            self.events.append(
+                ev.AllocationRefused(ft, username, 401, "unauthenticated", _NO_INTEGRITY)
+            )
+        realm = self.auth.realm
+        fixed = self._challenge_attributes
+        if fixed[0] != realm:  # ERROR-CODE, REALM, PASSWORD-ALGORITHMS: per realm, once
+            fixed = self._challenge_attributes = (
+                realm,
+                encode_attributes(
+                    [
+                        (Attr.ERROR_CODE, (401, ERROR_REASONS[ErrorCode.UNAUTHORIZED])),
+                        (Attr.REALM, realm),
+                        (Attr.PASSWORD_ALGORITHMS, OFFERED_ALGORITHMS),
+                    ]
+                ),
+            )
+        return encode_message(
+            msg.method,
+            MessageClass.ERROR,
+            msg.transaction_id,
+            [(Attr.NONCE, self.auth.nonces.issue(ft.client[0], now))],
+            fingerprint=msg.fingerprint_offset >= 0,
+            encoded=fixed[1],
+        )
 
     def _challenge_allowed(self, client_ip: str, now: float) -> bool:
         """Token bucket per client IP for answers to unauthenticated requests."""
@@ -355,6 +402,7 @@ class TurnServer(AdminActions, PermissionHandlers, TcpConnectionHandlers):
 
 
 _METHOD_NAMES = {m.value: m.name.lower() for m in Method}
+_NO_INTEGRITY = "no MESSAGE-INTEGRITY"
 
 
 def _method_name(method: int) -> str:

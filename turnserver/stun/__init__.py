@@ -25,6 +25,7 @@ from turnserver.stun.errors import StunDecodeError
 from turnserver.stun.message import (
     StunMessage,
     decode_message,
+    encode_attributes,
     encode_message,
     is_stun,
     long_term_key,
@@ -48,6 +49,7 @@ __all__ = [
     "TransportProtocol",
     "decode_channel_data",
     "decode_message",
+    "encode_attributes",
     "encode_channel_data",
     "encode_message",
     "is_channel_data",

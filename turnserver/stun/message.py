@@ -238,12 +238,14 @@ def encode_message(
     fingerprint: bool = False,
     magic_cookie: int = MAGIC_COOKIE,
     integrity_sha256: bool = False,
+    encoded: bytes = b"",
 ) -> bytes:
     """Build a message; MESSAGE-INTEGRITY (or -SHA256, RFC 8489 §14.6) and FINGERPRINT
-    are appended when asked."""
+    are appended when asked. `encoded`: attributes already encoded (encode_attributes),
+    placed first; for parts of an answer that do not change between requests."""
     codecs = ATTRIBUTE_CODECS
     pack_head = _ATTR_HEAD.pack
-    parts: list[bytes] = []
+    parts: list[bytes] = [encoded]
     for attr_type, value in attributes:
         codec = codecs.get(attr_type)
         if codec is None or isinstance(value, bytes | bytearray | memoryview):
@@ -273,6 +275,12 @@ def encode_message(
 
 
 _MI_HEAD = _ATTR_HEAD.pack(Attr.MESSAGE_INTEGRITY, 20)
+
+
+def encode_attributes(attributes: Iterable[tuple[int, Any]]) -> bytes:
+    """Attributes that do not depend on the transaction id, encoded once, for the
+    `encoded` argument of encode_message."""
+    return encode_message(0, 0, bytes(12), attributes)[HEADER_LENGTH:]
 
 
 def long_term_key(
