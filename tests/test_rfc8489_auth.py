@@ -197,3 +197,39 @@ def test_checked_nonces_stay_bound_to_their_client_and_expiry() -> None:
     assert not issuer.check(nonce, "192.0.2.8", 1030.0)
     assert not issuer.check(nonce, "192.0.2.7", 1061.0)
     assert not issuer.check(nonce[:-1] + ("A" if nonce[-1] != "A" else "B"), "192.0.2.7", 1000.0)
+
+
+def test_remembered_credentials_are_checked_again_on_every_request() -> None:
+    """Credentials that verified once are remembered (issue 15); the MAC, the nonce's
+    and the credential's expiry, and the configured secrets still decide every request."""
+    from turnserver.core import events as ev
+    from turnserver.core.auth import Credentials
+
+    from .helpers import NOW, SECRET, rest_credential
+
+    core, _ = make_core()
+    user, password = rest_credential("frank", expires=NOW + 100)
+    c = CoreClient(core, ("192.0.2.70", 1), user, password)
+    assert c.allocate().message_class == MessageClass.SUCCESS
+    assert c.request(Method.REFRESH).message_class == MessageClass.SUCCESS  # remembered
+
+    c.password = "not-the-password"  # the same USERNAME, REALM and NONCE, another key
+    resp = c.request(Method.REFRESH)
+    assert error_code(resp) == 401 and resp.integrity_offset < 0
+    c.password = password
+    core.drain_events()
+
+    c.now = NOW + 200  # the nonce lives on (600 s), the credential does not
+    assert error_code(c.request(Method.REFRESH)) == 401
+    failed = [e for e in core.drain_events() if isinstance(e, ev.AuthFailed)]
+    assert [e.reason for e in failed] == ["expired_credentials"]
+
+    # a reload that drops the secret: the remembered credential goes with it
+    fresh_user, fresh_password = rest_credential("grace", expires=NOW + 3600)
+    g = CoreClient(core, ("192.0.2.71", 1), fresh_user, fresh_password)
+    g.now = c.now
+    assert g.allocate().message_class == MessageClass.SUCCESS
+    core.auth.credentials = Credentials.build(REALM, secrets=["rotated"])
+    assert error_code(g.request(Method.REFRESH)) == 401
+    core.auth.credentials = Credentials.build(REALM, secrets=[SECRET])
+    assert g.request(Method.REFRESH).message_class == MessageClass.SUCCESS
