@@ -62,6 +62,7 @@ fuzz: $(STAMP)
 bench: $(STAMP)
 	@command -v turnutils_peer >/dev/null || { echo "make bench needs coturn: apt-get install -y coturn"; exit 2; }
 	@command -v cc >/dev/null || { echo "make bench needs a C compiler for its pacer: apt-get install -y gcc"; exit 2; }
+	@test -f /usr/include/openssl/hmac.h || { echo "make bench needs OpenSSL headers for its setup generator: apt-get install -y libssl-dev"; exit 2; }
 	$(BIN)/python benchmarks/run.py
 
 # What abuse costs: CPU of the worst inputs, a good client's loss and RTT under attacks.

@@ -37,12 +37,13 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from loadgen import LoadGen, next_source
+from loadgen import LoadGen, next_source, rest_credential
 
-from turnserver.stun import MessageClass, Method, decode_message, encode_message
+from turnserver.stun import MessageClass, Method, decode_message, encode_message, long_term_key
 from turnserver.testing import free_port, process_tree, rss_bytes, serve_command
 
 SECRET = "bench-secret"
+REALM = "bench"
 TICK = os.sysconf("SC_CLK_TCK")
 
 
@@ -99,7 +100,7 @@ def start_ours(workers: int, log: Path, *extra: str) -> Target:
                 "--secret",
                 SECRET,
                 "--realm",
-                "bench",
+                REALM,
                 "--allow-loopback-peers",
                 "--min-port",
                 "40000",
@@ -135,7 +136,7 @@ def start_coturn(threads: int, workdir: Path) -> Target | None:
         "--max-port=47999",
         "--use-auth-secret",
         f"--static-auth-secret={SECRET}",
-        "--realm=bench",
+        f"--realm={REALM}",
         "--allow-loopback-peers",
         "--no-cli",
         f"--relay-threads={threads}",
@@ -205,29 +206,36 @@ class SetupResult:
     generator_cpu: float  # of one core: the Python generator shares the machine's cores
 
 
+SETUPGEN: list[Path] = []  # the C setup generator, set by main()
+
+
 def run_setups(t: Target, peer: tuple[str, int], count: int, prefix: str) -> SetupResult:
-    """`count` full setups (401, Allocate, CreatePermission, ChannelBind), unique users,
-    50 in flight; server CPU per completed setup and setups per second."""
-    gen = LoadGen(("127.0.0.1", t.port), SECRET, peer)
-    try:
-        c0, g0 = cpu_seconds(t.proc.pid), _own_cpu()
-        s = gen.setup(count, window=50, prefix=prefix)
-        c1, g1 = cpu_seconds(t.proc.pid), _own_cpu()
-    finally:
-        gen.close()  # the allocations stay until they expire; the next run adds to them
-    done = len(s.ready)
+    """`count` full setups (401, Allocate, CreatePermission, ChannelBind) from the C
+    setup generator, unique users, each from its own loopback address, 50 in flight;
+    server CPU per completed setup and setups per second."""
+    lines = []
+    for i in range(count):
+        user, password = rest_credential(SECRET, f"{prefix}{i}")
+        key = long_term_key(user, REALM, password).hex()
+        lines.append(f"{next_source()} {user} {key}\n")
+    c0 = cpu_seconds(t.proc.pid)
+    out = subprocess.run(
+        [str(SETUPGEN[0]), "127.0.0.1", str(t.port), peer[0], str(peer[1]), "50", "120"],
+        input="".join(lines).encode(),
+        capture_output=True,
+        check=True,
+        timeout=150,
+    )
+    c1 = cpu_seconds(t.proc.pid)
+    r = json.loads(out.stdout)
+    done, seconds = r["ready"], r["seconds"]
     return SetupResult(
         done,
-        s.failed,
-        done / s.seconds if s.seconds else 0.0,
+        r["failed"],
+        done / seconds if seconds else 0.0,
         (c1 - c0) * 1e6 / max(1, done),
-        (g1 - g0) / s.seconds if s.seconds else 0.0,
+        r["cpu_seconds"] / seconds if seconds else 0.0,
     )
-
-
-def _own_cpu() -> float:
-    ru = resource.getrusage(resource.RUSAGE_SELF)
-    return ru.ru_utime + ru.ru_stime
 
 
 def median_by(results: list, key: str) -> Any:
@@ -463,15 +471,23 @@ def fmt_rows(results: list[dict], rates: list[int]) -> list[str]:
     return lines
 
 
-def build_pacer() -> Path | None:
-    """Compile benchmarks/pacer.c (needs a C compiler: gcc or cc)."""
+def build_tools() -> tuple[Path, Path] | None:
+    """Compile benchmarks/pacer.c and setupgen.c (a C compiler, and OpenSSL's headers
+    for the setup generator's HMAC: apt-get install gcc libssl-dev)."""
     cc = shutil.which("cc") or shutil.which("gcc")
     if cc is None:
         return None
-    src = Path(__file__).parent / "pacer.c"
-    exe = Path(tempfile.gettempdir()) / f"turnserver-pacer-{os.getuid()}"
-    subprocess.run([cc, "-O2", "-pthread", "-o", str(exe), str(src)], check=True)
-    return exe
+    here = Path(__file__).parent
+    tmp = Path(tempfile.gettempdir())
+    pacer = tmp / f"turnserver-pacer-{os.getuid()}"
+    setupgen = tmp / f"turnserver-setupgen-{os.getuid()}"
+    subprocess.run([cc, "-O2", "-pthread", "-o", str(pacer), str(here / "pacer.c")], check=True)
+    built = subprocess.run(
+        [cc, "-O2", "-o", str(setupgen), str(here / "setupgen.c"), "-lcrypto"], check=False
+    )
+    if built.returncode != 0:
+        return None
+    return pacer, setupgen
 
 
 def offload_possible() -> bool:
@@ -624,10 +640,12 @@ def main() -> int:
     if peer_exe is None:
         print("turnutils_peer (Debian package coturn) is needed as the echo peer")
         return 2
-    pacer = build_pacer()
-    if pacer is None:
-        print("a C compiler (apt-get install gcc) is needed for the traffic pacer")
+    tools = build_tools()
+    if tools is None:
+        print("the load generators need a C compiler and OpenSSL: apt-get install gcc libssl-dev")
         return 2
+    pacer, setupgen = tools
+    SETUPGEN[:] = [setupgen]
     workdir = Path(tempfile.mkdtemp(prefix="turnserver-bench-"))
     log = workdir / "turnserver.log"
     peer_port = free_port()
