@@ -140,3 +140,27 @@ async def test_garbage_does_not_disturb_a_relaying_client(
         await asyncio.sleep(0.05)
     stats = server.runtime.core.stats
     assert stats.dropped_malformed + stats.dropped_no_allocation > 0
+
+
+async def test_a_burst_of_requests_gets_every_answer_in_order(server: RunningServer) -> None:
+    """Answers of one read batch are held and sent together (at most ANSWER_BATCH at a
+    time, issue 15): a burst larger than that still gets every answer, in order."""
+    from turnserver.io.udp import ANSWER_BATCH
+    from turnserver.stun import MessageClass, Method, encode_message
+
+    loop = asyncio.get_running_loop()
+    count = 3 * ANSWER_BATCH + 5
+    tids = [os.urandom(12) for _ in range(count)]
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+        sock.bind(("127.0.0.1", 0))
+        sock.setblocking(False)
+        for tid in tids:
+            sock.sendto(encode_message(Method.BINDING, MessageClass.REQUEST, tid), server.address)
+        answers = []
+        for _ in range(count):
+            data = await asyncio.wait_for(loop.sock_recv(sock, 2048), 5)
+            msg = decode_message(data)
+            assert msg.message_class == MessageClass.SUCCESS
+            answers.append(msg.transaction_id)
+    assert answers == tids
