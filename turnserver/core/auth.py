@@ -23,6 +23,7 @@ from turnserver.stun.message import (
 )
 
 NONCE_LIFETIME = 600.0
+NO_INTEGRITY = "no MESSAGE-INTEGRITY"  # the detail of the first 401 of every allocation
 # RFC 8489 §9.2: every nonce starts with the nonce cookie and the 24-bit security
 # feature set, base64: 0x000003 = password algorithms (bit 0) and username anonymity
 # (bit 1), bits counted from the right (erratum 6290). A client that changes them to
@@ -159,13 +160,11 @@ class Authenticator:
         # request. Bounded; emptied when full and when the credentials change.
         self._rest_keys: dict[tuple[int, str], bytes] = {}
         self._rest_keys_for: Credentials | None = None
-        # Credentials that verified: (raw USERNAME, USERHASH, REALM, NONCE, client ip) -> (identity,
-        # nonce expiry). Every request of an allocation repeats them; decoding, the nonce
-        # and realm checks and the key lookup cost ~6 µs a request (issue 15). Only
-        # successes get in; the MAC and both expiries are checked on every request.
-        self._verified: dict[
-            tuple[bytes | None, ...] | tuple[object, ...], tuple[Identity, int]
-        ] = {}
+        # Credentials that verified: (raw USERNAME, USERHASH, REALM, NONCE, client ip) ->
+        # (identity, nonce expiry). Every request of an allocation repeats them; decoding,
+        # the nonce and realm checks and the key lookup cost ~6 µs a request (issue 15).
+        # Only successes get in; the MAC and both expiries are checked on every request.
+        self._verified: dict[tuple[bytes | str | None, ...], tuple[Identity, int]] = {}
         self._verified_for: Credentials | None = None
 
     def _rest_key(self, index: int, secret: str, username: str, algorithm: int) -> bytes:
@@ -209,7 +208,7 @@ class Authenticator:
     def authenticate(self, msg: StunMessage, client_ip: str, now: float) -> Identity:
         """Return the identity or raise Unauthorized/StaleNonce/BadRequest (RFC 8489 §9.2.4)."""
         if msg.integrity_offset < 0 and msg.integrity_sha256_offset < 0:
-            raise Unauthorized("no MESSAGE-INTEGRITY", reason="unauthenticated")
+            raise Unauthorized(NO_INTEGRITY, reason="unauthenticated")
         first = msg.first
         cacheable = (
             msg.integrity_sha256_offset < 0

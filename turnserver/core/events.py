@@ -189,27 +189,16 @@ Event = (
 )
 
 
-def handles(*types: type) -> Callable[[Callable[..., None]], Callable[..., None]]:
-    """Mark an event sink with the event types it acts on: the I/O layer calls it for
-    those only (a sink without the mark gets every event)."""
-
-    def mark(sink: Callable[..., None]) -> Callable[..., None]:
-        setattr(sink, "event_types", frozenset(types))  # noqa: B010
-        return sink
-
-    return mark
-
-
 class EventTable:
-    """An event sink that is a table of handlers, one per event type: the I/O layer
-    looks the handler up once per type and calls it directly (no isinstance chain
-    per event; 9 events a setup, issue 15). Calling the table works too."""
+    """An event sink that is a table of handlers, one per event type it acts on: the
+    I/O layer looks the handler up once per type and calls it directly (no isinstance
+    chain per event; 9 events a setup, issue 15). Calling the table works too. A sink
+    that is a plain callable gets every event."""
 
-    __slots__ = ("event_types", "handlers")
+    __slots__ = ("handlers",)
 
     def __init__(self, handlers: Mapping[type, Callable[..., None]]) -> None:
         self.handlers = dict(handlers)
-        self.event_types = frozenset(self.handlers)
 
     def __call__(self, event: Event) -> None:
         handler = self.handlers.get(type(event))

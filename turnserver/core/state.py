@@ -163,8 +163,8 @@ class CoreState:
         # not the one the request came to (CHANGE-REQUEST); the I/O layer reads and clears it
         self.send_from: Address | None = None
         self._handlers = self._request_handlers()
-        # the 401 challenge's fixed attributes, encoded once per realm (server._challenge)
-        self._challenge_attributes: tuple[str | None, bytes] = (None, b"")
+        # 401/438 attributes but the nonce, by (realm, code) (server._challenge_answer)
+        self._challenge_attributes: dict[tuple[str, int], bytes] = {}
 
     def _request_handlers(self) -> dict[int, Handler]:
         """STUN method -> handler; TurnServer fills it in."""

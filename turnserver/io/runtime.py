@@ -367,19 +367,14 @@ class ServerRuntime:
                     conn.close("dev_block")
 
     def _sinks_for(self, kind: type) -> tuple[EventSink, ...]:
-        """The sinks that take events of this type, _route first: a sink may say which
-        types it handles (`handles`); 8 events a setup went to 3 sinks each, of which a
-        third returned at once (issue 15)."""
+        """The sinks that take events of this type, _route first: a table's handler for
+        the type, if it has one (ev.EventTable), and every plain callable (issue 15: 8
+        events a setup went to 3 sinks each, a third of them returning at once)."""
         sinks: list[EventSink] = [self._route] if kind in _ROUTED else []
         for sink in self.event_sinks:
-            if isinstance(sink, ev.EventTable):  # its handler for this type, if any
-                handler = sink.handlers.get(kind)
-                if handler is not None:
-                    sinks.append(handler)
-                continue
-            wanted = getattr(sink, "event_types", None)
-            if wanted is None or kind in wanted:
-                sinks.append(sink)
+            handler = sink.handlers.get(kind) if isinstance(sink, ev.EventTable) else sink
+            if handler is not None:
+                sinks.append(handler)
         return tuple(sinks)
 
     def _route(self, event: ev.Event) -> None:

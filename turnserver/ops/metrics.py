@@ -416,7 +416,6 @@ class Metrics:
         self._last_duration: float | None = None
         self.internal_users: frozenset[str] = frozenset()
         self._children: dict[tuple[int, tuple[str, ...]], Counter] = {}
-        self._requests = self.counts.values["requests"]
         self.on_event = self._event_table()
 
     def observe_request_duration(self, seconds: float | None) -> None:
@@ -455,9 +454,7 @@ class Metrics:
         code = event.code
         method = event.method
         result = "success" if code == 0 else str(int(code))
-        requests = self._requests
-        key = (method, result)
-        requests[key] = requests.get(key, 0) + 1
+        self.counts.inc("requests", method, result)
         if code and method != "allocate" and code not in (401, 438):
             self.counts.inc("request_failures", method, result, event.reason)
         if self._last_duration is not None:
