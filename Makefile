@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 RUNDIR := .run
 
-.PHONY: run mint test lint typecheck unit venv clean bench fuzz fmt soak abuse bpf
+.PHONY: run mint test lint typecheck unit venv clean bench bench-ops fuzz fmt soak abuse bpf
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -64,6 +64,10 @@ bench: $(STAMP)
 	@command -v cc >/dev/null || { echo "make bench needs a C compiler for its pacer: apt-get install -y gcc"; exit 2; }
 	@test -f /usr/include/openssl/hmac.h || { echo "make bench needs OpenSSL headers for its setup generator: apt-get install -y libssl-dev"; exit 2; }
 	$(BIN)/python benchmarks/run.py
+
+# What operating it costs: /metrics scrape CPU with one worker and two (benchmarks/OPERATIONS.md)
+bench-ops: $(STAMP)
+	$(BIN)/python benchmarks/ops.py
 
 # What abuse costs: CPU of the worst inputs, a good client's loss and RTT under attacks.
 abuse: $(STAMP)

@@ -27,12 +27,16 @@ def turnserver_process(
     port: int | None = None,
     streams: bool = False,
     tls_port: int | None = None,
+    workers: int | None = 1,
+    metrics: str = "127.0.0.1:0",
 ) -> Iterator[ServerProcess]:
     """`python -m turnserver serve` on 127.0.0.1, waited for until it answers STUN.
 
     With streams, also tcp:// on the same port number and tls:// on tls_port (the
-    caller passes --cert/--key)."""
-    with server_process(tmp, *args, port=port, streams=streams, tls_port=tls_port) as server:
+    caller passes --cert/--key); `workers` None: the default count."""
+    with server_process(
+        tmp, *args, port=port, streams=streams, tls_port=tls_port, workers=workers, metrics=metrics
+    ) as server:
         yield server
 
 

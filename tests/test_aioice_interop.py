@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import socket
 import time
+from pathlib import Path
 
+import aiohttp
 import pytest
 from aioice import turn
 
 from turnserver.ops.credentials import mint
 
 from .conftest import SECRET, EchoProtocol, RunningServer
+from .procs import free_port, loopback_args, turnserver_process
+from .support import WORKER_COUNTS, eventually
 
 
 class Collector(asyncio.DatagramProtocol):
@@ -22,11 +28,15 @@ class Collector(asyncio.DatagramProtocol):
 
 
 async def _round_trips(
-    server: RunningServer, peer: tuple[str, int], username: str, password: str, count: int = 20
+    server: RunningServer | tuple[str, int],
+    peer: tuple[str, int],
+    username: str,
+    password: str,
+    count: int = 20,
 ) -> tuple[str, int]:
     transport, proto = await turn.create_turn_endpoint(
         Collector,
-        server_addr=server.address,
+        server_addr=server if isinstance(server, tuple) else server.address,
         username=username,
         password=password,
         lifetime=600,
@@ -74,3 +84,55 @@ async def test_aioice_wrong_password_is_refused(server: RunningServer) -> None:
             ),
             10,
         )
+
+
+@pytest.mark.asyncio(loop_factories=["asyncio"])
+@pytest.mark.parametrize("workers", WORKER_COUNTS)
+async def test_aioice_clients_on_every_worker(
+    tmp_path: Path, echo_peer: tuple[tuple[str, int], EchoProtocol], workers: int | None
+) -> None:
+    """A server process with the default worker count and with one: eight aioice clients
+    at once (their allocations spread over the workers) relay 20 round trips each, a
+    wrong password gets 401, and every allocation ends when aioice closes."""
+    peer, echo = echo_peer
+    mport = free_port(socket.SOCK_STREAM)
+    lo = 31000 + (os.getpid() * 7) % 3000
+    with turnserver_process(
+        tmp_path,
+        *loopback_args(SECRET, lo, lo + 399),
+        "--probe-interval",
+        "0",
+        workers=workers,
+        metrics=f"127.0.0.1:{mport}",
+    ) as proc:
+        address = ("127.0.0.1", proc.port)
+
+        async def one(i: int) -> tuple[str, int]:
+            cred = mint(SECRET, f"aioice-{i}", 600, time.time())
+            return await _round_trips(address, peer, cred.username, cred.password)
+
+        relayed = await asyncio.gather(*(one(i) for i in range(8)))
+        assert all(lo <= port <= lo + 399 for _, port in relayed)
+        assert echo.received == 8 * 20
+        with pytest.raises(Exception, match=r"401|Unauthorized"):
+            await asyncio.wait_for(
+                turn.create_turn_endpoint(
+                    Collector, server_addr=address, username="nobody", password="wrong"
+                ),
+                10,
+            )
+
+        async def none_left() -> bool:
+            async with (
+                aiohttp.ClientSession() as session,
+                session.get(f"http://127.0.0.1:{mport}/metrics") as resp,
+            ):
+                text = await resp.text()
+            active = [
+                float(line.split()[-1])
+                for line in text.splitlines()
+                if line.startswith("turn_allocations_active{")
+            ]
+            return sum(active) == 0
+
+        await eventually(none_left, 10, interval=0.6)  # aioice refreshed with LIFETIME 0

@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -19,7 +20,8 @@ import pytest
 
 from turnserver.ops.selfsigned import spki_sha256
 
-from .conftest import CERT_FILE, IN_CI, RunningServer
+from .conftest import CERT_FILE, IN_CI, KEY_FILE, SECRET, RunningServer
+from .procs import free_port, loopback_args, turnserver_process
 
 pytestmark = pytest.mark.asyncio(loop_factories=["asyncio"])
 
@@ -188,3 +190,33 @@ async def test_page_can_be_turned_off(server: RunningServer) -> None:
         session.get(f"{server.api_base}/preflight") as resp,
     ):
         assert resp.status == 404
+
+
+@pytest.mark.timeout(240)
+async def test_page_relay_relay_with_the_default_worker_count(tmp_path: Path) -> None:
+    """The same page against a server process with the default worker count (one per
+    CPU): each transport's relay candidates may come from different workers."""
+    api = free_port(socket.SOCK_STREAM)
+    tls_port = free_port(socket.SOCK_STREAM)
+    lo = 32000 + (os.getpid() * 11) % 3000
+    with turnserver_process(
+        tmp_path,
+        *loopback_args(SECRET, lo, lo + 399),
+        "--api-listen",
+        f"127.0.0.1:{api}",
+        "--cert",
+        CERT_FILE,
+        "--key",
+        KEY_FILE,
+        streams=True,
+        tls_port=tls_port,
+        workers=None,
+    ):
+        report = await run_page(f"http://127.0.0.1:{api}/preflight")
+    assert "error" not in report, report
+    by_transport = {r["transport"]: r for r in report["results"]}
+    assert set(by_transport) == {"udp", "tcp", "tls"}, report
+    for transport, r in by_transport.items():
+        assert r["ok"], (transport, r)
+        assert r["pair"]["localType"] == "relay" and r["pair"]["remoteType"] == "relay"
+        assert r["audioPacketsReceived"] > 0, (transport, r)

@@ -20,6 +20,7 @@ from turnserver.stun import Attr, MessageClass, Method, encode_message
 
 from .conftest import EchoProtocol
 from .procs import ServerProcess, free_port, loopback_args, turnserver_process
+from .support import WORKER_COUNTS, eventually
 
 SECRET = "abuse-secret"
 pytestmark = pytest.mark.asyncio(loop_factories=["asyncio"])
@@ -60,6 +61,10 @@ async def _readyz(port: int) -> tuple[int, dict[str, object]]:
         return resp.status, await resp.json()
 
 
+async def _ready(port: int) -> bool:
+    return (await _readyz(port))[0] == 200
+
+
 async def _wait_exit(server: ServerProcess, seconds: float) -> int:
     deadline = time.monotonic() + seconds
     while server.proc.poll() is None and time.monotonic() < deadline:
@@ -69,16 +74,19 @@ async def _wait_exit(server: ServerProcess, seconds: float) -> int:
     return code
 
 
+@pytest.mark.parametrize("workers", WORKER_COUNTS)
 async def test_sigterm_drains_then_exits_zero(
-    tmp_path: Path, echo_peer: tuple[tuple[str, int], EchoProtocol]
+    tmp_path: Path, echo_peer: tuple[tuple[str, int], EchoProtocol], workers: int | None
 ) -> None:
     mport = free_port(socket.SOCK_STREAM)
-    with turnserver_process(tmp_path, *_args(mport, "--drain-timeout", "20")) as server:
+    with turnserver_process(
+        tmp_path, *_args(mport, "--drain-timeout", "20"), workers=workers
+    ) as server:
         live = await _client(server, "live")
         await live.allocate()
         await live.channel_bind(0x4000, echo_peer[0])
         await _round_trip(live, b"before")
-        assert (await _readyz(mport))[0] == 200
+        await eventually(lambda: _ready(mport), 10)  # every worker
         server.proc.send_signal(signal.SIGTERM)
         for _ in range(50):
             status, body = await _readyz(mport)
@@ -98,9 +106,12 @@ async def test_sigterm_drains_then_exits_zero(
         assert "drained: no allocations left" in server.log()
 
 
-async def test_drain_timeout_ends_the_process(tmp_path: Path) -> None:
+@pytest.mark.parametrize("workers", WORKER_COUNTS)
+async def test_drain_timeout_ends_the_process(tmp_path: Path, workers: int | None) -> None:
     mport = free_port(socket.SOCK_STREAM)
-    with turnserver_process(tmp_path, *_args(mport, "--drain-timeout", "1")) as server:
+    with turnserver_process(
+        tmp_path, *_args(mport, "--drain-timeout", "1"), workers=workers
+    ) as server:
         stuck = await _client(server, "stuck")
         await stuck.allocate()
         started = time.monotonic()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import signal
 import ssl
@@ -19,6 +20,7 @@ from turnserver.ops.selfsigned import ensure_self_signed
 
 from .conftest import EchoProtocol
 from .procs import ServerProcess, free_port, turnserver_process
+from .support import WORKER_COUNTS, eventually
 
 
 class Collector(asyncio.DatagramProtocol):
@@ -72,20 +74,23 @@ async def _allocates(server: ServerProcess, secret: str, user: str) -> bool:
     return True
 
 
-async def _hup(server: ServerProcess, expect: str) -> None:
+async def _hup(server: ServerProcess, expect: str, processes: int) -> None:
+    """SIGHUP, then wait until each of the server's processes logged `expect`."""
     before = server.log().count(expect)
     server.proc.send_signal(signal.SIGHUP)
-    for _ in range(100):
-        if server.log().count(expect) > before:
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"no {expect!r} after SIGHUP: {server.log()[-2000:]}")
+    await eventually(
+        lambda: server.log().count(expect) >= before + processes,
+        10,
+        what=f"{expect!r} after SIGHUP: {server.log()[-2000:]}",
+    )
 
 
 @pytest.mark.asyncio(loop_factories=["asyncio"])
+@pytest.mark.parametrize("workers", WORKER_COUNTS)
 async def test_sighup_reloads_without_dropping_allocations(
-    tmp_path: Path, echo_peer: tuple[tuple[str, int], EchoProtocol]
+    tmp_path: Path, echo_peer: tuple[tuple[str, int], EchoProtocol], workers: int | None
 ) -> None:
+    processes = workers or os.cpu_count() or 1
     cert_a, key_a = str(tmp_path / "a.pem"), str(tmp_path / "a.key")
     cert_b, key_b = str(tmp_path / "b.pem"), str(tmp_path / "b.key")
     ensure_self_signed(cert_a, key_a, ["localhost"])
@@ -94,7 +99,7 @@ async def test_sighup_reloads_without_dropping_allocations(
     _config(cfg, "secret-a", cert_a, key_a)
     tls_port = free_port()
     with turnserver_process(
-        tmp_path, "--config", str(cfg), streams=True, tls_port=tls_port
+        tmp_path, "--config", str(cfg), streams=True, tls_port=tls_port, workers=workers
     ) as server:
         assert await _served_cert(tls_port) == _der(cert_a)
         # A live allocation over TLS that must survive every reload below
@@ -114,7 +119,7 @@ async def test_sighup_reloads_without_dropping_allocations(
             assert await asyncio.wait_for(proto.queue.get(), 3) == b"before"
 
             _config(cfg, "secret-b", cert_b, key_b)
-            await _hup(server, "configuration reloaded")
+            await _hup(server, "configuration reloaded", processes)
             assert await _served_cert(tls_port) == _der(cert_b)
             assert not await _allocates(server, "secret-a", "rotated-out")
             assert await _allocates(server, "secret-b", "rotated-in")
@@ -122,11 +127,11 @@ async def test_sighup_reloads_without_dropping_allocations(
 
             Path(cert_a).write_text("not a certificate")
             _config(cfg, "secret-b", cert_a, key_a)
-            await _hup(server, "certificate reload failed")
+            await _hup(server, "certificate reload failed", processes)
             assert await _served_cert(tls_port) == _der(cert_b)
 
             cfg.write_text("realm: [broken\n")
-            await _hup(server, "configuration rejected")
+            await _hup(server, "configuration rejected", processes)
             assert await _allocates(server, "secret-b", "still-fine")
 
             live.sendto(b"after", echo_peer[0])

@@ -5,6 +5,7 @@ even on loss)."""
 
 from __future__ import annotations
 
+import os
 import re
 import socket
 import subprocess
@@ -72,13 +73,24 @@ class Lab:
             return dict(zip(cases, results, strict=True))
 
 
-@pytest.fixture(scope="module", params=["uvloop", "asyncio"])
+@pytest.fixture(
+    scope="module",
+    params=[
+        pytest.param(("uvloop", None), id="uvloop-default-workers"),
+        pytest.param(("uvloop", 1), id="uvloop-one-worker"),
+        pytest.param(("asyncio", None), id="asyncio-default-workers"),
+    ],
+)
 def lab(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Iterator[Lab]:
-    """Our server (as a process, on each event loop) with coturn's echo peer."""
+    """Our server (as a process, on each event loop, with the default worker count and
+    with one) with coturn's echo peer."""
+    loop, workers = request.param
     uclient = require_tool("turnutils_uclient")
     peer = require_tool("turnutils_peer")
     tmp = tmp_path_factory.mktemp("uclient")
-    lo = 30000 + (free_port() % 5000)
+    # below the ephemeral range (32768-60999), where client sockets could hold a reserved
+    # relay port (RFC 8656 EVEN-PORT) between its reservation and its use
+    lo = 20000 + (os.getpid() % 10) * 1000
     peer_port = free_port()
     tls_port = free_port(socket.SOCK_STREAM)
     cert, key = str(tmp / "cert.pem"), str(tmp / "key.pem")
@@ -88,12 +100,14 @@ def lab(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
         "--secret", SECRET, "--user", "user:pass", "--realm", "example.org",
         "--relay-ip", "127.0.0.1", *(["--relay-ip", "::1"] if HAS_IPV6 else []),
         "--allow-loopback-peers", "--min-port", str(lo), "--max-port", str(lo + 999),
-        "--log-level", "info", "--cert", cert, "--key", key, "--loop", request.param,
+        "--log-level", "info", "--cert", cert, "--key", key, "--loop", loop,
     ]  # fmt: skip
 
     with (
         background([peer, "-L", "127.0.0.1", *v6, "-p", str(peer_port)]),
-        turnserver_process(Path(tmp), *server_args, streams=True, tls_port=tls_port) as server,
+        turnserver_process(
+            Path(tmp), *server_args, streams=True, tls_port=tls_port, workers=workers
+        ) as server,
     ):
         yield Lab(server, peer_port, tls_port, uclient)
 

@@ -428,7 +428,7 @@ def main(argv: list[str] | None = None) -> int:
             import asyncio
 
             from turnserver.ops.eventlog import setup_logging
-            from turnserver.ops.workers import Supervisor
+            from turnserver.ops.process.supervisor import Supervisor
 
             setup_logging(settings.log_level, settings.log_format)
             try:
@@ -436,7 +436,11 @@ def main(argv: list[str] | None = None) -> int:
             except OSError as exc:
                 print(f"turnserver: {exc.strerror or exc}", file=sys.stderr)
                 return 1
-            return asyncio.run(supervisor.run())
+            from turnserver.io.loop import loop_factory
+
+            _, factory = loop_factory(settings.loop)
+            with asyncio.Runner(loop_factory=factory) as runner:
+                return runner.run(supervisor.run())
         return serve(settings, args.show_credential, reload_settings)
 
     if args.command == "dev":

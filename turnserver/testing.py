@@ -83,11 +83,12 @@ def serve_command(
     *args: str,
     streams: bool = False,
     tls_port: int | None = None,
-    workers: int = 1,
+    workers: int | None = 1,
     metrics: str = "off",
 ) -> list[str]:
     """`python -m turnserver serve` on 127.0.0.1:port (udp; tcp too with streams, and
-    tls on tls_port), one worker and no metrics listener unless asked, plus `args`."""
+    tls on tls_port), one worker (None: the default count, one per CPU) and no metrics
+    listener unless asked, plus `args`."""
     listen = ["--listen", f"udp://127.0.0.1:{port}"]
     if streams:
         listen += ["--listen", f"tcp://127.0.0.1:{port}"]
@@ -101,8 +102,7 @@ def serve_command(
         *listen,
         "--metrics-listen",
         metrics,
-        "--workers",
-        str(workers),
+        *(["--workers", str(workers)] if workers is not None else []),
         *args,
     ]
 
@@ -178,7 +178,7 @@ def server_process(
     port: int | None = None,
     streams: bool = False,
     tls_port: int | None = None,
-    workers: int = 1,
+    workers: int | None = 1,
     metrics: str = "127.0.0.1:0",
     env: dict[str, str] | None = None,
     start_timeout: float = 15.0,

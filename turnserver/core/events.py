@@ -144,6 +144,18 @@ class PeerConnectionBound:
 
 
 @dataclass(slots=True)
+class ConnectionBindForwarded:
+    """RFC 6062 §5.4 across workers: a ConnectionBind names a CONNECTION-ID that another
+    worker process owns; the I/O layer asks that worker for the peer connection and
+    reports back through TurnServer.finish_remote_bind."""
+
+    five_tuple: FiveTuple  # the client's new data connection
+    connection_id: int
+    owner: int  # the index of the worker that owns the connection
+    username: str
+
+
+@dataclass(slots=True)
 class ReasonEvent:
     """Something that happened to a 5-tuple, with a bounded reason and free detail."""
 
@@ -186,6 +198,7 @@ Event = (
     | ConnectionClosed
     | TlsHandshakeFailed
     | PeerConnectionBound
+    | ConnectionBindForwarded
 )
 
 

@@ -1,5 +1,5 @@
 """Allocation quotas: in all, per user and per client IP address. The ledger is injected
-so that worker processes can share one (see ops/workers.py); this one is for a single
+so that worker processes can share one (see ops/process/); this one is for a single
 process."""
 
 from __future__ import annotations

@@ -103,6 +103,7 @@ class TurnServer(AdminActions, PermissionHandlers, TcpConnectionHandlers):
 
     def close_five_tuple(self, five_tuple: FiveTuple, now: float) -> None:
         """The client's connection closed: its allocation goes with it (RFC 6062 §2)."""
+        self.remote_binds.pop(five_tuple, None)
         alloc = self.allocations.get(five_tuple)
         if alloc is not None:
             self._delete(alloc, now, "connection_closed")

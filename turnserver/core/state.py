@@ -46,6 +46,10 @@ FAMILY_VERSION = {AddressFamily.IPV4: 4, AddressFamily.IPV6: 6}
 VERSION_FAMILY = {4: AddressFamily.IPV4, 6: AddressFamily.IPV6}
 BIND_ATTEMPTS = 16
 CONNECTION_TIMEOUT = 30.0  # RFC 6062 §5.2, §5.3
+# A CONNECTION-ID names the worker process that owns it in its top byte, so that a
+# ConnectionBind accepted by another worker can be sent to the owner (RFC 6062 §5.4)
+CONNECTION_ID_OWNER_SHIFT = 24
+MAX_WORKERS = 1 << (32 - CONNECTION_ID_OWNER_SHIFT)
 # Requests and indications other than Send are small; a larger one is refused before
 # it is decoded (a Send indication may carry up to a datagram of data).
 MAX_CONTROL_MESSAGE = 4096
@@ -66,6 +70,26 @@ class TimerKind(IntEnum):
 
 class DeferredResponse(Exception):
     """A handler started work whose outcome (and response) comes later (RFC 6062 Connect)."""
+
+
+class RemoteBind:
+    """A ConnectionBind waiting for the worker that owns its CONNECTION-ID."""
+
+    __slots__ = ("connection_id", "fingerprint", "identity", "owner", "transaction_id")
+
+    def __init__(
+        self,
+        connection_id: int,
+        owner: int,
+        transaction_id: bytes,
+        fingerprint: bool,
+        identity: Identity,
+    ) -> None:
+        self.connection_id = connection_id
+        self.owner = owner
+        self.transaction_id = transaction_id
+        self.fingerprint = fingerprint
+        self.identity = identity
 
 
 class Reservation:
@@ -151,6 +175,10 @@ class CoreState:
         self._timers: list[tuple[float, int, TimerKind, Any, Any]] = []
         self._seq = 0
         self.peer_connections: dict[int, PeerConnection] = {}
+        # Worker processes: this one's index and how many there are (CONNECTION-IDs)
+        self.worker_index = 0
+        self.worker_count = 1
+        self.remote_binds: dict[FiveTuple, RemoteBind] = {}
         # The self-probe may reach its own echo socket whatever the peer policy says.
         self.probe_users: set[str] = set()
         self._challenges = TokenBuckets(config.challenge_rate, config.challenge_burst)

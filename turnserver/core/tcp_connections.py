@@ -17,14 +17,17 @@ from turnserver.core.errors import (
     ConnectionAlreadyExists,
     ConnectionTimeoutOrFailure,
     InsufficientCapacity,
+    TurnError,
     WrongCredentials,
 )
 from turnserver.core.five_tuple import ClientTransport, FiveTuple
 from turnserver.core.state import (
+    CONNECTION_ID_OWNER_SHIFT,
     CONNECTION_TIMEOUT,
     Attributes,
     CoreState,
     DeferredResponse,
+    RemoteBind,
     TimerKind,
 )
 from turnserver.stun.attributes import Address
@@ -56,8 +59,10 @@ class TcpConnectionHandlers(CoreState):
         self._check_descriptors(1)
 
     def _new_connection_id(self) -> int:
+        """A fresh CONNECTION-ID whose top byte is this worker's index."""
+        owner = self.worker_index << CONNECTION_ID_OWNER_SHIFT
         while True:
-            cid = secrets.randbits(32)
+            cid = owner | secrets.randbits(CONNECTION_ID_OWNER_SHIFT)
             if cid and cid not in self.peer_connections:
                 return cid
 
@@ -163,12 +168,76 @@ class TcpConnectionHandlers(CoreState):
         if ft.transport == ClientTransport.UDP or ft in self.allocations:
             raise BadRequest("ConnectionBind must come on a new TCP connection")
         cid = msg.get(Attr.CONNECTION_ID)
-        pc = self.peer_connections.get(cid) if cid is not None else None
+        if cid is None:
+            raise BadRequest("ConnectionBind without CONNECTION-ID")
+        owner = cid >> CONNECTION_ID_OWNER_SHIFT
+        if owner != self.worker_index and owner < self.worker_count:
+            # another worker's connection: the I/O layer asks it (finish_remote_bind)
+            if ft in self.remote_binds:
+                raise BadRequest("a ConnectionBind is in progress on this connection")
+            self.remote_binds[ft] = RemoteBind(
+                cid, owner, msg.transaction_id, msg.fingerprint_offset >= 0, ident
+            )
+            self.events.append(ev.ConnectionBindForwarded(ft, cid, owner, ident.username))
+            raise DeferredResponse
+        self._check_bind(self.peer_connections.get(cid), ident.username)
+        return []
+
+    @staticmethod
+    def _check_bind(pc: PeerConnection | None, username: str) -> PeerConnection:
+        """RFC 6062 §5.4: a known connection waiting for its bind, of the same user."""
         if pc is None or pc.state != PeerConnection.PENDING_BIND:
             raise BadRequest("unknown or already bound CONNECTION-ID")
-        if ident.username != pc.alloc.username:
+        if username != pc.alloc.username:
             raise WrongCredentials("username differs from the allocation's")
-        return []
+        return pc
+
+    def hand_over_peer_connection(self, connection_id: int, username: str) -> int:
+        """Another worker accepted the ConnectionBind for one of our peer connections:
+        0 when it may take the connection over (now bound there), else the STUN error
+        code to answer with. The allocation keeps counting the connection."""
+        try:
+            pc = self._check_bind(self.peer_connections.get(connection_id), username)
+        except TurnError as err:
+            return err.code
+        pc.state = PeerConnection.BOUND
+        return 0
+
+    def finish_remote_bind(self, ft: FiveTuple, code: int) -> bytes | None:
+        """The owner of a forwarded ConnectionBind answered (code 0: the connection is
+        ours now); returns the response for the client's data connection."""
+        rb = self.remote_binds.pop(ft, None)
+        if rb is None:
+            return None
+        ident = rb.identity
+        err: TurnError | None = None
+        if code == WrongCredentials.code:
+            err = WrongCredentials("username differs from the allocation's")
+        elif code == BadRequest.code:
+            err = BadRequest("unknown or already bound CONNECTION-ID")
+        elif code:
+            err = ConnectionTimeoutOrFailure("the connection's owner did not hand it over")
+        attrs: Attributes = []
+        if err is None:
+            klass = MessageClass.SUCCESS
+            self.events.append(ev.RequestHandled(ft, "connection_bind", 0, "", ident.username))
+        else:
+            klass = MessageClass.ERROR
+            attrs.append((Attr.ERROR_CODE, (err.code, err.phrase)))
+            self.events.append(
+                ev.RequestHandled(ft, "connection_bind", err.code, err.reason, ident.username)
+            )
+        if self.config.software:
+            attrs.append((Attr.SOFTWARE, self.config.software))
+        return encode_message(
+            Method.CONNECTION_BIND,
+            klass,
+            rb.transaction_id,
+            attrs,
+            integrity_key=ident.key,
+            fingerprint=rb.fingerprint,
+            integrity_sha256=ident.sha256_integrity,
+        )
 
     def _finish_connection_bind(self, msg: StunMessage, ft: FiveTuple) -> None:
         pc = self.peer_connections[msg.get(Attr.CONNECTION_ID)]

@@ -31,6 +31,9 @@ class PeerPipe(Protocol):
 
     def close(self, graceful: bool = False) -> None: ...
 
+    def attach(self, data_conn: ClientStream, early: bytes) -> None:
+        """Become one pipe with the data connection; `early`: client bytes read already."""
+
 
 class ClientStream(Protocol):
     """A client's TCP/TLS connection, as the runtime and RFC 6062 relays see it."""
@@ -41,6 +44,19 @@ class ClientStream(Protocol):
 
     def close(self, reason: str, detail: str = "") -> None: ...
 
+    def hold(self) -> None:
+        """Stop reading and answering until release_hold (a ConnectionBind in flight)."""
+
+    def release_hold(self, pipe: PeerPipe | None = None) -> None:
+        """Go on; with `pipe`, as an RFC 6062 data connection joined to it."""
+
+
+class PeerHandover(Protocol):
+    """The worker bus (io/handover.py), as a relay sees it: tells the worker holding a
+    handed-over peer connection to close it."""
+
+    def close_handed(self, holder: int, connection_id: int) -> None: ...
+
 
 class AdapterHost(Protocol):
     """The runtime as the listeners and relay sockets see it."""
@@ -49,6 +65,10 @@ class AdapterHost(Protocol):
     core: TurnServer
     descriptors: DescriptorBudget
     offload: OffloadFlows | None  # the kernel fast path, when on
+
+    @property
+    def handover(self) -> PeerHandover | None:
+        """The worker bus (RFC 6062 across worker processes), if there are workers."""
 
     def now(self) -> float: ...
 

@@ -18,6 +18,7 @@ from turnserver.core.five_tuple import ClientTransport, FiveTuple
 from turnserver.core.policy import PeerPolicy
 from turnserver.core.server import TurnServer
 from turnserver.io.descriptors import DescriptorBudget, tighter
+from turnserver.io.handover import WorkerBus
 from turnserver.io.host import ClientSink, ClientStream
 from turnserver.io.impairment import Impairments
 from turnserver.io.offload_flows import OffloadFlows
@@ -66,7 +67,13 @@ _OFFLOAD_EVENTS = (
 )
 # what _route acts on
 _ROUTED = frozenset(
-    {ev.AllocationCreated, ev.AllocationEnded, ev.PeerConnectionBound, *_OFFLOAD_EVENTS}
+    {
+        ev.AllocationCreated,
+        ev.AllocationEnded,
+        ev.PeerConnectionBound,
+        ev.ConnectionBindForwarded,
+        *_OFFLOAD_EVENTS,
+    }
 )
 
 
@@ -110,6 +117,7 @@ class ServerRuntime:
         self.request_timer: Callable[[float | None], None] | None = None
         self.impairments: Impairments | None = None  # developer mode only
         self.offload: OffloadFlows | None = None  # the kernel fast path, when on
+        self.handover: WorkerBus | None = None  # RFC 6062 across workers (io/handover.py)
         self.draining = False
 
         self.listeners_bound = False
@@ -201,6 +209,9 @@ class ServerRuntime:
         """Delete all allocations and close every socket."""
         self.core.shutdown(self.now())
         self.after_core_call()
+        if self.handover is not None:
+            self.handover.close()
+            self.handover = None
         for listener in self.udp_listeners.values():
             listener.close(self.loop)
         self.udp_listeners.clear()
@@ -414,6 +425,18 @@ class ServerRuntime:
                 self.core.peer_connection_closed(event.connection_id)
                 if data_conn is not None:
                     data_conn.close("peer_closed")
+        elif isinstance(event, ev.ConnectionBindForwarded):
+            conn = self.stream_connections.get(event.five_tuple)
+            bus = self.handover
+            if conn is None:
+                self.core.finish_remote_bind(event.five_tuple, 447)
+            elif bus is None:
+                response = self.core.finish_remote_bind(event.five_tuple, 400)
+                if response is not None and conn.transport is not None:
+                    conn.transport.write(response)
+            else:
+                conn.hold()
+                bus.forward_bind(event.five_tuple, event.connection_id, event.owner, event.username)
         elif isinstance(event, ev.AllocationEnded):
             ft = event.five_tuple
             if ft.transport == ClientTransport.UDP:

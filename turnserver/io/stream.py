@@ -87,6 +87,7 @@ class StreamConnection(asyncio.Protocol):
         self.closed_by_server = False
         self.registered = False
         self.pipe: PeerPipe | None = None  # set once ConnectionBind succeeds
+        self.held = False  # a ConnectionBind is with another worker (io/handover.py)
 
     @property
     def paused(self) -> bool:
@@ -195,6 +196,8 @@ class StreamConnection(asyncio.Protocol):
                 if not self.answered and is_success_response(response):
                     self.answered = True
             runtime.after_core_call(perf_counter() - started)
+            if self.held:  # the ConnectionBind went to the worker that owns it
+                break
             if self.pipe is not None:  # ConnectionBind made this a data connection
                 rest = framer.take_rest()
                 if rest and self.pipe.transport is not None:
@@ -222,7 +225,7 @@ class StreamConnection(asyncio.Protocol):
         self.paused_since = 0.0
         if self.pipe is not None and self.pipe.transport is not None:
             self.pipe.transport.resume_reading()
-        if self.transport is not None and not self.closing:
+        if self.transport is not None and not self.closing and not self.held:
             self.transport.resume_reading()
             if self.pipe is None and self.framer.buffered:
                 self._process()  # frames read before the pause
@@ -239,6 +242,27 @@ class StreamConnection(asyncio.Protocol):
         if self.pipe is not None:
             self.pipe.close(graceful=True)
         self.runtime.stream_closed(self, self.close_reason)
+
+    def hold(self) -> None:
+        """A ConnectionBind is with another worker: read and answer nothing more until
+        release_hold (what the client sends meanwhile waits in the kernel)."""
+        self.held = True
+        if self.transport is not None:
+            self.transport.pause_reading()
+
+    def release_hold(self, pipe: PeerPipe | None = None) -> None:
+        """The ConnectionBind was answered; with `pipe`, this is now its data connection."""
+        self.held = False
+        if self.closing or self.transport is None:
+            if pipe is not None:
+                pipe.close()
+            return
+        if pipe is not None:
+            pipe.attach(self, self.framer.take_rest())
+        if not self.paused:
+            self.transport.resume_reading()
+        if pipe is None and self.framer.buffered:
+            self._process()
 
     # ---- ClientSink ------------------------------------------------------------------
 

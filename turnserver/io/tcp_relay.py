@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import socket
-from typing import cast
+from typing import Protocol, cast
 
 from turnserver.core.allocation import Allocation
 from turnserver.io.host import AdapterHost, ClientSink, ClientStream
@@ -26,10 +27,25 @@ def _tcp_socket(host: str, port: int) -> socket.socket:
     return bind_socket(host, port, socket.SOCK_STREAM, reuse_port=True, reuse_addr=True)
 
 
-class PeerTcpConnection(asyncio.Protocol):
-    """The relay's TCP connection to one peer."""
+class PeerConnectionOwner(Protocol):
+    """Who a peer connection reports to: its allocation's TcpRelay, or (for a
+    connection handed over by another worker) the worker bus."""
 
-    def __init__(self, relay: TcpRelay, connection_id: int = 0, *, counted: bool = False) -> None:
+    runtime: AdapterHost
+
+    def inbound(self, conn: PeerTcpConnection) -> bool: ...
+
+    def lost(self, conn: PeerTcpConnection) -> None: ...
+
+
+class PeerTcpConnection(asyncio.Protocol):
+    """The relay's TCP connection to one peer. It reads nothing until it is bound to a
+    client data connection (RFC 6062 §5.4): until then the peer's bytes wait in the
+    kernel under TCP flow control, and the socket can move to another worker whole."""
+
+    def __init__(
+        self, relay: PeerConnectionOwner, connection_id: int = 0, *, counted: bool = False
+    ) -> None:
         self.relay = relay
         self.connection_id = connection_id
         self.counted = counted  # holds one descriptor of the budget
@@ -40,6 +56,7 @@ class PeerTcpConnection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
+        self.transport.pause_reading()  # until attach()
         peer = transport.get_extra_info("peername")
         self.peer = (peer[0], peer[1])
         if not self.connection_id and self.relay.inbound(self):  # a peer dialled in
@@ -89,6 +106,18 @@ class PeerTcpConnection(asyncio.Protocol):
             else:
                 self.transport.abort()
 
+    def duplicate(self) -> int | None:
+        """A new descriptor of the peer socket (to hand over), or None when it is gone."""
+        transport = self.transport
+        sock = transport.get_extra_info("socket") if transport is not None else None
+        if sock is None:
+            return None
+        try:
+            fd: int = os.dup(sock.fileno())
+            return fd
+        except OSError:
+            return None
+
 
 class TcpRelay:
     """Implements core.allocation.TcpRelayEndpoint."""
@@ -100,6 +129,8 @@ class TcpRelay:
         host, port = sock.getsockname()[:2]
         self.address: Address = (host, port)
         self.connections: dict[int, PeerTcpConnection] = {}
+        # connections handed over to another worker (io/handover.py): id -> its index
+        self.handed: dict[int, int] = {}
         self._closed = False
         self._tasks: set[asyncio.Task[None]] = set()
         self._listen_sock = sock
@@ -181,6 +212,18 @@ class TcpRelay:
         conn.attach(data_conn, early)
         return True
 
+    def hand_over(self, connection_id: int, holder: int) -> int | None:
+        """Give a pending peer connection to worker `holder`: a descriptor of its socket
+        (ours is closed), or None when the connection is gone."""
+        conn = self.connections.pop(connection_id, None)
+        if conn is None:
+            return None
+        fd = conn.duplicate()
+        conn.close()  # our descriptor only: the socket lives on in the duplicate
+        if fd is not None:
+            self.handed[connection_id] = holder
+        return fd
+
     def lost(self, conn: PeerTcpConnection) -> None:
         if self.connections.get(conn.connection_id) is conn:
             del self.connections[conn.connection_id]
@@ -189,6 +232,10 @@ class TcpRelay:
             conn.data_conn.close("peer_closed")
 
     def close_connection(self, connection_id: int) -> None:
+        holder = self.handed.pop(connection_id, None)
+        bus = self.runtime.handover
+        if holder is not None and bus is not None:
+            bus.close_handed(holder, connection_id)
         conn = self.connections.pop(connection_id, None)
         if conn is not None:
             conn.close()
@@ -207,7 +254,7 @@ class TcpRelay:
                 self._listen_sock.close()
         for task in list(self._tasks):
             task.cancel()
-        for cid in list(self.connections):
+        for cid in [*self.connections, *self.handed]:
             self.close_connection(cid)
 
 

@@ -194,7 +194,14 @@ class AdminApi:
         self.store = store
         self.clock = clock
         self.stats = AdminStats()
-        self.revocations: Revocations = {}  # what this API last applied or loaded
+        # applies the revocations in force to this process's core (set by AdminService)
+        self.on_change: Callable[[Revocations], int] | None = None
+        # Revocations in force: the file's, and those made through this API that the file
+        # does not hold (no file, a read-only one, or a worker's copy): a reload of the
+        # file never drops the latter, and a restarted worker gets them from its
+        # supervisor (replace_api_revocations)
+        self.from_file: Revocations = {}
+        self.from_api: Revocations = {}
         self.app = web.Application(client_max_size=MAX_BODY, middlewares=[self._middleware])
         r = self.app.router
         r.add_get("/admin/v1/allocations", self.list_allocations)
@@ -204,6 +211,8 @@ class AdminApi:
         r.add_post("/admin/v1/revocations", self.add_revocation)
         r.add_delete("/admin/v1/revocations/{user}", self.delete_revocation)
         r.add_get("/admin/v1/summary", self.summary)
+        if store is None:  # a worker's internal copy: its supervisor sets them all at once
+            r.add_put("/admin/v1/revocations", self.put_revocations)
 
     def who(self, request: web.Request) -> str | None:
         """The name of the token the request carries, or None (constant-time compare)."""
@@ -285,17 +294,22 @@ class AdminApi:
 
     # ---- revocations --------------------------------------------------------------------
 
-    def _live(self) -> Revocations:
+    @property
+    def revocations(self) -> Revocations:
+        """Every revocation in force (the file's and the API's), expired ones dropped."""
         now = self.clock()
-        self.revocations = {u: e for u, e in self.revocations.items() if e[0] > now}
-        return self.revocations
+        merged = {u: e for u, e in self.from_file.items() if e[0] > now}
+        for user, entry in self.from_api.items():
+            if entry[0] > now and entry[0] >= merged.get(user, (0.0, ""))[0]:
+                merged[user] = entry
+        return merged
 
     async def list_revocations(self, request: web.Request) -> web.Response:
         return web.json_response(
             {
                 "revocations": [
                     {"user": u, "until": int(until), "reason": reason}
-                    for u, (until, reason) in sorted(self._live().items())
+                    for u, (until, reason) in sorted(self.revocations.items())
                 ]
             }
         )
@@ -326,10 +340,12 @@ class AdminApi:
         if not now < until < now + 10 * 365 * 86400:
             return _error(400, "until must be in the future (and within ten years)")
         ended = await self.backend.revoke(user, until, reason)
-        self._live()[user] = (until, reason)
         warning = None
+        self.from_api[user] = (until, reason)
         if self.store is not None and body.get("persist", True):
             warning = self.store.save(self.revocations)
+            if warning is None:  # the file holds it now: the file is the truth
+                self.from_file[user] = self.from_api.pop(user)
         log.warning(
             "admin revoked user=%s until=%d reason=%s by=%s ended=%d",
             safe_text(user),
@@ -346,7 +362,8 @@ class AdminApi:
     async def delete_revocation(self, request: web.Request) -> web.Response:
         user = request.match_info["user"]
         known = await self.backend.unrevoke(user)
-        known = self._live().pop(user, None) is not None or known
+        in_file = self.from_file.pop(user, None) is not None
+        known = (self.from_api.pop(user, None) is not None) or in_file or known
         if not known:
             return _error(404, "no such revocation")
         warning = None
@@ -357,7 +374,25 @@ class AdminApi:
 
     def apply_file(self, entries: Revocations) -> None:
         """Revocations as loaded from the file (start, SIGHUP, change)."""
-        self.revocations = dict(entries)
+        self.from_file = dict(entries)
+
+    async def put_revocations(self, request: web.Request) -> web.Response:
+        """PUT (internal, supervisor to worker): the API-made revocations, all of them."""
+        try:
+            body = await request.json()
+            entries = {
+                str(e["user"]): (float(e["until"]), str(e.get("reason", "")))
+                for e in body["revocations"]
+            }
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+            return _error(400, 'the body must be {"revocations": [{"user", "until"}]}')
+        ended = self.replace_api_revocations(entries)
+        return web.json_response({"revocations": len(entries), "ended": ended})
+
+    def replace_api_revocations(self, entries: Revocations) -> int:
+        """Set the API-made revocations (a worker, from its supervisor) and apply."""
+        self.from_api = dict(entries)
+        return self.on_change(self.revocations) if self.on_change is not None else 0
 
     async def summary(self, request: web.Request) -> web.Response:
         if request.query.get("raw") and isinstance(self.backend, LocalBackend):
@@ -375,6 +410,7 @@ ACTIONS = {
     ("POST", "add_revocation"): "revoke",
     ("DELETE", "delete_revocation"): "unrevoke",
     ("GET", "summary"): "summary",
+    ("PUT", "put_revocations"): "sync_revocations",
 }
 
 
@@ -393,6 +429,7 @@ class AdminService:
         self.api = api
         self.file = file
         self.apply = apply  # to this process's core (None in a supervisor)
+        api.on_change = apply
         self.port = 0
         self._runner: web.AppRunner | None = None
         self._watch: asyncio.Task[None] | None = None
@@ -406,7 +443,7 @@ class AdminService:
             return
         self.api.apply_file(entries)
         if self.apply is not None:
-            ended = self.apply(entries)
+            ended = self.apply(self.api.revocations)
             if ended:
                 log.warning("revocations file: %d allocations of revoked users ended", ended)
 
@@ -417,7 +454,9 @@ class AdminService:
 
     async def start(self, host: str, port: int, ssl_context: Any = None) -> int:
         """Serve the admin API (the revocations are loaded already: see load)."""
-        self._runner, self.port = await serve_app(self.api.app, host, port, ssl_context)
+        self._runner, self.port = await serve_app(
+            self.api.app, host, port, ssl_context, name="admin"
+        )
         return self.port
 
     async def _watch_file(self) -> None:

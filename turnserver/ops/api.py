@@ -324,4 +324,4 @@ async def start_api(
     api: CredentialsApi, host: str, port: int, ssl_context: ssl.SSLContext | None = None
 ) -> tuple[web.AppRunner, int]:
     """Serve the API on host:port (HTTPS with ssl_context); returns the runner and port."""
-    return await serve_app(api.app, host, port, ssl_context)
+    return await serve_app(api.app, host, port, ssl_context, name="api")

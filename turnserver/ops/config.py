@@ -13,8 +13,6 @@ import ssl
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
-import yaml
-
 from turnserver import SOFTWARE
 from turnserver.io.runtime import ListenAddress
 from turnserver.ops.config_values import (
@@ -39,6 +37,7 @@ from turnserver.ops.config_values import (
     parse_account,
     parse_admin_token,
 )
+from turnserver.ops.config_yaml import load_yaml_file, not_utf8, parse_yaml_text
 
 LOG_LEVELS, LOG_FORMATS = ("debug", "info", "warning", "error"), ("text", "json")
 
@@ -121,6 +120,9 @@ class Settings:
     write_timeout: float = 30.0
     max_stream_connections: int = 0  # 0: half the file descriptor budget
     max_stream_connections_per_ip: int = 256
+    http_max_connections: int = 0  # all HTTP listeners of a process; 0: ops/http.py derives
+    http_max_connections_per_ip: int = 32
+    http_idle_timeout: float = 15.0
     log_level: str = "info"
     log_format: str = "text"
     loop: str = "auto"
@@ -131,6 +133,7 @@ class Settings:
     source: str = field(default="defaults", compare=False)
 
 
+HTTP_CAPS = ("max_connections", "max_connections_per_ip")
 SCHEMA: dict[str, tuple[str, Check]] = {
     "realm": ("realm", _str),
     "listen": ("listen", _listen_list),
@@ -199,76 +202,24 @@ SCHEMA: dict[str, tuple[str, Check]] = {
     "stream.write_timeout": ("write_timeout", _float(1, 3600)),
     "stream.max_connections": ("max_stream_connections", _int(0, 10_000_000)),
     "stream.max_connections_per_ip": ("max_stream_connections_per_ip", _int(0, 10_000_000)),
+    **{f"http.{k}": (f"http_{k}", _int(0, 1_000_000)) for k in HTTP_CAPS},
+    "http.idle_timeout": ("http_idle_timeout", _float(1, 3600)),
     "dev.enabled": ("dev", _bool),
     "dev.impair": ("impairments", _impairment_list),
     "dev.seed": ("impair_seed", _int(0, 2**32 - 1)),
     "log.level": ("log_level", _choice(LOG_LEVELS)),
     "log.format": ("log_format", _choice(LOG_FORMATS)),
 }
-SECTIONS = {key.split(".")[0] for key in SCHEMA if "." in key}
 
 
 def load_file(path: str) -> dict[str, Any]:
     """Read a YAML file into Settings field values; ConfigError names key and line."""
-    try:
-        with open(path, encoding="utf-8") as fh:
-            text = fh.read()
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read config file: {exc.strerror}") from None
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"{path}: {_not_utf8(exc)}") from None
-    return parse_yaml(text, os.path.basename(path))
-
-
-def _not_utf8(exc: UnicodeDecodeError) -> str:
-    return f"not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start})"
+    return load_yaml_file(path, SCHEMA)
 
 
 def parse_yaml(text: str, name: str = "<config>") -> dict[str, Any]:
     """Parse YAML text into Settings field values."""
-    loader = yaml.SafeLoader(text)
-    try:
-        root = loader.get_single_node()
-        values: dict[str, Any] = {}
-        if root is None:
-            return values
-        if not isinstance(root, yaml.MappingNode):
-            raise ConfigError(f"{name}:{root.start_mark.line + 1}: the top level must be a mapping")
-        _walk(loader, root, "", name, values)
-        return values
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark
-        line = mark.line + 1 if mark is not None else 0
-        raise ConfigError(f"{name}:{line}: invalid YAML: {exc.problem}") from None
-    finally:
-        loader.dispose()
-
-
-def _walk(
-    loader: yaml.SafeLoader,
-    node: yaml.MappingNode,
-    prefix: str,
-    name: str,
-    values: dict[str, Any],
-) -> None:
-    for key_node, value_node in node.value:
-        line = key_node.start_mark.line + 1
-        key = f"{prefix}{key_node.value}"
-        if key in SCHEMA:
-            attr, check = SCHEMA[key]
-            raw = loader.construct_object(value_node, deep=True)
-            try:
-                values[attr] = check(raw, key)
-            except ConfigError as exc:
-                raise ConfigError(f"{name}:{line}: {exc}") from None
-        elif key in SECTIONS:
-            if not isinstance(value_node, yaml.MappingNode):
-                raise ConfigError(f"{name}:{line}: {key}: expected a mapping")
-            _walk(loader, value_node, key + ".", name, values)
-        else:
-            known = sorted(k for k in SCHEMA if k.startswith(prefix))
-            hint = f" (known keys: {', '.join(known)})" if prefix else ""
-            raise ConfigError(f"{name}:{line}: unknown key {key!r}{hint}")
+    return parse_yaml_text(text, name, SCHEMA)
 
 
 def build_settings(file_values: dict[str, Any], overrides: dict[str, Any], source: str) -> Settings:
@@ -284,26 +235,22 @@ def build_settings(file_values: dict[str, Any], overrides: dict[str, Any], sourc
 
 
 def read_secret_lines(path: str, key: str) -> list[str]:
-    """Non-empty, non-comment lines of a secrets file (ConfigError names the key)."""
-    return _read_lines(path, key)
-
-
-def _read_lines(path: str, key: str) -> list[str]:
-    """Non-empty, non-comment lines of a file (e.g. a Kubernetes Secret mount)."""
+    """Non-empty, non-comment lines of a secrets file, e.g. a Kubernetes Secret mount
+    (ConfigError names the key)."""
     try:
         with open(path, encoding="utf-8") as fh:
             return [ln.strip() for ln in fh if ln.strip() and not ln.lstrip().startswith("#")]
     except OSError as exc:
         raise ConfigError(f"{key}: cannot read {path}: {exc.strerror}") from None
     except UnicodeDecodeError as exc:
-        raise ConfigError(f"{key}: {path}: {_not_utf8(exc)}") from None
+        raise ConfigError(f"{key}: {path}: {not_utf8(exc)}") from None
 
 
 def _with_external_secrets(s: Settings) -> Settings:
     """Add secrets, API keys and accounts named by files or environment variables."""
     secrets = list(s.secrets)
     if s.secrets_file:
-        secrets += _read_lines(s.secrets_file, "auth.secrets_file")
+        secrets += read_secret_lines(s.secrets_file, "auth.secrets_file")
     if s.secrets_env:
         value = os.environ.get(s.secrets_env)
         if value is None:
@@ -311,15 +258,15 @@ def _with_external_secrets(s: Settings) -> Settings:
         secrets += [x.strip() for x in value.replace("\\n", ",").split(",") if x.strip()]
     keys = list(s.api_keys)
     if s.api_keys_file:
-        keys += _read_lines(s.api_keys_file, "api.keys_file")
+        keys += read_secret_lines(s.api_keys_file, "api.keys_file")
     admin_tokens = list(s.admin_tokens)
     if s.admin_tokens_file:
-        admin_tokens += _read_lines(s.admin_tokens_file, "admin.tokens_file")
+        admin_tokens += read_secret_lines(s.admin_tokens_file, "admin.tokens_file")
     accounts = list(s.accounts)
     if s.accounts_file:
         accounts += [
             parse_account(x, "api.accounts_file")
-            for x in _read_lines(s.accounts_file, "api.accounts_file")
+            for x in read_secret_lines(s.accounts_file, "api.accounts_file")
         ]
     return replace(
         s,

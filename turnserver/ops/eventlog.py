@@ -24,7 +24,10 @@ log = logging.getLogger(LOGGER_NAME)
 
 
 class JsonFormatter(logging.Formatter):
-    """One JSON object per line: time, level, message and the event's fields."""
+    """One JSON object per line: time, level, message, the worker that wrote it (with
+    --workers) and the event's fields."""
+
+    worker: int | None = None
 
     def format(self, record: logging.LogRecord) -> str:
         out: dict[str, Any] = {
@@ -32,6 +35,8 @@ class JsonFormatter(logging.Formatter):
             "level": record.levelname.lower(),
             "msg": record.getMessage(),
         }
+        if self.worker is not None:
+            out["worker"] = self.worker
         fields = getattr(record, "fields", None)
         if isinstance(fields, dict):
             out.update(fields)
@@ -70,7 +75,8 @@ class LineHandler(logging.StreamHandler):  # type: ignore[type-arg]
     def __init__(self, stream: Any, fmt: str) -> None:
         super().__init__(stream)
         self.text = TextFormatter()
-        self.setFormatter(JsonFormatter() if fmt == "json" else self.text)
+        self.json_formatter = JsonFormatter()
+        self.setFormatter(self.json_formatter if fmt == "json" else self.text)
         self.json = fmt == "json"
         self._pending: list[str] = []
         self._scheduled = False
@@ -90,7 +96,13 @@ class LineHandler(logging.StreamHandler):  # type: ignore[type-arg]
         now = time.time()
         name = logging.getLevelName(level)
         if self.json and fields is not None:
-            out = {"time": _json_time(now), "level": name.lower(), "msg": f"{message} {text}"}
+            out: dict[str, Any] = {
+                "time": _json_time(now),
+                "level": name.lower(),
+                "msg": f"{message} {text}",
+            }
+            if self.json_formatter.worker is not None:
+                out["worker"] = self.json_formatter.worker
             out.update(fields)
             line = json.dumps(out, separators=(",", ":"))
         else:
@@ -137,10 +149,12 @@ def _json_time(created: float) -> str:
 _handler: LineHandler | None = None
 
 
-def setup_logging(level: str, fmt: str) -> None:
-    """Configure the root 'turnserver' logger to write to stderr."""
+def setup_logging(level: str, fmt: str, worker: int | None = None) -> None:
+    """Configure the root 'turnserver' logger to write to stderr; `worker`: the index of
+    the worker process, a field of every JSON line."""
     global _handler
     _handler = LineHandler(sys.stderr, fmt)
+    _handler.json_formatter.worker = worker
     root = logging.getLogger(LOGGER_NAME)
     root.handlers[:] = [_handler]
     root.setLevel(level.upper())
@@ -151,6 +165,38 @@ def setup_logging(level: str, fmt: str) -> None:
     logging.logThreads = False
     logging.logProcesses = False
     logging.logMultiprocessing = False
+
+
+LOOP_ERROR_INTERVAL = 60.0
+
+
+def quiet_loop_errors(loop: asyncio.AbstractEventLoop) -> None:
+    """The loop's exception handler, once per kind of error and minute: a flood of the
+    same error (accept() failing for want of descriptors) logs one line with one
+    traceback (a field of JSON lines), then a count of what was left out."""
+    seen: dict[str, tuple[float, int]] = {}
+
+    def handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        exc = context.get("exception")
+        key = f"{context.get('message', '')}|{type(exc).__name__}"
+        now = time.monotonic()
+        last, suppressed = seen.get(key, (-LOOP_ERROR_INTERVAL, 0))
+        if now - last < LOOP_ERROR_INTERVAL:
+            seen[key] = (last, suppressed + 1)
+            return
+        if len(seen) > 1000:
+            seen.clear()
+        seen[key] = (now, 0)
+        more = f" ({suppressed} more like it in the last minute)" if suppressed else ""
+        log.error(
+            "event loop: %s%s%s",
+            context.get("message", "error"),
+            f": {exc!r}" if exc is not None else "",
+            more,
+            exc_info=exc if (isinstance(exc, BaseException) and not suppressed) else None,
+        )
+
+    loop.set_exception_handler(handler)
 
 
 # event type -> (level, message, {log field: event attribute}); special cases below

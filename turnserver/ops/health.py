@@ -6,23 +6,98 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
+from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from turnserver.ops.certcheck import CertificateCheck
 from turnserver.ops.http import serve_app
+from turnserver.ops.worker_metrics import families_of, render_families
 
 if TYPE_CHECKING:
     from turnserver.io.runtime import ServerRuntime
     from turnserver.ops.metrics import Metrics
     from turnserver.ops.probe import SelfProbe
 
+SCRAPE_RATE = 4.0  # renderings of /metrics a second past a burst; more requests wait
+SCRAPE_BURST = 8
 HEARTBEAT = 0.5
 UNRESPONSIVE_AFTER = 5.0
 CERTIFICATE_WARNING_INTERVAL = 6 * 3600
 log = logging.getLogger("turnserver")
+
+
+class ScrapeThrottle:
+    """Renders a scrape body at most SCRAPE_RATE times a second past a burst of
+    SCRAPE_BURST: a request beyond that waits for the next rendering, and every request
+    that arrived before a rendering began shares it. Every answer is rendered after its
+    request arrived (never stale), and a flood of unauthenticated GET /metrics costs a
+    bounded share of a core (the HTTP caps bound how many wait)."""
+
+    def __init__(
+        self,
+        render: Callable[[], Awaitable[bytes]],
+        rate: float = SCRAPE_RATE,
+        burst: int = SCRAPE_BURST,
+    ) -> None:
+        self.render = render
+        self.rate = rate
+        self.burst = float(burst)
+        self._tokens = float(burst)
+        self._stamp = time.monotonic()
+        self._inflight: asyncio.Future[bytes] | None = None
+        self._started = 0.0  # when the rendering in flight began
+        self.renders = 0
+        self.shared = 0  # answers that shared a rendering with others
+
+    async def get(self) -> bytes:
+        arrived = time.monotonic()
+        while True:
+            inflight = self._inflight
+            if inflight is not None:
+                body = await asyncio.shield(inflight)
+                if self._started >= arrived:
+                    self.shared += 1
+                    return body
+                continue  # it began before we arrived: wait for a newer one
+            now = time.monotonic()
+            self._tokens = min(self.burst, self._tokens + (now - self._stamp) * self.rate)
+            self._stamp = now
+            if self._tokens >= 1.0:
+                self._tokens -= 1.0
+                return await self._render_now(now)
+            await asyncio.sleep((1.0 - self._tokens) / self.rate)
+
+    async def _render_now(self, now: float) -> bytes:
+        future: asyncio.Future[bytes] = asyncio.ensure_future(self.render())
+        self._inflight, self._started = future, now
+        try:
+            return await asyncio.shield(future)
+        finally:
+            self._inflight = None
+            self.renders += 1
+
+
+class ScrapeCollector(Collector):
+    """turn_metrics_scrapes_total{result}: scrapes rendered, and served the last body."""
+
+    def __init__(self, throttle: ScrapeThrottle) -> None:
+        self.throttle = throttle
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily(
+            "turn_metrics_scrapes",
+            "GET /metrics renderings, and answers that shared one with other requests "
+            "(throttled: at most 4 renderings a second past a burst of 8)",
+            labels=["result"],
+        )
+        family.add_metric(["rendered"], self.throttle.renders)
+        family.add_metric(["shared"], self.throttle.shared)
+        yield family
 
 
 class Health:
@@ -52,6 +127,11 @@ class Health:
         self.app.router.add_get("/readyz", self.handle_readyz)
         self._runner: web.AppRunner | None = None
         self.port = 0
+        self.scrapes = ScrapeThrottle(self._render)
+        metrics.registry.register(ScrapeCollector(self.scrapes))
+
+    async def _render(self) -> bytes:
+        return render_families(families_of(self.metrics.registry))
 
     def certificate_check(self) -> dict[str, Any] | None:
         """The TLS certificate's expiry and problems; warns in the log now and then."""
@@ -84,7 +164,7 @@ class Health:
     async def start(self, host: str, port: int) -> None:
         self.last_beat = self.runtime.loop.time()
         self._beat = self.runtime.loop.call_later(HEARTBEAT, self._heartbeat)
-        self._runner, self.port = await serve_app(self.app, host, port)
+        self._runner, self.port = await serve_app(self.app, host, port, name="metrics")
 
     async def stop(self) -> None:
         if self._beat is not None:
@@ -163,7 +243,7 @@ class Health:
         return out
 
     async def handle_metrics(self, request: web.Request) -> web.Response:
-        body = generate_latest(self.metrics.registry)
+        body = await self.scrapes.get()
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def handle_healthz(self, request: web.Request) -> web.Response:

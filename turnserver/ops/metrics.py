@@ -33,11 +33,10 @@ from prometheus_client.utils import floatToGoString
 from turnserver import __version__
 from turnserver.core import events as ev
 from turnserver.core.five_tuple import ClientTransport
+from turnserver.ops.service_metrics import ServiceCollector
 
 if TYPE_CHECKING:
     from turnserver.io.runtime import ServerRuntime
-    from turnserver.ops.admin import AdminApi
-    from turnserver.ops.api import CredentialsApi
 
 disable_created_metrics()  # type: ignore[no-untyped-call]  # no *_created series
 
@@ -70,6 +69,7 @@ DROP_REASONS = (
     "oversized",
     "icmp",
 )
+HANDOVER_RESULTS = {"forwarded": 0, "handed_over": 0, "received": 0, "failed": 0}
 TLS_FAILURE_REASONS = (
     "handshake_timeout",
     "certificate_unknown",
@@ -86,39 +86,15 @@ TLS_FAILURE_REASONS = (
 )
 
 
-def admin_requests(admin: AdminApi) -> Metric:
-    """turn_admin_requests_total{action,status}."""
-    family = CounterMetricFamily(
-        "turn_admin_requests",
-        "Admin API requests, by action and status",
-        labels=["action", "status"],
-    )
-    for (action, status), n in sorted(admin.stats.requests.items()):
-        family.add_metric([action, str(status)], n)
-    return family
-
-
-class AdminCollector(Collector):
-    """The admin API's counters alone (a supervisor's, added to its workers' metrics)."""
-
-    def __init__(self, admin: AdminApi) -> None:
-        self.admin = admin
-
-    def collect(self) -> Iterator[Metric]:
-        yield admin_requests(self.admin)
-
-
-class TurnCollector(Collector):
-    """Scrape-time values from the running server."""
+class TurnCollector(ServiceCollector):
+    """Scrape-time values from the running server (and its HTTP services)."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.runtime: ServerRuntime | None = None
-        self.api: CredentialsApi | None = None
-        self.admin: AdminApi | None = None
 
     def collect(self) -> Iterator[Metric]:
-        if self.admin is not None:
-            yield admin_requests(self.admin)
+        yield from super().collect()
         runtime = self.runtime
         if runtime is None:
             return
@@ -238,19 +214,42 @@ class TurnCollector(Collector):
             value=len(core.peer_connections),
         )
         yield from self._limits(runtime)
-        api = self.api
-        if api is not None:
-            requests = CounterMetricFamily(
-                "turn_api_requests", "Credentials API requests", labels=["endpoint", "status"]
-            )
-            for (endpoint, status), n in sorted(api.stats.requests.items()):
-                requests.add_metric([endpoint, str(status)], n)
-            yield requests
-            yield CounterMetricFamily(
-                "turn_api_rate_limited",
-                "API requests refused with 429",
-                value=api.stats.rate_limited,
-            )
+        yield from self._workers(runtime)
+
+    @staticmethod
+    def _workers(runtime: ServerRuntime) -> Iterator[Metric]:
+        """The families a supervisor adds for its workers, as one process has them (so
+        that one process and several export the same series)."""
+        moved = CounterMetricFamily(
+            "turn_peer_handovers",
+            "RFC 6062 peer connections moved between workers for a ConnectionBind",
+            labels=["result"],
+        )
+        stats = runtime.handover.stats if runtime.handover is not None else HANDOVER_RESULTS
+        for result in HANDOVER_RESULTS:
+            moved.add_metric([result], stats.get(result, 0))
+        yield moved
+        if runtime.handover is not None:
+            return  # a worker: its supervisor reports the rest
+        workers = GaugeMetricFamily(
+            "turn_workers", "Worker processes, configured and alive", labels=["state"]
+        )
+        workers.add_metric(["configured"], 1)
+        workers.add_metric(["alive"], 1)
+        yield workers
+        yield CounterMetricFamily(
+            "turn_worker_restarts", "Workers restarted after they exited", value=0
+        )
+        yield CounterMetricFamily(
+            "turn_worker_spawn_failures",
+            "Attempts to start a worker process that failed (retried with backoff)",
+            value=0,
+        )
+        yield GaugeMetricFamily(
+            "turn_metrics_unmerged_families",
+            "Metric families without a declared merge rule across workers (summed)",
+            value=0,
+        )
 
     @staticmethod
     def _limits(runtime: ServerRuntime) -> Iterator[Metric]:

@@ -14,6 +14,7 @@ import os
 import secrets
 import ssl
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -28,6 +29,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("turnserver.probe")
 PROBE_USER = "turnserver-self-probe"
+SIBLING_WAIT = 30.0  # at most, for the other workers to listen before the first probe
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,11 +82,30 @@ class SelfProbe:
         self.echo_addresses: dict[int, Address] = {}
         self._task: asyncio.Task[None] | None = None
         self.runs = 0
+        # Workers: the first probe waits until every sibling listens (a probe may land
+        # on any of them), see ops/process/
+        self.siblings_ready: Callable[[], bool] = lambda: True
+        self.register()
+
+    def register(self) -> None:
+        """Make the probe's user and echo addresses known to the core before any
+        listener answers: a sibling worker's probe may reach this process first."""
+        core = self.runtime.core
+        core.probe_users.add(PROBE_USER)
+        core.auth.internal_keys[PROBE_USER] = long_term_key(
+            PROBE_USER, core.auth.realm, self.password
+        )
+        for relay in core.relay_addresses.values():
+            loopback = "127.0.0.1" if relay.family == 4 else "::1"
+            core.probe_peer_ips.add(loopback)  # the fallback of an echo socket
+            if relay.bind_ip not in ("0.0.0.0", "::"):
+                core.probe_peer_ips.add(relay.bind_ip)
 
     async def start(self) -> None:
-        """Open the echo sockets and schedule the first probe now."""
+        """Open the echo sockets and schedule the first probe."""
         loop = self.runtime.loop
         core = self.runtime.core
+        self.register()
         for relay in core.relay_addresses.values():
             host = relay.bind_ip
             if host in ("0.0.0.0", "::"):
@@ -110,11 +131,6 @@ class SelfProbe:
             self.echo_addresses[relay.family] = (addr[0], addr[1])
             core.probe_peer_ips.add(addr[0])
             self._echoes.append(transport)
-        core.probe_users.add(PROBE_USER)
-        core.auth.internal_keys[PROBE_USER] = long_term_key(
-            PROBE_USER, core.auth.realm, self.password
-        )
-
         self._task = loop.create_task(self._loop())
 
     async def stop(self) -> None:
@@ -140,16 +156,17 @@ class SelfProbe:
         return True, ""
 
     async def _loop(self) -> None:
+        for _ in range(int(SIBLING_WAIT / 0.05)):
+            if self.siblings_ready():
+                break
+            await asyncio.sleep(0.05)
         while True:
             await self.run_once()
             await asyncio.sleep(self.interval)
 
     async def run_once(self) -> dict[str, ProbeResult]:
         """Probe every bound listener once."""
-        core = self.runtime.core
-        core.auth.internal_keys[PROBE_USER] = long_term_key(
-            PROBE_USER, core.auth.realm, self.password
-        )
+        self.register()  # the realm may have changed on reload
         specs = self.runtime.bound_addresses()
         results = await asyncio.gather(*(self._probe(spec) for spec in specs))
         self.results = {r.listener: r for r in results}
