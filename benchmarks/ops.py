@@ -5,8 +5,8 @@ server, less its idle CPU over the same time.
 
     python benchmarks/ops.py [--out benchmarks/OPERATIONS.md]
 
-Scrapes are paced (one every 0.55 s, as the throttle renders at most 2 a second past a
-burst of 5): each one is rendered, none served from the last rendering.
+Scrapes are paced (one every 0.55 s; the throttle renders at most 4 a second past a
+burst of 8): each one is rendered, none shares another's rendering.
 """
 
 from __future__ import annotations
@@ -103,8 +103,9 @@ def scrape_rows(repeats: int = 3) -> list[str]:
         f"- one worker: {one:.2f} ms (runs: {', '.join(f'{v:.2f}' for v in results[1])})",
         f"- two workers, merged by the supervisor: {two:.2f} ms, {two / one:.2f}x one worker "
         f"(runs: {', '.join(f'{v:.2f}' for v in results[2])})",
-        "- a flood of scrapes renders at most 2 a second past a burst of 5 (the rest get "
-        f"the last rendering): at most {2 * two:.1f} ms of CPU a second with two workers",
+        "- a flood of scrapes renders at most 4 times a second past a burst of 8 (later "
+        "requests wait for the next rendering and share it): at most "
+        f"{4 * two:.1f} ms of CPU a second with two workers",
     ]
 
 
