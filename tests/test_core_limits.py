@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import os
 
+import pytest
+
 from turnserver.core import events as ev
+from turnserver.core.config import RelayAddress
+from turnserver.core.policy import DefaultPeerPolicy
 from turnserver.stun import Attr, MessageClass, Method, decode_message, encode_message
+from turnserver.stun.constants import AddressFamily
 from turnserver.stun.message import verify_integrity
 
 from .helpers import NOW, CoreClient, error_code, make_core
@@ -90,20 +95,74 @@ def test_draining_refuses_or_redirects_new_allocations() -> None:
     assert verify_integrity(resp, c2.key)  # RFC 8489 §10: authenticated 300
 
 
-def test_own_listener_addresses_are_never_peers() -> None:
-    own = ("198.51.200.7", 3478)
-    core, opener = make_core(reserved_peers=frozenset({own}))
+def test_the_server_never_relays_into_itself() -> None:
+    """An address of this host is no peer (a second NIC here), nor is a port the server
+    listens on; its relayed address is, at relay ports (two clients of one server);
+    peers.allow names what the operator wants anyway (core/own_addresses.py)."""
+    relay = RelayAddress("198.51.200.1", "198.51.200.1", 4)
+    core, opener = make_core(
+        relay_addresses=(relay,),
+        own_ports=frozenset({3478, 9641}),
+        relay_port_range=(50000, 50099),
+    )
+    core.set_host_addresses(frozenset({"198.51.200.1", "198.51.200.2", "127.0.0.1"}))
     c = CoreClient(core)
     c.allocate()
-    resp = c.request(
-        Method.CHANNEL_BIND, [(Attr.CHANNEL_NUMBER, 0x4000), (Attr.XOR_PEER_ADDRESS, own)]
-    )
+
+    def bind(number: int, peer: tuple[str, int]) -> int | None:
+        return error_code(
+            c.request(
+                Method.CHANNEL_BIND, [(Attr.CHANNEL_NUMBER, number), (Attr.XOR_PEER_ADDRESS, peer)]
+            )
+        )
+
+    second_nic = ("198.51.200.2", 3478)
+    resp = c.request(Method.CREATE_PERMISSION, [(Attr.XOR_PEER_ADDRESS, second_nic)])
     assert error_code(resp) == 403
-    c.request(Method.CREATE_PERMISSION, [(Attr.XOR_PEER_ADDRESS, PEER)])  # same IP, other port
-    c.indication(Method.SEND, [(Attr.XOR_PEER_ADDRESS, own), (Attr.DATA, b"loop")])
-    assert opener.live[0].sent == [] and core.stats.dropped_peer_denied == 1
-    c.indication(Method.SEND, [(Attr.XOR_PEER_ADDRESS, PEER), (Attr.DATA, b"fine")])
-    assert opener.live[0].sent == [(b"fine", PEER)]
+    assert bind(0x4000, ("198.51.200.2", 50010)) == 403  # any port of the second address
+    assert bind(0x4001, ("198.51.200.1", 3478)) == 403  # our listener on the relay address
+    assert bind(0x4002, ("198.51.200.1", 9641)) == 403  # our metrics port
+    assert bind(0x4003, ("198.51.200.1", 22)) == 403  # outside the relay range
+    assert bind(0x4004, ("198.51.200.1", 50010)) is None  # another allocation: relay to relay
+    c.indication(Method.SEND, [(Attr.XOR_PEER_ADDRESS, ("198.51.200.1", 3478)), (Attr.DATA, b"x")])
+    assert core.stats.dropped_peer_denied == 1 and not opener.live[0].sent
+    denied = [e for e in core.drain_events() if isinstance(e, ev.PeerDenied)]
+    assert [e.reason for e in denied] == ["host_address"] * 2 + ["own_port"] * 3
+    # an address that appears on the host later ends the permissions to it
+    assert c.request(Method.CREATE_PERMISSION, [(Attr.XOR_PEER_ADDRESS, PEER)]).message_class == (
+        MessageClass.SUCCESS
+    )
+    core.set_host_addresses(frozenset({"198.51.200.1", PEER[0]}))
+    assert core.revoke_denied_peers() == 1
+    # named by peers.allow: the operator's choice
+    core.peer_policy = DefaultPeerPolicy(allow=["198.51.200.2/32"], allow_loopback=True)
+    assert c.request(
+        Method.CREATE_PERMISSION, [(Attr.XOR_PEER_ADDRESS, second_nic)]
+    ).message_class == (MessageClass.SUCCESS)
+
+
+@pytest.mark.parametrize(
+    "peer",
+    [
+        "0.0.0.0",  # CVE-2020-26262
+        "::",
+        "::ffff:127.0.0.1",  # CVE-2026-27624
+        "::ffff:0:7f00:1",  # IPv4-translated 127.0.0.1
+        "2002:7f00:1::1",  # 6to4 of 127.0.0.1
+        "2002:a00:1::1",  # 6to4 of 10.0.0.1
+        "2002:a9fe:a9fe::1",  # 6to4 of 169.254.169.254 (cloud metadata)
+        "2001:0:4136:e378:8000:63bf:80ff:fffe",  # Teredo, client 127.0.0.1
+        "2001:0:a9fe:a9fe::1",  # Teredo, server 169.254.169.254
+        "3fff::1",  # RFC 9637 documentation
+        "64:ff9b::7f00:1",  # NAT64 of 127.0.0.1
+    ],
+)
+def test_addresses_that_reach_this_host_or_private_ranges_are_denied(peer: str) -> None:
+    core, _ = make_core(allow_loopback=False)
+    c = CoreClient(core)
+    c.allocate([(Attr.ADDITIONAL_ADDRESS_FAMILY, AddressFamily.IPV6)])
+    resp = c.request(Method.CREATE_PERMISSION, [(Attr.XOR_PEER_ADDRESS, (peer, 5000))])
+    assert error_code(resp) == 403, peer
 
 
 def test_binding_names_the_other_address_when_configured() -> None:

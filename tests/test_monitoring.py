@@ -110,7 +110,7 @@ async def test_each_failure_reason_moves_its_counter(server: RunningServer) -> N
         assert m.get(fails.format(code, reason), 0) >= 1, (code, reason)
     for reason in ("bad_credentials", "expired_credentials", "stale_nonce", "unauthenticated"):
         assert m[f"turn_auth_failures_total{{reason={reason}}}"] >= 1
-    assert m["turn_peer_denied_total{}"] == 1
+    assert m["turn_peer_denied_total{reason=policy}"] == 1
     assert m["turn_requests_total{method=create_permission,result=403}"] == 1
     assert m["turn_allocations_total{transport=udp}"] == 3
     assert m["turn_request_duration_seconds_count{method=allocate}"] >= 10

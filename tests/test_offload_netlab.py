@@ -141,12 +141,14 @@ def _run(
     workers: int = 1,
     peer: list[str] | None = None,
     on_lo: bool = False,
+    wildcard: bool = False,
 ) -> tuple[str, dict[str, float], str, list[list[str]]]:
     """Server and peer started, `client` run in the client's namespace (with `on_lo`,
     client and peer on the server's loopback): its output, the server's metrics after
     it, the server's log, and the programs left attached after stop."""
     serve = ["ip", "netns", "exec", ns["srv"], sys.executable, "-m", "turnserver", "serve"]
-    serve += ["--secret", "s", "--listen", f"udp://{SERVER_IP}:3478", "--relay-ip", RELAY_IP]
+    listen = "0.0.0.0" if wildcard else SERVER_IP
+    serve += ["--secret", "s", "--listen", f"udp://{listen}:3478", "--relay-ip", RELAY_IP]
     serve += ["--listen", f"udp://[{SERVER6}]:3478", "--relay-ip", RELAY6]
     serve += ["--allow-peer", "10.80.2.0/24", "--allow-peer", "fd00:80:2::/64"]
     serve += ["--offload", "ebpf", "--workers", str(workers)]
@@ -176,10 +178,11 @@ def _run(
     return result.stdout + result.stderr, after, server_log, left
 
 
-def _aioice(allocations: int, big: bool = False) -> list[str]:
+def _aioice(allocations: int, big: bool = False, userspace: bool = False) -> list[str]:
+    """The aioice client; `userspace`: no kernel flow is expected (none waited for)."""
     script = str(Path(__file__).parent / "offload_netlab_client.py")
     args = [SERVER_IP, f"{PEER_IP}:7000", METRICS, str(COUNT), str(allocations)]
-    return [sys.executable, script, *args, *(["big"] if big else [])]
+    return [sys.executable, script, *args, *(["big"] if big else []), *(["userspace"] * userspace)]
 
 
 @pytest.fixture
@@ -216,6 +219,23 @@ def test_nic_path_relays_both_ways_in_the_kernel_with_valid_checksums(workers: i
         assert udp["InCsumErrors"] == 0 and udp["InErrors"] == 0, (side, udp)
         assert udp["InDatagrams"] >= total, (side, udp)
     assert filters == [[], [], []]  # detached from every interface on stop
+
+
+@pytest.mark.usefixtures("tools")
+def test_a_wildcard_listener_keeps_its_flows_in_user_space() -> None:
+    """udp://0.0.0.0 with the kernel path: the program cannot know which of the host's
+    addresses a client sent to (it answered from 0.0.0.0, one-way media), so these flows
+    stay in user space, say so once, and every datagram comes back."""
+    with netlab(sender_checksums=True) as ns:
+        output, _, log, filters = _run(ns, _aioice(2, userspace=True), workers=2, wildcard=True)
+    out = json.loads(output.strip().splitlines()[-1])
+    m: dict[str, float] = out["metrics"]
+    assert out["echoed"] == 2 * COUNT, (out, log)
+    assert m["turn_offload_enabled"] == 1 and m["turn_offload_flows_active"] == 0, m
+    assert m['turn_relayed_packets_total{direction="peer_to_client"}'] == 2 * COUNT, m
+    assert m['turn_offload_relayed_packets_total{direction="peer_to_client"}'] == 0, m
+    assert "flows of a wildcard listener (0.0.0.0) stay in user space" in log
+    assert filters == [[], [], []]
 
 
 @pytest.mark.usefixtures("tools")

@@ -55,6 +55,16 @@ class AdminActions(AllocationHandlers):
             self._delete(alloc, now, "revoked")
         return len(victims)
 
+    def apply_bandwidth(self, rate: int, now: float) -> list[Allocation]:
+        """A reloaded bandwidth limit (bytes a second, 0: none) for every live
+        allocation at once; returns those whose limit changed."""
+        changed = [a for a in self.allocations.values() if a.rate != rate]
+        for alloc in changed:
+            alloc.rate = rate
+            alloc.tokens = min(alloc.tokens, float(rate)) if rate else 0.0
+            alloc.stamp = now
+        return changed
+
     def allocation_info(self, alloc: Allocation, now: float) -> dict[str, Any]:
         """One allocation as JSON-ready data; measures its rate since the last read."""
         moved = alloc.bytes_to_peer + alloc.bytes_to_client

@@ -49,5 +49,7 @@ class CoreConfig:
     rfc5780_primary: Address | None = None
     rfc5780_addresses: frozenset[Address] = field(default_factory=frozenset)
 
-    # Transport addresses that are never valid peers (our own listeners).
-    reserved_peers: frozenset[Address] = field(default_factory=frozenset)
+    # The server's own ports (TURN, metrics, admin, API listeners) and its whole relay
+    # port range (a worker's min_port..max_port is its slice): see core/own_addresses.py
+    own_ports: frozenset[int] = field(default_factory=frozenset)
+    relay_port_range: tuple[int, int] = (49152, 65535)

@@ -130,7 +130,11 @@ class ChannelExpired(ChannelEvent):
 
 @dataclass(slots=True)
 class PeerDenied(PeerIpEvent):
-    """The peer policy refused a peer (RFC 8656 §21.2.3): 403."""
+    """A peer refused with 403 (RFC 8656 §21.2.3): by the peer policy ("policy"), or as
+    an address of this host ("host_address") or a port this server listens on
+    ("own_port"), see core/own_addresses.py."""
+
+    reason: str = "policy"
 
 
 @dataclass(slots=True)

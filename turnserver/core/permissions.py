@@ -3,7 +3,6 @@ Data indications, ChannelData, their expiry and revocation, and failed sends."""
 
 from __future__ import annotations
 
-import ipaddress
 import random
 import struct
 
@@ -138,17 +137,21 @@ class PermissionHandlers(CoreState):
         )
 
     def revoke_denied_peers(self) -> int:
-        """After the peer policy changed (SIGHUP): remove at once every permission whose
-        peer it now denies, with its channels and RFC 6062 connections. Returns how many."""
+        """After the peer policy or the host's addresses changed: remove at once every
+        permission whose peer is now denied, with its channels and RFC 6062 connections.
+        Returns how many."""
         removed = 0
-        policy = self.peer_policy
         for alloc in list(self.allocations.values()):
             probe = alloc.username in self.probe_users
             for ip in list(alloc.permissions):
                 if probe and ip in self.probe_peer_ips:
                     continue
-                if not policy.is_allowed(ipaddress.ip_address(ip)):
+                _, _, allowed, explicit, canon = self._peer_verdict(ip)
+                if not allowed:
                     self._revoke_permission(alloc, ip, "peer_policy")
+                    removed += 1
+                elif self.own.refusal(canon, None, explicit, allowed):
+                    self._revoke_permission(alloc, ip, "host_address")
                     removed += 1
         return removed
 
@@ -173,7 +176,7 @@ class PermissionHandlers(CoreState):
             raise BadRequest("CreatePermission without XOR-PEER-ADDRESS")
         if len(peers) > MAX_PEERS_PER_REQUEST:
             raise BadRequest(f"more than {MAX_PEERS_PER_REQUEST} XOR-PEER-ADDRESS attributes")
-        ips = list(dict.fromkeys(self._check_peer(alloc, p, ft) for p in peers))
+        ips = list(dict.fromkeys(self._check_peer(alloc, p, ft, with_port=False) for p in peers))
         limit = self.config.max_permissions_per_allocation
         if (
             limit
@@ -197,7 +200,7 @@ class PermissionHandlers(CoreState):
             raise BadRequest("ChannelBind needs CHANNEL-NUMBER and XOR-PEER-ADDRESS")
         if not is_valid_channel_number(number):
             raise BadRequest(f"channel number 0x{number:04x} out of range")
-        ip = self._check_peer(alloc, peer, ft)
+        ip = self._check_peer(alloc, peer, ft, with_port=True)
         peer = (ip, peer[1])
         binding = alloc.bindings.get(number)
         if binding is not None and binding.peer != peer:
@@ -238,7 +241,7 @@ class PermissionHandlers(CoreState):
         if peer[0] not in alloc.permissions:
             self.stats.dropped_no_permission += 1
             return
-        if peer in self.config.reserved_peers:
+        if self.peer_refused(peer):
             self.stats.dropped_peer_denied += 1
             return
         if alloc.rate and not alloc.spend(len(data), now):

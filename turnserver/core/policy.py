@@ -1,8 +1,9 @@
 """Peer policy: which peer addresses an allocation may relay to (RFC 8656 §21.2.3).
 
 Denied by default: loopback, unspecified, private, CGNAT, link-local, unique-local,
-multicast, reserved, benchmark and documentation ranges and NAT64, in every IPv6
-form that embeds an IPv4 address (mapped, compatible, 6to4 is left alone).
+multicast, reserved, benchmark and documentation ranges and NAT64; an IPv6 address
+that embeds an IPv4 address (IPv4-mapped, -compatible and -translated, 6to4, both
+Teredo fields, NAT64) is denied when the IPv4 address it carries would be.
 An allow list wins over everything; a deny list adds to the defaults.
 """
 
@@ -39,6 +40,7 @@ DEFAULT_DENIED_NETWORKS: tuple[str, ...] = (
     "64:ff9b:1::/48",  # local-use NAT64
     "100::/64",  # discard-only
     "2001:db8::/32",  # documentation
+    "3fff::/20",  # documentation (RFC 9637)
     "2001:2::/48",  # benchmarking
     "fc00::/7",  # unique-local
     "fe80::/10",  # link-local
@@ -46,11 +48,21 @@ DEFAULT_DENIED_NETWORKS: tuple[str, ...] = (
     "ff00::/8",  # multicast
 )
 
+_6TO4 = ipaddress.IPv6Network("2002::/16")  # RFC 3056: 2002:AABB:CCDD::/48
+_TEREDO = ipaddress.IPv6Network("2001::/32")  # RFC 4380: server, ~client in the low bits
+_TRANSLATED = ipaddress.IPv6Network("::ffff:0:0:0/96")  # RFC 2765 IPv4-translated
+_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")  # RFC 6052
+
 
 class PeerPolicy(Protocol):
     """Decides whether a peer IP may be relayed to."""
 
     def is_allowed(self, ip: IPAddress) -> bool: ...
+
+    def explicitly_allowed(self, ip: IPAddress) -> bool:
+        """Named by an allow entry (peers.allow): the operator's choice, which even an
+        address of this host's own may take."""
+        ...
 
 
 def canonical_ip(ip: IPAddress) -> IPAddress:
@@ -63,6 +75,22 @@ def canonical_ip(ip: IPAddress) -> IPAddress:
         if packed[:12] == bytes(12) and int(ip) > 1:
             return ipaddress.IPv4Address(packed[12:])
     return ip
+
+
+def embedded_ipv4(ip: IPAddress) -> tuple[ipaddress.IPv4Address, ...]:
+    """The IPv4 addresses an IPv6 address carries and a relay could end up reaching:
+    IPv4-translated, 6to4, Teredo (server and client), NAT64."""
+    if not isinstance(ip, ipaddress.IPv6Address):
+        return ()
+    packed = ip.packed
+    if ip in _TRANSLATED or ip in _NAT64:
+        return (ipaddress.IPv4Address(packed[12:]),)
+    if ip in _6TO4:
+        return (ipaddress.IPv4Address(packed[2:6]),)
+    if ip in _TEREDO:
+        client = bytes(b ^ 0xFF for b in packed[12:])
+        return ipaddress.IPv4Address(packed[4:8]), ipaddress.IPv4Address(client)
+    return ()
 
 
 def parse_networks(cidrs: Iterable[str]) -> tuple[IPNetwork, ...]:
@@ -103,11 +131,18 @@ class DefaultPeerPolicy:
         self.deny = parse_networks(DEFAULT_DENIED_NETWORKS) + parse_networks(deny)
         loopback = parse_networks(LOOPBACK_NETWORKS) if allow_loopback else ()
         self._allow = _ranges((*self.allow, *loopback))
+        self._explicit = _ranges(self.allow)
         self._deny = _ranges(self.deny)
 
     def is_allowed(self, ip: IPAddress) -> bool:
-        """Canonicalize first so ::ffff:127.0.0.1 is judged as 127.0.0.1."""
+        """Canonicalize first so ::ffff:127.0.0.1 is judged as 127.0.0.1; an address that
+        carries an IPv4 address is judged by it too."""
         ip = canonical_ip(ip)
         if _contains(self._allow, ip):
             return True
-        return not _contains(self._deny, ip)
+        if _contains(self._deny, ip):
+            return False
+        return all(self.is_allowed(v4) for v4 in embedded_ipv4(ip))
+
+    def explicitly_allowed(self, ip: IPAddress) -> bool:
+        return _contains(self._explicit, canonical_ip(ip))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import heapq
 import ipaddress
 from collections.abc import Callable
+from dataclasses import replace
 from enum import IntEnum
 from typing import Any
 
@@ -29,7 +30,8 @@ from turnserver.core.errors import (
     WrongCredentials,
 )
 from turnserver.core.five_tuple import FiveTuple
-from turnserver.core.policy import PeerPolicy
+from turnserver.core.own_addresses import OwnAddresses
+from turnserver.core.policy import PeerPolicy, canonical_ip
 from turnserver.core.ports import RelayPortPool, random_bytes
 from turnserver.core.quota import LocalQuotaLedger, QuotaLedger
 from turnserver.core.ratelimit import TokenBuckets
@@ -157,7 +159,7 @@ class CoreState:
         self.auth = authenticator
         self.relay_opener = relay_opener
         self.peer_policy = peer_policy
-        self._verdicts: dict[str, tuple[int, str, bool]] = {}
+        self._verdicts: dict[str, tuple[int, str, bool, bool, str]] = {}
         self._verdicts_for: PeerPolicy | None = None
         self.allocations: dict[FiveTuple, Allocation] = {}
         self.quotas: QuotaLedger = LocalQuotaLedger()
@@ -165,6 +167,15 @@ class CoreState:
         self.relay_addresses: dict[int, RelayAddress] = {
             r.family: r for r in config.relay_addresses
         }
+        self.own = OwnAddresses(
+            relay=frozenset(
+                str(canonical_ip(ipaddress.ip_address(a)))
+                for r in config.relay_addresses
+                for a in (r.bind_ip, r.advertised_ip)
+            ),
+            relay_ports=config.relay_port_range,
+            ports=config.own_ports,
+        )
         self.port_pools: dict[int, RelayPortPool] = {
             r.family: RelayPortPool(config.min_port, config.max_port)
             for r in config.relay_addresses
@@ -229,21 +240,39 @@ class CoreState:
         if not self.relay_opener.has_capacity(sockets):
             raise InsufficientCapacity("file descriptor limit reached", reason="fd_limit")
 
-    def _check_peer(self, alloc: Allocation, peer: Address, ft: FiveTuple) -> str:
-        """Family and policy checks shared by CreatePermission and ChannelBind."""
-        version, ip, allowed = self._peer_verdict(peer[0])
+    def _check_peer(
+        self, alloc: Allocation, peer: Address, ft: FiveTuple, *, with_port: bool
+    ) -> str:
+        """Family, policy and own-address checks shared by CreatePermission (any port of
+        the peer: with_port False), ChannelBind and Connect; the peer's canonical IP."""
+        version, ip, allowed, explicit, canon = self._peer_verdict(peer[0])
         if version not in alloc.relays:
             raise PeerAddressFamilyMismatch(f"peer {peer[0]} has no relay of its family")
         if alloc.username in self.probe_users and peer[0] in self.probe_peer_ips:
             return ip  # the self-probe's echo sockets (any worker's)
-        if not allowed or peer in self.config.reserved_peers:
-            self.events.append(ev.PeerDenied(ft, peer[0]))
-            raise Forbidden(f"peer {peer[0]} is not allowed by the peer policy")
+        reason = (
+            self.own.refusal(canon, peer[1] if with_port else None, explicit, allowed)
+            if allowed
+            else "policy"
+        )
+        if reason:
+            self.events.append(ev.PeerDenied(ft, peer[0], reason))
+            why = "is not allowed by the peer policy" if reason == "policy" else "is this server"
+            raise Forbidden(f"peer {peer[0]} {why}", reason="peer_denied")
         return ip
 
-    def _peer_verdict(self, host: str) -> tuple[int, str, bool]:
-        """(IP version, canonical text, allowed by the policy) of a peer address, cached
-        per policy: parsing with ipaddress is 1.3 µs, and peers repeat across requests."""
+    def peer_refused(self, peer: Address) -> str:
+        """Why a peer transport address may not be relayed to ("" when it may): the
+        Send indication's check, where a permission already exists."""
+        _, _, allowed, explicit, canon = self._peer_verdict(peer[0])
+        if not allowed:
+            return "policy"
+        return self.own.refusal(canon, peer[1], explicit, allowed)
+
+    def _peer_verdict(self, host: str) -> tuple[int, str, bool, bool, str]:
+        """(IP version, text, allowed by the policy, named by its allow list, canonical
+        text) of a peer address, cached per policy: parsing with ipaddress is 1.3 µs, and
+        peers repeat across requests."""
         policy = self.peer_policy
         if self._verdicts_for is not policy:
             self._verdicts = {}
@@ -251,11 +280,25 @@ class CoreState:
         verdict = self._verdicts.get(host)
         if verdict is None:
             ip = ipaddress.ip_address(host)
-            verdict = (ip.version, str(ip), policy.is_allowed(ip))
+            verdict = (
+                ip.version,
+                str(ip),
+                policy.is_allowed(ip),
+                policy.explicitly_allowed(ip),
+                str(canonical_ip(ip)),
+            )
             if len(self._verdicts) >= 10_000:  # bounded whatever peers clients name
                 self._verdicts.clear()
             self._verdicts[host] = verdict
         return verdict
+
+    def set_host_addresses(self, addresses: frozenset[str]) -> None:
+        """Every address of this host now (the I/O layer follows interface changes)."""
+        self.own = replace(self.own, host=frozenset(addresses))
+
+    def add_own_ports(self, ports: set[int]) -> None:
+        """Ports this process listens on, known once bound (an ephemeral port)."""
+        self.own = replace(self.own, ports=self.own.ports | ports)
 
     def _install_permission(self, alloc: Allocation, ip: str, now: float) -> None:
         new = ip not in alloc.permissions

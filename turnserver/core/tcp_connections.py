@@ -74,7 +74,7 @@ class TcpConnectionHandlers(CoreState):
         peer: Address | None = msg.get(Attr.XOR_PEER_ADDRESS)
         if peer is None:
             raise BadRequest("Connect without XOR-PEER-ADDRESS")
-        ip = self._check_peer(alloc, peer, ft)
+        ip = self._check_peer(alloc, peer, ft, with_port=True)
         peer = (ip, peer[1])
         if peer in alloc.peer_connections:
             raise ConnectionAlreadyExists(f"a connection to {peer[0]}:{peer[1]} exists")

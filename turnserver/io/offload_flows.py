@@ -121,6 +121,7 @@ class OffloadFlows:
         self._indices = {i for i, name in ethernet_links() if name in interfaces}
         self.installed: dict[FiveTuple, Flows] = {}
         self.add_failures = 0  # flows the maps refused (full): relayed in user space
+        self.wildcard_skipped = 0  # flows of wildcard listeners: relayed in user space
         # what the kernel relayed, folded so far: packets and bytes to the peer, to the client
         self.relayed = [0, 0, 0, 0]
         self._seen: dict[tuple[FiveTuple, int], tuple[int, int, int, int]] = {}
@@ -191,6 +192,17 @@ class OffloadFlows:
             and family in alloc.relays
             and "%" not in ft.client[0]  # scoped (link-local) addresses stay in user space
         ):
+            if ft.server[0] in ("0.0.0.0", "::"):
+                # a wildcard listener: the address the client sent to is not known here,
+                # and the kernel would answer from 0.0.0.0; user space relays these
+                self.wildcard_skipped += 1
+                if self.wildcard_skipped == 1:
+                    log.warning(
+                        "kernel fast path: flows of a wildcard listener (%s) stay in user "
+                        "space; listen on the host's addresses to relay them in the kernel",
+                        ft.server[0],
+                    )
+                return 0
             return family
         return 0
 

@@ -20,6 +20,7 @@ from turnserver.core.server import TurnServer
 from turnserver.io.descriptors import DescriptorBudget, tighter
 from turnserver.io.handover import WorkerBus
 from turnserver.io.host import ClientSink, ClientStream
+from turnserver.io.host_addresses import HostAddresses
 from turnserver.io.impairment import Impairments
 from turnserver.io.offload_flows import OffloadFlows
 from turnserver.io.stream import StreamConnection
@@ -118,6 +119,7 @@ class ServerRuntime:
         self.impairments: Impairments | None = None  # developer mode only
         self.offload: OffloadFlows | None = None  # the kernel fast path, when on
         self.handover: WorkerBus | None = None  # RFC 6062 across workers (io/handover.py)
+        self.host_addresses: HostAddresses | None = None  # never peers (started by start)
         self.draining = False
 
         self.listeners_bound = False
@@ -160,7 +162,14 @@ class ServerRuntime:
         return self.tls.listener_context if self.tls is not None else None
 
     async def start(self) -> None:
-        """Bind every listener (raises OSError naming the address that failed)."""
+        """Learn the host's addresses (never peers), then bind every listener (raises
+        OSError naming the address that failed)."""
+        known = {spec.host for spec in self.listen} | {"127.0.0.1", "::1"}
+        for relay in self.core.config.relay_addresses:
+            known |= {relay.bind_ip, relay.advertised_ip}
+        self.host_addresses = HostAddresses(known - {"0.0.0.0", "::"})
+        self.host_addresses.on_change = self._host_addresses_changed
+        self.core.set_host_addresses(self.host_addresses.start(self.loop))
         try:
             for index, spec in enumerate(self.listen):
                 await self._bind(spec, self.inherited.get(index))
@@ -205,6 +214,12 @@ class ServerRuntime:
         except OSError as exc:
             raise OSError(exc.errno, f"cannot bind {spec}: {exc.strerror}") from exc
 
+    def _host_addresses_changed(self, addresses: frozenset[str]) -> None:
+        """An address came or went: permissions to what is now this host's end at once."""
+        self.core.set_host_addresses(addresses)
+        self.core.revoke_denied_peers()
+        self.after_core_call()
+
     def stop(self) -> None:
         """Delete all allocations and close every socket."""
         self.core.shutdown(self.now())
@@ -212,6 +227,9 @@ class ServerRuntime:
         if self.handover is not None:
             self.handover.close()
             self.handover = None
+        if self.host_addresses is not None:
+            self.host_addresses.close()
+            self.host_addresses = None
         for listener in self.udp_listeners.values():
             listener.close(self.loop)
         self.udp_listeners.clear()

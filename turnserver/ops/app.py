@@ -143,6 +143,9 @@ class Server:
             self.metrics.collector.api = self.api
             log.info("credentials API on %s", self.api_base)
         await self._start_admin()
+        bound = {spec.port for spec in self.runtime.bound_addresses()}
+        bound |= {self.health.port, self.api_port, self.admin_port} - {0}
+        self.runtime.core.add_own_ports(bound)  # ephemeral ports, known now
 
     def _prepare_admin(self) -> None:
         """Revocations (admin.revocations_file) apply before any listener answers; the

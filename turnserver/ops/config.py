@@ -108,6 +108,7 @@ class Settings:
     other_address: tuple[str, int] | None = None
     workers: int = field(default_factory=lambda: os.cpu_count() or 1)
     reuse_port: bool = False  # set for worker processes, not a config key
+    full_port_range: tuple[int, int] | None = None  # a worker's: the whole relay range
     metrics_listen: tuple[str, int] | None = ("127.0.0.1", 9641)
     probe_interval: float = 30.0
     probe_timeout: float = 5.0

@@ -236,7 +236,7 @@ _LINES: dict[type, tuple[int, str, dict[str, str]]] = {
         "authentication failed",
         {"user": "username", "reason": "reason"},
     ),
-    ev.PeerDenied: (logging.WARNING, "peer denied", {"peer": "peer_ip"}),
+    ev.PeerDenied: (logging.WARNING, "peer denied", {"peer": "peer_ip", "reason": "reason"}),
     ev.PermissionInstalled: (logging.DEBUG, "permission installed", {"peer": "peer_ip"}),
     ev.PermissionExpired: (logging.DEBUG, "permission expired", {"peer": "peer_ip"}),
     ev.PermissionRevoked: (

@@ -363,8 +363,14 @@ class Metrics:
             registry=r,
         )
         self.peer_denied = Counter(
-            "turn_peer_denied_total", "Peers refused by the peer policy", registry=r
+            "turn_peer_denied_total",
+            "Peers refused with 403: by the peer policy, as an address of this host, or at "
+            "a port this server listens on",
+            ["reason"],
+            registry=r,
         )
+        for reason in ("policy", "host_address", "own_port"):
+            self.peer_denied.labels(reason)
         self.connections_closed = Counter(
             "turn_connections_closed_total",
             "TCP/TLS client connections closed, by reason: the server's decision (timeouts, "
@@ -440,7 +446,7 @@ class Metrics:
                 ev.AllocationRefused: self._allocation_refused,
                 ev.AuthFailed: self._auth_failed,
                 ev.AllocationEnded: self._allocation_ended,
-                ev.PeerDenied: lambda _: self.peer_denied.inc(),
+                ev.PeerDenied: self._by_reason(self.peer_denied),
                 ev.ConnectionClosed: self._by_reason(self.connections_closed),
                 ev.TlsHandshakeFailed: self._by_reason(self.tls_handshake_failures),
                 ev.PermissionRevoked: self._by_reason(self.permissions_revoked),

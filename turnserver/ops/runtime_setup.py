@@ -46,7 +46,8 @@ def core_config(settings: Settings) -> CoreConfig:
         max_peer_connections_per_allocation=settings.max_peer_connections_per_allocation,
         max_pending_connects_per_allocation=settings.max_pending_connects_per_allocation,
         strict_expiry=settings.strict_expiry,
-        reserved_peers=reserved_peers(settings),
+        own_ports=own_ports(settings),
+        relay_port_range=settings.full_port_range or (settings.min_port, settings.max_port),
         bandwidth=settings.bandwidth_kbps * 1000 // 8,
         challenge_rate=settings.challenge_rate,
         challenge_burst=settings.challenge_burst,
@@ -61,20 +62,16 @@ def core_config(settings: Settings) -> CoreConfig:
     )
 
 
-def reserved_peers(settings: Settings) -> frozenset[tuple[str, int]]:
-    """Our own listener addresses, which are never peers: each listener port on every
-    address of ours (listener, relay, advertised and loopback for wildcards)."""
-    own: set[tuple[str, int]] = set()
-    layout = relay_layout(settings)
-    for spec in all_listeners(settings):
-        hosts = {spec.host}
-        if spec.host in ("0.0.0.0", "::"):
-            version = 6 if ":" in spec.host else 4
-            hosts |= {b for b, _, f in layout if f == version}
-            hosts |= {a for _, a, f in layout if f == version}
-            hosts.add("::1" if version == 6 else "127.0.0.1")
-        own |= {(h, spec.port) for h in hosts}
-    return frozenset(own)
+def own_ports(settings: Settings) -> frozenset[int]:
+    """Every port this server listens on (TURN, metrics, admin, API): never a peer's
+    port on an address of this host (core/own_addresses.py). Ephemeral ones (0) are
+    added once bound."""
+    ports = {spec.port for spec in all_listeners(settings)}
+    for listen in (settings.metrics_listen, settings.api_listen, settings.admin_listen):
+        if listen is not None:
+            ports.add(listen[1])
+    ports.discard(0)
+    return frozenset(ports)
 
 
 def credentials(settings: Settings) -> Credentials:
@@ -151,25 +148,26 @@ def apply_reload(runtime: ServerRuntime, new: Settings) -> None:
     runtime.core.peer_policy = peer_policy(new)
     runtime.stream_options = stream_options(new)
     fresh = core_config(new)
+    old = runtime.core.config
+    # what the listeners and relay sockets were made with stays as it is; the rest reloads
     runtime.core.config = replace(
-        runtime.core.config,
-        default_lifetime=fresh.default_lifetime,
-        max_lifetime=fresh.max_lifetime,
-        max_allocations=fresh.max_allocations,
-        max_allocations_per_user=fresh.max_allocations_per_user,
-        max_allocations_per_client_ip=fresh.max_allocations_per_client_ip,
-        max_permissions_per_allocation=fresh.max_permissions_per_allocation,
-        max_channels_per_allocation=fresh.max_channels_per_allocation,
-        max_peer_connections_per_allocation=fresh.max_peer_connections_per_allocation,
-        max_pending_connects_per_allocation=fresh.max_pending_connects_per_allocation,
-        strict_expiry=fresh.strict_expiry,
-        software=fresh.software,
-        bandwidth=fresh.bandwidth,
-        challenge_rate=fresh.challenge_rate,
-        challenge_burst=fresh.challenge_burst,
-        alternate_server=fresh.alternate_server,
-        reserved_peers=fresh.reserved_peers,
+        fresh,
+        relay_addresses=old.relay_addresses,
+        min_port=old.min_port,
+        max_port=old.max_port,
+        other_address=old.other_address,
+        rfc5780_primary=old.rfc5780_primary,
+        rfc5780_addresses=old.rfc5780_addresses,
+        own_ports=old.own_ports,
+        relay_port_range=old.relay_port_range,
+        tcp_relay=old.tcp_relay,
     )
+    # a changed bandwidth limit applies to live allocations at once (and a flow that is
+    # now limited leaves the kernel fast path)
+    changed = runtime.core.apply_bandwidth(fresh.bandwidth, runtime.now())
+    if runtime.offload is not None:
+        for alloc in changed:
+            runtime.offload.sync(alloc)
     # Flows to peers the new policy denies end now, not when their permission expires
     runtime.core.revoke_denied_peers()
     runtime.after_core_call()

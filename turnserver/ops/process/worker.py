@@ -21,6 +21,7 @@ from turnserver.ops.config import Settings, build_settings, load_file
 from turnserver.ops.config_values import ConfigError
 from turnserver.ops.eventlog import quiet_loop_errors, setup_logging
 from turnserver.ops.revocations import Revocations
+from turnserver.ops.runtime_setup import own_ports
 from turnserver.ops.shared_quota import SharedQuotaLedger
 from turnserver.ops.worker_metrics import families_of
 
@@ -78,6 +79,7 @@ def worker_main(
         settings,
         min_port=lo,
         max_port=hi,
+        full_port_range=(settings.min_port, settings.max_port),
         reuse_port=True,
         api_listen=None,
         metrics_listen=("127.0.0.1", 0),
@@ -96,6 +98,7 @@ def worker_main(
         core = runtime.core
         core.id_prefix = f"w{index}-"  # the supervisor routes admin calls by id
         core.worker_index, core.worker_count = index, workers  # RFC 6062 CONNECTION-IDs
+        core.add_own_ports(set(own_ports(settings)))  # the supervisor's API, admin, metrics
         if server.probe is not None:  # a probe may land on any worker: all must listen
             server.probe.siblings_ready = shared.all_listening
         ledger = SharedQuotaLedger(
@@ -138,6 +141,7 @@ def worker_main(
                     new,
                     min_port=lo,
                     max_port=hi,
+                    full_port_range=(new.min_port, new.max_port),
                     reuse_port=True,
                     api_listen=None,
                     metrics_listen=mine.metrics_listen,
