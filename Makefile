@@ -50,9 +50,11 @@ unit: $(STAMP)
 
 test: lint typecheck unit
 
-# Coverage-guided fuzzing of the codec, framer and core (atheris); FUZZ_RUNS inputs.
+# The core's state machine with long random sequences (hypothesis), then coverage-guided
+# fuzzing of the codec, framer and core (atheris); FUZZ_RUNS inputs.
 FUZZ_RUNS ?= 3000000
 fuzz: $(STAMP)
+	HYPOTHESIS_PROFILE=long $(BIN)/pytest -q -p no:cacheprovider tests/test_core_sequences.py
 	$(BIN)/pip install --quiet atheris
 	@mkdir -p $(RUNDIR)/fuzz-corpus
 	cp tests/fuzz/corpus/* $(RUNDIR)/fuzz-corpus/

@@ -17,10 +17,12 @@ import os
 import secrets
 import signal
 import socket
+import ssl
 import statistics
 import struct
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -36,6 +38,7 @@ from turnserver.core.five_tuple import ClientTransport, FiveTuple
 from turnserver.core.policy import DefaultPeerPolicy
 from turnserver.core.server import TurnServer
 from turnserver.ops.credentials import mint
+from turnserver.ops.selfsigned import ensure_self_signed
 from turnserver.stun import Attr, MessageClass, Method, encode_message, long_term_key
 from turnserver.testing import free_port, loopback_args, rss_bytes, serve_command
 
@@ -160,6 +163,16 @@ def core_costs(n: int) -> list[tuple[str, float]]:
             ),
         )
     )
+    superscript = encode_message(
+        Method.ALLOCATE,
+        MessageClass.REQUEST,
+        b"y" * 12,
+        [(Attr.REQUESTED_TRANSPORT, 17), (Attr.USERNAME, "²"), (Attr.REALM, REALM),
+         (Attr.NONCE, nonce)],
+        integrity_key=key,
+    )  # fmt: skip
+    rows.append(("USERNAME '²' with MESSAGE-INTEGRITY (raised out of the core once) -> 401",
+                 _cost(core, lambda i: (superscript, ft(i)), n)))  # fmt: skip
     return rows
 
 
@@ -265,8 +278,11 @@ def never_reads(port: int, seconds: float) -> None:
 
 
 async def live(seconds: float) -> list[tuple[str, str, str]]:
-    port = free_port()
+    port, mport, tls = free_port(), free_port(socket.SOCK_STREAM), free_port(socket.SOCK_STREAM)
     secret = secrets.token_hex(16)
+    workdir = Path(tempfile.mkdtemp(prefix="turnserver-abuse-"))
+    cert, key = str(workdir / "cert.pem"), str(workdir / "key.pem")
+    ensure_self_signed(cert, key, ["localhost"])
     server = subprocess.Popen(
         serve_command(
             port,
@@ -275,7 +291,13 @@ async def live(seconds: float) -> list[tuple[str, str, str]]:
             "0",
             "--log-level",
             "warning",
+            "--cert",
+            cert,
+            "--key",
+            key,
             streams=True,
+            tls_port=tls,
+            metrics=f"127.0.0.1:{mport}",
         ),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -298,6 +320,12 @@ async def live(seconds: float) -> list[tuple[str, str, str]]:
         ),
         ("slowloris: 2,000 TCP connections, 1 byte each", lambda: slowloris(port, 2000, seconds)),
         ("a TCP client that never reads", lambda: never_reads(port, seconds)),
+        ("1,500 silent HTTP connections to /metrics", lambda: idle_http(mport, 1500, seconds)),
+        ("replayed TLS ClientHello, as fast as possible", lambda: hello_flood(tls, seconds)),
+        (
+            "relaying into the server itself (ChannelBind to its own ports)",
+            lambda: self_relay(port, secret, seconds),
+        ),
     ]
     try:
         await asyncio.sleep(1.5)
@@ -323,6 +351,75 @@ async def live(seconds: float) -> list[tuple[str, str, str]]:
         os.killpg(server.pid, signal.SIGINT)
         server.wait(15)
     return rows
+
+
+def idle_http(port: int, count: int, seconds: float) -> None:
+    """Connections that never send a request (the HTTP listeners' caps evict them)."""
+    socks = []
+    for _ in range(count):
+        s = socket.socket()
+        s.setblocking(False)
+        s.connect_ex(("127.0.0.1", port))
+        socks.append(s)
+    time.sleep(seconds)
+    for s in socks:
+        s.close()
+
+
+def _client_hello() -> bytes:
+    """One TLS ClientHello, made once: the attacker's cost per handshake is a send."""
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    obj = ctx.wrap_bio(incoming, outgoing, server_hostname="localhost")
+    try:
+        obj.do_handshake()
+    except ssl.SSLWantReadError:
+        pass
+    return outgoing.read()
+
+
+def hello_flood(port: int, seconds: float) -> None:
+    """Replay one ClientHello on new connections (the per-source limit refuses most)."""
+    hello = _client_hello()
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
+                s.sendall(hello)
+                s.settimeout(0.05)
+                try:
+                    s.recv(4096)
+                except OSError:
+                    pass
+        except OSError:
+            time.sleep(0.001)
+
+
+def self_relay(port: int, secret: str, seconds: float) -> None:
+    """An authenticated client binding channels to the server's own listener and
+    metrics ports, over and over (every one refused with 403)."""
+
+    async def run() -> None:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            cred = mint(secret, "nester", 600, time.time())
+            c = await TurnClient.connect("udp", ("127.0.0.1", port), cred.username, cred.password)
+            try:
+                await c.allocate()
+                for n in range(20):
+                    try:
+                        await c.channel_bind(0x4000 + n, ("127.0.0.1", port))
+                    except TurnClientError:
+                        pass
+                await c.refresh(0)
+            except TurnClientError:
+                pass
+            finally:
+                c.close()
+
+    asyncio.run(run())
 
 
 def _cpu(pid: int) -> float:

@@ -1,7 +1,8 @@
 """What operating the server costs: the CPU of one /metrics scrape with one worker and
-with two (a supervisor merging its workers' samples), measured from the kernel's
-per-thread CPU time (/proc/PID/task/TID/schedstat, nanoseconds) of every process of the
-server, less its idle CPU over the same time.
+with two (a supervisor merging its workers' samples), and of one TLS handshake with a
+P-256 and an RSA-2048 certificate (what the per-source handshake limit bounds),
+measured from the kernel's per-thread CPU time (/proc/PID/task/TID/schedstat,
+nanoseconds) of every process of the server, less its idle CPU over the same time.
 
     python benchmarks/ops.py [--out benchmarks/OPERATIONS.md]
 
@@ -89,6 +90,109 @@ def scrape_cost(workers: int) -> tuple[float, list[float]]:
         stop_process(proc)
 
 
+HANDSHAKES = 300
+
+
+def _certificate(directory: Path, kind: str) -> tuple[str, str]:
+    """A self-signed certificate with a P-256 or an RSA-2048 key."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+    from cryptography.x509.oid import NameOID
+
+    key = (
+        ec.generate_private_key(ec.SECP256R1())
+        if kind == "p256"
+        else rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    )
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .sign(key, hashes.SHA256())
+    )
+    cert_file, key_file = directory / f"{kind}.pem", directory / f"{kind}.key"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return str(cert_file), str(key_file)
+
+
+def handshake_cost(kind: str) -> float:
+    """Server CPU per TLS handshake (ms), the per-source limit lifted for the count."""
+    import ssl
+    import tempfile
+
+    directory = Path(tempfile.mkdtemp(prefix="turnserver-ops-"))
+    cert, key = _certificate(directory, kind)
+    (directory / "c.yaml").write_text("stream:\n  tls_handshake_rate: 0\n")
+    port, tls = free_port(), free_port(socket.SOCK_STREAM)
+    cmd = serve_command(
+        port,
+        "--secret",
+        "ops-secret",
+        "--probe-interval",
+        "0",
+        "--cert",
+        cert,
+        "--key",
+        key,
+        "--config",
+        str(directory / "c.yaml"),
+        tls_port=tls,
+        workers=1,
+    )
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    try:
+        wait_for_stun(proc, port)
+        time.sleep(1.0)
+        pids = process_tree(proc.pid)
+        before, started = cpu_ns(pids), time.monotonic()
+        time.sleep(3.0)
+        idle = (cpu_ns(pids) - before) / (time.monotonic() - started)
+        before, started = cpu_ns(pids), time.monotonic()
+        for _ in range(HANDSHAKES):
+            with (
+                socket.create_connection(("127.0.0.1", tls)) as raw,
+                ctx.wrap_socket(raw, server_hostname="localhost"),
+            ):
+                pass
+        elapsed = time.monotonic() - started
+        return (cpu_ns(pids) - before - idle * elapsed) / HANDSHAKES / 1e6
+    finally:
+        stop_process(proc)
+
+
+def handshake_rows() -> list[str]:
+    p256, rsa2048 = handshake_cost("p256"), handshake_cost("rsa")
+    return [
+        "## Operations: the server CPU of one TLS handshake",
+        "",
+        f"- P-256 certificate: {p256:.2f} ms; RSA-2048: {rsa2048:.2f} ms",
+        "- the per-source limit (stream.tls_handshake_rate 50/s past a burst of 200) bounds "
+        f"what one address can make the server spend: {50 * rsa2048:.0f} ms of CPU a "
+        "second with RSA-2048",
+    ]
+
+
 def scrape_rows(repeats: int = 3) -> list[str]:
     """The report's lines: medians of `repeats` runs."""
     results: dict[int, list[float]] = {1: [], 2: []}
@@ -120,6 +224,8 @@ def main() -> int:
         "Method: benchmarks/ops.py (its docstring).",
         "",
         *scrape_rows(args.repeats),
+        "",
+        *handshake_rows(),
     ]
     text = "\n".join(lines) + "\n"
     print(text)

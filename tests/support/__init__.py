@@ -26,8 +26,8 @@ async def eventually(
     what: str = "",
 ) -> T:
     """Call `check` until it returns a true value (awaiting it if it is a coroutine
-    function) and return that value; AssertionError after `timeout` seconds, with the
-    last value or exception."""
+    function) and return that value; an AssertionError or OSError it raises counts as
+    not yet. AssertionError after `timeout` seconds, with the last value or exception."""
     deadline = time.monotonic() + timeout
     last: object = None
     while True:
@@ -38,7 +38,7 @@ async def eventually(
             if value:
                 return value  # type: ignore[return-value]
             last = value
-        except AssertionError as exc:
+        except (AssertionError, OSError) as exc:  # OSError: a server not listening yet
             last = exc
         if time.monotonic() >= deadline:
             raise AssertionError(

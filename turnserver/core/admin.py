@@ -16,13 +16,14 @@ from turnserver.core.five_tuple import format_address
 class AdminActions(AllocationHandlers):
     """Operator actions over the core's state."""
 
-    def check_revoked(self, user: str, now: float) -> None:
-        """Raise Revoked (403) while `user` is revoked; forget revocations that ended."""
+    def check_revoked(self, user: str, wall: float) -> None:
+        """Raise Revoked (403) while `user` is revoked (`wall`: Unix time); forget
+        revocations that ended."""
         entry = self.revocations.get(user)
         if entry is None:
             return
         until, reason = entry
-        if until <= now:
+        if until <= wall:
             del self.revocations[user]
             return
         raise Revoked(f"user {user!r} is revoked until {int(until)}: {reason}"[:200])
@@ -36,9 +37,10 @@ class AdminActions(AllocationHandlers):
         return True
 
     def revoke(self, user: str, until: float, reason: str, now: float) -> int:
-        """Revoke a user until `until`; returns how many live allocations ended."""
+        """Revoke a user until `until` (Unix time); returns how many live allocations
+        ended."""
         self.revocations[user] = (until, reason)
-        return self._end_user(user, now) if until > now else 0
+        return self._end_user(user, now) if until > self.wall(now) else 0
 
     def unrevoke(self, user: str) -> bool:
         return self.revocations.pop(user, None) is not None
@@ -46,7 +48,8 @@ class AdminActions(AllocationHandlers):
     def set_revocations(self, entries: dict[str, tuple[float, str]], now: float) -> int:
         """Replace every revocation (the file was re-read); ends the live allocations of
         users revoked now. Returns how many ended."""
-        self.revocations = {u: e for u, e in entries.items() if e[0] > now}
+        wall = self.wall(now)
+        self.revocations = {u: e for u, e in entries.items() if e[0] > wall}
         return sum(self._end_user(user, now) for user in self.revocations)
 
     def _end_user(self, user: str, now: float) -> int:
@@ -84,17 +87,18 @@ class AdminActions(AllocationHandlers):
             "listener": format_address(ft.server),
             "relayed": [format_address(a) for a in alloc.relayed_addresses],
             "tcp_relay": alloc.is_tcp,
-            "created": round(alloc.created, 3),
-            "expires": round(alloc.expires, 3),
+            "created": round(self.wall(alloc.created), 3),  # Unix times
+            "expires": round(self.wall(alloc.expires), 3),
             "credential_expires": alloc.credential_expires,
             "permissions": [
-                {"peer": ip, "expires": round(exp, 3)} for ip, exp in alloc.permissions.items()
+                {"peer": ip, "expires": round(self.wall(exp), 3)}
+                for ip, exp in alloc.permissions.items()
             ],
             "channels": [
                 {
                     "number": f"0x{b.number:04x}",
                     "peer": format_address(b.peer),
-                    "expires": round(b.expires, 3),
+                    "expires": round(self.wall(b.expires), 3),
                 }
                 for b in alloc.bindings.values()
             ],

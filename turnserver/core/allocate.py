@@ -25,6 +25,7 @@ from turnserver.core.five_tuple import ClientTransport, FiveTuple
 from turnserver.core.state import (
     BIND_ATTEMPTS,
     FAMILY_VERSION,
+    RESERVED_PORTS_SHARE,
     VERSION_FAMILY,
     Attributes,
     CoreState,
@@ -87,11 +88,18 @@ class AllocationHandlers(CoreState):
         reservation: Reservation | None = None
         if token is not None:
             reservation = self.reservations.pop(token, None)
+            if reservation is not None and reservation.owner is not None:
+                # used: its quota goes back (this allocation takes its own below)
+                reservation.owner.reservation = b""
+                self.quotas.release(reservation.user, reservation.client_ip)
             if reservation is None:
-                # Another worker process may have issued it: tokens are stateless
+                # Another worker process may have issued it: tokens are stateless. A port
+                # of our own range whose reservation is gone was used or released already
                 reservation = self._check_reservation_token(token, now)
                 if reservation is not None:
-                    self.port_pools[reservation.family].take(reservation.port)
+                    pool = self.port_pools[reservation.family]
+                    if pool.min_port <= reservation.port <= pool.max_port:
+                        reservation = None
 
             if reservation is None:
                 raise InsufficientCapacity(
@@ -123,15 +131,18 @@ class AllocationHandlers(CoreState):
                 if reservation is not None:
                     relay = self._open_relay(alloc, version, port=reservation.port)
                 elif i == 0 and even_port is not None:
+                    if even_port and len(self.reservations) >= self._reservation_cap():
+                        raise InsufficientCapacity(
+                            "too many ports held by EVEN-PORT reservations",
+                            reason="quota_reservations",
+                        )
                     relay, reserved = self._open_even_relay(alloc, version, even_port)
                     if reserved is not None:
+                        held = Reservation(version, reserved, now + cfg.reservation_lifetime)
                         new_token = self._reservation_token(version, reserved, now)
-                        self.reservations[new_token] = Reservation(
-                            version, reserved, now + cfg.reservation_lifetime
-                        )
-                        self._push(
-                            now + cfg.reservation_lifetime, TimerKind.RESERVATION, None, new_token
-                        )
+                        alloc.relays[version] = relay  # (closed with the rest on failure)
+                        held.token = new_token
+                        self.reservations[new_token] = held
                 else:
                     relay = self._open_relay(alloc, version)
                 alloc.relays[version] = relay
@@ -139,10 +150,17 @@ class AllocationHandlers(CoreState):
             self._close_relays(alloc)
             raise
 
-        self._reserve_quota(alloc, ident)
+        try:
+            self._reserve_quota(alloc, ident)
+        except AllocationQuotaReached:
+            if new_token is not None:
+                self._release_reservation(new_token)
+            raise
+        if new_token is not None:
+            self._hold_reservation(alloc, ident, new_token, now)
         self._register(alloc)
-        if cfg.strict_expiry and ident.expires is not None:
-            self._push(ident.expires, TimerKind.CREDENTIAL, alloc, None)
+        if cfg.strict_expiry and ident.expires is not None:  # a Unix time: when it comes
+            self._push(now + ident.expires - self.wall(now), TimerKind.CREDENTIAL, alloc, None)
         attrs: Attributes = [
             (Attr.XOR_RELAYED_ADDRESS, r.advertised) for r in alloc.relays.values()
         ]
@@ -188,8 +206,8 @@ class AllocationHandlers(CoreState):
         alloc.relays[version] = self._open_relay(alloc, version, tcp=True)
         self._reserve_quota(alloc, ident)
         self._register(alloc)
-        if cfg.strict_expiry and ident.expires is not None:
-            self._push(ident.expires, TimerKind.CREDENTIAL, alloc, None)
+        if cfg.strict_expiry and ident.expires is not None:  # a Unix time: when it comes
+            self._push(now + ident.expires - self.wall(now), TimerKind.CREDENTIAL, alloc, None)
         self.events.append(
             ev.AllocationCreated(ft, ident.username, alloc.relayed_addresses, lifetime)
         )
@@ -223,6 +241,37 @@ class AllocationHandlers(CoreState):
             raise AllocationQuotaReached(
                 f"user {ident.user!r} has too many allocations", reason=why
             )
+
+    def _reservation_cap(self) -> int:
+        """At most 1/RESERVED_PORTS_SHARE of the relay ports held by reservations."""
+        ports = sum(p.size for p in self.port_pools.values())
+        return max(4, ports // RESERVED_PORTS_SHARE)
+
+    def _hold_reservation(
+        self, alloc: Allocation, ident: Identity, token: bytes, now: float
+    ) -> None:
+        """The reserved port counts against the owner's quotas like an allocation (so a
+        user cannot hold ports beyond them); over them, the Allocate is refused."""
+        res = self.reservations[token]
+        cfg = self.config
+        client_ip = alloc.five_tuple.client[0]
+        why = self.quotas.reserve(
+            ident.user,
+            client_ip,
+            cfg.max_allocations,
+            0 if ident.internal else cfg.max_allocations_per_user,
+            0 if ident.internal else cfg.max_allocations_per_client_ip,
+        )
+        if why is not None:
+            self._release_reservation(token)
+            self.quotas.release(ident.user, client_ip)
+            self._close_relays(alloc)
+            raise AllocationQuotaReached(
+                "the reserved port (EVEN-PORT R) would exceed the quota", reason=why
+            )
+        res.owner, res.user, res.client_ip = alloc, ident.user, client_ip
+        alloc.reservation = token
+        self._push(res.expires, TimerKind.RESERVATION, None, token)
 
     def _token_mac(self, family: int, port: int, window: int) -> bytes:
         return self.auth.nonces.sign(b"reservation|%d|%d|%d" % (family, port, window))[:6]
@@ -332,6 +381,8 @@ class AllocationHandlers(CoreState):
         self.allocations.pop(alloc.five_tuple, None)
         self.allocations_by_id.pop(alloc.id, None)
         self.quotas.release(alloc.user, alloc.five_tuple.client[0])
+        if alloc.reservation:  # an unused EVEN-PORT reservation ends with its allocation
+            self._release_reservation(alloc.reservation)
         relayed = alloc.relayed_addresses
         for pc in list(alloc.peer_connections.values()):
             self._forget_peer_connection(pc, close=False)  # closing the relay closes them

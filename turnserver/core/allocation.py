@@ -150,6 +150,7 @@ class Allocation:
         "rate",
         "rate_sample",
         "relays",
+        "reservation",
         "send_errors",
         "sink",
         "stamp",
@@ -192,6 +193,7 @@ class Allocation:
         self.peer_connections: dict[Address, PeerConnection] = {}
         self.allocate_transaction_id = b""
         self.allocate_response = b""
+        self.reservation = b""  # the RESERVATION-TOKEN of the port this allocation holds
         self.dont_fragment = False
         self.live = True
         # errno -> (last reported, suppressed since): send errors are logged sparingly

@@ -42,16 +42,38 @@ def rest_password(secret: str, username: str) -> str:
     return base64.b64encode(mac).decode()
 
 
-def parse_rest_username(username: str) -> tuple[int, str] | None:
-    """Return (expiry, user) for `<expiry>:<user>`, `<user>:<expiry>` or a bare expiry."""
-    if username.isdigit():
-        return int(username), ""
+REST_USERNAME_FORMATS = ("auto", "expiry-first", "user-first")
+
+
+def ascii_int(text: str, digits: int = 12) -> int | None:
+    """The value of 1 to `digits` ASCII digits, else None (str.isdigit() takes '²' and
+    '٣', which int() then refuses or reads as a digit of another script)."""
+    if 0 < len(text) <= digits and text.isascii() and text.isdigit():
+        return int(text)
+    return None
+
+
+def parse_rest_username(username: str, order: str = "auto") -> tuple[int, str] | None:
+    """(expiry, user) of a TURN REST username: `<expiry>:<user>` (expiry-first, coturn's
+    and what `turnserver mint` makes), `<user>:<expiry>` (user-first) or a bare expiry.
+    With "auto" both orders are read; when both ends are numbers (a numeric user), the
+    earlier of the two is the expiry: reading the other order can never make an expired
+    credential valid."""
+    bare = ascii_int(username)
+    if bare is not None:
+        return bare, ""
     first, sep, rest = username.partition(":")
-    if sep and first.isdigit():
-        return int(first), rest
-    head, sep, last = username.rpartition(":")
-    if sep and last.isdigit():
-        return int(last), head
+    head, _, last = username.rpartition(":")
+    if not sep:
+        return None
+    leading = ascii_int(first) if order != "user-first" else None
+    trailing = ascii_int(last) if order != "expiry-first" else None
+    if leading is not None and trailing is not None:
+        return (leading, rest) if leading <= trailing else (trailing, head)
+    if leading is not None:
+        return leading, rest
+    if trailing is not None:
+        return trailing, head
     return None
 
 
@@ -65,6 +87,7 @@ class Credentials:
     # SHA-256 keys exist for users configured with a password (not a precomputed key)
     user_keys_sha256: dict[str, bytes] = field(default_factory=dict)
     userhashes: dict[bytes, str] = field(default_factory=dict)  # USERHASH -> user
+    rest_order: str = "auto"  # REST_USERNAME_FORMATS (parse_rest_username)
 
     @staticmethod
     def build(
@@ -72,6 +95,7 @@ class Credentials:
         passwords: dict[str, str] | None = None,
         keys: dict[str, bytes] | None = None,
         secrets: tuple[str, ...] | list[str] = (),
+        rest_order: str = "auto",
     ) -> Credentials:
         """Precompute long-term keys for static users."""
         passwords = passwords or {}
@@ -81,7 +105,7 @@ class Credentials:
             u: long_term_key(u, realm, p, PasswordAlgorithm.SHA256) for u, p in passwords.items()
         }
         hashes = {userhash(u, realm): u for u in user_keys}
-        return Credentials(realm, user_keys, tuple(secrets), sha256, hashes)
+        return Credentials(realm, user_keys, tuple(secrets), sha256, hashes, rest_order)
 
 
 @dataclass(slots=True)
@@ -280,7 +304,7 @@ class Authenticator:
             if verify_integrity(msg, key):
                 return Identity(username, username, key, None, sha256, internal)
             raise Unauthorized(f"bad password for user {username!r}", reason="bad_credentials")
-        parsed = parse_rest_username(username) if creds.secrets else None
+        parsed = parse_rest_username(username, creds.rest_order) if creds.secrets else None
         if parsed is None:
             raise Unauthorized(f"unknown user {username!r}", reason="bad_credentials")
         expiry, user = parsed

@@ -140,8 +140,7 @@ class TurnServer(AdminActions, PermissionHandlers, TcpConnectionHandlers):
             elif kind == TimerKind.RESERVATION:
                 res = self.reservations.get(key)
                 if res is not None and res.expires <= now:
-                    del self.reservations[key]
-                    self.port_pools[res.family].give_back(res.port)
+                    self._release_reservation(key)
 
     def drain_events(self) -> list[ev.Event]:
         """Events since the last call, oldest first."""
@@ -176,9 +175,10 @@ class TurnServer(AdminActions, PermissionHandlers, TcpConnectionHandlers):
         try:
             if handler is None:
                 raise BadRequest(f"unsupported method 0x{method:03x}")
-            identity = self.auth.authenticate(msg, ft.client[0], now)
+            wall = now + self.wall_offset
+            identity = self.auth.authenticate(msg, ft.client[0], wall)
             if self.revocations:
-                self.check_revoked(identity.user, now)
+                self.check_revoked(identity.user, wall)
             unknown = msg.unknown_required_attributes()
             if unknown:
                 raise UnknownAttribute(unknown)
@@ -243,7 +243,7 @@ class TurnServer(AdminActions, PermissionHandlers, TcpConnectionHandlers):
             msg.method,
             MessageClass.ERROR,
             msg.transaction_id,
-            [(Attr.NONCE, self.auth.nonces.issue(ft.client[0], now))],
+            [(Attr.NONCE, self.auth.nonces.issue(ft.client[0], now + self.wall_offset))],
             fingerprint=msg.fingerprint_offset >= 0,
             encoded=fixed,
         )

@@ -57,6 +57,7 @@ MAX_WORKERS = 1 << (32 - CONNECTION_ID_OWNER_SHIFT)
 MAX_CONTROL_MESSAGE = 4096
 SEND_INDICATION_TYPE = b"\x00\x16"
 MAX_PEERS_PER_REQUEST = 32  # XOR-PEER-ADDRESS entries in one CreatePermission
+RESERVED_PORTS_SHARE = 8  # EVEN-PORT reservations hold at most 1/8 of the relay ports
 SEND_ERROR_LOG_INTERVAL = 60.0  # one log line per allocation and errno per interval
 ICMP_PER_SECOND = 10  # ICMP errors passed to one client a second (RFC 8656 §11.6)
 
@@ -95,14 +96,20 @@ class RemoteBind:
 
 
 class Reservation:
-    """A port held by an EVEN-PORT R-bit allocation for a later RESERVATION-TOKEN."""
+    """A port held by an EVEN-PORT R-bit allocation for a later RESERVATION-TOKEN
+    (RFC 8656 §7.2). It counts against its owner's quotas like an allocation, and lasts
+    until it is used, its ~30 s run out, or the allocation that made it ends."""
 
-    __slots__ = ("expires", "family", "port")
+    __slots__ = ("client_ip", "expires", "family", "owner", "port", "token", "user")
 
     def __init__(self, family: int, port: int, expires: float) -> None:
         self.family = family
         self.port = port
         self.expires = expires
+        self.token = b""
+        self.owner: Allocation | None = None  # None: another worker's, met by its token
+        self.user = ""
+        self.client_ip = ""
 
 
 class RelayStats:
@@ -201,6 +208,10 @@ class CoreState:
         # RFC 5780: the local address the last response must be sent from, when it is
         # not the one the request came to (CHANGE-REQUEST); the I/O layer reads and clears it
         self.send_from: Address | None = None
+        # `now` is monotonic everywhere in the core (lifetimes survive a clock step); the
+        # wall clock is now + wall_offset, set by the I/O layer, where a protocol needs it:
+        # REST credential expiry, nonce cookies, revocations (Unix times)
+        self.wall_offset = 0.0
         self._handlers = self._request_handlers()
         # 401/438 attributes but the nonce, by (realm, code) (server._challenge_answer)
         self._challenge_attributes: dict[tuple[str, int], bytes] = {}
@@ -208,6 +219,10 @@ class CoreState:
     def _request_handlers(self) -> dict[int, Handler]:
         """STUN method -> handler; TurnServer fills it in."""
         return {}
+
+    def wall(self, now: float) -> float:
+        """The wall-clock (Unix) time at monotonic time `now`."""
+        return now + self.wall_offset
 
     def _push(self, when: float, kind: TimerKind, owner: Any, key: Any) -> None:
         self._seq += 1
@@ -318,6 +333,16 @@ class CoreState:
             relay = alloc.relays.get(6 if ":" in pc.peer[0] else 4)
             if relay is not None and relay.tcp is not None:
                 relay.tcp.close_connection(pc.id)
+
+    def _release_reservation(self, token: bytes) -> None:
+        """A reservation ends unused: its port and its quota go back."""
+        res = self.reservations.pop(token, None)
+        if res is None:
+            return
+        self.port_pools[res.family].give_back(res.port)
+        if res.owner is not None:
+            res.owner.reservation = b""
+            self.quotas.release(res.user, res.client_ip)
 
     def _close_relays(self, alloc: Allocation) -> None:
         for version, relay in alloc.relays.items():

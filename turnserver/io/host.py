@@ -75,6 +75,9 @@ class AdapterHost(Protocol):
     def emit(self, event: ev.Event) -> None:
         """Report an I/O-level event to the sinks (metrics, logs)."""
 
+    def core_failed(self, where: str, exc: Exception) -> None:
+        """A bug: the core raised on input from `where` (counted, logged once a minute)."""
+
     def after_core_call(self, duration: float | None = None) -> None:
         """Dispatch the core's events and re-arm its timer."""
 

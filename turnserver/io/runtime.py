@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 import ssl
 import time
@@ -16,6 +17,7 @@ from turnserver.core.auth import Authenticator
 from turnserver.core.config import CoreConfig
 from turnserver.core.five_tuple import ClientTransport, FiveTuple
 from turnserver.core.policy import PeerPolicy
+from turnserver.core.ratelimit import TokenBuckets
 from turnserver.core.server import TurnServer
 from turnserver.io.descriptors import DescriptorBudget, tighter
 from turnserver.io.handover import WorkerBus
@@ -30,6 +32,9 @@ from turnserver.io.udp import SocketRelayOpener, UdpListener, bind_udp_socket
 from turnserver.stun.attributes import Address
 
 EventSink = Callable[[ev.Event], None]
+CORE_ERROR_INTERVAL = 60.0
+WALL_CLOCK_INTERVAL = 1.0
+log = logging.getLogger("turnserver")
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +62,10 @@ class StreamOptions:
     write_timeout: float = 30.0  # a client that stops reading is closed after this
     max_connections: int = 0  # TCP/TLS client connections in all (0: half the fd budget)
     max_connections_per_ip: int = 256  # from one client IP address (0: no cap)
+    # TLS handshakes a second from one client IP past a burst (a handshake costs the
+    # server 0.5-0.7 ms of CPU, a replayed ClientHello its sender almost nothing)
+    tls_handshake_rate: float = 50.0
+    tls_handshake_burst: int = 200
 
 
 _OFFLOAD_EVENTS = (
@@ -92,7 +101,8 @@ class ServerRuntime:
         tls: ReloadableTLS | None = None,
         stream_options: StreamOptions | None = None,
         reuse_port: bool = False,
-        clock: Callable[[], float] = time.time,
+        clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
         descriptors: DescriptorBudget | None = None,
         inherited: dict[int, socket.socket] | None = None,
     ) -> None:
@@ -101,7 +111,8 @@ class ServerRuntime:
         self.tls = tls
         self.stream_options = stream_options or StreamOptions()
         self.reuse_port = reuse_port
-        self.now = clock
+        self.now = clock  # monotonic: lifetimes and timers survive a clock step
+        self.wall = wall  # Unix time, for the core's wall_offset (_track_wall_clock)
         self.descriptors = descriptors or DescriptorBudget(0)
         # Listener sockets made by a parent process, by index in `listen` (workers)
         self.inherited = inherited or {}
@@ -110,6 +121,7 @@ class ServerRuntime:
         self.stream_servers: list[tuple[ListenAddress, asyncio.Server]] = []
         self.stream_connections: dict[FiveTuple, StreamConnection] = {}
         self.streams_per_ip: dict[str, int] = {}
+        self._tls_handshakes = TokenBuckets(50.0, 200)
         self.stream_refusals: dict[str, int] = {}  # cap -> connections refused
         self.last_cap_hit = 0.0  # loop time a stream cap last refused a connection
         self.event_sinks: list[EventSink] = []
@@ -121,11 +133,15 @@ class ServerRuntime:
         self.handover: WorkerBus | None = None  # RFC 6062 across workers (io/handover.py)
         self.host_addresses: HostAddresses | None = None  # never peers (started by start)
         self.draining = False
+        self.internal_errors: dict[str, int] = {}  # core_failed: where -> count
+        self._errors_logged: dict[str, tuple[float, int]] = {}
 
         self.listeners_bound = False
         self._timer: asyncio.TimerHandle | None = None
         self._timer_when: float | None = None
         self._sweeper: asyncio.TimerHandle | None = None
+        self._wall_timer: asyncio.TimerHandle | None = None
+        self.core.wall_offset = wall() - clock()
 
     @property
     def stream_limit(self) -> int:
@@ -178,6 +194,7 @@ class ServerRuntime:
             raise
         self.listeners_bound = True
         self._schedule_sweep()
+        self._track_wall_clock()
 
     async def _bind(self, spec: ListenAddress, sock: socket.socket | None = None) -> None:
         try:
@@ -214,6 +231,12 @@ class ServerRuntime:
         except OSError as exc:
             raise OSError(exc.errno, f"cannot bind {spec}: {exc.strerror}") from exc
 
+    def _track_wall_clock(self) -> None:
+        """The core's wall clock follows a step of the system clock (NTP, a VM resumed)
+        within a second; its lifetimes, on the monotonic clock, do not move."""
+        self.core.wall_offset = self.wall() - self.now()
+        self._wall_timer = self.loop.call_later(WALL_CLOCK_INTERVAL, self._track_wall_clock)
+
     def _host_addresses_changed(self, addresses: frozenset[str]) -> None:
         """An address came or went: permissions to what is now this host's end at once."""
         self.core.set_host_addresses(addresses)
@@ -238,10 +261,10 @@ class ServerRuntime:
         self.stream_servers.clear()
         for conn in list(self.stream_connections.values()):
             conn.close("shutdown")
-        for handle in (self._timer, self._sweeper):
+        for handle in (self._timer, self._sweeper, self._wall_timer):
             if handle is not None:
                 handle.cancel()
-        self._timer = self._sweeper = None
+        self._timer = self._sweeper = self._wall_timer = None
         self.listeners_bound = False
         if self.offload is not None:
             self.offload.close()  # detaches the program from tc
@@ -252,6 +275,20 @@ class ServerRuntime:
         out = [ListenAddress("udp", h, p) for (h, p) in self.udp_listeners]
         out += [spec for spec, _ in self.stream_servers]
         return out
+
+    def core_failed(self, where: str, exc: Exception) -> None:
+        """The boundary of the sans-IO core: whatever escapes it (a bug; nothing a client
+        sends should) is counted by where it came from and logged once a minute per
+        place, its traceback in the line (a field of JSON lines), never once a packet."""
+        self.internal_errors[where] = self.internal_errors.get(where, 0) + 1
+        now = self.loop.time()
+        last, suppressed = self._errors_logged.get(where, (-CORE_ERROR_INTERVAL, 0))
+        if now - last < CORE_ERROR_INTERVAL:
+            self._errors_logged[where] = (last, suppressed + 1)
+            return
+        self._errors_logged[where] = (now, 0)
+        more = f" ({suppressed} more since the last report)" if suppressed else ""
+        log.error("internal error handling %s input%s: %r", where, more, exc, exc_info=exc)
 
     def emit(self, event: ev.Event) -> None:
         """Report an I/O-level event to the sinks (metrics, logs)."""
@@ -314,6 +351,8 @@ class ServerRuntime:
             refused = "fd_limit"
         if refused:
             self.last_cap_hit = self.loop.time()
+        elif ft.transport == ClientTransport.TLS and not self._tls_handshake_allowed(ip):
+            refused = "tls_rate_limited"
         elif self.impairments is not None and self.impairments.blocked(ft.transport.value):
             refused = "dev_block"  # developer mode: a firewall, not a cap
         if refused:
@@ -324,6 +363,13 @@ class ServerRuntime:
         self.streams_per_ip[ip] = per_ip + 1
         self.stream_connections[ft] = cast(StreamConnection, conn)  # the only kind we make
         return True
+
+    def _tls_handshake_allowed(self, ip: str) -> bool:
+        """Token bucket per client address for TLS handshakes (stream.tls_handshake_*)."""
+        o = self.stream_options
+        buckets = self._tls_handshakes
+        buckets.rate, buckets.burst = o.tls_handshake_rate, o.tls_handshake_burst
+        return not o.tls_handshake_rate or buckets.allow(ip, self.loop.time())
 
     def stream_closed(self, conn: ClientStream, reason: str) -> None:
         ft = conn.five_tuple

@@ -189,7 +189,12 @@ class StreamConnection(asyncio.Protocol):
                 self._channel_data(frame)
                 continue
             started = perf_counter()
-            response = runtime.core.handle_message(frame, ft, runtime.now())
+            try:
+                response = runtime.core.handle_message(frame, ft, runtime.now())
+            except Exception as exc:  # a bug: the connection ends, the server goes on
+                runtime.core_failed(self.kind.value, exc)
+                self.close("internal_error")
+                return
             if response is not None:
                 if self.transport is not None:
                     self.transport.write(response)
@@ -209,7 +214,10 @@ class StreamConnection(asyncio.Protocol):
         runtime = self.runtime
         number = (frame[0] << 8) | frame[1]
         core = runtime.core
-        core.relay_channel_data(self.alloc, number, frame[4:], runtime.now())
+        try:
+            core.relay_channel_data(self.alloc, number, frame[4:], runtime.now())
+        except Exception as exc:  # a bug: counted, logged once a minute
+            runtime.core_failed(self.kind.value, exc)
         if core.events:
             runtime.after_core_call()
 

@@ -187,7 +187,11 @@ class UdpListener:
         ft = FiveTuple(addr, self.local, ClientTransport.UDP)
         started = perf_counter()
         core = runtime.core
-        response = core.handle_message(data, ft, runtime.now())
+        try:
+            response = core.handle_message(data, ft, runtime.now())
+        except Exception as exc:  # a bug: never a crash, never a traceback a datagram
+            runtime.core_failed("udp", exc)
+            response = None
         if response is not None:
             sock = self.sock
             if core.send_from is not None:  # RFC 5780 CHANGE-REQUEST: another of ours
@@ -291,7 +295,11 @@ class UdpRelay:
                 alloc.packets_to_client += 1
                 alloc.bytes_to_client += len(data)
                 continue
-            indication = core.data_indication(alloc, data, addr, now())
+            try:
+                indication = core.data_indication(alloc, data, addr, now())
+            except Exception as exc:  # a bug: counted, logged once a minute
+                self._runtime.core_failed("peer", exc)
+                continue
             if indication is not None:
                 self._to_client(indication, client_sock, client_addr, stream)
 

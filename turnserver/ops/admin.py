@@ -20,6 +20,7 @@ import asyncio
 import hmac
 import logging
 import time
+import unicodedata
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
@@ -175,6 +176,18 @@ class AdminStats:
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
+def user_name_problem(user: object) -> str:
+    """Why a revocation's user name is refused ("" when it is fine): 1 to 256
+    characters, no control or format characters (they would hide in logs)."""
+    if not isinstance(user, str) or not user or len(user) > 256:
+        return "user must be a string of 1 to 256 characters"
+    if any(unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp") for ch in user):
+        return "user must not contain control or format characters"
+    if user in (".", ".."):
+        return "user must not be . or .. (a URL path would lose it)"
+    return ""
+
+
 def _error(status: int, message: str) -> web.Response:
     return web.json_response({"error": message, "status": status}, status=status)
 
@@ -322,8 +335,9 @@ class AdminApi:
         if not isinstance(body, dict):
             return _error(400, "the body must be a JSON object")
         user = body.get("user")
-        if not isinstance(user, str) or not user or len(user) > 256:
-            return _error(400, "user must be a non-empty string")
+        why = user_name_problem(user)
+        if why or not isinstance(user, str):
+            return _error(400, why)
         reason = body.get("reason", "")
         if not isinstance(reason, str) or len(reason) > 512:
             return _error(400, "reason must be a string of at most 512 characters")
@@ -339,9 +353,10 @@ class AdminApi:
             return _error(400, "give until (Unix time) or for (seconds, or 30m, 2h, 1d)")
         if not now < until < now + 10 * 365 * 86400:
             return _error(400, "until must be in the future (and within ten years)")
+        # in force here before it goes out (a worker synchronised meanwhile gets it too)
+        self.from_api[user] = (until, reason)
         ended = await self.backend.revoke(user, until, reason)
         warning = None
-        self.from_api[user] = (until, reason)
         if self.store is not None and body.get("persist", True):
             warning = self.store.save(self.revocations)
             if warning is None:  # the file holds it now: the file is the truth
@@ -361,9 +376,12 @@ class AdminApi:
 
     async def delete_revocation(self, request: web.Request) -> web.Response:
         user = request.match_info["user"]
-        known = await self.backend.unrevoke(user)
+        why = user_name_problem(user)
+        if why:
+            return _error(400, why)
         in_file = self.from_file.pop(user, None) is not None
-        known = (self.from_api.pop(user, None) is not None) or in_file or known
+        in_api = self.from_api.pop(user, None) is not None
+        known = await self.backend.unrevoke(user) or in_file or in_api
         if not known:
             return _error(404, "no such revocation")
         warning = None

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from turnserver import SOFTWARE
+from turnserver.core.auth import REST_USERNAME_FORMATS
 from turnserver.io.runtime import ListenAddress
 from turnserver.ops.config_values import (
     Check,
@@ -69,6 +70,7 @@ class Settings:
     max_pending_connects_per_allocation: int = 8
     strict_expiry: bool = False
     nonce_secret: str | None = None
+    rest_username_format: str = "auto"  # core/auth.py parse_rest_username
     nonce_lifetime: int = 600
     software: str | None = SOFTWARE
     secrets_file: str | None = None
@@ -121,6 +123,8 @@ class Settings:
     write_timeout: float = 30.0
     max_stream_connections: int = 0  # 0: half the file descriptor budget
     max_stream_connections_per_ip: int = 256
+    tls_handshake_rate: float = 50.0  # a second, per client address, past a burst
+    tls_handshake_burst: int = 200
     http_max_connections: int = 0  # all HTTP listeners of a process; 0: ops/http.py derives
     http_max_connections_per_ip: int = 32
     http_idle_timeout: float = 15.0
@@ -145,6 +149,7 @@ SCHEMA: dict[str, tuple[str, Check]] = {
     "auth.secrets_file": ("secrets_file", _opt_str),
     "auth.secrets_env": ("secrets_env", _opt_str),
     "auth.nonce_secret": ("nonce_secret", _opt_str),
+    "auth.rest_username_format": ("rest_username_format", _choice(REST_USERNAME_FORMATS)),
     "api.listen": ("api_listen", _host_port),
     "api.accounts": ("accounts", _accounts),
     "api.accounts_file": ("accounts_file", _opt_str),
@@ -203,6 +208,8 @@ SCHEMA: dict[str, tuple[str, Check]] = {
     "stream.write_timeout": ("write_timeout", _float(1, 3600)),
     "stream.max_connections": ("max_stream_connections", _int(0, 10_000_000)),
     "stream.max_connections_per_ip": ("max_stream_connections_per_ip", _int(0, 10_000_000)),
+    "stream.tls_handshake_rate": ("tls_handshake_rate", _float(0, 1_000_000)),
+    "stream.tls_handshake_burst": ("tls_handshake_burst", _int(1, 1_000_000)),
     **{f"http.{k}": (f"http_{k}", _int(0, 1_000_000)) for k in HTTP_CAPS},
     "http.idle_timeout": ("http_idle_timeout", _float(1, 3600)),
     "dev.enabled": ("dev", _bool),

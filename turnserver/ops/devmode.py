@@ -6,6 +6,7 @@ every impairment change, because it degrades media on purpose.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
@@ -50,6 +51,9 @@ class DevMode:
         self.impairments.on_block = runtime.set_blocked
         runtime.impairments = self.impairments
         self.api: CredentialsApi | None = None
+        # with no API key, only a loopback-only API listener may change impairments
+        host = settings.api_listen[0] if settings.api_listen else ""
+        self.loopback_api = _is_loopback(host)
 
     def start(self) -> None:
         """After the listeners are bound: apply start-up blocks, warn loudly."""
@@ -93,19 +97,25 @@ class DevMode:
         }
 
     def _authorized(self, request: web.Request) -> bool:
+        """An API key when keys are configured; without any, the API listener must be
+        loopback-only (anyone who reaches it could otherwise cut every call's media)."""
         api = self.api
-        return api is not None and (not api.config.api_keys or api.api_key_ok(request))
+        if api is None:
+            return False
+        if api.config.api_keys:
+            return api.api_key_ok(request)
+        return self.loopback_api
 
     async def get_impairment(self, request: web.Request) -> web.Response:
         if not self._authorized(request):
-            return web.json_response({"error": "missing or wrong API key"}, status=401)
+            return _refused(self.api)
         return web.json_response(self.state())
 
     async def put_impairment(self, request: web.Request) -> web.Response:
         """Body: {"udp": "block", "tls": "loss:5,delay:80", "all": "none"}; transports
         not named keep their impairment; a "seed" restarts the random generator."""
         if not self._authorized(request):
-            return web.json_response({"error": "missing or wrong API key"}, status=401)
+            return _refused(self.api)
         if (request.content_length or 0) > MAX_DEV_BODY:
             return web.json_response({"error": "body too large"}, status=413)
         try:
@@ -175,3 +185,22 @@ def attach(
     dev = DevMode(settings, runtime)
     registry.register(DevCollector(dev))
     return dev
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def _refused(api: CredentialsApi | None) -> web.Response:
+    if api is not None and not api.config.api_keys:
+        return web.json_response(
+            {
+                "error": "the API listens beyond loopback and has no API key: set api.keys "
+                "(or listen on 127.0.0.1) to change impairments"
+            },
+            status=403,
+        )
+    return web.json_response({"error": "missing or wrong API key"}, status=401)

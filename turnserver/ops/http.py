@@ -3,10 +3,10 @@ metrics and health), inside the process's descriptor budget.
 
 Every HTTP listener of a process shares one HttpGuard: at most `max_connections` open
 connections in all and `max_per_ip` from one address; a connection that sends nothing
-(or never finishes its headers) is closed after `idle_timeout`. At the total cap a new
-connection takes the place of the longest-idle one that is not being answered, so idle
-or slow connections (of any number of addresses) can never keep /healthz, the
-Kubernetes liveness probe, from being answered. Refusals are counted by listener and
+(or never finishes its headers) is closed after `idle_timeout`. At a cap a new
+connection takes the place of the longest-idle one that is not being answered (of its
+own address at the per-address cap), so idle or slow connections, of one address or
+many, can never keep /healthz, the Kubernetes liveness probe, from being answered. Refusals are counted by listener and
 reason (turn_http_connections_refused_total) and logged once per interval.
 """
 
@@ -95,19 +95,28 @@ class HttpGuard:
         if at_cap or (limits.max_per_ip and self.per_ip.get(ip, 0) >= limits.max_per_ip):
             self._purge()
         if limits.max_per_ip and self.per_ip.get(ip, 0) >= limits.max_per_ip:
-            self._count(listener, "per_ip_limit", ip)
-            return False
+            # this address's own longest-idle connection makes room, or it is refused
+            if not self._evict(listener, ip, [c for c in self.conns.values() if c.ip == ip]):
+                self._count(listener, "per_ip_limit", ip)
+                return False
         if limits.max_connections and len(self.conns) >= limits.max_connections:
-            idle = [c for c in self.conns.values() if not c.busy]
-            if not idle:
+            if not self._evict(listener, ip, list(self.conns.values())):
                 self._count(listener, "limit", ip)
                 return False
-            victim = min(idle, key=lambda c: c.last)
-            self._count(victim.listener, "evicted", victim.ip)
-            self.forget(victim.handler)
-            victim.transport.abort()
         self.conns[handler] = _Conn(handler, transport, ip, listener)
         self.per_ip[ip] = self.per_ip.get(ip, 0) + 1
+        return True
+
+    def _evict(self, listener: str, ip: str, among: list[_Conn]) -> bool:
+        """Close the longest-idle connection of `among` that is not being answered;
+        False when every one is."""
+        idle = [c for c in among if not c.busy]
+        if not idle:
+            return False
+        victim = min(idle, key=lambda c: c.last)
+        self._count(victim.listener, "evicted", victim.ip)
+        self.forget(victim.handler)
+        victim.transport.abort()
         return True
 
     def _purge(self) -> None:

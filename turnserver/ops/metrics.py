@@ -214,6 +214,14 @@ class TurnCollector(ServiceCollector):
             value=len(core.peer_connections),
         )
         yield from self._limits(runtime)
+        errors = CounterMetricFamily(
+            "turn_internal_errors",
+            "Exceptions that escaped the protocol core (bugs), by where the input came from",
+            labels=["source"],
+        )
+        for source in ("udp", "tcp", "tls", "peer"):
+            errors.add_metric([source], runtime.internal_errors.get(source, 0))
+        yield errors
         yield from self._workers(runtime)
 
     @staticmethod
@@ -271,7 +279,7 @@ class TurnCollector(ServiceCollector):
             "TCP/TLS connections refused at a cap",
             labels=["reason"],
         )
-        for reason in ("stream_limit", "per_ip_limit", "fd_limit"):
+        for reason in ("stream_limit", "per_ip_limit", "fd_limit", "tls_rate_limited"):
             refused.add_metric([reason], runtime.stream_refusals.get(reason, 0))
         yield refused
 

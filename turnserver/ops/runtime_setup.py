@@ -81,6 +81,7 @@ def credentials(settings: Settings) -> Credentials:
         passwords={u.name: u.password for u in settings.users if u.password is not None},
         keys={u.name: u.key for u in settings.users if u.key is not None},
         secrets=settings.secrets,
+        rest_order=settings.rest_username_format,
     )
 
 
@@ -110,6 +111,8 @@ def stream_options(settings: Settings) -> StreamOptions:
         write_timeout=settings.write_timeout,
         max_connections=settings.max_stream_connections,
         max_connections_per_ip=settings.max_stream_connections_per_ip,
+        tls_handshake_rate=settings.tls_handshake_rate,
+        tls_handshake_burst=settings.tls_handshake_burst,
     )
 
 

@@ -72,6 +72,7 @@ MERGE_RULES: dict[str, Merge] = {
     "turn_worker_restarts": Merge.SUM,
     "turn_worker_spawn_failures": Merge.SUM,
     "turn_peer_handovers": Merge.SUM,
+    "turn_internal_errors": Merge.SUM,
     "turn_metrics_unmerged_families": Merge.SUM,
     "turn_metrics_scrapes": Merge.SUM,
     "turn_http_connections_refused": Merge.SUM,

@@ -23,7 +23,6 @@ from multiprocessing.process import BaseProcess
 from multiprocessing.shared_memory import SharedMemory
 from typing import Any
 
-import aiohttp
 from aiohttp import web
 
 from turnserver.io.descriptors import tighter
@@ -267,29 +266,13 @@ class Supervisor:
     async def _sync_revocations(self, index: int) -> None:
         """A (re)started worker gets the API-made revocations again once its admin
         listener is up (what was revoked while it started included)."""
-        if self.admin is None or self.settings.internal_admin_token is None:
+        admin = self.admin
+        backend = admin.api.backend if admin is not None else None
+        if admin is None or not isinstance(backend, FleetBackend):
             return
-        port = self.ports[self.n + index]
-        session = self.view.session
-        if not port or session is None:
-            return
-        body = {
-            "revocations": [
-                {"user": u, "until": until, "reason": reason}
-                for u, (until, reason) in self.admin.api.from_api.items()
-            ]
-        }
-        headers = {"Authorization": f"Bearer {self.settings.internal_admin_token}"}
-        try:
-            async with session.put(
-                f"http://127.0.0.1:{port}/admin/v1/revocations",
-                json=body,
-                headers=headers,
-                timeout=aiohttp.ClientTimeout(total=5),
-            ) as resp:
-                await resp.read()
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            log.warning("worker %d: revocations not synchronised: %s", index, exc)
+        api = admin.api
+        if not await backend.sync_revocations(index, lambda: dict(api.from_api)):
+            log.warning("worker %d: revocations not synchronised", index)
 
     async def _release(self, *runners: web.AppRunner | None) -> None:
         """Stop the HTTP servers, free the shared memory and the listener sockets."""
