@@ -321,3 +321,35 @@ async def test_idle_http_connections_cannot_exhaust_descriptors(
         for s in idle:
             s.close()
         stop_process(proc)
+
+
+# ---- 5. a reloaded bandwidth limit reaches live allocations ---------------------------------
+
+
+async def test_a_reloaded_bandwidth_limit_applies_to_live_allocations(
+    server: RunningServer, echo_peer: tuple[tuple[str, int], Any]
+) -> None:
+    """SIGHUP with allocations.bandwidth_kbps 80 (10 KB/s): a live allocation that was
+    unlimited is limited at once (it kept 1,940 KB/s, refreshed, before)."""
+    from dataclasses import replace
+
+    from turnserver.ops.runtime_setup import apply_reload
+
+    cred = mint(SECRET, "heavy", 600, time.time())
+    c = await TurnClient.connect("udp", server.address, cred.username, cred.password)
+    await c.allocate()
+    await c.channel_bind(0x4000, echo_peer[0])
+    payload = b"x" * 1000
+    for _ in range(50):  # 50 KB unlimited: all of it echoed
+        c.send_channel(0x4000, payload)
+        await c.receive(2)
+    apply_reload(server.runtime, replace(server.settings, bandwidth_kbps=80))
+    alloc = next(iter(server.runtime.core.allocations.values()))
+    assert alloc.rate == 10_000
+    dropped_before = server.runtime.core.stats.dropped_rate_limited
+    for _ in range(100):  # 100 KB at once: the bucket holds 10 KB
+        c.send_channel(0x4000, payload)
+    await asyncio.sleep(0.3)
+    dropped = server.runtime.core.stats.dropped_rate_limited - dropped_before
+    assert dropped >= 80, dropped
+    c.close()
