@@ -180,7 +180,7 @@ async def test_page_shows_a_bad_credential(server: RunningServer) -> None:
     assert report["results"] and not any(r["ok"] for r in report["results"])
     errors = " ".join(e for r in report["results"] for e in r["turnErrors"])
     assert "401" in errors or any(r["error"] for r in report["results"]), report
-    assert report["verdict"] == "no relay path works"
+    assert report["verdict"] == "no media path works"
 
 
 @pytest.mark.server_settings(preflight_page=False)
@@ -220,3 +220,108 @@ async def test_page_relay_relay_with_the_default_worker_count(tmp_path: Path) ->
         assert r["ok"], (transport, r)
         assert r["pair"]["localType"] == "relay" and r["pair"]["remoteType"] == "relay"
         assert r["audioPacketsReceived"] > 0, (transport, r)
+
+
+async def _quality_in_the_page(ws: aiohttp.ClientWebSocketResponse, cases: list[Any]) -> Any:
+    for ident in range(100, 200):  # until the page's script has loaded
+        if await _evaluate(ws, ident, "typeof quality === 'function'"):
+            break
+        await asyncio.sleep(0.1)
+    cases_js = json.dumps(cases)
+    # the page's inputs are those of its media (a loop of two round trips, a -> b's jitter
+    # and loss): made here from the one-crossing figures the CLI's Quality takes
+    expr = (
+        f"JSON.stringify({cases_js}.map(([r, j, l]) =>"
+        " quality(2 * r, Math.SQRT2 * j, 1 - (1 - l) ** 2)))"
+    )
+    return json.loads(await _evaluate(ws, 99, expr))
+
+
+@pytest.mark.timeout(120)
+async def test_the_page_and_the_cli_grade_quality_alike(server: RunningServer) -> None:
+    """The page's MOS, grade, warnings and verdict words are the CLI's (the same
+    E-model constants and thresholds in preflight.js and client/quality.py)."""
+    from turnserver.client.quality import Quality
+
+    cases = [
+        [rtt, jitter, loss]
+        for rtt in (5, 50, 150, 399, 401, 900)
+        for jitter in (0, 10, 31)
+        for loss in (0, 0.005, 0.011, 0.05, 0.3)
+    ]
+    async with chromium_page(f"{server.api_base}/preflight", CERT_FILE) as ws:
+        page = await _quality_in_the_page(ws, cases)
+    for (rtt, jitter, loss), got in zip(cases, page, strict=True):
+        want = Quality.of([rtt], jitter, loss)
+        assert abs(got["mos"] - want.mos) <= 0.011, (rtt, jitter, loss, got, want)
+        assert (got["grade"], got["warnings"], got["verdict"]) == (
+            want.grade,
+            want.warnings,
+            want.verdict,
+        ), (rtt, jitter, loss, got, want)
+
+
+@pytest.mark.timeout(240)
+async def test_the_page_and_the_cli_agree_on_a_50ms_path(tmp_path: Path) -> None:
+    """Through a 25 ms-each-way forwarder of ours (this kernel has no netem), with the
+    default worker count: the page (getStats) and the CLI report the same verdict words
+    and about the same round trip per transport."""
+    from turnserver.client.preflight import load_ice_servers, run
+
+    from .support.netem import PathSpec, TcpPath, UdpPath
+
+    port, tls_port = free_port(), free_port(socket.SOCK_STREAM)
+    api = free_port(socket.SOCK_STREAM)
+    udp = await UdpPath.start(("127.0.0.1", port), PathSpec(delay_ms=25, seed=1))
+    tcp = await TcpPath.start(("127.0.0.1", port), PathSpec(delay_ms=25, seed=2))
+    tls = await TcpPath.start(("127.0.0.1", tls_port), PathSpec(delay_ms=25, seed=3))
+    cfg = tmp_path / "uris.yaml"
+    cfg.write_text(
+        "api:\n  keys: [agree-key]\n  uris:\n"
+        f"    - turn:127.0.0.1:{udp.port}?transport=udp\n"
+        f"    - turn:127.0.0.1:{tcp.port}?transport=tcp\n"
+        f"    - turns:127.0.0.1:{tls.port}?transport=tcp\n"
+    )
+    lo = 28000 + os.getpid() % 500
+    try:
+        with turnserver_process(
+            tmp_path,
+            *loopback_args(SECRET, lo, lo + 399),
+            "--config",
+            str(cfg),
+            "--api-listen",
+            f"127.0.0.1:{api}",
+            "--cert",
+            CERT_FILE,
+            "--key",
+            KEY_FILE,
+            port=port,
+            streams=True,
+            tls_port=tls_port,
+            workers=None,
+        ):
+            page = await run_page(f"http://127.0.0.1:{api}/preflight")
+            uris = load_ice_servers(
+                f"http://127.0.0.1:{api}/api/v1/turn-credentials?key=agree-key&username=cli"
+            )
+            import ssl
+
+            cli = await run(
+                uris, packets=100, ssl_context=ssl.create_default_context(cafile=CERT_FILE)
+            )
+    finally:
+        for path in (udp, tcp, tls):
+            path.close()
+    by_page = {r["transport"]: r for r in page["results"]}
+    by_cli = {p.transport: p for p in cli.paths if p.uri.startswith("turn")}
+    assert set(by_page) == set(by_cli) == {"udp", "tcp", "tls"}, (page, cli)
+    for transport, r in by_page.items():
+        c = by_cli[transport]
+        assert r["verdict"] == c.verdict == "works", (transport, r, c)
+        assert 35 <= r["quality"]["rttMs"] <= 90, (transport, r["quality"])
+        assert c.rtt_ms is not None and abs(r["quality"]["rttMs"] - c.rtt_ms) <= 30, (
+            transport,
+            r["quality"],
+            c.quality,
+        )
+    assert page["verdict"] == cli.verdict == "media flows through udp, tcp, tls"

@@ -20,6 +20,7 @@ from turnserver.ops.selfsigned import ensure_self_signed
 from .conftest import (
     ACCOUNT_SID,
     AUTH_TOKEN,
+    CERT_FILE,
     IN_CI,
     SECRET,
     RunningServer,
@@ -188,7 +189,7 @@ def test_cli_against_coturn(tmp_path: Path) -> None:
         report = json.loads(done.stdout)
         assert report["working_transports"] == ["udp", "tcp", "tls"]
         table = subprocess.run([*base, *uris], capture_output=True, text=True, timeout=60)
-        assert "verdict: media can flow through udp, tcp, tls" in table.stdout
+        assert "verdict: media flows through udp, tcp, tls" in table.stdout
         wrong = run_cli(
             "preflight",
             "--secret",
@@ -311,3 +312,70 @@ async def test_filtering_is_unknown_without_rfc5780(server: RunningServer) -> No
     host, port = server.address
     found = await nat_filtering([parse_uri(f"stun:{host}:{port}")], 1.0)
     assert found == "unknown (the server offers no RFC 5780 OTHER-ADDRESS)"
+
+
+# ---- what the preflight says when things go wrong (issue "Preflight that tells the truth")
+
+
+async def test_ca_keeps_the_host_name_check(server: RunningServer, tmp_path: Path) -> None:
+    """--ca trusts a certificate, as a browser would, but still checks its name: a
+    certificate for another name fails with the exact reason (only --insecure skips)."""
+    other_cert, other_key = str(tmp_path / "o.pem"), str(tmp_path / "o.key")
+    ensure_self_signed(other_cert, other_key, ["turn.example.org"])
+    import ssl
+
+    ctx = ssl.create_default_context(cafile=CERT_FILE)  # what --ca makes
+    cred = mint(SECRET, "p", 600, time.time())
+    host, port = server.address_of("tls")
+    good = await run([parse_uri(f"turns:{host}:{port}", cred.username, cred.password)],
+                     packets=5, timeout=3, ssl_context=ctx)  # fmt: skip
+    assert good.ok  # the test certificate names 127.0.0.1
+    wrong = ssl.create_default_context(cafile=other_cert)
+    bad = await run([parse_uri(f"turns:{host}:{port}", cred.username, cred.password)],
+                    packets=5, timeout=3, ssl_context=wrong)  # fmt: skip
+    assert not bad.ok
+    assert "certificate is refused" in bad.paths[0].explanation, bad.paths[0]
+
+
+async def test_refusals_are_explained_by_their_reason(server: RunningServer) -> None:
+    """A revoked user's 403 says revoked (not "peer policy"), an expired credential's 401
+    says expired."""
+    server.runtime.core.revoke("banned", time.time() + 600, "test", server.runtime.now())
+    cred = mint(SECRET, "banned", 600, time.time())
+    uh, up = server.address
+    report = await run([parse_uri(f"turn:{uh}:{up}", cred.username, cred.password)],
+                       packets=5, timeout=3)  # fmt: skip
+    assert report.paths[0].error_code == 403
+    assert "revoked" in report.paths[0].explanation, report.paths[0]
+    old = mint(SECRET, "late", 1, time.time() - 100)
+    report = await run([parse_uri(f"turn:{uh}:{up}", old.username, old.password)],
+                       packets=5, timeout=3)  # fmt: skip
+    assert "expired" in report.paths[0].explanation, report.paths[0]
+
+
+async def test_turn_required_says_what_it_could_not_tell(server: RunningServer) -> None:
+    cred = mint(SECRET, "p", 600, time.time())
+    (uh, up), (sh, sp) = server.address, server.address_of("tls")
+    only_tls = await run([parse_uri(f"turns:{sh}:{sp}", cred.username, cred.password)],
+                         packets=5, timeout=3, ssl_context=client_ssl_context())  # fmt: skip
+    assert only_tls.turn_required is None
+    assert only_tls.turn_required_reason.startswith("unknown: no UDP URI was tested")
+    udp = await run([parse_uri(f"turn:{uh}:{up}", cred.username, cred.password)],
+                    packets=5, timeout=3)  # fmt: skip
+    # one UDP address, no RFC 5780 OTHER-ADDRESS: mapping and filtering unknown
+    assert udp.turn_required is None and "NAT mapping is unknown" in udp.turn_required_reason
+
+
+def test_socket_errors_in_words_and_no_traceback_on_a_closed_pipe() -> None:
+    port = free_port(socket.SOCK_STREAM)  # nothing listens
+    done = _preflight("--secret", "s", f"turn:127.0.0.1:{port}?transport=tcp", "--packets", "1")
+    assert "connection refused" in done.stdout and "Errno" not in done.stdout
+    piped = subprocess.run(
+        f"{sys.executable} -m turnserver preflight --json --timeout 0.5 --secret s "
+        f"turn:127.0.0.1:{port}?transport=tcp | true",  # the reader is gone before we write
+        shell=True,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert "Traceback" not in piped.stderr and "BrokenPipe" not in piped.stderr, piped.stderr

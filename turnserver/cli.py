@@ -291,11 +291,28 @@ def build_parser() -> argparse.ArgumentParser:
         help="a credentials endpoint or a saved response (Twilio Tokens, TURN REST "
         "draft or RTCConfiguration JSON)",
     )
-    p.add_argument("--packets", type=int, default=50, help="media packets per path (50/s)")
-    p.add_argument("--timeout", type=float, default=5.0, help="seconds per step")
-    p.add_argument("--ca", metavar="FILE", help="trust this CA/certificate for turns:")
     p.add_argument(
-        "--insecure", action="store_true", help="do not verify the TLS certificate (testing only)"
+        "--packets",
+        type=int,
+        default=150,
+        help="media packets per path, 160 bytes at 50 a second like a call (default 150: 3 s)",
+    )
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=5.0,
+        help="seconds per step, and the longest wait for late media after the last packet",
+    )
+    p.add_argument(
+        "--ca",
+        metavar="FILE",
+        help="trust this CA or self-signed certificate for turns: (the host name is still "
+        "checked against it, as a browser does)",
+    )
+    p.add_argument(
+        "--insecure",
+        action="store_true",
+        help="check neither the TLS certificate nor its host name (testing only: browsers do both)",
     )
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     add_admin_parser(sub)

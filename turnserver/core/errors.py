@@ -23,8 +23,14 @@ class TurnError(Exception):
 
     @property
     def phrase(self) -> str:
-        """The reason phrase sent in ERROR-CODE."""
-        return ERROR_REASONS.get(self.code, "Error")
+        """The reason phrase sent in ERROR-CODE: the code's words, and for refusals a
+        client may act on (403, 486, 508) the bounded reason, so a client can say why
+        (`Forbidden (revoked)`, `Allocation Quota Reached (quota_user)`)."""
+        words = ERROR_REASONS.get(self.code, "Error")
+        return f"{words} ({self.reason})" if self.code in EXPLAINED else words
+
+
+EXPLAINED = frozenset({403, 486, 508})
 
 
 class TryAlternate(TurnError):

@@ -223,18 +223,22 @@ class TurnServer(AdminActions, PermissionHandlers, TcpConnectionHandlers):
         self.events.append(ev.MessageDiscarded(ft, "challenge_rate_limited", ""))
         return True
 
-    def _challenge_answer(self, msg: StunMessage, ft: FiveTuple, code: int, now: float) -> bytes:
+    def _challenge_answer(
+        self, msg: StunMessage, ft: FiveTuple, code: int, now: float, expired: bool = False
+    ) -> bytes:
         """RFC 8489 §9.2.4: a 401/438 carries REALM, a fresh NONCE and PASSWORD-ALGORITHMS,
         never integrity. All but the nonce are encoded once per realm and code (the 401
         is the first answer of every allocation, issue 15)."""
         realm = self.auth.realm
-        fixed = self._challenge_attributes.get((realm, code))
+        fixed = self._challenge_attributes.get((realm, code, expired))
         if fixed is None:
             if len(self._challenge_attributes) >= 8:  # realms change only on reload
                 self._challenge_attributes.clear()
-            fixed = self._challenge_attributes[(realm, code)] = encode_attributes(
+            # an expired credential says so (only its holder, whose MAC verified, gets it)
+            words = ERROR_REASONS.get(code, "Error") + (" (expired credential)" if expired else "")
+            fixed = self._challenge_attributes[(realm, code, expired)] = encode_attributes(
                 [
-                    (Attr.ERROR_CODE, (code, ERROR_REASONS.get(code, "Error"))),
+                    (Attr.ERROR_CODE, (code, words)),
                     (Attr.REALM, realm),
                     (Attr.PASSWORD_ALGORITHMS, OFFERED_ALGORITHMS),
                 ]
@@ -279,7 +283,8 @@ class TurnServer(AdminActions, PermissionHandlers, TcpConnectionHandlers):
         now: float,
     ) -> bytes:
         if isinstance(err, Unauthorized | StaleNonce):
-            return self._challenge_answer(msg, ft, err.code, now)
+            expired = err.reason == "expired_credentials"
+            return self._challenge_answer(msg, ft, err.code, now, expired)
         attrs: Attributes = [(Attr.ERROR_CODE, (err.code, err.phrase))]
         if isinstance(err, UnknownAttribute):
             attrs.append((Attr.UNKNOWN_ATTRIBUTES, err.attributes))

@@ -214,7 +214,7 @@ class CoreState:
         self.wall_offset = 0.0
         self._handlers = self._request_handlers()
         # 401/438 attributes but the nonce, by (realm, code) (server._challenge_answer)
-        self._challenge_attributes: dict[tuple[str, int], bytes] = {}
+        self._challenge_attributes: dict[tuple[str, int, bool], bytes] = {}
 
     def _request_handlers(self) -> dict[int, Handler]:
         """STUN method -> handler; TurnServer fills it in."""

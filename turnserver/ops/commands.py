@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Any
 
@@ -129,12 +130,20 @@ def preflight_command(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    ctx = ssl.create_default_context(cafile=args.ca) if args.ca else ssl.create_default_context()
-    if args.insecure:
+    try:
+        ctx = (
+            ssl.create_default_context(cafile=args.ca) if args.ca else ssl.create_default_context()
+        )
+    except (OSError, ssl.SSLError) as exc:
+        print(f"turnserver preflight: --ca {args.ca}: {exc}", file=sys.stderr)
+        return 2
+    if args.insecure:  # only --insecure skips verification; --ca keeps the host name check
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_NONE
-    elif args.ca:
-        ctx.check_hostname = False  # a self-signed test certificate has no matching name
     report = asyncio.run(run(uris, packets=args.packets, timeout=args.timeout, ssl_context=ctx))
-    print(as_json(report) if args.json else as_table(report))
+    try:
+        print(as_json(report) if args.json else as_table(report), flush=True)
+    except BrokenPipeError:  # `| head`: the reader left; say nothing more
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
     return 0 if report.ok else 1

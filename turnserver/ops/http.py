@@ -6,8 +6,9 @@ connections in all and `max_per_ip` from one address; a connection that sends no
 (or never finishes its headers) is closed after `idle_timeout`. At a cap a new
 connection takes the place of the longest-idle one that is not being answered (of its
 own address at the per-address cap), so idle or slow connections, of one address or
-many, can never keep /healthz, the Kubernetes liveness probe, from being answered. Refusals are counted by listener and
-reason (turn_http_connections_refused_total) and logged once per interval.
+many, can never keep /healthz, the Kubernetes liveness probe, from being answered.
+Refusals are counted by listener and reason (turn_http_connections_refused_total) and
+logged once per interval.
 """
 
 from __future__ import annotations
@@ -94,15 +95,17 @@ class HttpGuard:
         at_cap = limits.max_connections and len(self.conns) >= limits.max_connections
         if at_cap or (limits.max_per_ip and self.per_ip.get(ip, 0) >= limits.max_per_ip):
             self._purge()
-        if limits.max_per_ip and self.per_ip.get(ip, 0) >= limits.max_per_ip:
-            # this address's own longest-idle connection makes room, or it is refused
-            if not self._evict(listener, ip, [c for c in self.conns.values() if c.ip == ip]):
-                self._count(listener, "per_ip_limit", ip)
-                return False
-        if limits.max_connections and len(self.conns) >= limits.max_connections:
-            if not self._evict(listener, ip, list(self.conns.values())):
-                self._count(listener, "limit", ip)
-                return False
+        # at a cap, the longest-idle connection (of this address, at its own cap) makes
+        # room, or the new one is refused
+        mine = [c for c in self.conns.values() if c.ip == ip]
+        over_ip = bool(limits.max_per_ip) and len(mine) >= limits.max_per_ip
+        if over_ip and not self._evict(listener, ip, mine):
+            self._count(listener, "per_ip_limit", ip)
+            return False
+        over_all = bool(limits.max_connections) and len(self.conns) >= limits.max_connections
+        if over_all and not self._evict(listener, ip, list(self.conns.values())):
+            self._count(listener, "limit", ip)
+            return False
         self.conns[handler] = _Conn(handler, transport, ip, listener)
         self.per_ip[ip] = self.per_ip.get(ip, 0) + 1
         return True

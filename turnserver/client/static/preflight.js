@@ -18,18 +18,63 @@ function fakeAudioTrack() {
   return { track: dest.stream.getAudioTracks()[0], stream: dest.stream, stop: () => osc.stop() };
 }
 
+// Call quality in Twilio's preflight words, as `turnserver preflight` computes it
+// (turnserver/client/quality.py: the same E-model constants, grades and thresholds).
+const R0 = 94.768;
+const GRADES = [[4.2, "excellent"], [4.1, "great"], [3.7, "good"], [3.1, "fair"]];
+const WORKS = "works", POOR = "works, but poor", FAILS = "does not work";
+
+function mos(rttMs, jitterMs, loss) {
+  const effective = rttMs + 2 * jitterMs + 10;
+  let r = effective < 160 ? R0 - effective / 40 : effective < 1000 ? R0 - (effective - 120) / 10 : 0;
+  const lostPercent = loss * 100;
+  r = lostPercent <= r / 2.5 ? Math.max(r - lostPercent * 2.5, 6.52) : 0;
+  return 1 + 0.035 * r + 0.000007 * r * (r - 60) * (100 - r);
+}
+
+function grade(score) {
+  for (const [floor, name] of GRADES) if (score > floor) return name;
+  return "degraded";
+}
+
+function warningsFor(rttMs, jitterMs, loss, score) {
+  const out = [];
+  if (rttMs > 400) out.push("high-rtt");
+  if (jitterMs > 30) out.push("high-jitter");
+  if (loss > 0.01) out.push("high-packet-loss");
+  if (score < 3.5) out.push("low-mos");
+  return out;
+}
+
+// Per round trip to the server, as the CLI reports it: the media between the two relay
+// candidates crosses the path to the server twice each way (a -> server -> b): half the
+// pair's round trip, the jitter of one crossing about 1/sqrt(2) of a -> b's, and the
+// loss of one crossing 1 - sqrt(1 - p) for a loss p of a -> b.
+function quality(rttLoopMs, jitterAbMs, lossAb) {
+  const rtt = rttLoopMs / 2, jitter = jitterAbMs / Math.SQRT2;
+  const loss = 1 - Math.sqrt(Math.max(0, 1 - lossAb));
+  const score = mos(rtt, jitter, loss);
+  const round = (x, n) => Math.round(x * 10 ** n) / 10 ** n;
+  const warnings = warningsFor(rtt, jitter, loss, score);
+  return { rttMs: round(rtt, 1), jitterMs: round(jitter, 1), loss: round(loss, 4),
+           mos: round(score, 2), grade: grade(score), warnings,
+           verdict: warnings.length ? POOR : WORKS };
+}
+
 function hintFor(result) {
   if (result.ok) return null;
   if (result.transport === "tls") {
     return "TLS (turns:) failed: if the other transports work, the browser most likely does " +
            "not trust the server's certificate (self-signed, expired, or not for this host " +
-           "name). `turnserver preflight` names the exact TLS error.";
+           "name). `turnserver preflight --ca FILE turns:HOST:PORT` prints the exact " +
+           "certificate error.";
   }
   if (result.turnErrors.some((e) => e.startsWith("401"))) {
     return "the credential was refused (401): wrong shared secret, realm, or an expired credential";
   }
-  if (result.turnErrors.some((e) => e.startsWith("701"))) {
-    return "the TURN server could not be reached over this transport (blocked by a firewall?)";
+  if (result.turnErrors.some((e) => e.startsWith("701")) || /timed out|no relay candidate/.test(result.error || "")) {
+    return `no relay over ${result.transport} within ${TIMEOUT_MS / 1000} s: the TURN server ` +
+           `cannot be reached over ${result.transport} (a firewall blocks it) or is down`;
   }
   return null;
 }
@@ -44,21 +89,29 @@ async function selectedPair(pc) {
   if (!pair) return null;
   const local = stats.get(pair.localCandidateId) || {};
   const remote = stats.get(pair.remoteCandidateId) || {};
-  let packets = 0;
-  stats.forEach((s) => { if (s.type === "inbound-rtp" && s.kind === "audio") packets += s.packetsReceived || 0; });
+  const audio = { packetsReceived: 0, packetsLost: 0, jitter: 0 };
+  stats.forEach((s) => {
+    if (s.type === "inbound-rtp" && s.kind === "audio") {
+      audio.packetsReceived += s.packetsReceived || 0;
+      audio.packetsLost += Math.max(0, s.packetsLost || 0);
+      audio.jitter = Math.max(audio.jitter, s.jitter || 0);
+    }
+  });
+  const avg = pair.responsesReceived ? pair.totalRoundTripTime / pair.responsesReceived : null;
   return {
     local: `${local.candidateType} ${local.protocol} ${local.address || local.ip}:${local.port}` +
            (local.relayProtocol ? ` (relay over ${local.relayProtocol})` : ""),
     remote: `${remote.candidateType} ${remote.protocol} ${remote.address || remote.ip}:${remote.port}`,
     localType: local.candidateType, remoteType: remote.candidateType,
-    rttMs: pair.currentRoundTripTime != null ? Math.round(pair.currentRoundTripTime * 1000 * 10) / 10 : null,
-    audioPacketsReceived: packets,
+    loopRttMs: avg != null ? avg * 1000 : (pair.currentRoundTripTime != null ? pair.currentRoundTripTime * 1000 : null),
+    audio,
   };
 }
 
 async function testUri(url, username, credential) {
   const result = { url, transport: transportOf(url), connected: false, pair: null, rttMs: null,
-                   audioPacketsReceived: 0, dataEcho: false, turnErrors: [], error: null };
+                   quality: null, verdict: FAILS, audioPacketsReceived: 0, dataEcho: false,
+                   turnErrors: [], error: null };
   const config = { iceServers: [{ urls: [url], username, credential }], iceTransportPolicy: "relay" };
   const a = new RTCPeerConnection(config);
   const b = new RTCPeerConnection(config);
@@ -99,12 +152,18 @@ async function testUri(url, username, credential) {
     await Promise.race([connected, timeout]);
     result.connected = true;
     result.dataEcho = (await Promise.race([echoed, timeout])) === "ping " + url;
-    await new Promise((r) => setTimeout(r, 1500));  // let audio flow
-    const pair = await selectedPair(b);
+    await new Promise((r) => setTimeout(r, 3000));  // a call's few seconds of audio
+    const pairB = await selectedPair(b);  // b receives a's audio
     const pairA = await selectedPair(a);
-    result.pair = pairA;
-    result.rttMs = pairA && pairA.rttMs;
-    result.audioPacketsReceived = pair ? pair.audioPacketsReceived : 0;
+    result.pair = pairA && { local: pairA.local, remote: pairA.remote,
+                             localType: pairA.localType, remoteType: pairA.remoteType };
+    result.audioPacketsReceived = pairB ? pairB.audio.packetsReceived : 0;
+    if (pairA && pairB && pairA.loopRttMs != null) {
+      const ab = pairB.audio;
+      const total = ab.packetsLost + ab.packetsReceived;
+      result.quality = quality(pairA.loopRttMs, ab.jitter * 1000, total ? ab.packetsLost / total : 0);
+      result.rttMs = result.quality.rttMs;
+    }
   } catch (e) {
     result.error = String(e.message || e);
   } finally {
@@ -112,6 +171,7 @@ async function testUri(url, username, credential) {
   }
   result.ok = result.connected && result.dataEcho &&
               !!result.pair && result.pair.localType === "relay" && result.pair.remoteType === "relay";
+  result.verdict = !result.ok ? FAILS : result.quality ? result.quality.verdict : WORKS;
   result.hint = hintFor(result);
   return result;
 }
@@ -121,19 +181,22 @@ function render(results) {
   rows.innerHTML = "";
   for (const r of results) {
     const tr = document.createElement("tr");
+    const q = r.quality;
     const cells = [
       r.transport,
-      r.ok ? "connected" : "failed",
+      r.verdict,
       r.pair ? `${r.pair.local} ⇄ ${r.pair.remote}` : "-",
-      r.rttMs != null ? `${r.rttMs} ms` : "-",
+      q ? `${q.rttMs} ms` : "-",
+      q ? `${q.jitterMs} ms` : "-",
+      q ? `${(q.loss * 100).toFixed(1)} %` : "-",
+      q ? `${q.mos.toFixed(2)} ${q.grade}` : "-",
       String(r.audioPacketsReceived),
-      r.dataEcho ? "echoed" : "-",
-      [r.error, ...r.turnErrors, r.hint].filter(Boolean).join("; ") || "-",
+      [r.error, ...r.turnErrors, ...(q ? q.warnings : []), r.hint].filter(Boolean).join("; ") || "-",
     ];
     cells.forEach((text, i) => {
       const td = document.createElement("td");
       td.textContent = text;
-      if (i === 1) td.className = r.ok ? "ok" : "fail";
+      if (i === 1) td.className = r.verdict === WORKS ? "ok" : r.verdict === POOR ? "poor" : "fail";
       tr.appendChild(td);
     });
     rows.appendChild(tr);
@@ -156,9 +219,17 @@ async function main() {
       render(report.results);
     }
     const working = report.results.filter((r) => r.ok).map((r) => r.transport);
+    const good = report.results.filter((r) => r.verdict === WORKS).map((r) => r.transport);
+    const poor = report.results.filter((r) => r.verdict === POOR);
     report.audioContextState = audioContext.state;
     report.working = working;
-    report.verdict = working.length ? `media flows through ${working.join(", ")}` : "no relay path works";
+    const parts = [];
+    if (good.length) parts.push(`media flows through ${good.join(", ")}`);
+    if (poor.length) {
+      const why = [...new Set(poor.flatMap((r) => r.quality.warnings))].sort();
+      parts.push(`${poor.map((r) => r.transport).join(", ")} ${POOR} (${why.join(", ")})`);
+    }
+    report.verdict = parts.length ? parts.join("; ") : "no media path works";
     status.textContent = report.verdict;
   } catch (e) {
     report.error = String(e.message || e);
