@@ -13,7 +13,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from turnserver.client.preflight import IceUri, parse_uri, run
+from turnserver.client.ice_uri import IceUri, parse_uri
+from turnserver.client.preflight import run
 from turnserver.ops.credentials import mint
 from turnserver.ops.selfsigned import ensure_self_signed
 
@@ -307,7 +308,8 @@ def test_rfc5780_filtering_against_natdiscovery_and_coturn(tmp_path: Path) -> No
 async def test_filtering_is_unknown_without_rfc5780(server: RunningServer) -> None:
     """A server with no OTHER-ADDRESS (or one answering 420) gives no filtering verdict,
     and says why, instead of guessing."""
-    from turnserver.client.preflight import nat_filtering, parse_uri
+    from turnserver.client.ice_uri import parse_uri
+    from turnserver.client.nat import nat_filtering
 
     host, port = server.address
     found = await nat_filtering([parse_uri(f"stun:{host}:{port}")], 1.0)

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from turnserver.client.preflight import IceUri, PathResult, parse_uri, run
+from turnserver.client.ice_uri import IceUri, parse_uri
+from turnserver.client.preflight import PathResult, run
 from turnserver.client.quality import FAILS, POOR, WORKS
 from turnserver.ops.credentials import mint
 

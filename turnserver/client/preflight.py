@@ -15,79 +15,21 @@ from __future__ import annotations
 import asyncio
 import errno
 import json
-import os
 import ssl
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
 from dataclasses import asdict, dataclass, field
-from typing import Any
 
+from turnserver.client.ice_uri import IceUri, parse_uri
+from turnserver.client.media import media_round_trips, send_call_media
+from turnserver.client.nat import nat_filtering, nat_mapping
 from turnserver.client.quality import FAILS, POOR, WORKS, Quality
 from turnserver.client.turnclient import TurnClient, TurnClientError
-from turnserver.stun import (
-    Attr,
-    MessageClass,
-    Method,
-    StunDecodeError,
-    StunMessage,
-    decode_message,
-    encode_message,
-)
 from turnserver.stun.attributes import Address
 
 CHANNEL = 0x4000
-
-
-@dataclass(frozen=True)
-class IceUri:
-    """A parsed stun:, turn: or turns: URI (RFC 7064, RFC 7065)."""
-
-    scheme: str  # stun, turn, turns
-    host: str
-    port: int
-    transport: str  # udp, tcp, tls
-    username: str = ""
-    credential: str = ""
-
-    @property
-    def text(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        query = (
-            ""
-            if self.scheme == "stun"
-            else (f"?transport={'tcp' if self.transport == 'tls' else self.transport}")
-        )
-        return f"{self.scheme}:{host}:{self.port}{query}"
-
-
-def parse_uri(uri: str, username: str = "", credential: str = "") -> IceUri:
-    """stun:host[:port], turn:host[:port][?transport=udp|tcp], turns:host[:port]."""
-    scheme, sep, rest = uri.partition(":")
-    scheme = scheme.lower()
-    if not sep or scheme not in ("stun", "stuns", "turn", "turns"):
-        raise ValueError(f"not a STUN/TURN URI: {uri!r}")
-    rest, _, query = rest.partition("?")
-    params = urllib.parse.parse_qs(query)
-    transport = params.get("transport", ["udp" if scheme in ("stun", "turn") else "tcp"])[0]
-    if transport not in ("udp", "tcp"):
-        raise ValueError(f"unknown transport in {uri!r}")
-    secure = scheme in ("turns", "stuns")
-    if rest.startswith("["):
-        host, _, port_text = rest[1:].partition("]")
-        port_text = port_text.lstrip(":")
-    else:
-        host, _, port_text = rest.partition(":")
-    port = int(port_text) if port_text else (5349 if secure else 3478)
-    return IceUri(
-        "stun" if scheme.startswith("stun") else scheme,
-        host,
-        port,
-        "tls" if secure else transport,
-        username,
-        credential,
-    )
 
 
 def load_ice_servers(source: str, timeout: float = 10.0) -> list[IceUri]:
@@ -250,88 +192,6 @@ async def _connect(uri: IceUri, ssl_context: ssl.SSLContext | None, timeout: flo
     )
 
 
-MEDIA_RATE = 50  # packets a second, 160 bytes each: a call's pace (G.711, 20 ms frames)
-MEDIA_SIZE = 160
-
-
-@dataclass
-class MediaLoop:
-    """What came back of the test media, by sequence number, whenever it arrived."""
-
-    sent_at: dict[int, float] = field(default_factory=dict)
-    arrived: dict[int, float] = field(default_factory=dict)
-    out_of_order: int = 0
-    duplicates: int = 0
-    jitter: float = 0.0  # RFC 3550 §6.4.1 interarrival jitter of the loop, seconds
-    _transit: float | None = None
-    _highest: int = -1
-
-    def on_arrival(self, seq: int, now: float) -> None:
-        if seq not in self.sent_at:
-            return
-        if seq in self.arrived:
-            self.duplicates += 1
-            return
-        self.arrived[seq] = now
-        if seq < self._highest:
-            self.out_of_order += 1
-        self._highest = max(self._highest, seq)
-        transit = now - self.sent_at[seq]
-        if self._transit is not None:
-            self.jitter += (abs(transit - self._transit) - self.jitter) / 16
-        self._transit = transit
-
-
-def media_round_trips(loop: MediaLoop) -> Quality:
-    """What a call between us and the server would see: the test media's loop crosses
-    the path four times (to the server, to our second allocation, back to the server,
-    back to us), twice each way. So a round trip is half the loop, the jitter of one
-    crossing about half the loop's (independent variations add as variances), and the
-    loss of one crossing 1 - (1 - p) ** (1/4) for a loop loss p."""
-    rtts = [(loop.arrived[s] - loop.sent_at[s]) * 500 for s in sorted(loop.arrived)]
-    sent = len(loop.sent_at)
-    loop_loss = 1 - len(loop.arrived) / sent if sent else 1.0
-    loss = 1 - max(0.0, 1 - loop_loss) ** 0.25
-    return Quality.of(rtts, loop.jitter * 500, loss, loop.out_of_order, loop.duplicates)
-
-
-async def _media(client: TurnClient, packets: int, timeout: float) -> MediaLoop:
-    """Send `packets` at MEDIA_RATE through the channel and collect every echo that comes
-    back until a horizon after the last one (the longer of 2 s and four times the
-    slowest loop seen, at most `timeout`): a late echo still counts."""
-    loop = MediaLoop()
-    receiving = True
-
-    async def receive() -> None:
-        while receiving:
-            try:
-                _, data = await client.receive(0.25)
-            except TurnClientError:
-                continue
-            if len(data) >= 4:
-                loop.on_arrival(int.from_bytes(data[:4], "big"), time.perf_counter())
-
-    receiver = asyncio.get_running_loop().create_task(receive())
-    try:
-        start = time.perf_counter()
-        for seq in range(packets):
-            wake = start + seq / MEDIA_RATE
-            await asyncio.sleep(max(0.0, wake - time.perf_counter()))
-            loop.sent_at[seq] = time.perf_counter()
-            client.send_channel(CHANNEL, seq.to_bytes(4, "big") + os.urandom(MEDIA_SIZE - 4))
-        last = time.perf_counter()
-        while len(loop.arrived) < packets:
-            slowest = max((loop.arrived[s] - loop.sent_at[s] for s in loop.arrived), default=0)
-            horizon = min(max(2.0, 4 * slowest), max(timeout, 2.0))
-            if time.perf_counter() - last > horizon:
-                break
-            await asyncio.sleep(0.05)
-    finally:
-        receiving = False
-        await receiver
-    return loop
-
-
 async def check_path(
     uri: IceUri, *, packets: int, timeout: float, ssl_context: ssl.SSLContext | None
 ) -> PathResult:
@@ -362,7 +222,7 @@ async def check_path(
             await peer_client.create_permission(relayed)
             echo = asyncio.get_running_loop().create_task(_echo(peer_client, relayed))
             try:
-                loop = await _media(client, packets, timeout)
+                loop = await send_call_media(client, CHANNEL, packets, timeout)
             finally:
                 echo.cancel()
             await peer_client.refresh(0)
@@ -397,116 +257,6 @@ async def check_path(
     return result
 
 
-async def nat_mapping(uris: list[IceUri], timeout: float) -> str:
-    """Compare the reflexive address one local socket gets from two server addresses: the
-    server's RFC 5780 OTHER-ADDRESS when it offers one, else a second UDP URI's address."""
-    targets = list(dict.fromkeys((u.host, u.port) for u in uris if u.transport == "udp"))
-    if not targets:
-        return "unknown (no UDP server address)"
-    try:
-        client = await TurnClient.connect("udp", targets[0], timeout=timeout)
-        try:
-            first, other = await client.binding_response()
-            local = client.local
-        finally:
-            client.close()
-        second = other or next((t for t in targets[1:] if t != targets[0]), None)
-        if second is None:
-            return "unknown (one UDP server address and no RFC 5780 OTHER-ADDRESS)"
-        await asyncio.sleep(0.05)
-        again = await TurnClient.connect("udp", second, timeout=timeout, local=local)
-        try:
-            mapped = await again.binding()
-        finally:
-            again.close()
-    except (TurnClientError, OSError):
-        return "unknown (binding failed)"
-    if mapped == first:
-        return "endpoint-independent (direct connections likely work)"
-    return "address-dependent or symmetric (direct connections likely fail: TURN needed)"
-
-
-class _AnySource(asyncio.DatagramProtocol):
-    """An unconnected UDP socket: answers may come from any of the server's addresses."""
-
-    def __init__(self) -> None:
-        self.answers: asyncio.Queue[tuple[bytes, Address]] = asyncio.Queue()
-
-    def datagram_received(self, data: bytes, addr: Any) -> None:
-        self.answers.put_nowait((data, (addr[0], addr[1])))
-
-
-async def _binding_from_anywhere(
-    transport: asyncio.DatagramTransport,
-    proto: _AnySource,
-    server: Address,
-    change: int,
-    timeout: float,
-) -> tuple[StunMessage, Address] | None:
-    """Send a Binding with CHANGE-REQUEST flags; the answer (success or error) and where
-    it came from, or None when nothing came back (three tries within the timeout)."""
-    tid = os.urandom(12)
-    attrs = [(Attr.CHANGE_REQUEST, change)] if change else []
-    request = encode_message(Method.BINDING, MessageClass.REQUEST, tid, attrs)
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while loop.time() < deadline:
-        transport.sendto(request, server)
-        try:
-            data, source = await asyncio.wait_for(
-                proto.answers.get(), min(timeout / 3, deadline - loop.time())
-            )
-        except TimeoutError:
-            continue
-        try:
-            msg = decode_message(data)
-        except StunDecodeError:
-            continue
-        if msg.transaction_id == tid and msg.message_class != MessageClass.REQUEST:
-            return msg, source
-    return None
-
-
-def _origin(answer: tuple[StunMessage, Address]) -> Address:
-    msg, source = answer
-    origin: Address | None = msg.get(Attr.RESPONSE_ORIGIN)
-    return origin or source
-
-
-async def nat_filtering(uris: list[IceUri], timeout: float) -> str:
-    """RFC 5780 §4.4: does the NAT let in answers from the server's other IP and port
-    (endpoint-independent), from its other port only (address-dependent), or neither
-    (address-and-port-dependent)? Needs a server with OTHER-ADDRESS that answers
-    CHANGE-REQUEST (ours with --other-address, coturn with two listening IPs)."""
-    targets = list(dict.fromkeys((u.host, u.port) for u in uris if u.transport == "udp"))
-    if not targets:
-        return "unknown (no UDP server address)"
-    server = targets[0]
-    loop = asyncio.get_running_loop()
-    family_any = "::" if ":" in server[0] else "0.0.0.0"
-    transport, proto = await loop.create_datagram_endpoint(_AnySource, local_addr=(family_any, 0))
-    refused = "unknown (the server does not answer CHANGE-REQUEST)"
-    try:
-        first = await _binding_from_anywhere(transport, proto, server, 0, timeout)
-        if first is None or first[0].message_class != MessageClass.SUCCESS:
-            return "unknown (binding failed)"
-        if not first[0].has(Attr.OTHER_ADDRESS):
-            return "unknown (the server offers no RFC 5780 OTHER-ADDRESS)"
-        # change IP and port, then port only: the first answer that gets through says how
-        # strict the NAT's filter is (an answer from the same address tells nothing)
-        for change, behaviour in ((0x06, "endpoint-independent"), (0x02, "address-dependent")):
-            answer = await _binding_from_anywhere(transport, proto, server, change, timeout)
-            if answer is None:
-                continue
-            if answer[0].message_class != MessageClass.SUCCESS:
-                return refused
-            if _origin(answer) != server:
-                return behaviour
-        return "address-and-port-dependent"
-    finally:
-        transport.close()
-
-
 def _turn_required(report: Report) -> tuple[bool | None, str]:
     """Whether only a relay will connect calls from here, and why; None when it could
     not be determined (and the reason says what is missing)."""
@@ -517,23 +267,14 @@ def _turn_required(report: Report) -> tuple[bool | None, str]:
         return None, "unknown: no UDP URI was tested (give a stun: or turn: over UDP)"
     if not any(p.reachable for p in udp):
         return True, "yes: UDP to the server is blocked; only TCP or TLS relays get through"
-    mapping, filtering = report.nat_mapping, report.nat_filtering
+    mapping = report.nat_mapping
     if mapping.startswith("address-dependent"):
         return True, "yes: this NAT maps each destination apart (symmetric): direct fails"
-    if filtering.startswith("address-and-port-dependent"):
-        return True, (
-            "yes, against a peer behind the same kind of NAT: this one filters by address and port"
-        )
-    if mapping.startswith("endpoint-independent") and filtering.startswith(
-        ("endpoint-independent", "address-dependent")
-    ):
-        return False, "no: UDP works and this NAT maps and filters leniently"
-    missing = [
-        f"NAT {name} is {value}"
-        for name, value in (("mapping", mapping), ("filtering", filtering))
-        if value.startswith("unknown")
-    ]
-    return None, "unknown: " + "; ".join(missing)
+    if mapping.startswith("endpoint-independent"):
+        # ICE opens an endpoint-independent mapping whatever the filtering (both ends
+        # send at once); only a peer behind a symmetric NAT would still need a relay
+        return False, "no: UDP works and this NAT keeps one mapping for every destination"
+    return None, f"unknown: NAT mapping is {mapping}"
 
 
 def verdict(report: Report) -> None:

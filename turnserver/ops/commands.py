@@ -94,14 +94,8 @@ def preflight_command(args: argparse.Namespace) -> int:
     import ssl
     import time
 
-    from turnserver.client.preflight import (
-        IceUri,
-        as_json,
-        as_table,
-        load_ice_servers,
-        parse_uri,
-        run,
-    )
+    from turnserver.client.ice_uri import IceUri, parse_uri
+    from turnserver.client.preflight import as_json, as_table, load_ice_servers, run
     from turnserver.ops.credentials import mint
 
     try:
