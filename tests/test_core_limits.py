@@ -11,9 +11,9 @@ from turnserver.core.config import RelayAddress
 from turnserver.core.policy import DefaultPeerPolicy
 from turnserver.stun import Attr, MessageClass, Method, decode_message, encode_message
 from turnserver.stun.constants import AddressFamily
-from turnserver.stun.message import verify_integrity
+from turnserver.stun.message import long_term_key, verify_integrity
 
-from .helpers import NOW, CoreClient, error_code, make_core
+from .helpers import NOW, REALM, CoreClient, error_code, make_core
 
 PEER = ("198.51.200.7", 5000)
 
@@ -139,6 +139,39 @@ def test_the_server_never_relays_into_itself() -> None:
     assert c.request(
         Method.CREATE_PERMISSION, [(Attr.XOR_PEER_ADDRESS, second_nic)]
     ).message_class == (MessageClass.SUCCESS)
+
+
+def test_the_self_probe_reaches_its_echo_socket_on_this_host() -> None:
+    """The self-probe's echo socket is on the relay address (a host address) at a port
+    outside the relay range: its own user may create a permission there and Send to it,
+    by indication as by channel; nobody else may (regression: Send indications of the
+    probe were dropped as peer_denied, so /readyz failed under the default policy)."""
+    relay = RelayAddress("198.51.200.1", "198.51.200.1", 4)
+    core, opener = make_core(relay_addresses=(relay,), relay_port_range=(50000, 50099))
+    core.set_host_addresses(frozenset({"198.51.200.1", "127.0.0.1"}))
+    core.probe_users.add("probe")
+    core.probe_peer_ips.add("198.51.200.1")
+    core.auth.internal_keys["probe"] = long_term_key("probe", REALM, "probe-pw")
+    echo = ("198.51.200.1", 40123)
+    probe = CoreClient(core, ("198.51.200.1", 40000), "probe", "probe-pw")
+    probe.allocate()
+    assert (
+        error_code(probe.request(Method.CREATE_PERMISSION, [(Attr.XOR_PEER_ADDRESS, echo)])) is None
+    )
+    probe.indication(Method.SEND, [(Attr.XOR_PEER_ADDRESS, echo), (Attr.DATA, b"probe")])
+    assert opener.live[0].sent == [(b"probe", echo)]
+    assert core.stats.dropped_peer_denied == 0
+    other = CoreClient(core)
+    other.allocate()  # a permission to the relay address is fine (relay to relay) ...
+    assert (
+        error_code(other.request(Method.CREATE_PERMISSION, [(Attr.XOR_PEER_ADDRESS, echo)])) is None
+    )
+    other.indication(Method.SEND, [(Attr.XOR_PEER_ADDRESS, echo), (Attr.DATA, b"x")])
+    assert core.stats.dropped_peer_denied == 1  # ... but not at a port outside the range
+    assert len(opener.live[1].sent) == 0
+    channel = [(Attr.CHANNEL_NUMBER, 0x4000), (Attr.XOR_PEER_ADDRESS, echo)]
+    assert error_code(other.request(Method.CHANNEL_BIND, channel)) == 403
+    assert error_code(probe.request(Method.CHANNEL_BIND, channel)) is None
 
 
 @pytest.mark.parametrize(
