@@ -60,6 +60,37 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "one_loop: run an async test on the stdlib loop only")
 
 
+# The ports a server takes by default (TURN, TLS, metrics, API, admin): the suite holds
+# whichever are free for its whole run, so that no test can depend on them being free
+# (an operator's coturn or Prometheus may be there; CI must not care).
+DEFAULT_PORTS = (
+    (3478, socket.SOCK_DGRAM),
+    (3478, socket.SOCK_STREAM),
+    (5349, socket.SOCK_STREAM),
+    (9641, socket.SOCK_STREAM),
+    (8080, socket.SOCK_STREAM),
+    (8443, socket.SOCK_STREAM),
+)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def default_ports_are_taken() -> Iterator[None]:
+    held = []
+    for port, kind in DEFAULT_PORTS:
+        sock = socket.socket(socket.AF_INET, kind)
+        try:
+            sock.bind(("0.0.0.0", port))
+            if kind == socket.SOCK_STREAM:
+                sock.listen(1)
+        except OSError:
+            sock.close()  # taken already, which is as good
+            continue
+        held.append(sock)
+    yield
+    for sock in held:
+        sock.close()
+
+
 def free_port_range(count: int = 200) -> tuple[int, int]:
     """A port range unlikely to collide between parallel runs."""
     base = 40000 + (os.getpid() * 7) % 15000

@@ -29,13 +29,21 @@ def turnserver_process(
     tls_port: int | None = None,
     workers: int | None = 1,
     metrics: str = "127.0.0.1:0",
+    env: dict[str, str] | None = None,
 ) -> Iterator[ServerProcess]:
     """`python -m turnserver serve` on 127.0.0.1, waited for until it answers STUN.
 
     With streams, also tcp:// on the same port number and tls:// on tls_port (the
     caller passes --cert/--key); `workers` None: the default count."""
     with server_process(
-        tmp, *args, port=port, streams=streams, tls_port=tls_port, workers=workers, metrics=metrics
+        tmp,
+        *args,
+        port=port,
+        streams=streams,
+        tls_port=tls_port,
+        workers=workers,
+        metrics=metrics,
+        env=env,
     ) as server:
         yield server
 

@@ -58,8 +58,11 @@ def test_example_configs_parse() -> None:
     for name in ("turnserver.yaml", "dev.yaml"):
         values = load_file(str(ROOT / "config" / name))
         assert values["realm"]
-    example = build_settings(load_file(str(ROOT / "config" / "turnserver.yaml")), {}, "x")
-    assert example.users[0].name == "alice"
+    reference = load_file(str(ROOT / "config" / "turnserver.yaml"))
+    with pytest.raises(ConfigError, match=r"auth\.secrets_file: cannot read /etc/turnserver"):
+        build_settings(reference, {}, "x")
+    example = build_settings(reference, {"secrets_file": None, "secrets": ("s",)}, "x")
+    assert example.realm == "example.org" and example.relay_ips == ("192.0.2.10",)
 
 
 def test_flags_override_file(tmp_path: Path) -> None:
@@ -95,6 +98,38 @@ def test_mint_for_the_make_run_server(tmp_path: Path, capsys: pytest.CaptureFixt
     assert main(args) == 0
     token = json.loads(capsys.readouterr().out)
     assert token["account_sid"].startswith("AC") and token["account_sid"] != "u"
+
+
+def test_dev_yaml_is_what_make_run_serves(tmp_path: Path) -> None:
+    """config/dev.yaml says it is `make run` written out: the same realm, listeners,
+    relay address and range, peers, API, metrics, probe and log level."""
+    from turnserver.cli import build_parser
+    from turnserver.ops.config import build_settings, load_file
+    from turnserver.ops.devcommand import dev_settings
+
+    args = build_parser().parse_args(["dev", "--state-dir", str(tmp_path)])
+    made = dev_settings(args, tmp_path)
+    secret = (tmp_path / "secret").read_text().strip()
+    written = build_settings(
+        load_file(str(ROOT / "config/dev.yaml")),
+        {"secrets": (secret,), "cert_file": made.cert_file, "key_file": made.key_file},
+        "f",
+    )
+    for name in (
+        "realm",
+        "workers",
+        "listen",
+        "relay_ips",
+        "min_port",
+        "max_port",
+        "allow_loopback_peers",
+        "api_listen",
+        "api_tls",
+        "metrics_listen",
+        "probe_interval",
+        "log_level",
+    ):
+        assert getattr(written, name) == getattr(made, name), name
 
 
 def test_cli_bad_config_exits_2(tmp_path: Path) -> None:
@@ -296,11 +331,16 @@ def test_mint_command(fmt: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert password == rest_password("S", username)
 
 
-def test_mint_errors(capsys: pytest.CaptureFixture[str]) -> None:
+def test_mint_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["mint", "--user", "a", "--ttl", "soon", "--secret", "S"]) == 2
     assert main(["mint", "--user", "a"]) == 2
     assert main(["mint", "--user", "a", "--secret", "S", "--uri", "http://x"]) == 2
-    assert main(["mint", "--user", "a", "--config", str(ROOT / "config/turnserver.yaml")]) == 0
+    reference = str(ROOT / "config/turnserver.yaml")
+    assert main(["mint", "--user", "a", "--config", reference]) == 2  # no secrets file yet
+    secrets = tmp_path / "secrets"
+    secrets.write_text("S\n")
+    args = ["mint", "--user", "a", "--config", reference, "--secrets-file", str(secrets)]
+    assert main(args) == 0
     assert "turn:192.0.2.10:3478?transport=udp" in capsys.readouterr().out
 
 

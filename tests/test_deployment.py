@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from turnserver.cli import build_parser
+from turnserver.ops.commands import serve_overrides
 from turnserver.ops.config import build_settings, parse_yaml
 
 from .conftest import IN_CI, require_tool
@@ -93,7 +95,9 @@ def test_sd_notify_ready_and_watchdog(tmp_path: Path) -> None:
         sock.close()
 
 
-def test_dockerfile_copies_existing_paths_and_its_command_starts() -> None:
+def test_dockerfile_copies_existing_paths_and_its_command_starts(tmp_path: Path) -> None:
+    """Without a container engine: what the Dockerfile copies exists and its command
+    starts on the reference config (test_image.py builds and runs the image itself)."""
     text = (ROOT / "Dockerfile").read_text()
     copies = re.findall(r"^COPY (?!--from)(.+)$", text, re.M)
     assert copies
@@ -101,7 +105,11 @@ def test_dockerfile_copies_existing_paths_and_its_command_starts() -> None:
         *sources, _dest = line.split()
         for source in sources:
             assert (ROOT / source).exists(), f"Dockerfile copies missing {source}"
-    assert "USER turnserver" in text and "HEALTHCHECK" in text and "/healthz" in text
+    assert "USER turnserver" in text and re.search(
+        r"HEALTHCHECK .*\n.*turnserver.*healthcheck", text
+    )
+    secrets = tmp_path / "secrets"
+    secrets.write_text("s\n")
     for port in ("3478/udp", "3478/tcp", "5349/tcp", "9641/tcp"):
         assert port in text
     entry = re.search(r'^ENTRYPOINT \["(\w+)"\]', text, re.M)
@@ -124,6 +132,8 @@ def test_dockerfile_copies_existing_paths_and_its_command_starts() -> None:
             f"udp://127.0.0.1:{port}",
             "--relay-ip",  # the example's 192.0.2.10 is a placeholder: the host's own
             "127.0.0.1",
+            "--secrets-file",  # and so is its secrets file
+            str(secrets),
             "--metrics-listen",
             "127.0.0.1:0",
             "--workers",
@@ -164,7 +174,7 @@ def test_kubernetes_manifests_validate_against_schemas() -> None:
     assert done.stdout.count("passed") == len(core), done.stdout
 
 
-def test_kubernetes_manifests_fit_together() -> None:
+def test_kubernetes_manifests_fit_together(tmp_path: Path) -> None:
     docs = {
         yaml.safe_load(p.read_text())["kind"]: yaml.safe_load(p.read_text())
         for p in _manifests()
@@ -199,13 +209,34 @@ def test_kubernetes_manifests_fit_together() -> None:
     assert volumes["config"]["configMap"]["name"] == docs["ConfigMap"]["metadata"]["name"]
     labels = docs["DaemonSet"]["spec"]["selector"]["matchLabels"]
     assert docs["PodDisruptionBudget"]["spec"]["selector"]["matchLabels"] == labels
-    # The config in the ConfigMap is a valid turnserver config
-    values = parse_yaml(docs["ConfigMap"]["data"]["turnserver.yaml"], "configmap")
-    values.pop("secrets_file", None)
-    values.pop("api_keys_file", None)
-    values.pop("accounts_file", None)
-    values.pop("admin_tokens_file", None)
-    settings = build_settings(values, {"secrets": ("x",), "relay_ips": ("10.0.0.5",)}, "k8s")
-    assert settings.metrics_listen == ("0.0.0.0", 9641)
+    # The ConfigMap and the DaemonSet's flags make a valid config, every file it names
+    # is a key of the Secret mounted there, and every HTTP listener is on the node's
+    # address (hostNetwork: no NetworkPolicy applies; the comments say so)
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    secret_dir = tmp_path / "secrets"  # the Secret as the pod sees it
+    secret_dir.mkdir()
+    for name, content in docs["Secret"]["stringData"].items():
+        (secret_dir / name).write_text(content)
+    config_text = docs["ConfigMap"]["data"]["turnserver.yaml"]
+    named = re.findall(re.escape(mounts["secrets"]) + r"/([\w.-]+)", config_text)
+    assert set(named) == set(docs["Secret"]["stringData"]), named
+    values = parse_yaml(config_text.replace(mounts["secrets"], str(secret_dir)), "configmap")
+    node_ip = "10.0.0.5"
+    args = [a.replace("$(NODE_IP)", node_ip) for a in container["args"]]
+    assert container["env"][0]["valueFrom"]["fieldRef"]["fieldPath"] == "status.hostIP"
+    overrides = serve_overrides(build_parser().parse_args(args))
+    settings = build_settings(values, {**overrides, "secrets": ("x",), "nonce_secret": "n"}, "k8s")
+    assert settings.metrics_listen == (node_ip, 9641)
+    assert settings.api_listen == (node_ip, 8080)
+    assert settings.admin_listen == (node_ip, 9642)
+    assert settings.relay_ips == (node_ip,)
+    text = (K8S / "daemonset.yaml").read_text() + (K8S / "configmap.yaml").read_text()
+    assert "0.0.0.0:9641" not in text and "0.0.0.0:8080" not in text
+    assert "NetworkPolicies do not apply to hostNetwork pods" in text
+    # A read-only root needs a writable /tmp (workers' bus, state file)
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert mounts["tmp"] == "/tmp" and "emptyDir" in volumes_by_name["tmp"]
+    # The grace period outlasts the drain
+    assert pod["terminationGracePeriodSeconds"] >= settings.drain_timeout + 15
     kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
     assert sorted(kustomization["resources"]) == sorted(p.name for p in _manifests())

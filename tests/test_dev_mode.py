@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 import urllib.error
 import urllib.request
@@ -241,6 +242,17 @@ def test_turnserver_dev_command_prints_what_a_developer_needs(tmp_path: Path) ->
         assert f'-d \'{{"udp": "block"}}\' {server.info["impairment_url"]}' in log
         assert "DEVELOPER MODE" in log
         assert (tmp_path / "secret").stat().st_mode & 0o777 == 0o600
+        # the banner lists each file and its mode as they are on disk
+        files = re.search(r"Files in \S+: (.*)", log)
+        assert files, log
+        listed = dict(item.split() for item in files.group(1).split(", "))
+        on_disk = {
+            p.name: f"{p.stat().st_mode & 0o777:04o}"
+            for p in tmp_path.iterdir()
+            if p.is_file() and p.name in listed
+        }
+        assert listed == on_disk and listed["key.pem"] == "0600", listed
+        assert {"secret", "api-key", "account", "cert.pem", "key.pem"} <= set(listed)
         page = urllib.request.urlopen(server.info["preflight"], timeout=5)
         assert page.status == 200
 

@@ -462,7 +462,10 @@ def test_without_privileges_auto_falls_back_and_ebpf_refuses(packaged_object: Pa
         [*drop, *base, "--offload", "ebpf"], capture_output=True, text=True, timeout=30
     )
     assert refused.returncode == 1
-    assert "cannot load the BPF program (it needs CAP_BPF and CAP_NET_ADMIN" in refused.stderr
+    assert "cannot load the BPF program (it needs CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON" in (
+        refused.stderr
+    )
+    assert "this process lacks CAP_NET_ADMIN, CAP_PERFMON, CAP_BPF" in refused.stderr
     proc = subprocess.Popen([*drop, *base, "--offload", "auto"], stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 15
@@ -552,3 +555,38 @@ def test_an_interface_that_comes_up_later_is_covered(packaged_object: Path) -> N
     result = _in_netns(f"{sys.executable} -c '{COVER}' {root}")
     assert result.returncode == 0, result.stderr
     assert result.stdout.split("\n")[:6] == ["['lo']", "[]", "['d0']", "[]", "ours", "detached"]
+
+
+def test_the_shipped_object_is_built_from_its_source(tmp_path: Path) -> None:
+    """The package ships channel_relay.bpf.o (installed servers need no compiler); it
+    must be what `make bpf` builds from the C source of the same tree, byte for byte."""
+    if shutil.which("clang") is None or not Path("/usr/include/bpf/bpf_helpers.h").exists():
+        _unavailable("clang and libbpf-dev are needed to rebuild the BPF object")
+    from turnserver.io.offload_flows import OBJECT
+
+    rebuilt = tmp_path / "channel_relay.bpf.o"
+    subprocess.run(clang_command(SOURCE, rebuilt), check=True)
+    assert OBJECT.read_bytes() == rebuilt.read_bytes(), (
+        "turnserver/io/bpf/channel_relay.bpf.o is out of date: run `make bpf` and commit it"
+    )
+
+
+@pytest.mark.parametrize(
+    ("cap_eff", "seccomp", "said"),
+    [
+        ("0000000000000000", "0", "lacks CAP_NET_ADMIN, CAP_PERFMON, CAP_BPF"),
+        ("0000000000001000", "2", "lacks CAP_PERFMON, CAP_BPF"),  # NET_ADMIN only
+        ("000000c000001000", "2", "a seccomp filter refuses bpf(2)"),  # a container's default
+        ("000000c000001000", "0", ""),  # nothing visible is missing
+        ("0000000000200000", "0", ""),  # CAP_SYS_ADMIN covers both (kernels before 5.8)
+    ],
+)
+def test_auto_says_which_privilege_is_missing(
+    tmp_path: Path, cap_eff: str, seccomp: str, said: str
+) -> None:
+    from turnserver.io.offload import privileges_missing
+
+    status = tmp_path / "status"
+    status.write_text(f"Name:\tpython3\nCapEff:\t{cap_eff}\nSeccomp:\t{seccomp}\n")
+    found = privileges_missing(str(status))
+    assert (said in found) if said else found == "", found

@@ -502,7 +502,10 @@ async def test_a_scrape_flood_is_throttled(tmp_path: Path) -> None:
         await _ready(mport)
         before = _series((await _get(mport, "/metrics"))[1])
         started = time.monotonic()
-        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=20)) as session:
+        async with aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=20),
+            timeout=aiohttp.ClientTimeout(total=30),  # a scrape left unanswered fails here
+        ) as session:
 
             async def one() -> int:
                 async with session.get(f"http://127.0.0.1:{mport}/metrics") as resp:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import signal
 import sys
+from collections.abc import Callable
 from typing import Any, NoReturn
 
 from turnserver import __version__
@@ -13,20 +15,6 @@ from turnserver.ops.admin_cli import add_admin_parser
 from turnserver.ops.config import (
     LOG_FORMATS,
     LOG_LEVELS,
-    Settings,
-    build_settings,
-    check_certificate,
-    check_host_addresses,
-    load_file,
-)
-from turnserver.ops.config_values import (
-    ConfigError,
-    _host_port_or_off,
-    _impairment_list,
-    parse_account,
-    parse_host_port,
-    parse_listen,
-    parse_user,
 )
 from turnserver.ops.devcommand import add_dev_parser
 
@@ -332,162 +320,57 @@ def build_parser() -> argparse.ArgumentParser:
         "127.0.0.1, ::1)",
     )
     p.add_argument("--days", type=int, default=365)
+    p = sub.add_parser(
+        "check-config",
+        help="validate a configuration file without starting the server",
+        description="Read FILE as `serve --config FILE` would (schema, values, cross-field "
+        "checks, certificate files, relay addresses of this host); print what is wrong "
+        "with its file, line and key, exit 2, or OK.",
+    )
+    p.add_argument("file", metavar="FILE")
+    p = sub.add_parser(
+        "healthcheck",
+        help="ask the running server on this host whether it is alive (container health)",
+        description="Find the running server from the state file it writes at start "
+        "(its pid and where it serves /healthz) and ask that endpoint, whatever "
+        "--metrics-listen says: exit 0 when it answers 200, 1 otherwise.",
+    )
+    p.add_argument(
+        "--state-file",
+        metavar="FILE",
+        help="the server's state file (default: $TURNSERVER_STATE_FILE, else "
+        "$XDG_RUNTIME_DIR/turnserver/state.json, else /tmp/turnserver-UID/state.json: "
+        "where the server writes it)",
+    )
+    p.add_argument("--timeout", type=float, default=3.0)
     return parser
 
 
-def _overrides(args: argparse.Namespace) -> dict[str, Any]:
-    o: dict[str, Any] = {}
-    if args.realm is not None:
-        o["realm"] = args.realm
-    if args.secret:
-        o["secrets"] = tuple(args.secret)
-    if args.user:
-        o["users"] = tuple(parse_user(u, "--user") for u in args.user)
-    if args.listen:
-        o["listen"] = tuple(parse_listen(u, "--listen") for u in args.listen)
-    if args.api_listen:
-        o["api_listen"] = parse_host_port(args.api_listen, "--api-listen")
-    if args.account:
-        o["accounts"] = tuple(parse_account(a, "--account") for a in args.account)
-    if args.api_key:
-        o["api_keys"] = tuple(args.api_key)
-    if args.admin_listen:
-        o["admin_listen"] = parse_host_port(args.admin_listen, "--admin-listen")
-    if args.admin_token:
-        o["admin_tokens"] = tuple(args.admin_token)
-    if args.metrics_listen is not None:
-        o["metrics_listen"] = _host_port_or_off(args.metrics_listen, "--metrics-listen")
-    if args.workers is not None:
-        if not 1 <= args.workers <= 256:
-            raise ConfigError("--workers: between 1 and 256")
-        o["workers"] = args.workers
-    if args.offload is not None:
-        o["offload"] = args.offload
-    if args.dev:
-        o["dev"] = True
-    if args.impair:
-        o["impairments"] = _impairment_list(list(args.impair), "--impair")
-    if args.impair_seed is not None:
-        o["impair_seed"] = args.impair_seed
-    if args.other_address is not None:
-        o["other_address"] = parse_host_port(args.other_address, "--other-address")
-    if args.drain_timeout is not None:
-        o["drain_timeout"] = args.drain_timeout
-    if args.alternate_server is not None:
-        o["alternate_server"] = parse_host_port(args.alternate_server, "--alternate-server")
-    if args.probe_interval is not None:
-        if args.probe_interval < 0:
-            raise ConfigError("--probe-interval: must be 0 (off) or more")
-        o["probe_interval"] = args.probe_interval
-    simple = {
-        "relay_ip": "relay_ips",
-        "external_ip": "external_ips",
-        "min_port": "min_port",
-        "max_port": "max_port",
-        "allow_loopback_peers": "allow_loopback_peers",
-        "allow_peer": "allow_peers",
-        "deny_peer": "deny_peers",
-        "log_level": "log_level",
-        "log_format": "log_format",
-        "loop": "loop",
-        "cert": "cert_file",
-        "key": "key_file",
-        "secrets_file": "secrets_file",
-        "admin_tokens_file": "admin_tokens_file",
-        "revocations_file": "revocations_file",
-        "accounts_file": "accounts_file",
-        "api_keys_file": "api_keys_file",
-    }
-    for arg, attr in simple.items():
-        value = getattr(args, arg)
-        if value is not None:
-            o[attr] = tuple(value) if isinstance(value, list) else value
-    return o
+# subcommand -> (module in ops/, function taking the parsed arguments)
+COMMANDS = {
+    "serve": ("turnserver.ops.commands", "serve_command"),
+    "dev": ("turnserver.ops.devcommand", "dev_command"),
+    "admin": ("turnserver.ops.admin_cli", "admin_command"),
+    "mint": ("turnserver.ops.commands", "mint_command"),
+    "preflight": ("turnserver.ops.commands", "preflight_command"),
+    "check-config": ("turnserver.ops.commands", "check_config_command"),
+    "healthcheck": ("turnserver.ops.state_file", "healthcheck_command"),
+    "selfsigned": ("turnserver.ops.selfsigned", "selfsigned_command"),
+}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command is None:
+    if args.command not in COMMANDS:
         parser.print_help(sys.stderr)
         return 2
     if args.command == "serve":
         # until the event loop handles it: SIGHUP (a reload) must not end the process
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
-        from turnserver.ops.app import serve
-        from turnserver.ops.config_values import _cidr_list, _ip_list
-
-        try:
-            file_values = load_file(args.config) if args.config else {}
-            overrides = _overrides(args)
-            for key, check, flag in (
-                ("relay_ips", _ip_list, "--relay-ip"),
-                ("external_ips", _ip_list, "--external-ip"),
-                ("allow_peers", _cidr_list, "--allow-peer"),
-                ("deny_peers", _cidr_list, "--deny-peer"),
-            ):
-                if key in overrides:
-                    overrides[key] = check(list(overrides[key]), flag)
-            settings = build_settings(file_values, overrides, args.config or "flags")
-            check_host_addresses(settings)
-            if settings.cert_file and settings.key_file:
-                check_certificate(settings.cert_file, settings.key_file)
-        except ConfigError as exc:
-            print(f"turnserver: configuration error: {exc}", file=sys.stderr)
-            return 2
-        config_path = args.config
-
-        def reload_settings() -> Settings:
-            values = load_file(config_path) if config_path else {}
-            return build_settings(values, overrides, config_path or "flags")
-
-        if settings.workers > 1:
-            import asyncio
-
-            from turnserver.ops.eventlog import setup_logging
-            from turnserver.ops.process.supervisor import Supervisor
-
-            setup_logging(settings.log_level, settings.log_format)
-            try:
-                supervisor = Supervisor(settings, config_path, overrides, args.show_credential)
-            except OSError as exc:
-                print(f"turnserver: {exc.strerror or exc}", file=sys.stderr)
-                return 1
-            from turnserver.io.loop import loop_factory
-
-            _, factory = loop_factory(settings.loop)
-            with asyncio.Runner(loop_factory=factory) as runner:
-                return runner.run(supervisor.run())
-        return serve(settings, args.show_credential, reload_settings)
-
-    if args.command == "dev":
-        from turnserver.ops.devcommand import dev_command
-
-        return dev_command(args)
-    if args.command == "admin":
-        from turnserver.ops.admin_cli import admin_command
-
-        return admin_command(args)
-    if args.command == "mint":
-        from turnserver.ops.commands import mint_command
-
-        return mint_command(args)
-    if args.command == "preflight":
-        from turnserver.ops.commands import preflight_command
-
-        return preflight_command(args)
-    if args.command == "selfsigned":
-        from turnserver.ops.selfsigned import ensure_self_signed
-
-        created, fingerprint = ensure_self_signed(
-            args.cert, args.key, args.host or ["localhost", "127.0.0.1", "::1"], args.days
-        )
-        state = "created" if created else "kept existing"
-        print(f"{state} {args.cert} (SHA-256 {fingerprint})")
-        return 0
-
-    parser.print_help()
-    return 2
+    module, name = COMMANDS[args.command]
+    command: Callable[[argparse.Namespace], int] = getattr(importlib.import_module(module), name)
+    return command(args)
 
 
 if __name__ == "__main__":

@@ -57,7 +57,7 @@ def wait_until(check: Callable[[], T], timeout: float = 10.0, interval: float = 
             if value:
                 return value
             last = value
-        except AssertionError as exc:
+        except (AssertionError, OSError) as exc:  # OSError: not listening (or 503) yet
             last = exc
         if time.monotonic() >= deadline:
             raise AssertionError(f"not true within {timeout:g} s: {last!r}")

@@ -12,8 +12,11 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
+import platform
 import socket
 import struct
+import subprocess
+import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -59,15 +62,36 @@ class OffloadError(OSError):
     """The kernel fast path cannot be used; the message says why."""
 
 
+def _multiarch() -> str:
+    """Debian's multiarch triplet (x86_64-linux-gnu, aarch64-linux-gnu, ...): where
+    asm/types.h lives for the BPF target."""
+    triplet = sysconfig.get_config_var("MULTIARCH")
+    if triplet:
+        return str(triplet)
+    for cmd in (["dpkg-architecture", "-qDEB_HOST_MULTIARCH"], ["gcc", "-print-multiarch"]):
+        try:
+            out = subprocess.run(cmd, capture_output=True, text=True, timeout=10).stdout.strip()
+        except OSError:
+            continue
+        if out:
+            return out
+    return f"{platform.machine()}-linux-gnu"
+
+
 def clang_command(source: Path, output: Path) -> list[str]:
-    """How the object is built (the Makefile's `bpf` target and the tests use this)."""
+    """How the object is built (make bpf, the tests and the benchmarks use this): for
+    this machine's architecture, and reproducibly (no build directory in the debug
+    information), so the object shipped in the package can be checked against its
+    source."""
     return [
         "clang",
         "-O2",
         "-g",
         "-target",
         "bpf",
-        "-I/usr/include/x86_64-linux-gnu",
+        f"-I/usr/include/{_multiarch()}",
+        f"-fdebug-prefix-map={source.parent.resolve()}=.",
+        "-fdebug-compilation-dir=.",
         "-c",
         str(source),
         "-o",
@@ -120,7 +144,9 @@ def _libbpf() -> ctypes.CDLL:
     try:
         lib = ctypes.CDLL(name, use_errno=True)
     except OSError as exc:
-        raise OffloadError(f"libbpf is not installed ({exc})") from None
+        raise OffloadError(
+            f"libbpf.so.1 is not installed ({exc}); Debian and Ubuntu: apt install libbpf1"
+        ) from None
     vp, ci = ctypes.c_void_p, ctypes.c_int
     for fn, res, args in (
         ("bpf_object__open_file", vp, [ctypes.c_char_p, vp]),
@@ -148,6 +174,32 @@ def _libbpf() -> ctypes.CDLL:
         f.restype, f.argtypes = res, args
     lib.libbpf_set_print(None)  # no warnings on our stderr; errors come back as errno
     return lib
+
+
+NEEDS = "it needs CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON, or root"
+_CAPABILITIES = {"CAP_NET_ADMIN": 12, "CAP_PERFMON": 38, "CAP_BPF": 39}
+_CAP_SYS_ADMIN = 21  # before Linux 5.8, what CAP_BPF and CAP_PERFMON split from
+
+
+def privileges_missing(status_file: str = "/proc/self/status") -> str:
+    """What this process lacks to load and attach the program, read from its status:
+    the capabilities it does not hold, or a seccomp filter (a container's default
+    profile refuses bpf(2) without CAP_SYS_ADMIN); "" when nothing visible is missing."""
+    try:
+        with open(status_file, encoding="ascii") as fh:
+            fields = dict(line.rstrip("\n").split(":\t", 1) for line in fh if ":\t" in line)
+    except (OSError, ValueError):
+        return ""
+    effective = int(fields.get("CapEff", "0"), 16)
+    missing = [name for name, bit in _CAPABILITIES.items() if not effective >> bit & 1]
+    if missing and not effective >> _CAP_SYS_ADMIN & 1:
+        return f"{NEEDS}; this process lacks {', '.join(missing)}"
+    if fields.get("Seccomp", "0").strip() == "2":
+        return (
+            "the capabilities are held, but a seccomp filter refuses bpf(2): in a container "
+            "run with --security-opt seccomp=unconfined or a profile that allows bpf"
+        )
+    return ""
 
 
 def _fail(what: str, ret: int) -> OffloadError:
@@ -315,9 +367,7 @@ class ChannelRelayProgram(FlowMaps):
         ret = lib.bpf_object__load(self.obj)
         if ret:
             lib.bpf_object__close(self.obj)
-            raise _fail(
-                "cannot load the BPF program (it needs CAP_BPF and CAP_NET_ADMIN, or root)", ret
-            )
+            raise _fail(f"cannot load the BPF program ({privileges_missing() or NEEDS})", ret)
         prog = lib.bpf_object__find_program_by_name(self.obj, PROGRAM.encode())
         self.prog_fd = lib.bpf_program__fd(prog)
         # the object owns these descriptors (closed with it)

@@ -130,7 +130,10 @@ class OffloadFlows:
     def start(cls, obj: Path = OBJECT) -> OffloadFlows:
         """Load, self-test and attach (raises OffloadError saying why not)."""
         if not obj.exists():
-            raise OffloadError(f"{obj} is not built (make bpf; the Dockerfile builds it)")
+            raise OffloadError(
+                f"{obj} is missing (the package ships it; in a checkout: make bpf, with clang "
+                "and libbpf-dev)"
+            )
         prog = ChannelRelayProgram(obj)
         attached = []
         try:

@@ -6,6 +6,7 @@ import asyncio
 import gc
 import hashlib
 import logging
+import os
 import signal
 import socket
 import ssl
@@ -26,6 +27,7 @@ from turnserver.ops.config import (
     admin_certificate,
     api_certificate,
     check_certificate,
+    cross_node_warnings,
     relay_layout,
 )
 from turnserver.ops.config_values import AdminToken, ConfigError, parse_admin_token
@@ -35,6 +37,7 @@ from turnserver.ops.metrics import Metrics
 from turnserver.ops.probe import PROBE_USER, SelfProbe
 from turnserver.ops.revocations import Revocations, RevocationStore
 from turnserver.ops.runtime_setup import apply_reload, build_runtime
+from turnserver.ops.state_file import remove_state, write_state
 from turnserver.ops.systemd import notify, start_watchdog
 from turnserver.ops.uris import api_config
 
@@ -304,6 +307,12 @@ async def _serve(
         settings.max_port,
     )
     log_limits(server.runtime)
+    for warning in cross_node_warnings(settings, os.environ):
+        log.warning("%s", warning)
+    state = write_state(
+        (settings.metrics_listen[0], server.health.port) if settings.metrics_listen else None,
+        [(s.host, s.port) for s in runtime.bound_addresses() if s.scheme == "udp"],
+    )
     notify(f"READY=1\nSTATUS=serving {len(runtime.bound_addresses())} listeners")
     start_watchdog(loop)
     if on_ready is not None:
@@ -351,6 +360,8 @@ async def _serve(
     notify("STOPPING=1")
     log.info("shutting down: %d allocations", len(runtime.core.allocations))
     await server.stop()
+    if state is not None:
+        remove_state(state)
     return 0
 
 

@@ -10,12 +10,14 @@ import ipaddress
 import os
 import socket
 import ssl
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from turnserver import SOFTWARE
 from turnserver.core.auth import REST_USERNAME_FORMATS
 from turnserver.io.runtime import ListenAddress
+from turnserver.ops.config_secrets import read_secret_lines
 from turnserver.ops.config_values import (
     Check,
     ConfigError,
@@ -38,7 +40,7 @@ from turnserver.ops.config_values import (
     parse_account,
     parse_admin_token,
 )
-from turnserver.ops.config_yaml import load_yaml_file, not_utf8, parse_yaml_text
+from turnserver.ops.config_yaml import load_yaml_file, parse_yaml_text
 
 LOG_LEVELS, LOG_FORMATS = ("debug", "info", "warning", "error"), ("text", "json")
 
@@ -63,13 +65,14 @@ class Settings:
     max_allocations: int = 0  # 0: bounded only by the file descriptor budget
     max_allocations_per_user: int = 0
     max_allocations_per_client_ip: int = 0
-    # Per allocation; sized for WebRTC (README "Limits"). 0 means unlimited.
+    # Per allocation; sized for WebRTC (docs/secure.md "Limits"). 0 means unlimited.
     max_permissions_per_allocation: int = 128
     max_channels_per_allocation: int = 128
     max_peer_connections_per_allocation: int = 32
     max_pending_connects_per_allocation: int = 8
     strict_expiry: bool = False
     nonce_secret: str | None = None
+    nonce_secret_file: str | None = None
     rest_username_format: str = "auto"  # core/auth.py parse_rest_username
     nonce_lifetime: int = 600
     software: str | None = SOFTWARE
@@ -131,7 +134,7 @@ class Settings:
     log_level: str = "info"
     log_format: str = "text"
     loop: str = "auto"
-    offload: str = "off"  # the kernel fast path: off, ebpf, auto (README "Kernel fast path")
+    offload: str = "off"  # the kernel fast path: off, ebpf, auto (docs/scale.md)
     dev: bool = False  # developer mode: impairment of relayed media, /dev/v1/*
     impairments: tuple[str, ...] = ()  # "udp=block", "tls=loss:5,delay:80"
     impair_seed: int = 1
@@ -149,6 +152,7 @@ SCHEMA: dict[str, tuple[str, Check]] = {
     "auth.secrets_file": ("secrets_file", _opt_str),
     "auth.secrets_env": ("secrets_env", _opt_str),
     "auth.nonce_secret": ("nonce_secret", _opt_str),
+    "auth.nonce_secret_file": ("nonce_secret_file", _opt_str),
     "auth.rest_username_format": ("rest_username_format", _choice(REST_USERNAME_FORMATS)),
     "api.listen": ("api_listen", _host_port),
     "api.accounts": ("accounts", _accounts),
@@ -237,24 +241,12 @@ def build_settings(file_values: dict[str, Any], overrides: dict[str, Any], sourc
     if merged.get("dev") and "workers" not in merged:
         merged["workers"] = 1  # developer mode is one process
     settings = replace(Settings(), **merged, source=source)
-    settings = _with_external_secrets(settings)
+    settings = with_external_secrets(settings)
     validate(settings)
     return settings
 
 
-def read_secret_lines(path: str, key: str) -> list[str]:
-    """Non-empty, non-comment lines of a secrets file, e.g. a Kubernetes Secret mount
-    (ConfigError names the key)."""
-    try:
-        with open(path, encoding="utf-8") as fh:
-            return [ln.strip() for ln in fh if ln.strip() and not ln.lstrip().startswith("#")]
-    except OSError as exc:
-        raise ConfigError(f"{key}: cannot read {path}: {exc.strerror}") from None
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"{key}: {path}: {not_utf8(exc)}") from None
-
-
-def _with_external_secrets(s: Settings) -> Settings:
+def with_external_secrets(s: Settings) -> Settings:
     """Add secrets, API keys and accounts named by files or environment variables."""
     secrets = list(s.secrets)
     if s.secrets_file:
@@ -270,6 +262,15 @@ def _with_external_secrets(s: Settings) -> Settings:
     admin_tokens = list(s.admin_tokens)
     if s.admin_tokens_file:
         admin_tokens += read_secret_lines(s.admin_tokens_file, "admin.tokens_file")
+    nonce_secret = s.nonce_secret
+    if s.nonce_secret_file:
+        lines = read_secret_lines(s.nonce_secret_file, "auth.nonce_secret_file")
+        if len(lines) != 1:
+            raise ConfigError(
+                f"auth.nonce_secret_file: {s.nonce_secret_file} must hold one line "
+                f"(it has {len(lines)})"
+            )
+        nonce_secret = lines[0]
     accounts = list(s.accounts)
     if s.accounts_file:
         accounts += [
@@ -282,7 +283,43 @@ def _with_external_secrets(s: Settings) -> Settings:
         api_keys=tuple(keys),
         accounts=tuple(accounts),
         admin_tokens=tuple(admin_tokens),
+        nonce_secret=nonce_secret,
     )
+
+
+# Settings that several nodes serving the same clients must share, and what an empty
+# one costs: each node then makes its own random value.
+
+
+SHARED_ACROSS_NODES = {
+    "auth.nonce_secret": (
+        "nonce_secret",
+        "each node makes its own random nonce key, so a client that reaches another node "
+        "(a load balancer, DNS, a restart) is answered 438 Stale Nonce and must retry; "
+        "the health probe's credential differs per node too",
+    ),
+}
+
+
+def other_nodes_in_view(environ: Mapping[str, str]) -> str | None:
+    """Why this server may share its clients with other nodes, or None when nothing
+    says so. Kubernetes: a DaemonSet or Deployment runs one server per node or replica."""
+    if environ.get("KUBERNETES_SERVICE_HOST"):
+        return "it runs in Kubernetes (KUBERNETES_SERVICE_HOST is set)"
+    return None
+
+
+def cross_node_warnings(s: Settings, environ: Mapping[str, str]) -> list[str]:
+    """A warning for each setting that must match across nodes and is left empty, when
+    other nodes are in view."""
+    why = other_nodes_in_view(environ)
+    if why is None:
+        return []
+    return [
+        f"{key} is empty and {why}: {cost}; set the same {key} (or {key}_file) on every node"
+        for key, (attr, cost) in SHARED_ACROSS_NODES.items()
+        if not getattr(s, attr)
+    ]
 
 
 def validate(s: Settings) -> None:

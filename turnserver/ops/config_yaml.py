@@ -51,6 +51,9 @@ def parse_yaml_text(text: str, name: str, schema: Schema) -> dict[str, Any]:
         loader.dispose()
 
 
+NULL_TAG = "tag:yaml.org,2002:null"
+
+
 def _walk(
     loader: yaml.SafeLoader,
     node: yaml.MappingNode,
@@ -71,6 +74,8 @@ def _walk(
             except ConfigError as exc:
                 raise ConfigError(f"{name}:{line}: {exc}") from None
         elif key in sections:
+            if isinstance(value_node, yaml.ScalarNode) and value_node.tag == NULL_TAG:
+                continue  # a section whose keys are all commented out: its defaults
             if not isinstance(value_node, yaml.MappingNode):
                 raise ConfigError(f"{name}:{line}: {key}: expected a mapping")
             _walk(loader, value_node, key + ".", name, values, schema, sections)

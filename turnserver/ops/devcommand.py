@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import secrets
+import stat
 import sys
 import time
 from pathlib import Path
@@ -54,6 +55,16 @@ def _account(path: Path) -> tuple[str, str]:
     os.chmod(path, 0o600)
     sid, _, token = path.read_text().strip().partition(":")
     return sid, token
+
+
+def state_files(state: Path) -> str:
+    """What the state directory holds and each file's mode, as it is on disk (the
+    certificate is public, everything else only the owner's)."""
+    shown = []
+    for path in sorted(state.iterdir()):
+        if path.is_file() and not path.name.endswith(".tmp"):
+            shown.append(f"{path.name} {stat.S_IMODE(path.stat().st_mode):04o}")
+    return ", ".join(shown)
 
 
 def dev_settings(args: argparse.Namespace, state: Path) -> Settings:
@@ -153,7 +164,7 @@ def dev_command(args: argparse.Namespace) -> int:
             "  Developer mode: impair relayed media live, e.g. block UDP like a firewall:\n"
             f"    curl -X PUT -H 'X-API-Key: {summary['api_key']}' "
             f'-d \'{{"udp": "block"}}\' {summary["impairment_url"]}\n'
-            f"  Files: {state} (secret, api-key, account, cert.pem; mode 0600)\n",
+            f"  Files in {state}: {state_files(state)}\n",
             flush=True,
         )
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import base64
 import datetime
 import hashlib
@@ -77,3 +78,13 @@ def ensure_self_signed(
     with open(cert_file, "rb") as fh:
         cert_obj = x509.load_pem_x509_certificate(fh.read())
     return created, cert_obj.fingerprint(hashes.SHA256()).hex(":")
+
+
+def selfsigned_command(args: argparse.Namespace) -> int:
+    """`turnserver selfsigned`: make (or keep) a certificate for local TLS."""
+    created, fingerprint = ensure_self_signed(
+        args.cert, args.key, args.host or ["localhost", "127.0.0.1", "::1"], args.days
+    )
+    state = "created" if created else "kept existing"
+    print(f"{state} {args.cert} (SHA-256 {fingerprint})")
+    return 0

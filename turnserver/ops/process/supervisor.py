@@ -38,6 +38,7 @@ from turnserver.ops.config import (
     all_listeners,
     api_certificate,
     build_settings,
+    cross_node_warnings,
     load_file,
 )
 from turnserver.ops.config_values import ConfigError, parse_admin_token
@@ -47,6 +48,7 @@ from turnserver.ops.process.worker import Shared, worker_main
 from turnserver.ops.process.workers_view import WorkersView
 from turnserver.ops.revocations import RevocationStore
 from turnserver.ops.shared_quota import clear_worker, ledger_size, table_slots
+from turnserver.ops.state_file import remove_state, write_state
 from turnserver.ops.systemd import notify, start_watchdog
 
 log = logging.getLogger("turnserver")
@@ -67,6 +69,8 @@ class Supervisor:
     ) -> None:
         if settings.admin_listen and not settings.internal_admin_token:
             settings = replace(settings, internal_admin_token=secrets.token_urlsafe(32))
+        for warning in cross_node_warnings(settings, os.environ):
+            log.warning("%s", warning)
         if not settings.nonce_secret:
             # One nonce key (and self-probe password) for all workers: a client's 5-tuple
             # stays on one worker, but the self-probe's may land on any.
@@ -110,7 +114,18 @@ class Supervisor:
         slots = table_slots(tighter(settings.max_allocations, ports_in_range))
         self.shm = SharedMemory(create=True, size=ledger_size(self.n, slots))
         # the workers' bus for RFC 6062 connections that span workers (io/handover.py)
-        bus_dir = tempfile.mkdtemp(prefix="turnserver-bus-")
+        try:
+            bus_dir = tempfile.mkdtemp(prefix="turnserver-bus-")
+        except OSError as exc:
+            self.close_listeners()
+            self.shm.close()
+            self.shm.unlink()
+            raise OSError(
+                exc.errno,
+                f"workers: no writable directory for the workers' bus ({exc.strerror or exc}); "
+                "on a read-only root filesystem mount a tmpfs (Kubernetes: an emptyDir) at "
+                "/tmp or set TMPDIR, or run one worker (--workers 1)",
+            ) from None
         self.shared = Shared(
             self.n,
             self.shm.name,
@@ -387,6 +402,11 @@ class Supervisor:
             await asyncio.sleep(0.05)
 
         log.info("%d workers serving %s", self.n, ", ".join(str(s) for s in self.settings.listen))
+        metrics = self.settings.metrics_listen
+        state = write_state(
+            (metrics[0], runner.addresses[0][1]) if metrics and runner is not None else None,
+            [(s.host, s.port) for s in all_listeners(self.settings) if s.scheme == "udp"],
+        )
         notify(f"READY=1\nSTATUS={self.n} workers")
         start_watchdog(loop)
         if self.show_credential:
@@ -479,6 +499,8 @@ class Supervisor:
                         self.procs[i] = None
                 break
         await self._release(runner, api_runner)
+        if state is not None:
+            remove_state(state)
         notify("STOPPING=1")
         log.info("all workers stopped")
         return 0
