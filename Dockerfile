@@ -1,52 +1,76 @@
-# turnserver container image.
+# turnserver container image (docs/install.md "Container" has the whole story).
 #
-#   docker build -t turnserver .
-#   docker run --network host -v /etc/turnserver:/etc/turnserver:ro turnserver
+#   podman build --format docker -t turnserver .        (or: docker build -t turnserver .)
+#   docker run -d --name turn --network host --stop-timeout 75 \
+#       -v /etc/turnserver:/etc/turnserver:ro turnserver
+#
+# Configuration: mount a directory at /etc/turnserver holding turnserver.yaml (start
+# from config/turnserver.yaml, the reference: it names relay.ip 192.0.2.10 and
+# /etc/turnserver/secrets, which you replace) and what it names (secrets file,
+# certificates). `docker run --rm -v ... turnserver check-config /etc/turnserver/turnserver.yaml`
+# checks it without starting.
 #
 # Networking: TURN hands clients relay addresses; with --network host the container
 # binds the host's addresses directly and the whole relay range just works (recommended).
-# Without it, publish the listeners and the relay range and advertise the host address:
-#   docker run -p 3478:3478/udp -p 3478:3478/tcp -p 5349:5349/tcp \
-#     -p 49152-49407:49152-49407/udp -p 9641:9641/tcp turnserver \
-#     serve --config /etc/turnserver/turnserver.yaml --min-port 49152 --max-port 49407 \
-#     --external-ip <host public IP>
-# (publishing thousands of ports is slow in Docker: keep the range small, or use host).
-# The image's example config names relay.ip 192.0.2.10, a placeholder: the server
-# refuses to start until it is an address of the host (mount your own config, or add
-# --relay-ip <host address> to the command).
+# On a bridge network the relay address must be the container's own, so give it a fixed
+# one, publish the listeners and a small relay range, and advertise the host's address:
+#   docker network create --subnet 172.30.0.0/24 turn
+#   docker run --network turn --ip 172.30.0.10 -p 3478:3478/udp -p 3478:3478/tcp \
+#     -p 49152-49407:49152-49407/udp -p 127.0.0.1:9641:9641/tcp ... turnserver \
+#     serve --config /etc/turnserver/turnserver.yaml --relay-ip 172.30.0.10 \
+#     --external-ip <host public IP> --min-port 49152 --max-port 49407 \
+#     --metrics-listen 0.0.0.0:9641
+# (metrics listen on 127.0.0.1 by default, which a published port cannot reach; publish
+# 9641 on the host's loopback or a private address only. Publishing thousands of ports
+# is slow in Docker: keep the range small, or use host networking.)
+#
+# Stopping: SIGTERM drains (readiness off, new allocations refused, live calls end or
+# drain.timeout passes, 60 s by default). Docker and podman wait 10 s before SIGKILL:
+# run with --stop-timeout 75 (compose: stop_grace_period: 75s; Kubernetes:
+# terminationGracePeriodSeconds: 90), or shorten drain.timeout to fit.
+#
+# Health: HEALTHCHECK runs `turnserver healthcheck`, which asks the /healthz of this
+# container's server wherever metrics.listen puts it (the server records it in
+# /tmp/turnserver-<uid>/state.json; with --read-only add --tmpfs /tmp).
+#
+# The kernel fast path (relay.offload: auto or ebpf; README "Kernel fast path") needs
+# CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON, which a non-root user in a container never
+# gets, and a seccomp profile that allows bpf(2):
+#   docker run --network host --user root --cap-add BPF --cap-add NET_ADMIN \
+#       --cap-add PERFMON --security-opt seccomp=unconfined ... turnserver \
+#       serve --config /etc/turnserver/turnserver.yaml --offload auto
+# Without them `--offload auto` says what is missing and relays in user space.
 #
 # Ports: 3478/udp and 3478/tcp (TURN, STUN), 5349/tcp (TURN over TLS), the relay range
-# (UDP, default 49152-65535), 9641/tcp (metrics, /healthz, /readyz), and the credentials
-# API if api.listen is set. Mount the config (and certificates) read-only at
-# /etc/turnserver; the image runs as an unprivileged user.
+# (UDP, default 49152-65535), 9641/tcp (metrics, /healthz, /readyz; 127.0.0.1 unless
+# metrics.listen says otherwise), and the credentials API if api.listen is set.
 
-# The kernel fast path's BPF object is compiled here; the server loads it through
-# libbpf.so.1 at run time (relay.offload), with no compiler in the final image.
-FROM debian:bookworm-slim AS bpf
-RUN apt-get update && apt-get install -y --no-install-recommends clang libbpf-dev \
-    && rm -rf /var/lib/apt/lists/*
-COPY turnserver/io/bpf/channel_relay.bpf.c /src/
-RUN clang -O2 -g -target bpf -I/usr/include/x86_64-linux-gnu \
-    -c /src/channel_relay.bpf.c -o /src/channel_relay.bpf.o
-
+# Installs the package and its pinned dependencies into a virtualenv that the final
+# stage copies. The kernel fast path's BPF object ships compiled in the package
+# (turnserver/io/bpf/channel_relay.bpf.o, checked against its source by the tests).
 FROM python:3.11-slim AS build
 WORKDIR /src
+RUN python -m venv /opt/turnserver
+COPY constraints.txt ./
 COPY pyproject.toml README.md ./
 COPY turnserver ./turnserver
-COPY --from=bpf /src/channel_relay.bpf.o ./turnserver/io/bpf/
-RUN pip install --no-cache-dir --prefix=/install .
+RUN /opt/turnserver/bin/pip install --no-cache-dir --disable-pip-version-check \
+        -c constraints.txt .
 
 FROM python:3.11-slim
+# libbpf1: the kernel fast path loads its program through libbpf.so.1
 RUN apt-get update && apt-get install -y --no-install-recommends libbpf1 \
     && rm -rf /var/lib/apt/lists/*
 RUN useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin turnserver \
     && mkdir -p /etc/turnserver
-COPY --from=build /install /usr/local
+COPY --from=build /opt/turnserver /opt/turnserver
 COPY config/turnserver.yaml /etc/turnserver/turnserver.yaml
+ENV PATH=/opt/turnserver/bin:$PATH \
+    PYTHONDONTWRITEBYTECODE=1
 USER turnserver
 EXPOSE 3478/udp 3478/tcp 5349/tcp 9641/tcp
-HEALTHCHECK --interval=15s --timeout=3s --start-period=10s --retries=3 \
-    CMD ["python", "-c", "import sys, urllib.request; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:9641/healthz', timeout=2).status == 200 else 1)"]
+HEALTHCHECK --interval=15s --timeout=5s --start-period=20s --retries=3 \
+    CMD ["turnserver", "healthcheck", "--timeout", "3"]
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["turnserver"]
 CMD ["serve", "--config", "/etc/turnserver/turnserver.yaml"]

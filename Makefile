@@ -5,7 +5,8 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 RUNDIR := .run
 
-.PHONY: run mint test lint typecheck unit venv clean bench bench-ops fuzz fmt soak abuse bpf
+.PHONY: run mint test lint typecheck unit venv clean bench bench-ops fuzz fmt soak abuse bpf \
+	dist constraints image
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,12 +24,35 @@ run: $(STAMP)
 	@mkdir -p $(RUNDIR) && chmod 700 $(RUNDIR)
 	$(BIN)/turnserver dev --state-dir $(RUNDIR)
 
-# The kernel fast path's BPF object (needs clang and libbpf-dev; loaded at run time
-# through libbpf.so.1, so servers need no compiler)
+# The kernel fast path's BPF object, built reproducibly (clang and libbpf-dev) and
+# shipped in the package: installed servers need no compiler, only libbpf.so.1. After
+# changing the C source, `make bpf` and commit the object (a test checks they match).
 BPF_OBJ := turnserver/io/bpf/channel_relay.bpf.o
-bpf: $(BPF_OBJ)
-$(BPF_OBJ): turnserver/io/bpf/channel_relay.bpf.c
-	clang -O2 -g -target bpf -I/usr/include/x86_64-linux-gnu -c $< -o $@
+bpf: $(STAMP)
+	$(BIN)/python -c 'import subprocess; from pathlib import Path; \
+		from turnserver.io.offload import clang_command, SOURCE; \
+		subprocess.run(clang_command(SOURCE, Path("$(BPF_OBJ)")), check=True)'
+
+# A wheel and an sdist in dist/ (install without the checkout:
+# pip install 'dist/turnserver-VERSION-py3-none-any.whl[testing]').
+dist: $(STAMP)
+	rm -rf dist
+	$(BIN)/python -m build --outdir dist .
+
+# Pin what the image installs: the runtime dependencies, resolved in a clean venv.
+constraints:
+	rm -rf .run/constraints-venv
+	$(PYTHON) -m venv .run/constraints-venv
+	.run/constraints-venv/bin/pip install --quiet .
+	{ echo "# Versions the image installs (pip install -c constraints.txt .): the runtime dependencies"; \
+	  echo "# and theirs, as tested. Refresh with: make constraints"; \
+	  .run/constraints-venv/bin/pip freeze --exclude turnserver; } >constraints.txt
+	rm -rf .run/constraints-venv
+
+# The container image, with podman (or docker) from the Dockerfile.
+ENGINE ?= $(shell command -v podman >/dev/null && echo podman || echo docker)
+image:
+	$(ENGINE) build $(if $(findstring podman,$(ENGINE)),--format docker) -t turnserver .
 
 # Another credential for the `make run` server (MINT_USER=name TTL=1h FORMAT=ice-servers)
 MINT_USER ?= dev
@@ -82,8 +106,6 @@ soak: $(STAMP)
 	$(BIN)/python benchmarks/soak.py --duration $(SOAK_SECONDS)
 
 fmt: $(STAMP)
-
-
 	$(BIN)/ruff check --fix turnserver tests benchmarks
 	$(BIN)/ruff format turnserver tests benchmarks
 
