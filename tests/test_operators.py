@@ -21,7 +21,8 @@ import pytest
 import yaml
 
 from turnserver.cli import build_parser
-from turnserver.ops.config import SCHEMA, Settings, cross_node_warnings
+from turnserver.ops.config import SCHEMA, Settings
+from turnserver.ops.nodes import cross_node_warnings
 
 from .procs import free_port, loopback_args, run_cli, turnserver_process
 from .support import WORKER_COUNTS, wait_until

@@ -130,6 +130,12 @@ def _serve_parser(sub: Any) -> None:
         help="peer network to deny in addition to the defaults (repeatable)",
     )
     p.add_argument(
+        "--proxy-trusted",
+        metavar="CIDR",
+        action="append",
+        help="proxy network whose PROXY headers ?proxy= listeners believe (repeatable)",
+    )
+    p.add_argument(
         "--api-listen",
         metavar="IP:PORT",
         help="serve the credentials API (Twilio Tokens, TURN REST) here",

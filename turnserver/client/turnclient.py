@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 import ssl
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, cast
 
 from turnserver.stun import (
@@ -99,8 +100,10 @@ class TurnClient:
         server_hostname: str | None = None,
         timeout: float = 5.0,
         local: Address | None = None,
+        preamble: Callable[[Address], bytes] | None = None,
     ) -> TurnClient:
-        """Open the client side of a udp, tcp or tls 5-tuple."""
+        """Open the client side of a udp, tcp or tls 5-tuple. Over tcp and tls,
+        `preamble(local address)` is written first (before any TLS)."""
         client = cls(transport_name, username, password, timeout)
         loop = asyncio.get_running_loop()
         transport: asyncio.BaseTransport
@@ -113,17 +116,36 @@ class TurnClient:
                 ctx = ssl_context if transport_name == "tls" else None
                 if transport_name == "tls" and ctx is None:
                     ctx = ssl.create_default_context()
-                transport, _ = await asyncio.wait_for(
-                    loop.create_connection(
-                        lambda: _ClientProtocol(client),
+                sock = None
+                if preamble is not None:  # e.g. a PROXY header, before TLS begins
+                    sock = await _connected_socket(server, local, preamble, timeout)
+
+                def factory() -> _ClientProtocol:
+                    return _ClientProtocol(client)
+
+                hostname = server_hostname if ctx else None
+                if sock is None:
+                    opening = loop.create_connection(
+                        factory,
                         server[0],
                         server[1],
                         ssl=ctx,
-                        server_hostname=server_hostname if ctx else None,
+                        server_hostname=hostname,
                         local_addr=local,
-                    ),
-                    timeout,
-                )
+                    )
+                else:
+                    opening = loop.create_connection(
+                        factory,
+                        sock=sock,
+                        ssl=ctx,
+                        server_hostname=(hostname or server[0]) if ctx else None,
+                    )
+                try:
+                    transport, _ = await asyncio.wait_for(opening, timeout)
+                except BaseException:
+                    if sock is not None:
+                        sock.close()
+                    raise
         except (OSError, TimeoutError, ssl.SSLError) as exc:
             raise TurnClientError(
                 f"cannot reach {transport_name} {server[0]}:{server[1]}: "
@@ -144,8 +166,8 @@ class TurnClient:
 
     def _write(self, data: bytes) -> None:
         transport = self._transport
-        if transport is None:
-            raise TurnClientError("client closed")
+        if transport is None or transport.is_closing():
+            raise TurnClientError("client closed" if transport is None else "connection closed")
         if self.transport_name == "udp":
             cast(asyncio.DatagramTransport, transport).sendto(data)
         else:
@@ -326,3 +348,22 @@ class TurnClient:
             return await asyncio.wait_for(self.data.get(), timeout)
         except TimeoutError:
             raise TurnClientError(f"no relayed data within {timeout:g} s") from None
+
+
+async def _connected_socket(
+    server: Address, local: Address | None, preamble: Callable[[Address], bytes], timeout: float
+) -> socket.socket:
+    """A TCP socket connected to `server` that has sent `preamble`."""
+    loop = asyncio.get_running_loop()
+    sock = socket.socket(socket.AF_INET6 if ":" in server[0] else socket.AF_INET)
+    try:
+        sock.setblocking(False)
+        if local is not None:
+            sock.bind(local)
+        await asyncio.wait_for(loop.sock_connect(sock, server), timeout)
+        name = sock.getsockname()
+        await asyncio.wait_for(loop.sock_sendall(sock, preamble((name[0], name[1]))), timeout)
+    except BaseException:
+        sock.close()
+        raise
+    return sock

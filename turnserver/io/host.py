@@ -86,6 +86,14 @@ class AdapterHost(Protocol):
 
     def stream_closed(self, conn: ClientStream, reason: str) -> None: ...
 
+    def proxy_admit(self, conn: ClientStream) -> bool:
+        """A connection to a PROXY listener: from a trusted proxy and under the caps,
+        held until its header arrives (False: refused, counted)."""
+
+    def proxy_release(self, conn: ClientStream, refused: str = "", detail: str = "") -> bool:
+        """Its header arrived (or it ended: `refused` says why, counted when it is a
+        refusal). False: its client is already connected through this proxy."""
+
     def tls_context(self) -> ssl.SSLContext | None: ...
 
     @property

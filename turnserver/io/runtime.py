@@ -9,15 +9,13 @@ import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import cast
 
 from turnserver.core import events as ev
 from turnserver.core.allocation import Allocation
 from turnserver.core.auth import Authenticator
 from turnserver.core.config import CoreConfig
-from turnserver.core.five_tuple import ClientTransport, FiveTuple
+from turnserver.core.five_tuple import ClientTransport
 from turnserver.core.policy import PeerPolicy
-from turnserver.core.ratelimit import TokenBuckets
 from turnserver.core.server import TurnServer
 from turnserver.io.descriptors import DescriptorBudget, tighter
 from turnserver.io.handover import WorkerBus
@@ -25,7 +23,9 @@ from turnserver.io.host import ClientSink, ClientStream
 from turnserver.io.host_addresses import HostAddresses
 from turnserver.io.impairment import Impairments
 from turnserver.io.offload_flows import OffloadFlows
+from turnserver.io.proxy_protocol import parse_versions
 from turnserver.io.stream import StreamConnection
+from turnserver.io.stream_admission import StreamAdmission, StreamOptions
 from turnserver.io.tcp_relay import TcpRelay
 from turnserver.io.tls import ReloadableTLS
 from turnserver.io.udp import SocketRelayOpener, UdpListener, bind_udp_socket
@@ -39,33 +39,18 @@ log = logging.getLogger("turnserver")
 
 @dataclass(frozen=True, slots=True)
 class ListenAddress:
-    """One listener: scheme (udp, tcp, tls), host and port."""
+    """One listener: scheme (udp, tcp, tls), host and port; `proxy` (v1, v2, any) when
+    every connection must begin with a PROXY header from a trusted proxy."""
 
     scheme: str
     host: str
     port: int
+    proxy: str = ""
 
     def __str__(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{self.scheme}://{host}:{self.port}"
-
-
-@dataclass(frozen=True, slots=True)
-class StreamOptions:
-    """Limits for TCP/TLS client connections."""
-
-    idle_timeout: float = 30.0  # a connection with no allocation and no traffic
-    handshake_timeout: float = 10.0  # TLS
-    backlog: int = 1024
-    frame_timeout: float = 10.0  # to finish a STUN message or ChannelData frame once begun
-    first_request_timeout: float = 15.0  # to get a first successful answer (slowloris)
-    write_timeout: float = 30.0  # a client that stops reading is closed after this
-    max_connections: int = 0  # TCP/TLS client connections in all (0: half the fd budget)
-    max_connections_per_ip: int = 256  # from one client IP address (0: no cap)
-    # TLS handshakes a second from one client IP past a burst (a handshake costs the
-    # server 0.5-0.7 ms of CPU, a replayed ClientHello its sender almost nothing)
-    tls_handshake_rate: float = 50.0
-    tls_handshake_burst: int = 200
+        query = f"?proxy={self.proxy}" if self.proxy else ""
+        return f"{self.scheme}://{host}:{self.port}{query}"
 
 
 _OFFLOAD_EVENTS = (
@@ -119,11 +104,11 @@ class ServerRuntime:
         self.core = TurnServer(core_config, authenticator, SocketRelayOpener(self), peer_policy)
         self.udp_listeners: dict[Address, UdpListener] = {}
         self.stream_servers: list[tuple[ListenAddress, asyncio.Server]] = []
-        self.stream_connections: dict[FiveTuple, StreamConnection] = {}
-        self.streams_per_ip: dict[str, int] = {}
-        self._tls_handshakes = TokenBuckets(50.0, 200)
-        self.stream_refusals: dict[str, int] = {}  # cap -> connections refused
-        self.last_cap_hit = 0.0  # loop time a stream cap last refused a connection
+        self.streams = StreamAdmission(self)  # caps, deadlines, PROXY trust
+        self.stream_connections = self.streams.connections
+        self.streams_per_ip = self.streams.per_ip
+        self.stream_refusals = self.streams.refusals  # reason -> connections refused
+        self.proxy_pending = self.streams.proxy_pending  # PROXY header not yet read
         self.event_sinks: list[EventSink] = []
         self._sinks_seen: list[EventSink] = []
         self._sinks_by_type: dict[type, tuple[EventSink, ...]] = {}
@@ -210,16 +195,17 @@ class ServerRuntime:
                 raise ValueError(f"{spec}: a tls:// listener needs --cert and --key")
             kind = ClientTransport.TLS if spec.scheme == "tls" else ClientTransport.TCP
             holder: list[Address] = []
+            proxy = parse_versions(spec.proxy) if spec.proxy else frozenset()
             # TLS runs through start_tls in StreamConnection, where failures are visible
             if sock is not None:
                 server = await self.loop.create_server(
-                    lambda: StreamConnection(self, holder[0], kind),
+                    lambda: StreamConnection(self, holder[0], kind, proxy),
                     sock=sock,
                     backlog=self.stream_options.backlog,
                 )
             else:
                 server = await self.loop.create_server(
-                    lambda: StreamConnection(self, holder[0], kind),
+                    lambda: StreamConnection(self, holder[0], kind, proxy),
                     spec.host,
                     spec.port,
                     reuse_port=self.reuse_port or None,
@@ -227,7 +213,7 @@ class ServerRuntime:
                 )
             host, port = server.sockets[0].getsockname()[:2]
             holder.append((host, port))
-            self.stream_servers.append((ListenAddress(spec.scheme, host, port), server))
+            self.stream_servers.append((ListenAddress(spec.scheme, host, port, spec.proxy), server))
         except OSError as exc:
             raise OSError(exc.errno, f"cannot bind {spec}: {exc.strerror}") from exc
 
@@ -259,7 +245,7 @@ class ServerRuntime:
         for _, server in self.stream_servers:
             server.close()
         self.stream_servers.clear()
-        for conn in list(self.stream_connections.values()):
+        for conn in list(self.stream_connections.values()) + list(self.proxy_pending):
             conn.close("shutdown")
         for handle in (self._timer, self._sweeper, self._wall_timer):
             if handle is not None:
@@ -337,83 +323,31 @@ class ServerRuntime:
 
     def stream_opened(self, conn: ClientStream) -> bool:
         """Admit a new TCP/TLS connection, or refuse it (counted) over a cap."""
-        ft = conn.five_tuple
-        assert ft is not None
-        ip = ft.client[0]
-        per_ip = self.streams_per_ip.get(ip, 0)
-        cap_per_ip = self.stream_options.max_connections_per_ip
-        refused = ""
-        if len(self.stream_connections) >= self.stream_limit > 0:
-            refused = "stream_limit"
-        elif cap_per_ip and per_ip >= cap_per_ip:
-            refused = "per_ip_limit"
-        elif not self.descriptors.has(1):
-            refused = "fd_limit"
-        if refused:
-            self.last_cap_hit = self.loop.time()
-        elif ft.transport == ClientTransport.TLS and not self._tls_handshake_allowed(ip):
-            refused = "tls_rate_limited"
-        elif self.impairments is not None and self.impairments.blocked(ft.transport.value):
-            refused = "dev_block"  # developer mode: a firewall, not a cap
-        if refused:
-            self.stream_refusals[refused] = self.stream_refusals.get(refused, 0) + 1
-            self.emit(ev.ConnectionClosed(ft, refused, ""))
-            return False
-        self.descriptors.take(1)
-        self.streams_per_ip[ip] = per_ip + 1
-        self.stream_connections[ft] = cast(StreamConnection, conn)  # the only kind we make
-        return True
+        return self.streams.opened(conn)
 
-    def _tls_handshake_allowed(self, ip: str) -> bool:
-        """Token bucket per client address for TLS handshakes (stream.tls_handshake_*)."""
-        o = self.stream_options
-        buckets = self._tls_handshakes
-        buckets.rate, buckets.burst = o.tls_handshake_rate, o.tls_handshake_burst
-        return not o.tls_handshake_rate or buckets.allow(ip, self.loop.time())
+    def proxy_admit(self, conn: ClientStream) -> bool:
+        return self.streams.proxy_admit(conn)
+
+    def proxy_release(self, conn: ClientStream, refused: str = "", detail: str = "") -> bool:
+        return self.streams.proxy_release(conn, refused, detail)
 
     def stream_closed(self, conn: ClientStream, reason: str) -> None:
         ft = conn.five_tuple
-        if ft is None or self.stream_connections.get(ft) is not conn:
-            return
-        del self.stream_connections[ft]
-        self.descriptors.give(1)
-        ip = ft.client[0]
-        left = self.streams_per_ip.get(ip, 1) - 1
-        if left > 0:
-            self.streams_per_ip[ip] = left
-        else:
-            self.streams_per_ip.pop(ip, None)
-        self.core.close_five_tuple(ft, self.now())
-        self.after_core_call()
+        if ft is not None and self.streams.closed(conn):
+            self.core.close_five_tuple(ft, self.now())
+            self.after_core_call()
+
+    @property
+    def last_cap_hit(self) -> float:
+        """Loop time a stream cap last refused a connection (0: never)."""
+        return self.streams.last_cap_hit
 
     def _schedule_sweep(self) -> None:
-        o = self.stream_options
-        shortest = min(o.idle_timeout, o.frame_timeout, o.first_request_timeout, o.write_timeout)
-        interval = max(0.2, min(5.0, shortest / 4))
+        interval = max(0.2, min(5.0, self.streams.shortest_deadline() / 4))
         self._sweeper = self.loop.call_later(interval, self._sweep)
 
     def _sweep(self) -> None:
-        """Close TCP/TLS connections past a deadline: idle without an allocation, a frame
-        left unfinished, no successful request yet, or a write buffer that stays full."""
-        now = self.loop.time()
-        o = self.stream_options
-        idle_before = now - o.idle_timeout
-        frame_before = now - o.frame_timeout
-        first_before = now - o.first_request_timeout
-        write_before = now - o.write_timeout
-        for conn in list(self.stream_connections.values()):
-            if conn.closing:
-                continue
-            if conn.paused_since and conn.paused_since < write_before:
-                conn.close("write_timeout", "the client does not read its responses")
-            elif conn.pipe is not None:
-                continue  # RFC 6062 data connection: raw bytes, the peer decides
-            elif conn.frame_started and conn.frame_started < frame_before:
-                conn.close("frame_timeout", f"frame unfinished after {o.frame_timeout:g} s")
-            elif not conn.answered and conn.opened_at < first_before:
-                conn.close("first_request_timeout", "no successful request")
-            elif conn.alloc is None and conn.last_active < idle_before:
-                conn.close("idle_timeout", f"no allocation and idle {now - conn.last_active:.0f} s")
+        self.streams.sweep(self.loop.time())
         if self.offload is not None:
             self.offload.cover_new_links()  # every 10 s at most
         self._schedule_sweep()

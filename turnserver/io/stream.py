@@ -9,6 +9,11 @@ write buffer passes the high-water mark the server stops reading from it (so a c
 that never reads cannot grow memory) and closes it if the buffer stays full for
 `write_timeout`. TLS handshakes run through `loop.start_tls`, so their failures and
 timeouts are seen, counted by reason and closed like any other connection.
+
+On a listener with `proxy=` (io/proxy_protocol.py) a connection is held apart until its
+PROXY header is read: only trusted proxies may connect, the header must come within
+`proxy_header_timeout`, and the client it names is the connection's 5-tuple from then
+on (caps, rate limits, XOR-MAPPED-ADDRESS, logs). TLS begins after the header.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from turnserver.core import events as ev
 from turnserver.core.allocation import Allocation
 from turnserver.core.five_tuple import ClientTransport, FiveTuple
 from turnserver.io.host import AdapterHost, PeerPipe
+from turnserver.io.proxy_protocol import ProxyHeaderError, parse_proxy_header
 from turnserver.stun.attributes import Address
 from turnserver.stun.channeldata import CHANNEL_HEADER
 from turnserver.stun.errors import StunDecodeError
@@ -68,10 +74,18 @@ def tls_failure_reason(exc: BaseException) -> str:
 class StreamConnection(asyncio.Protocol):
     """One TCP or TLS connection from a client."""
 
-    def __init__(self, runtime: AdapterHost, local: Address, kind: ClientTransport) -> None:
+    def __init__(
+        self,
+        runtime: AdapterHost,
+        local: Address,
+        kind: ClientTransport,
+        proxy: frozenset[int] = frozenset(),
+    ) -> None:
         self.runtime = runtime
         self.local = local
         self.kind = kind
+        self.proxy = proxy  # PROXY header versions this listener requires (none: direct)
+        self.proxy_header: bytearray | None = None  # set while the header is awaited
         self.framer = StreamFramer()
         self.transport: asyncio.Transport | None = None
         self._raw: asyncio.Transport | None = None  # the TCP transport under TLS
@@ -103,14 +117,50 @@ class StreamConnection(asyncio.Protocol):
         self.five_tuple = FiveTuple((peer[0], peer[1]), self.local, self.kind)
         now = self.runtime.loop.time()
         self.opened_at = self.last_active = now
+        if self.proxy:
+            if self.runtime.proxy_admit(self):  # a trusted proxy: wait for its header
+                self.proxy_header = bytearray()
+            else:
+                raw.abort()  # refused, counted and logged by the runtime
+            return
+        self._admit(raw, b"")
+
+    def _admit(self, raw: asyncio.Transport, early: bytes) -> None:
+        """Admit the client (caps, rate limits by its address); `early` is what it sent
+        after a PROXY header, in the same read."""
         if not self.runtime.stream_opened(self):
             raw.abort()  # over a connection cap: refused and counted by the runtime
             return
         self.registered = True
         if self.kind == ClientTransport.TLS:
-            self._start_tls(raw)
+            self._start_tls(raw, early)
             return
+        self.framer.append(early)
         self._ready(raw)
+
+    def _proxy_received(self, data: bytes) -> None:
+        """Bytes before the PROXY header is complete (proxy-protocol.txt: the receiver
+        reads the whole header before anything else)."""
+        buf = self.proxy_header
+        raw = self._raw
+        assert buf is not None and raw is not None and self.five_tuple is not None
+        buf += data
+        try:
+            header = parse_proxy_header(buf, self.proxy)
+        except ProxyHeaderError as exc:
+            self.proxy_header = None
+            self.runtime.proxy_release(self, "proxy_header_invalid", str(exc))
+            raw.abort()
+            return
+        if header is None:
+            return
+        self.proxy_header = None
+        if header.source is not None:
+            self.five_tuple = FiveTuple(header.source, self.local, self.kind)
+        if not self.runtime.proxy_release(self):
+            raw.abort()  # the same client twice at once (a confused or lying proxy)
+            return
+        self._admit(raw, bytes(buf[header.length :]))
 
     def _ready(self, transport: asyncio.Transport) -> None:
         self.transport = transport
@@ -118,11 +168,13 @@ class StreamConnection(asyncio.Protocol):
         if self.framer.buffered:  # asyncio may deliver data before start_tls returns
             self._process()
 
-    def _start_tls(self, raw: asyncio.Transport) -> None:
+    def _start_tls(self, raw: asyncio.Transport, early: bytes = b"") -> None:
         """Begin the TLS handshake inside connection_made. loop.start_tls is driven by
         hand rather than as a Task: its first step swaps the transport's protocol, and
         it must do so before the loop reads the ClientHello (uvloop starts reading right
-        after connection_made returns, and bytes read before the swap would be lost)."""
+        after connection_made returns, and bytes read before the swap would be lost).
+        `early`, the start of a ClientHello read with a PROXY header, goes to the TLS
+        protocol right after its connection_made, before anything more is read."""
         ctx = self.runtime.tls_context()
         if ctx is None:
             raw.abort()
@@ -131,6 +183,10 @@ class StreamConnection(asyncio.Protocol):
             raw, self, ctx, server_side=True, ssl_handshake_timeout=self.runtime.handshake_timeout
         )
         self._drive_handshake(raw, coro)
+        if early and not self.closing:
+            # start_tls scheduled the TLS protocol's connection_made (call_soon, FIFO),
+            # and reading resumes only after it: this runs between the two
+            self.runtime.loop.call_soon(_feed, raw, early)
 
     def _drive_handshake(self, raw: asyncio.Transport, coro: Any) -> None:
         try:
@@ -163,6 +219,9 @@ class StreamConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.last_active = self.runtime.loop.time()
+        if self.proxy_header is not None:
+            self._proxy_received(data)
+            return
         pipe = self.pipe
         if pipe is not None:  # RFC 6062 data connection: raw bytes to the peer
             if pipe.transport is not None:
@@ -242,6 +301,9 @@ class StreamConnection(asyncio.Protocol):
         self._lost()
 
     def _lost(self) -> None:
+        if self.proxy_header is not None:  # gone before its PROXY header was complete
+            self.proxy_header = None
+            self.runtime.proxy_release(self)  # (a proxy's plain TCP health check)
         if not self.registered:
             return
         self.registered = False
@@ -299,6 +361,9 @@ class StreamConnection(asyncio.Protocol):
         self.close_reason = reason
         if self.five_tuple is not None and reason != "client_closed":
             self.runtime.emit(ev.ConnectionClosed(self.five_tuple, reason, detail))
+        if self.proxy_header is not None:  # the PROXY header never came in time
+            self.proxy_header = None
+            self.runtime.proxy_release(self, reason, detail)
         transport = self.transport
         if transport is None:  # TLS handshake not done yet
             if self._raw is not None:
@@ -308,6 +373,23 @@ class StreamConnection(asyncio.Protocol):
             transport.close()  # flush what the peer sent; TLS sends close_notify
         else:
             transport.abort()
+
+
+def _feed(raw: asyncio.Transport, data: bytes) -> None:
+    """Hand bytes already read to the transport's current protocol (the TLS one)."""
+    if raw.is_closing():
+        return
+    proto: Any = raw.get_protocol()
+    if hasattr(proto, "get_buffer"):  # asyncio's and uvloop's SSLProtocol are buffered
+        view = memoryview(data)
+        while view:
+            buf = proto.get_buffer(len(view))
+            n = min(len(buf), len(view))
+            buf[:n] = view[:n]
+            proto.buffer_updated(n)
+            view = view[n:]
+    else:
+        proto.data_received(data)
 
 
 __all__ = ["StreamConnection"]

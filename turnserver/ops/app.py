@@ -27,13 +27,13 @@ from turnserver.ops.config import (
     admin_certificate,
     api_certificate,
     check_certificate,
-    cross_node_warnings,
     relay_layout,
 )
 from turnserver.ops.config_values import AdminToken, ConfigError, parse_admin_token
 from turnserver.ops.eventlog import log, setup_logging
 from turnserver.ops.health import Health
 from turnserver.ops.metrics import Metrics
+from turnserver.ops.nodes import cross_node_warnings
 from turnserver.ops.probe import PROBE_USER, SelfProbe
 from turnserver.ops.revocations import Revocations, RevocationStore
 from turnserver.ops.runtime_setup import apply_reload, build_runtime

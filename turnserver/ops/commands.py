@@ -73,6 +73,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         "allow_loopback_peers": "allow_loopback_peers",
         "allow_peer": "allow_peers",
         "deny_peer": "deny_peers",
+        "proxy_trusted": "proxy_trusted",
         "log_level": "log_level",
         "log_format": "log_format",
         "loop": "loop",
@@ -101,6 +102,7 @@ def serve_overrides(args: argparse.Namespace) -> dict[str, Any]:
         ("external_ips", _ip_list, "--external-ip"),
         ("allow_peers", _cidr_list, "--allow-peer"),
         ("deny_peers", _cidr_list, "--deny-peer"),
+        ("proxy_trusted", _cidr_list, "--proxy-trusted"),
     ):
         if key in overrides:
             overrides[key] = check(list(overrides[key]), flag)

@@ -10,7 +10,6 @@ import ipaddress
 import os
 import socket
 import ssl
-from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
@@ -128,6 +127,8 @@ class Settings:
     max_stream_connections_per_ip: int = 256
     tls_handshake_rate: float = 50.0  # a second, per client address, past a burst
     tls_handshake_burst: int = 200
+    proxy_trusted: tuple[str, ...] = ()  # CIDRs of the proxies PROXY listeners believe
+    proxy_header_timeout: float = 5.0
     http_max_connections: int = 0  # all HTTP listeners of a process; 0: ops/http.py derives
     http_max_connections_per_ip: int = 32
     http_idle_timeout: float = 15.0
@@ -214,6 +215,8 @@ SCHEMA: dict[str, tuple[str, Check]] = {
     "stream.max_connections_per_ip": ("max_stream_connections_per_ip", _int(0, 10_000_000)),
     "stream.tls_handshake_rate": ("tls_handshake_rate", _float(0, 1_000_000)),
     "stream.tls_handshake_burst": ("tls_handshake_burst", _int(1, 1_000_000)),
+    "stream.proxy_trusted": ("proxy_trusted", _cidr_list),
+    "stream.proxy_header_timeout": ("proxy_header_timeout", _float(0.5, 120)),
     **{f"http.{k}": (f"http_{k}", _int(0, 1_000_000)) for k in HTTP_CAPS},
     "http.idle_timeout": ("http_idle_timeout", _float(1, 3600)),
     "dev.enabled": ("dev", _bool),
@@ -287,41 +290,6 @@ def with_external_secrets(s: Settings) -> Settings:
     )
 
 
-# Settings that several nodes serving the same clients must share, and what an empty
-# one costs: each node then makes its own random value.
-
-
-SHARED_ACROSS_NODES = {
-    "auth.nonce_secret": (
-        "nonce_secret",
-        "each node makes its own random nonce key, so a client that reaches another node "
-        "(a load balancer, DNS, a restart) is answered 438 Stale Nonce and must retry; "
-        "the health probe's credential differs per node too",
-    ),
-}
-
-
-def other_nodes_in_view(environ: Mapping[str, str]) -> str | None:
-    """Why this server may share its clients with other nodes, or None when nothing
-    says so. Kubernetes: a DaemonSet or Deployment runs one server per node or replica."""
-    if environ.get("KUBERNETES_SERVICE_HOST"):
-        return "it runs in Kubernetes (KUBERNETES_SERVICE_HOST is set)"
-    return None
-
-
-def cross_node_warnings(s: Settings, environ: Mapping[str, str]) -> list[str]:
-    """A warning for each setting that must match across nodes and is left empty, when
-    other nodes are in view."""
-    why = other_nodes_in_view(environ)
-    if why is None:
-        return []
-    return [
-        f"{key} is empty and {why}: {cost}; set the same {key} (or {key}_file) on every node"
-        for key, (attr, cost) in SHARED_ACROSS_NODES.items()
-        if not getattr(s, attr)
-    ]
-
-
 def validate(s: Settings) -> None:
     """Checks that span several keys."""
     if s.impairments and not s.dev:
@@ -347,6 +315,12 @@ def validate(s: Settings) -> None:
     if any(spec.scheme == "tls" for spec in s.listen) and not (s.cert_file and s.key_file):
         raise ConfigError(
             "tls.cert: a tls:// listener needs a certificate and key (--cert FILE --key FILE)"
+        )
+    proxied = [str(spec) for spec in s.listen if spec.proxy]
+    if proxied and not s.proxy_trusted:
+        raise ConfigError(
+            f"stream.proxy_trusted: {proxied[0]} takes PROXY headers, but no proxy is "
+            "trusted; give the proxies' CIDRs (--proxy-trusted CIDR)"
         )
     if s.other_address and not any(
         spec.scheme == "udp" and (spec.host, spec.port) == s.other_address for spec in s.listen

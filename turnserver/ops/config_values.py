@@ -7,9 +7,10 @@ import ipaddress
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
 from turnserver.io.impairment import ImpairmentError, parse_assignments
+from turnserver.io.proxy_protocol import parse_versions
 from turnserver.io.runtime import ListenAddress
 
 DEFAULT_PORTS = {"udp": 3478, "tcp": 3478, "tls": 5349}
@@ -113,7 +114,8 @@ def _impairment_list(v: Any, key: str) -> tuple[str, ...]:
 
 
 def parse_listen(uri: str, key: str = "listen") -> ListenAddress:
-    """Parse `udp://IP:PORT` (also tcp://, tls://; the port may be left out)."""
+    """Parse `udp://IP:PORT` (also tcp://, tls://; the port may be left out), with
+    `?proxy=v1|v2|any` on tcp:// and tls:// for a listener behind a PROXY-protocol proxy."""
     parts = urlsplit(uri)
     scheme = parts.scheme.lower()
     if scheme not in DEFAULT_PORTS:
@@ -129,9 +131,26 @@ def parse_listen(uri: str, key: str = "listen") -> ListenAddress:
         host = str(ipaddress.ip_address(host))
     except ValueError:
         raise ConfigError(f"{key}: {uri!r}: {host!r} is not an IP address") from None
-    if parts.path not in ("", "/") or parts.query:
+    if parts.path not in ("", "/") or parts.fragment:
         raise ConfigError(f"{key}: {uri!r} has trailing parts")
-    return ListenAddress(scheme, host, port if port is not None else DEFAULT_PORTS[scheme])
+    proxy = ""
+    for name, value in parse_qsl(parts.query, keep_blank_values=True, strict_parsing=False):
+        if name != "proxy":
+            raise ConfigError(f"{key}: {uri!r}: unknown option {name!r} (only proxy=)")
+        if scheme == "udp":
+            # docs/behind-a-proxy.md "UDP": no PROXY standard exists for datagrams
+            raise ConfigError(
+                f"{key}: {uri!r}: there is no PROXY protocol for UDP datagrams; "
+                "proxy= is for tcp:// and tls:// listeners"
+            )
+        try:
+            parse_versions(value)
+        except ValueError as exc:
+            raise ConfigError(f"{key}: {uri!r}: {exc}") from None
+        proxy = value.strip().lower()
+    if parts.query and not proxy:
+        raise ConfigError(f"{key}: {uri!r} has trailing parts")
+    return ListenAddress(scheme, host, port if port is not None else DEFAULT_PORTS[scheme], proxy)
 
 
 def _listen_list(v: Any, key: str) -> tuple[ListenAddress, ...]:

@@ -33,6 +33,7 @@ from prometheus_client.utils import floatToGoString
 from turnserver import __version__
 from turnserver.core import events as ev
 from turnserver.core.five_tuple import ClientTransport
+from turnserver.io.stream_admission import PROXY_REFUSALS, STREAM_CAPS
 from turnserver.ops.service_metrics import ServiceCollector
 
 if TYPE_CHECKING:
@@ -276,10 +277,10 @@ class TurnCollector(ServiceCollector):
         )
         refused = CounterMetricFamily(
             "turn_stream_connections_refused",
-            "TCP/TLS connections refused at a cap",
+            "TCP/TLS connections refused at a cap or by the PROXY listeners' rules",
             labels=["reason"],
         )
-        for reason in ("stream_limit", "per_ip_limit", "fd_limit", "tls_rate_limited"):
+        for reason in (*STREAM_CAPS, *PROXY_REFUSALS):
             refused.add_metric([reason], runtime.stream_refusals.get(reason, 0))
         yield refused
 

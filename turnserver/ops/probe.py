@@ -9,6 +9,7 @@ the echo socket, whatever the peer policy says.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import os
 import secrets
@@ -16,9 +17,11 @@ import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING
 
 from turnserver.client.turnclient import TurnClient, TurnClientError
+from turnserver.io.proxy_protocol import encode_v1, encode_v2, parse_versions
 from turnserver.io.runtime import ListenAddress
 from turnserver.stun.attributes import Address
 from turnserver.stun.message import long_term_key
@@ -28,6 +31,7 @@ if TYPE_CHECKING:
     from turnserver.ops.metrics import Metrics
 
 log = logging.getLogger("turnserver.probe")
+_LOOPBACK = {4: ipaddress.ip_network("127.0.0.0/8"), 6: ipaddress.ip_network("::1/128")}
 PROBE_USER = "turnserver-self-probe"
 SIBLING_WAIT = 30.0  # at most, for the other workers to listen before the first probe
 
@@ -42,6 +46,7 @@ class ProbeResult:
     rtt: float | None
     error: str
     at: float
+    probed: bool = True  # False: a PROXY listener no local address may reach (see _source)
 
 
 class _Echo(asyncio.DatagramProtocol):
@@ -174,7 +179,8 @@ class SelfProbe:
         if self.metrics is not None:
             by_transport: dict[str, list[ProbeResult]] = {}
             for r in results:
-                by_transport.setdefault(r.transport, []).append(r)
+                if r.probed:
+                    by_transport.setdefault(r.transport, []).append(r)
             for transport, rs in by_transport.items():
                 ok = all(r.ok for r in rs)
                 self.metrics.probe_success.labels(transport).set(1 if ok else 0)
@@ -185,6 +191,19 @@ class SelfProbe:
                     self.metrics.probe_runs.labels(transport, "ok" if r.ok else "fail").inc()
         return self.results
 
+    def _proxy_source(self, host: str) -> Address | None:
+        """A source address a PROXY listener trusts: the listener's own address, or
+        one in a trusted loopback network (a proxy on this host), or None."""
+        trusted = self.runtime.stream_options.proxy_trusted
+        ip = ipaddress.ip_address(host)
+        if any(ip in net for net in trusted):
+            return (host, 0)
+        for net in trusted:
+            if net.version == ip.version and net.subnet_of(_LOOPBACK[net.version]):  # type: ignore[arg-type]
+                first = net.network_address if net.num_addresses == 1 else net.network_address + 1
+                return (str(first), 0)
+        return None
+
     async def _probe(self, spec: ListenAddress) -> ProbeResult:
         host = spec.host
         if host in ("0.0.0.0", "::"):
@@ -193,6 +212,16 @@ class SelfProbe:
         echo = self.echo_addresses.get(family) or next(iter(self.echo_addresses.values()), None)
         started = time.time()
         client: TurnClient | None = None
+        local: Address | None = None
+        preamble: Callable[[Address], bytes] | None = None
+        if spec.proxy:
+            local = self._proxy_source(host)
+            if local is None:
+                why = "not probed: no local address is in stream.proxy_trusted"
+                return ProbeResult(str(spec), spec.scheme, True, None, why, started, False)
+            versions = parse_versions(spec.proxy)
+            server: Address = (host, spec.port)
+            preamble = partial(encode_v2 if 2 in versions else encode_v1, destination=server)
         try:
             if echo is None:
                 raise TurnClientError("no relay address to probe through")
@@ -203,6 +232,8 @@ class SelfProbe:
                 self.password,
                 ssl_context=_unverified_tls() if spec.scheme == "tls" else None,
                 timeout=self.timeout,
+                local=local,
+                preamble=preamble,
             )
             # In-process, so skip the 401 round trip: a nonce for our own address
             auth = self.runtime.core.auth

@@ -13,9 +13,10 @@ from dataclasses import replace
 
 from turnserver.core.auth import Authenticator, Credentials, NonceIssuer
 from turnserver.core.config import CoreConfig, RelayAddress
-from turnserver.core.policy import DefaultPeerPolicy
+from turnserver.core.policy import DefaultPeerPolicy, parse_networks
 from turnserver.io.descriptors import DescriptorBudget
-from turnserver.io.runtime import ServerRuntime, StreamOptions
+from turnserver.io.runtime import ServerRuntime
+from turnserver.io.stream_admission import StreamOptions
 from turnserver.io.tls import ReloadableTLS
 from turnserver.ops.config import (
     Settings,
@@ -113,6 +114,8 @@ def stream_options(settings: Settings) -> StreamOptions:
         max_connections_per_ip=settings.max_stream_connections_per_ip,
         tls_handshake_rate=settings.tls_handshake_rate,
         tls_handshake_burst=settings.tls_handshake_burst,
+        proxy_trusted=parse_networks(settings.proxy_trusted),
+        proxy_header_timeout=settings.proxy_header_timeout,
     )
 
 

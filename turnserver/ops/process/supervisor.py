@@ -38,12 +38,12 @@ from turnserver.ops.config import (
     all_listeners,
     api_certificate,
     build_settings,
-    cross_node_warnings,
     load_file,
 )
 from turnserver.ops.config_values import ConfigError, parse_admin_token
 from turnserver.ops.eventlog import quiet_loop_errors
 from turnserver.ops.http import serve_app
+from turnserver.ops.nodes import cross_node_warnings
 from turnserver.ops.process.worker import Shared, worker_main
 from turnserver.ops.process.workers_view import WorkersView
 from turnserver.ops.revocations import RevocationStore
