@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import atexit
 import os
 import shutil
 import socket
@@ -30,11 +31,11 @@ IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 LOOPS = ["asyncio", "uvloop"] if uvloop_available() or IN_CI else ["asyncio"]
 
 
-def require_tool(name: str) -> str:
+def require_tool(name: str, package: str = "coturn") -> str:
     """Path of an interop client; fail in CI, skip with a reason on a laptop."""
     path = shutil.which(name)
     if path is None:
-        message = f"{name} not found (apt-get install coturn); .ci/run installs it"
+        message = f"{name} not found (apt-get install {package}); .ci/run installs it"
         if IN_CI:
             pytest.fail(message)
         pytest.skip(message)
@@ -98,6 +99,7 @@ def free_port_range(count: int = 200) -> tuple[int, int]:
 
 
 CERT_DIR = Path(tempfile.mkdtemp(prefix="turnserver-test-certs-"))
+atexit.register(shutil.rmtree, CERT_DIR, True)  # the run leaves no key behind
 CERT_FILE = str(CERT_DIR / "cert.pem")
 KEY_FILE = str(CERT_DIR / "key.pem")
 ensure_self_signed(CERT_FILE, KEY_FILE, ["localhost", "127.0.0.1"])

@@ -101,6 +101,7 @@ async def chromium_page(
             url,
             stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.DEVNULL,
+            env={**os.environ, "TMPDIR": profile},  # its scratch files go with the profile
             start_new_session=True,  # its own process group, stopped as a whole
         )
         try:

@@ -1,7 +1,9 @@
-"""Coverage-guided fuzzing (atheris/libFuzzer) of the codec, the stream framer and the core.
+"""Coverage-guided fuzzing (atheris/libFuzzer) of the codec, the stream framer, the core
+and the PROXY protocol parser.
 
-The invariant: hostile bytes raise StunDecodeError from the codec and framer, and
-nothing at all from the core. Run through `make fuzz`, or directly:
+The invariant: hostile bytes raise StunDecodeError from the codec and framer,
+ProxyHeaderError from the PROXY parser, and nothing at all from the core. Run through
+`make fuzz`, or directly:
 
     python tests/fuzz/fuzz_stun.py -runs=2000000 tests/fuzz/corpus
 """
@@ -20,6 +22,7 @@ with atheris.instrument_imports():
     from turnserver.core.five_tuple import ClientTransport, FiveTuple
     from turnserver.core.policy import DefaultPeerPolicy
     from turnserver.core.server import TurnServer
+    from turnserver.io.proxy_protocol import ProxyHeaderError, parse_proxy_header
     from turnserver.stun import StunDecodeError, decode_channel_data
     from turnserver.stun.attributes import Address
     from turnserver.stun.framing import StreamFramer
@@ -95,7 +98,14 @@ def test_one_input(data: bytes) -> None:
                     CORE.handle_channel_data((frame[0] << 8) | frame[1], frame[4:], TCP, NOW)
     except StunDecodeError:
         pass
-    # 3. the core: never raises, whatever arrives
+    # 3. the PROXY header parser: a header no longer than the input, or its one error
+    for versions in (frozenset({1}), frozenset({2}), frozenset({1, 2})):
+        try:
+            header = parse_proxy_header(data, versions)
+        except ProxyHeaderError:
+            continue
+        assert header is None or 0 < header.length <= len(data)
+    # 4. the core: never raises, whatever arrives
     CORE.handle_message(data, UDP, NOW)
     CORE.handle_message(data, TCP, NOW)
     CORE.handle_timer(NOW + 400)  # expiry paths with whatever state the input made
