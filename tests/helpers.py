@@ -72,6 +72,9 @@ class FakeRelayOpener:
     def has_capacity(self, sockets: int) -> bool:
         return self.max_sockets is None or len(self.live) + sockets <= self.max_sockets
 
+    def port_free(self, host: str, port: int) -> bool:
+        return port not in self.busy and all(r.address != (host, port) for r in self.live)
+
     def open_relay(
         self, allocation: Allocation, host: str, port: int, *, dont_fragment: bool
     ) -> FakeRelay | None:

@@ -598,3 +598,22 @@ def test_reservation_tokens_work_across_worker_processes() -> None:
     stale = CoreClient(b, ("192.0.2.9", 9))
     stale.now = NOW + 120  # two windows later
     assert error_code(stale.allocate([(Attr.RESERVATION_TOKEN, token)])) == 508
+
+
+def test_even_port_never_promises_a_port_a_sibling_holds() -> None:
+    """Worker B bound our port+1 through a token; we released the reservation since
+    (its allocation ended) and the port came back to our pool. A new EVEN-PORT R must
+    not promise that port+1 again: its token would fail with 508 (seen with uclient -S)."""
+    core, opener = make_core()
+    core.port_pools[4] = type(core.port_pools[4])(50000, 50003)
+    opener.busy.add(50001)  # held by the sibling: bind fails
+    for i in range(5):
+        resp = CoreClient(core, ("192.0.2.60", i)).allocate([(Attr.EVEN_PORT, True)])
+        if i == 0:
+            assert resp.get(Attr.XOR_RELAYED_ADDRESS)[1] == 50002
+            token = resp.get(Attr.RESERVATION_TOKEN)
+        else:  # only 50000-50001 is left, and 50001 cannot be bound
+            assert error_code(resp) == 508
+    assert core.port_pools[4].is_free(50000) and core.port_pools[4].is_free(50001)
+    used = CoreClient(core, ("192.0.2.61", 1)).allocate([(Attr.RESERVATION_TOKEN, token)])
+    assert used.get(Attr.XOR_RELAYED_ADDRESS)[1] == 50003

@@ -335,16 +335,25 @@ class AllocationHandlers(CoreState):
     ) -> tuple[Relay, int | None]:
         """RFC 8656 §7.2 EVEN-PORT: an even port, and port+1 held when R is set."""
         pool = self.port_pools[version]
-        for _ in range(BIND_ATTEMPTS):
-            port = pool.take_even(reserve_next)
-            if port is None:
-                break
-            relay = self._bind_relay(alloc, version, port, tcp=False)
-            if relay is not None:
-                return relay, (port + 1 if reserve_next else None)
-            pool.give_back(port)
-            if reserve_next:
-                pool.give_back(port + 1)
+        bind_ip = self.relay_addresses[version].bind_ip
+        busy: list[int] = []
+        try:
+            for _ in range(BIND_ATTEMPTS):
+                port = pool.take_even(reserve_next)
+                if port is None:
+                    break
+                # port+1 is promised only if it can be bound: a sibling worker may hold
+                # it through a token for our range whose reservation we since released
+                if reserve_next and not self.relay_opener.port_free(bind_ip, port + 1):
+                    busy += (port, port + 1)
+                    continue
+                relay = self._bind_relay(alloc, version, port, tcp=False)
+                if relay is not None:
+                    return relay, (port + 1 if reserve_next else None)
+                busy += (port, port + 1) if reserve_next else (port,)
+        finally:
+            for p in busy:
+                pool.give_back(p)
         raise InsufficientCapacity("no free even relay port")
 
     def _refresh(self, msg: StunMessage, ft: FiveTuple, ident: Identity, now: float) -> Attributes:

@@ -56,6 +56,11 @@ class RelayOpener(Protocol):
         """May `sockets` more file descriptors be opened for clients now?"""
         ...
 
+    def port_free(self, host: str, port: int) -> bool:
+        """Could a UDP relay bind host:port now? (EVEN-PORT's port+1, before it is
+        promised: a sibling worker may hold it through a RESERVATION-TOKEN.)"""
+        ...
+
 
 class Relay:
     """One relayed transport address of an allocation (one per address family)."""

@@ -359,6 +359,13 @@ class SocketRelayOpener:
     def has_capacity(self, sockets: int) -> bool:
         return self.runtime.descriptors.has(sockets)
 
+    def port_free(self, host: str, port: int) -> bool:
+        try:
+            bind_udp_socket(host, port).close()
+        except OSError:
+            return False
+        return True
+
     def open_relay(
         self, allocation: Allocation, host: str, port: int, *, dont_fragment: bool
     ) -> UdpRelay | None:
