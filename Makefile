@@ -69,10 +69,13 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy --strict turnserver
 
+# the codec, the core and pure helpers: no sockets, no processes, a few seconds
 unit: $(STAMP)
-	$(BIN)/pytest -q --durations=15
+	$(BIN)/pytest -q -m unit
 
-test: lint typecheck unit
+# every test: interop, browsers, containers, proxies, the kernel path
+test: lint typecheck
+	$(BIN)/pytest -q --durations=15
 
 # The core's state machine with long random sequences (hypothesis), then coverage-guided
 # fuzzing of the codec, framer and core (atheris); FUZZ_RUNS inputs.

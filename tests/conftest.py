@@ -59,6 +59,36 @@ def pytest_asyncio_loop_factories(
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "one_loop: run an async test on the stdlib loop only")
+    config.addinivalue_line("markers", "unit: no sockets, no processes; `make unit` runs these")
+
+
+# Modules whose tests touch no socket and start no process: the codec, the sans-IO core
+# and pure helpers. `make unit` runs them in seconds; `make test` runs everything.
+UNIT_MODULES = frozenset(
+    {
+        "test_advisories",
+        "test_core",
+        "test_core_adversarial",
+        "test_core_boundary",
+        "test_core_limits",
+        "test_core_sequences",
+        "test_core_tcp_relay",
+        "test_eventlog",
+        "test_framing",
+        "test_layers",
+        "test_peer_policy",
+        "test_proxy_protocol",
+        "test_rest_usernames",
+        "test_shared_quota",
+        "test_stun_codec",
+    }
+)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.path.stem in UNIT_MODULES:
+            item.add_marker(pytest.mark.unit)
 
 
 # The ports a server takes by default (TURN, TLS, metrics, API, admin): the suite holds

@@ -1,4 +1,4 @@
-"""Hardening II regression tests on real sockets: each attack runs while a good client
+"""Attacks on real sockets: each attack runs while a good client
 relays, and the good client's loss is counted. Everything is on loopback and bounded in
 count and time; rates and CPU costs are measured in benchmarks/abuse.py, not here."""
 

@@ -25,14 +25,7 @@ from .conftest import (
     RunningServer,
     require_tool,
 )
-
-
-class Collector(asyncio.DatagramProtocol):
-    def __init__(self) -> None:
-        self.queue: asyncio.Queue[bytes] = asyncio.Queue()
-
-    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
-        self.queue.put_nowait(data)
+from .support import Collector
 
 
 async def _relays(

@@ -21,6 +21,7 @@ from turnserver.ops.config import ConfigError, build_settings, load_file, parse_
 
 from .conftest import EchoProtocol
 from .procs import free_port, run_cli, stun_ping
+from .support import Collector
 
 ROOT = Path(__file__).parent.parent
 
@@ -154,14 +155,6 @@ def test_port_in_use_fails_with_clear_error() -> None:
         done = run_cli("serve", "--secret", "s", "--listen", f"udp://127.0.0.1:{port}")
     assert done.returncode == 1
     assert f"cannot bind udp://127.0.0.1:{port}" in done.stderr
-
-
-class Collector(asyncio.DatagramProtocol):
-    def __init__(self) -> None:
-        self.queue: asyncio.Queue[bytes] = asyncio.Queue()
-
-    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
-        self.queue.put_nowait(data)
 
 
 async def test_make_run_command_prints_a_working_credential(

@@ -1,4 +1,4 @@
-"""Hostile inputs against the sans-IO core: each check here failed before Hardening II."""
+"""Hostile inputs against the sans-IO core: each check here once failed."""
 
 from __future__ import annotations
 

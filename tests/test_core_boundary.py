@@ -1,4 +1,4 @@
-"""Nothing a client sends escapes the protocol core (Hardening III): what would (a bug)
+"""Nothing a client sends escapes the protocol core: what would (a bug)
 is caught at the adapters' boundary, counted in turn_internal_errors_total and logged
 once a minute with its traceback, never once a packet; JSON logs stay JSON."""
 

@@ -1,4 +1,4 @@
-"""Sequences, not single messages (Hardening III): a hypothesis state machine drives the
+"""Sequences, not single messages: a hypothesis state machine drives the
 sans-IO core with random sequences of Allocate (UDP, TCP, EVEN-PORT, RESERVATION-TOKEN),
 Refresh, CreatePermission, ChannelBind, Send, ChannelData, Connect, ConnectionBind and
 steps of time from several clients, and checks after every step:

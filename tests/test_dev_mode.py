@@ -26,6 +26,7 @@ from turnserver.io.impairment import (
 from turnserver.testing import TurnServerFixture, free_port
 
 from .procs import run_cli, turnserver_process
+from .support import Collector
 
 
 def test_impairment_syntax() -> None:
@@ -127,14 +128,6 @@ class Echo(asyncio.DatagramProtocol):
         self.transport.sendto(data, addr)  # type: ignore[attr-defined]
 
 
-class Queue(asyncio.DatagramProtocol):
-    def __init__(self) -> None:
-        self.queue: asyncio.Queue[bytes] = asyncio.Queue()
-
-    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
-        self.queue.put_nowait(data)
-
-
 async def _echo_rtts(
     turn_server: TurnServerFixture, transport: str, count: int, connect_timeout: float = 10
 ) -> list[float]:
@@ -145,7 +138,7 @@ async def _echo_rtts(
     peer = echo_t.get_extra_info("sockname")
     relay_t, proto = await asyncio.wait_for(
         turn.create_turn_endpoint(
-            Queue,
+            Collector,
             server_addr=("127.0.0.1", turn_server.port(transport)),
             username=turn_server.username,
             password=turn_server.credential,
@@ -198,7 +191,7 @@ async def test_fixture_impairs_live_over_real_sockets() -> None:
 async def test_in_process_fixture_and_allocations() -> None:
     async with TurnServerFixture(in_process=True, impair={"tcp": "duplicate:100"}) as server:
         relay_t, proto = await turn.create_turn_endpoint(
-            Queue,
+            Collector,
             server_addr=("127.0.0.1", server.port("tcp")),
             username=server.username,
             password=server.credential,
@@ -271,7 +264,7 @@ async def test_impaired_packets_are_counted_in_metrics(tmp_path: Path) -> None:
         loop = asyncio.get_running_loop()
         echo_t, _ = await loop.create_datagram_endpoint(Echo, local_addr=("127.0.0.1", 0))
         relay_t, proto = await turn.create_turn_endpoint(
-            Queue,
+            Collector,
             server_addr=("127.0.0.1", srv.port),
             username=cred.username,
             password=cred.password,

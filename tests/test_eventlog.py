@@ -113,3 +113,5 @@ def test_levels_and_quiet_users_hold(stream: Stream) -> None:
     setup("info", "text", stream)
     eventlog.log_event(probe)  # the self-probe logs at debug
     assert stream.writes == []
+    eventlog.log_event(CREATED)  # the control: the same setup writes an ordinary user
+    assert len(stream.lines()) == 1 and "allocation created" in stream.lines()[0]

@@ -1,4 +1,4 @@
-"""Hardening III, item by item: EVEN-PORT reservations under quotas, the core on the
+"""Resource abuse, item by item: EVEN-PORT reservations under quotas, the core on the
 monotonic clock, admin paths quoted, developer mode closed without a key, TLS
 handshakes rate-limited per source, HTTP listeners capped inside the descriptor
 budget."""

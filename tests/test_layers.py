@@ -110,6 +110,13 @@ def test_no_import_circles_even_under_type_checking() -> None:
 
 
 def test_no_module_over_500_lines() -> None:
+    """At most 500 lines, or a module docstring that says why it is longer (and even
+    then at most 600)."""
     for path in PACKAGE.rglob("*.py"):
-        lines = len(path.read_text().splitlines())
-        assert lines <= 520, f"{path.relative_to(PACKAGE)} has {lines} lines"
+        text = path.read_text()
+        lines = len(text.splitlines())
+        name = path.relative_to(PACKAGE)
+        if lines > 500:
+            doc = ast.get_docstring(ast.parse(text)) or ""
+            assert "Longer than 500 lines:" in doc, f"{name} has {lines} lines and no reason"
+        assert lines <= 600, f"{name} has {lines} lines"

@@ -1,4 +1,4 @@
-"""The kernel fast path on the NIC path (issue 16): three network namespaces made for the
+"""The kernel fast path on the NIC path: three network namespaces made for the
 test, joined by veth pairs — a client (aioice) in one, our server in the middle, a UDP
 echo peer in the third — so that relayed packets leave the server through an interface
 (bpf_redirect_neigh), not up its own stack. Needs root, clang, libbpf, ethtool

@@ -316,7 +316,7 @@ async def test_filtering_is_unknown_without_rfc5780(server: RunningServer) -> No
     assert found == "unknown (the server offers no RFC 5780 OTHER-ADDRESS)"
 
 
-# ---- what the preflight says when things go wrong (issue "Preflight that tells the truth")
+# ---- what the preflight says when things go wrong
 
 
 async def test_ca_keeps_the_host_name_check(server: RunningServer, tmp_path: Path) -> None:

@@ -20,15 +20,7 @@ from turnserver.ops.selfsigned import ensure_self_signed
 
 from .conftest import EchoProtocol
 from .procs import ServerProcess, free_port, turnserver_process
-from .support import WORKER_COUNTS, eventually
-
-
-class Collector(asyncio.DatagramProtocol):
-    def __init__(self) -> None:
-        self.queue: asyncio.Queue[bytes] = asyncio.Queue()
-
-    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
-        self.queue.put_nowait(data)
+from .support import WORKER_COUNTS, Collector, eventually
 
 
 def _config(path: Path, secret: str, cert: str, key: str) -> None:

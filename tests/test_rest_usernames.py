@@ -1,4 +1,4 @@
-"""TURN REST usernames (Hardening III): one unambiguous rule for the order of expiry and
+"""TURN REST usernames: one unambiguous rule for the order of expiry and
 user, never an expired credential made valid by reading the other order, ASCII digits
 only (a USERNAME of '²' is a 401, not an exception out of the core)."""
 

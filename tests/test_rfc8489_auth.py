@@ -30,7 +30,7 @@ from turnserver.stun import (
 )
 
 from .conftest import SECRET, RunningServer
-from .helpers import REALM, CoreClient, error_code, make_core
+from .helpers import REALM, CoreClient, error_code, make_core, rest_credential
 
 MATRIX = "\u30de\u30c8\u30ea\u30c3\u30af\u30b9"  # RFC 8489 Appendix B.1 username
 
@@ -146,10 +146,14 @@ def test_rest_usernames_cannot_be_hashed() -> None:
     """USERHASH works for static users only: a REST username carries its expiry, so the
     server cannot enumerate it to find the hash (the README says so)."""
     core, _ = make_core()
-    c = CoreClient(core, username="1900000000:bob", password="x")
+    username, password = rest_credential()  # a valid REST credential, right password
+    c = CoreClient(core, username=username, password=password)
     nonce, offered = _challenge(c)
     resp, _ = _sha256_allocate(c, nonce, offered, anonymous=True)
     assert error_code(resp) == 401
+    # the control: the same credential with USERNAME (and SHA-256) is accepted
+    resp, _ = _sha256_allocate(c, nonce, offered)
+    assert resp.message_class == MessageClass.SUCCESS  # type: ignore[attr-defined]
 
 
 @pytest.mark.parametrize("anonymous", [False, True])
@@ -200,7 +204,7 @@ def test_checked_nonces_stay_bound_to_their_client_and_expiry() -> None:
 
 
 def test_remembered_credentials_are_checked_again_on_every_request() -> None:
-    """Credentials that verified once are remembered (issue 15); the MAC, the nonce's
+    """Credentials that verified once are remembered; the MAC, the nonce's
     and the credential's expiry, and the configured secrets still decide every request."""
     from turnserver.core import events as ev
     from turnserver.core.auth import Credentials

@@ -21,6 +21,7 @@ from turnserver.stun import StunDecodeError, decode_channel_data, decode_message
 
 from .conftest import SECRET, EchoProtocol, RunningServer
 from .helpers import NOW, CoreClient, decode_every_attribute, make_core
+from .support import Collector
 
 DATA = Path(__file__).parent / "data"
 
@@ -86,14 +87,6 @@ def test_core_never_raises_on_hostile_messages(datagrams: list[bytes]) -> None:
     core.handle_timer(NOW + 5000)
 
 
-class Collector(asyncio.DatagramProtocol):
-    def __init__(self) -> None:
-        self.queue: asyncio.Queue[bytes] = asyncio.Queue()
-
-    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
-        self.queue.put_nowait(data)
-
-
 async def test_garbage_does_not_disturb_a_relaying_client(
     server: RunningServer, echo_peer: tuple[tuple[str, int], EchoProtocol]
 ) -> None:
@@ -144,7 +137,7 @@ async def test_garbage_does_not_disturb_a_relaying_client(
 
 async def test_a_burst_of_requests_gets_every_answer_in_order(server: RunningServer) -> None:
     """Answers of one read batch are held and sent together (at most ANSWER_BATCH at a
-    time, issue 15): a burst larger than that still gets every answer, in order."""
+    time): a burst larger than that still gets every answer, in order."""
     from turnserver.io.udp import ANSWER_BATCH
     from turnserver.stun import MessageClass, Method, encode_message
 

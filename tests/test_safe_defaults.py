@@ -22,6 +22,7 @@ from turnserver.stun import Attr, Method
 
 from .conftest import SECRET, EchoProtocol, RunningServer
 from .procs import free_port, loopback_args, serve_command
+from .support import eventually
 
 DEFAULTS = Settings()
 
@@ -203,4 +204,18 @@ async def test_low_ulimit_refuses_cleanly_at_the_derived_limit(
 
 @pytest.mark.server_settings(max_stream_connections_per_ip=0)
 async def test_zero_still_means_unlimited(server: RunningServer) -> None:
-    assert server.runtime.stream_options.max_connections_per_ip == 0
+    """0 lifts the per-address cap: more connections from one address than the default
+    cap (256) are all admitted."""
+    loop = asyncio.get_running_loop()
+    held: list[socket.socket] = []
+    try:
+        for _ in range(300):
+            s = socket.socket()
+            s.setblocking(False)
+            await loop.sock_connect(s, server.address_of("tcp"))
+            held.append(s)
+        await eventually(lambda: len(server.runtime.stream_connections) == 300)
+        assert not server.runtime.stream_refusals
+    finally:
+        for s in held:
+            s.close()

@@ -1,4 +1,4 @@
-"""The server never relays into itself (Hardening III): in a network namespace the test
+"""The server never relays into itself: in a network namespace the test
 creates, a host with two addresses on one interface and a wildcard listener, clients of
 the default worker count try the second address, the server's own ports, loopback and
 an address added while they run; two clients of the server still reach each other."""

@@ -16,15 +16,7 @@ from turnserver.ops.credentials import mint
 from turnserver.stun import MessageClass, Method, decode_message, encode_message
 
 from .conftest import SECRET, EchoProtocol, RunningServer, client_ssl_context
-from .support import eventually
-
-
-class Collector(asyncio.DatagramProtocol):
-    def __init__(self) -> None:
-        self.queue: asyncio.Queue[bytes] = asyncio.Queue()
-
-    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
-        self.queue.put_nowait(data)
+from .support import Collector, eventually
 
 
 async def _relay(server: RunningServer, peer: tuple[str, int], scheme: str, count: int) -> None:
@@ -51,9 +43,9 @@ async def test_aioice_over_stream(
     server: RunningServer, echo_peer: tuple[tuple[str, int], EchoProtocol], scheme: str
 ) -> None:
     await _relay(server, echo_peer[0], scheme, 30)
-    await asyncio.sleep(0.1)
-    assert not server.runtime.core.allocations  # connection closed -> allocation gone
-    assert not server.runtime.stream_connections
+    # connection closed -> allocation gone
+    await eventually(lambda: not server.runtime.core.allocations)
+    await eventually(lambda: not server.runtime.stream_connections)
 
 
 async def test_allocation_dies_with_its_connection(server: RunningServer) -> None:
@@ -70,8 +62,7 @@ async def test_allocation_dies_with_its_connection(server: RunningServer) -> Non
     conn = next(iter(server.runtime.stream_connections.values()))
     assert conn.transport is not None
     conn.transport.abort()  # as if the client vanished
-    await asyncio.sleep(0.1)
-    assert not server.runtime.core.allocations
+    await eventually(lambda: not server.runtime.core.allocations)
     transport.close()
 
 

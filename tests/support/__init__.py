@@ -47,6 +47,16 @@ async def eventually(
         await asyncio.sleep(interval)
 
 
+class Collector(asyncio.DatagramProtocol):
+    """Keeps every datagram it receives, in order, on `queue`."""
+
+    def __init__(self) -> None:
+        self.queue: asyncio.Queue[bytes] = asyncio.Queue()
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        self.queue.put_nowait(data)
+
+
 def wait_until(check: Callable[[], T], timeout: float = 10.0, interval: float = 0.05) -> T:
     """eventually() for synchronous code."""
     deadline = time.monotonic() + timeout

@@ -229,9 +229,9 @@ class Allocation:
 
         return tuple(r.advertised for r in self.relays.values())
 
-    def relay_for(self, ip_version: int) -> Relay | None:
+    def relay_to(self, peer_ip: str) -> Relay | None:
         """The relay of the peer's address family, if this allocation has one."""
-        return self.relays.get(ip_version)
+        return self.relays.get(6 if ":" in peer_ip else 4)
 
     def update_routes(self, peer_ip: str) -> None:
         """Recompute fast-path routes for one peer IP after a permission or channel change."""
@@ -239,7 +239,7 @@ class Allocation:
         for binding in self.bindings.values():
             if binding.peer[0] != peer_ip:
                 continue
-            relay = self.relays.get(6 if ":" in peer_ip else 4)
+            relay = self.relay_to(peer_ip)
             if allowed and relay is not None and relay.sendto is not None:
                 self.channel_routes[binding.number] = (relay.sendto, binding.peer)
                 self.peer_channels[binding.peer] = binding.number

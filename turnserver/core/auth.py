@@ -186,7 +186,8 @@ class Authenticator:
         self._rest_keys_for: Credentials | None = None
         # Credentials that verified: (raw USERNAME, USERHASH, REALM, NONCE, client ip) ->
         # (identity, nonce expiry). Every request of an allocation repeats them; decoding,
-        # the nonce and realm checks and the key lookup cost ~6 µs a request (issue 15).
+        # the nonce and realm checks and the key lookup cost most of a request's cost
+        # (benchmarks/README.md).
         # Only successes get in; the MAC and both expiries are checked on every request.
         self._verified: dict[tuple[bytes | str | None, ...], tuple[Identity, int]] = {}
         self._verified_for: Credentials | None = None

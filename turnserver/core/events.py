@@ -209,7 +209,7 @@ Event = (
 class EventTable:
     """An event sink that is a table of handlers, one per event type it acts on: the
     I/O layer looks the handler up once per type and calls it directly (no isinstance
-    chain per event; 9 events a setup, issue 15). Calling the table works too. A sink
+    chain per event; several events every setup). Calling the table works too. A sink
     that is a plain callable gets every event."""
 
     __slots__ = ("handlers",)

@@ -249,7 +249,7 @@ class PermissionHandlers(CoreState):
         if alloc.rate and not alloc.spend(len(data), now):
             self.stats.dropped_rate_limited += 1
             return
-        relay = alloc.relays.get(6 if ":" in peer[0] else 4)
+        relay = alloc.relay_to(peer[0])
         if relay is None or relay.sendto is None:
             self.stats.dropped_no_permission += 1
             return

@@ -166,7 +166,7 @@ class TurnServer(AdminActions, PermissionHandlers, TcpConnectionHandlers):
         method_name = _method_name(method)
         if handler is not None and msg.integrity_offset < 0 and msg.integrity_sha256_offset < 0:
             # what authenticate() would raise first, without the exception path: the
-            # first request of every allocation (issue 15: 19.3 -> 12.0 µs of the core)
+            # first request of every allocation (benchmarks/README.md)
             if self._challenge_dropped(ft, now):
                 return None
             self._report_failure(msg, ft, None, _CHALLENGE, method_name)
@@ -228,7 +228,7 @@ class TurnServer(AdminActions, PermissionHandlers, TcpConnectionHandlers):
     ) -> bytes:
         """RFC 8489 §9.2.4: a 401/438 carries REALM, a fresh NONCE and PASSWORD-ALGORITHMS,
         never integrity. All but the nonce are encoded once per realm and code (the 401
-        is the first answer of every allocation, issue 15)."""
+        is the first answer of every allocation)."""
         realm = self.auth.realm
         fixed = self._challenge_attributes.get((realm, code, expired))
         if fixed is None:

@@ -330,7 +330,7 @@ class CoreState:
         if alloc.peer_connections.get(pc.peer) is pc:
             del alloc.peer_connections[pc.peer]
         if close:
-            relay = alloc.relays.get(6 if ":" in pc.peer[0] else 4)
+            relay = alloc.relay_to(pc.peer[0])
             if relay is not None and relay.tcp is not None:
                 relay.tcp.close_connection(pc.id)
 

@@ -79,7 +79,7 @@ class TcpConnectionHandlers(CoreState):
         if peer in alloc.peer_connections:
             raise ConnectionAlreadyExists(f"a connection to {peer[0]}:{peer[1]} exists")
         self._check_peer_connection_limits(alloc, connecting=True)
-        relay = alloc.relays.get(6 if ":" in ip else 4)
+        relay = alloc.relay_to(ip)
         assert relay is not None and relay.tcp is not None
         pc = PeerConnection(
             self._new_connection_id(),

@@ -259,7 +259,7 @@ class WorkerBus:
         fd: int | None = None
         if code == 0:
             pc = core.peer_connections[cid]
-            relay = pc.alloc.relays.get(6 if ":" in pc.peer[0] else 4)
+            relay = pc.alloc.relay_to(pc.peer[0])
             tcp = relay.tcp if relay is not None else None
             fd = tcp.hand_over(cid, sender) if isinstance(tcp, TcpRelay) else None
             if fd is None:  # the peer went meanwhile
@@ -280,7 +280,7 @@ class WorkerBus:
         pc = core.peer_connections.get(cid)
         if pc is None:
             return
-        relay = pc.alloc.relays.get(6 if ":" in pc.peer[0] else 4)
+        relay = pc.alloc.relay_to(pc.peer[0])
         if relay is not None and isinstance(relay.tcp, TcpRelay):
             relay.tcp.handed.pop(cid, None)
         core.peer_connection_closed(cid)

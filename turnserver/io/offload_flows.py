@@ -1,5 +1,5 @@
 """The kernel fast path in a running server: which channel flows go to the BPF program,
-kept in step with the core, and their counters folded back (issue 16).
+kept in step with the core, and their counters folded back (docs/scale.md).
 
 A flow is offloaded when its allocation is UDP and without a bandwidth limit, the
 client, relayed address and peer are of one family (IPv4 or IPv6), and the channel is

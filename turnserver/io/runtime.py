@@ -377,8 +377,8 @@ class ServerRuntime:
 
     def _sinks_for(self, kind: type) -> tuple[EventSink, ...]:
         """The sinks that take events of this type, _route first: a table's handler for
-        the type, if it has one (ev.EventTable), and every plain callable (issue 15: 8
-        events a setup went to 3 sinks each, a third of them returning at once)."""
+        the type, if it has one (ev.EventTable), and every plain callable (each
+        event goes only to the sinks that act on it)."""
         sinks: list[EventSink] = [self._route] if kind in _ROUTED else []
         for sink in self.event_sinks:
             handler = sink.handlers.get(kind) if isinstance(sink, ev.EventTable) else sink
@@ -412,7 +412,7 @@ class ServerRuntime:
         elif isinstance(event, ev.PeerConnectionBound):
             data_conn = self.stream_connections.get(event.data_five_tuple)
             pc = self.core.peer_connections.get(event.connection_id)
-            relay = pc.alloc.relays.get(6 if ":" in pc.peer[0] else 4) if pc else None
+            relay = pc.alloc.relay_to(pc.peer[0]) if pc else None
             tcp = relay.tcp if relay is not None else None
             bound = (
                 isinstance(tcp, TcpRelay)

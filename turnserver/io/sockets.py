@@ -11,7 +11,7 @@ def bind_socket(
     """A non-blocking socket of `kind` bound to host:port (raises OSError)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     # non-blocking from the socket(2) call: one syscall fewer than setblocking(False)
-    # for each relay an Allocate opens (issue 15)
+    # for each relay an Allocate opens
     sock = socket.socket(family, kind | socket.SOCK_NONBLOCK)
     try:
         if family == socket.AF_INET6:

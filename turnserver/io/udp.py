@@ -23,7 +23,7 @@ from turnserver.stun.attributes import Address
 from turnserver.stun.channeldata import CHANNEL_HEADER
 
 READ_BATCH = 64
-# Answers of one read batch go out together, at most this many held back (issue 15):
+# Answers of one read batch go out together, at most this many held back:
 # sent one by one between requests, each woke a waiting receiver (on loopback the
 # sender pays for that wake-up: ~8 µs of every sendto under setup load)
 ANSWER_BATCH = 16

@@ -80,7 +80,7 @@ def credential_banner_text(settings: Settings, listen: list[ListenAddress], user
 
 
 def log_limits(rt: ServerRuntime) -> None:
-    """Say at start what this process will hold (issue: safe defaults)."""
+    """Say at start what this process will hold (the limits in force, for the operator)."""
     limits = rt.limits()
     budget = limits.pop("descriptors")
     log.info(

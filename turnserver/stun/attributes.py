@@ -326,8 +326,3 @@ _TABLE: dict[Attr, tuple[Encoder, Decoder]] = {
 ATTRIBUTE_CODECS: dict[int, AttrCodec] = {
     a: AttrCodec(a.name.replace("_", "-"), enc, dec) for a, (enc, dec) in _TABLE.items()
 }
-
-
-def is_comprehension_required(attr_type: int) -> bool:
-    """RFC 8489 §14: types 0x0000-0x7FFF must be understood."""
-    return attr_type < 0x8000

@@ -33,7 +33,8 @@ _LENGTH = struct.Struct("!H")
 
 MAX_MESSAGE_SIZE = 65535 + HEADER_LENGTH
 # No real client sends more than ~20 attributes; without a cap a 64 KB datagram of
-# 16,000 empty attributes costs 33 ms to walk (issue: unauthenticated CPU amplification).
+# 16,000 empty attributes costs 33 ms to walk: an unauthenticated
+# CPU amplification.
 MAX_ATTRIBUTES = 64
 _CLASSES = tuple(MessageClass(k) for k in range(4))
 _SPECIAL = frozenset({Attr.MESSAGE_INTEGRITY, Attr.MESSAGE_INTEGRITY_SHA256, Attr.FINGERPRINT})
@@ -70,16 +71,12 @@ class StunMessage:
     integrity_sha256_offset: int = -1
     fingerprint_offset: int = -1
     # the first value of each type: handlers ask for ~10 attributes a request, and a dict
-    # lookup is what a list scan per question cost (issue 15 profile: 3 µs a request)
+    # lookup is what a list scan per question cost (benchmarks/README.md)
     first: dict[int, bytes] = field(default_factory=dict)
 
     def has(self, attr_type: int) -> bool:
         """True when the attribute is present."""
         return attr_type in self.first
-
-    def get_raw(self, attr_type: int) -> bytes | None:
-        """The first raw value of the attribute, or None."""
-        return self.first.get(attr_type)
 
     def get(self, attr_type: int) -> Any:
         """The first value of the attribute, decoded; None when absent."""

@@ -4,6 +4,10 @@ loads the kernel fast path, spawns and restarts workers (with backoff when the s
 refuses a process), serves the credentials and admin APIs and the merged /metrics,
 /healthz and /readyz (process/workers_view.py), forwards signals and coordinates the
 drain: every listener socket is read until the whole server has drained.
+
+Longer than 500 lines: start, restart with backoff, signals, reload and drain act on
+the same few fields (the workers, their sockets, the stop and drain deadlines); kept
+in one class so that each transition can be read against all of them.
 """
 
 from __future__ import annotations
