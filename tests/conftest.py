@@ -74,6 +74,7 @@ UNIT_MODULES = frozenset(
         "test_core_sequences",
         "test_core_tcp_relay",
         "test_eventlog",
+        "test_fleet_rules",
         "test_framing",
         "test_layers",
         "test_peer_policy",

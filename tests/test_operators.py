@@ -30,7 +30,12 @@ from .support import WORKER_COUNTS, wait_until
 ROOT = Path(__file__).parent.parent
 REFERENCE = ROOT / "config" / "turnserver.yaml"
 KEY = re.compile(r"^(\s*)(?:#\s*)?([a-z_]+):.*\[default: (.*?)(?:; flag: (--[\w-]+))?\]\s*$")
-SPECIAL = {"workers": "one per CPU", "software": "turnserver/VERSION"}
+SPECIAL = {
+    "workers": "one per CPU",
+    "software": "turnserver/VERSION",
+    "fleet.node": "the host name",
+    **{f"fleet.{k}": "none" for k in ("region", "zone", "region_header")},
+}
 
 
 def _shown(value: Any) -> str:

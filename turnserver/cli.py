@@ -193,6 +193,9 @@ def _serve_parser(sub: Any) -> None:
     )
     p.add_argument("--cert", metavar="FILE", help="TLS certificate chain (PEM) for tls://")
     p.add_argument("--key", metavar="FILE", help="TLS private key (PEM) for tls://")
+    p.add_argument("--fleet-redis", metavar="URL", help="join a fleet on this Redis (fleet.redis)")
+    p.add_argument("--fleet-node", metavar="NAME", help="this node's name (default: host name)")
+    p.add_argument("--fleet-region", metavar="NAME", help="this node's region label")
     p.add_argument("--log-level", choices=LOG_LEVELS, help="log level (default info)")
     p.add_argument("--log-format", choices=LOG_FORMATS, help="log format (default text)")
     p.add_argument("--loop", choices=LOOP_CHOICES, help="event loop (default auto: uvloop)")
@@ -349,6 +352,16 @@ def build_parser() -> argparse.ArgumentParser:
         "where the server writes it)",
     )
     p.add_argument("--timeout", type=float, default=3.0)
+    p = sub.add_parser(
+        "fleet",
+        help="show the servers of a fleet (the Redis registry) as a table",
+        description="Read the node registry the servers of a fleet keep in Redis "
+        "(fleet.redis) and show each node: region, state, load, URIs.",
+    )
+    p.add_argument("--redis", metavar="URL", help="the fleet's Redis (default: --config's)")
+    p.add_argument("--config", metavar="FILE", help="take fleet.redis and its password from here")
+    p.add_argument("--prefix", default=None, help='key prefix (default "turnserver:")')
+    p.add_argument("--json", action="store_true", help="print the registry as JSON")
     return parser
 
 
@@ -362,6 +375,7 @@ COMMANDS = {
     "check-config": ("turnserver.ops.commands", "check_config_command"),
     "healthcheck": ("turnserver.ops.state_file", "healthcheck_command"),
     "selfsigned": ("turnserver.ops.selfsigned", "selfsigned_command"),
+    "fleet": ("turnserver.ops.fleet_registry", "fleet_command"),
 }
 
 

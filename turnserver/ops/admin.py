@@ -11,12 +11,11 @@
 Bearer tokens distinct from the credentials API's keys, compared in constant time; JSON
 in and out; every action is an audit log line and `turn_admin_requests_total{action,
 status}`. The same application serves one process (LocalBackend) and, with --workers,
-the parent (FleetBackend: it fans out to each worker's copy and merges).
+the parent (WorkersBackend: it fans out to each worker's copy and merges).
 """
 
 from __future__ import annotations
 
-import asyncio
 import hmac
 import logging
 import time
@@ -32,7 +31,6 @@ from turnserver.core.five_tuple import format_address
 from turnserver.ops.config_values import AdminToken, ConfigError, parse_admin_token  # noqa: F401
 from turnserver.ops.credentials import parse_ttl
 from turnserver.ops.eventlog import safe_text
-from turnserver.ops.http import serve_app
 from turnserver.ops.revocations import Revocations, RevocationStore
 
 if TYPE_CHECKING:
@@ -215,6 +213,10 @@ class AdminApi:
         # supervisor (replace_api_revocations)
         self.from_file: Revocations = {}
         self.from_api: Revocations = {}
+        # the fleet's (ops/fleet.py): made on any node, read from Redis
+        self.from_fleet: Revocations = {}
+        # a revocation made (until) or lifted (None) here, to the fleet
+        self.publish: Callable[[str, float | None, str], None] | None = None
         self.app = web.Application(client_max_size=MAX_BODY, middlewares=[self._middleware])
         r = self.app.router
         r.add_get("/admin/v1/allocations", self.list_allocations)
@@ -312,10 +314,13 @@ class AdminApi:
         """Every revocation in force (the file's and the API's), expired ones dropped."""
         now = self.clock()
         merged = {u: e for u, e in self.from_file.items() if e[0] > now}
-        for user, entry in self.from_api.items():
-            if entry[0] > now and entry[0] >= merged.get(user, (0.0, ""))[0]:
-                merged[user] = entry
-        return merged
+        return _merge(merged, self.pushed, now)
+
+    @property
+    def pushed(self) -> Revocations:
+        """The revocations a supervisor gives its workers: the API's and the fleet's (a
+        worker reads the file itself)."""
+        return _merge(dict(self.from_fleet), self.from_api, self.clock())
 
     async def list_revocations(self, request: web.Request) -> web.Response:
         return web.json_response(
@@ -369,6 +374,8 @@ class AdminApi:
             request[WHO],
             ended,
         )
+        if self.publish is not None:
+            self.publish(user, until, reason)
         out: dict[str, Any] = {"user": user, "until": int(until), "ended": ended}
         if warning:
             out["warning"] = warning
@@ -381,9 +388,12 @@ class AdminApi:
             return _error(400, why)
         in_file = self.from_file.pop(user, None) is not None
         in_api = self.from_api.pop(user, None) is not None
-        known = await self.backend.unrevoke(user) or in_file or in_api
+        in_fleet = self.from_fleet.pop(user, None) is not None
+        known = await self.backend.unrevoke(user) or in_file or in_api or in_fleet
         if not known:
             return _error(404, "no such revocation")
+        if self.publish is not None:
+            self.publish(user, None, "")
         warning = None
         if self.store is not None and request.query.get("persist") != "false":
             warning = self.store.save(self.revocations)
@@ -391,8 +401,41 @@ class AdminApi:
         return web.json_response({"user": user, **({"warning": warning} if warning else {})})
 
     def apply_file(self, entries: Revocations) -> None:
-        """Revocations as loaded from the file (start, SIGHUP, change)."""
-        self.from_file = dict(entries)
+        """Revocations as loaded from the file (start, SIGHUP, change); what changed in
+        the file goes to the fleet as if it were made through the API."""
+        before, self.from_file = self.from_file, dict(entries)
+        if self.publish is None:
+            return
+        for user, (until, reason) in entries.items():
+            if before.get(user) != (until, reason):
+                self.publish(user, until, reason)
+        for user in before.keys() - entries.keys():
+            self.publish(user, None, "")
+
+    async def apply_fleet(self, entries: Revocations, lifted: set[str]) -> int:
+        """The fleet's revocations, as read from Redis: what is new here is revoked (live
+        allocations end); what another node lifted (`lifted`) is lifted here too, from
+        this node's file as well."""
+        before = self.revocations
+        self.from_fleet = dict(entries)
+        in_file = [u for u in lifted if u in self.from_file]
+        for user in lifted:
+            self.from_file.pop(user, None)
+            self.from_api.pop(user, None)
+        if in_file and self.store is not None:
+            warning = self.store.save(self.revocations)
+            if warning:
+                log.warning("fleet: lifted revocations of %d users: %s", len(in_file), warning)
+        after = self.revocations
+        ended = 0
+        for user, entry in after.items():
+            if before.get(user) != entry:
+                ended += await self.backend.revoke(user, *entry)
+        for user in before.keys() - after.keys():
+            await self.backend.unrevoke(user)
+        if ended:
+            log.warning("fleet revocations: %d allocations of revoked users ended", ended)
+        return ended
 
     async def put_revocations(self, request: web.Request) -> web.Response:
         """PUT (internal, supervisor to worker): the API-made revocations, all of them."""
@@ -420,6 +463,14 @@ class AdminApi:
         return web.json_response(await self.backend.summary())
 
 
+def _merge(base: Revocations, more: Revocations, now: float) -> Revocations:
+    """`base` with the live entries of `more`; the later `until` wins."""
+    for user, entry in more.items():
+        if entry[0] > now and entry[0] >= base.get(user, (0.0, ""))[0]:
+            base[user] = entry
+    return base
+
+
 ACTIONS = {
     ("GET", "list_allocations"): "list",
     ("GET", "get_allocation"): "get",
@@ -430,63 +481,3 @@ ACTIONS = {
     ("GET", "summary"): "summary",
     ("PUT", "put_revocations"): "sync_revocations",
 }
-
-
-class AdminService:
-    """The admin API with its revocations file: loaded at start, on SIGHUP and when the
-    file changes (checked every WATCH_INTERVAL seconds), and applied to the core."""
-
-    WATCH_INTERVAL = 2.0
-
-    def __init__(
-        self,
-        api: AdminApi,
-        file: RevocationStore,
-        apply: Callable[[Revocations], int] | None = None,
-    ) -> None:
-        self.api = api
-        self.file = file
-        self.apply = apply  # to this process's core (None in a supervisor)
-        api.on_change = apply
-        self.port = 0
-        self._runner: web.AppRunner | None = None
-        self._watch: asyncio.Task[None] | None = None
-
-    def load(self) -> None:
-        """Read the revocations file and apply it; a bad file keeps the old state."""
-        try:
-            entries = self.file.load(self.api.clock())
-        except ConfigError as exc:
-            log.error("revocations file rejected, keeping the old revocations: %s", exc)
-            return
-        self.api.apply_file(entries)
-        if self.apply is not None:
-            ended = self.apply(self.api.revocations)
-            if ended:
-                log.warning("revocations file: %d allocations of revoked users ended", ended)
-
-    def watch(self) -> None:
-        """Re-read the revocations file whenever it changes."""
-        if self.file.path and self._watch is None:
-            self._watch = asyncio.get_running_loop().create_task(self._watch_file())
-
-    async def start(self, host: str, port: int, ssl_context: Any = None) -> int:
-        """Serve the admin API (the revocations are loaded already: see load)."""
-        self._runner, self.port = await serve_app(
-            self.api.app, host, port, ssl_context, name="admin"
-        )
-        return self.port
-
-    async def _watch_file(self) -> None:
-        while True:
-            await asyncio.sleep(self.WATCH_INTERVAL)
-            if self.file.changed():
-                log.info("revocations file changed: reloading")
-                self.load()
-
-    async def stop(self) -> None:
-        if self._watch is not None:
-            self._watch.cancel()
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None

@@ -19,7 +19,7 @@ import unicodedata
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from importlib import resources
-from typing import Any
+from typing import Any, Protocol
 
 from aiohttp import web
 
@@ -116,6 +116,14 @@ def json_error(status: int, message: str) -> web.Response:
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
+class Fleet(Protocol):
+    """Which servers to hand out when this one is one of several (ops/fleet.py)."""
+
+    def uris_for(self, region: str | None) -> ServerUris: ...
+
+    def region_of(self, headers: Any, client_ip: str | None) -> str | None: ...
+
+
 class CredentialsApi:
     """The aiohttp application and its handlers."""
 
@@ -124,6 +132,7 @@ class CredentialsApi:
         self.clock = clock
         self.stats = ApiStats()
         self.limiter = TokenBuckets(config.rate_per_second, config.rate_burst, max_keys=10_000)
+        self.fleet: Fleet | None = None
         self.app = web.Application(client_max_size=MAX_BODY, middlewares=[self._middleware])
         self.app.router.add_post(
             "/2010-04-01/Accounts/{account_sid}/Tokens.json", self.twilio_tokens
@@ -134,6 +143,12 @@ class CredentialsApi:
         self.app.router.add_get("/preflight", self.preflight_page)
         self.app.router.add_get("/preflight.js", self.preflight_script)
         self.app.router.add_get("/preflight/credentials", self.preflight_credentials)
+
+    def uris_for(self, request: web.Request) -> ServerUris:
+        """This server's URIs; in a fleet, healthy nodes' (the caller's region first)."""
+        if self.fleet is None:
+            return self.config.uris
+        return self.fleet.uris_for(self.fleet.region_of(request.headers, request.remote))
 
     def reconfigure(self, config: ApiConfig) -> None:
         """New secrets, accounts, keys or URIs (SIGHUP)."""
@@ -243,7 +258,7 @@ class CredentialsApi:
             return twilio_error(503, 20500, "No shared secret configured")
         now = self.clock()
         cred = mint(self.config.secrets[0], sid, ttl, now)
-        return web.json_response(twilio_token(cred, self.config.uris, sid, now), status=201)
+        return web.json_response(twilio_token(cred, self.uris_for(request), sid, now), status=201)
 
     # ---- TURN REST API draft and RTCConfiguration ---------------------------------------
 
@@ -307,7 +322,7 @@ class CredentialsApi:
         error, cred = self._mint_from_query(request)
         if error is not None:
             return error
-        return web.json_response(rest_api_credential(cred, self.config.uris))
+        return web.json_response(rest_api_credential(cred, self.uris_for(request)))
 
     async def ice_servers(self, request: web.Request) -> web.Response:
         """GET /api/v1/ice-servers?username=ID[&policy=relay]: an RTCConfiguration."""
@@ -317,7 +332,9 @@ class CredentialsApi:
         error, cred = self._mint_from_query(request)
         if error is not None:
             return error
-        return web.json_response(ice_servers_config(cred, self.config.uris, policy == "relay"))
+        return web.json_response(
+            ice_servers_config(cred, self.uris_for(request), policy == "relay")
+        )
 
 
 async def start_api(

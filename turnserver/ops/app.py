@@ -19,7 +19,8 @@ from turnserver.io.offload import FlowMaps
 from turnserver.io.offload_flows import OffloadFlows, start_offload
 from turnserver.io.tls import ReloadableTLS, build_context
 from turnserver.ops import devmode, http
-from turnserver.ops.admin import AdminApi, AdminService, LocalBackend
+from turnserver.ops.admin import AdminApi, LocalBackend
+from turnserver.ops.admin_service import AdminService
 from turnserver.ops.api import CredentialsApi, start_api
 from turnserver.ops.banner import log_limits, print_banner
 from turnserver.ops.config import (
@@ -31,6 +32,7 @@ from turnserver.ops.config import (
 )
 from turnserver.ops.config_values import AdminToken, ConfigError, parse_admin_token
 from turnserver.ops.eventlog import log, setup_logging
+from turnserver.ops.fleet import FleetNode, join_fleet
 from turnserver.ops.health import Health
 from turnserver.ops.metrics import Metrics
 from turnserver.ops.nodes import cross_node_warnings
@@ -39,7 +41,7 @@ from turnserver.ops.revocations import Revocations, RevocationStore
 from turnserver.ops.runtime_setup import apply_reload, build_runtime
 from turnserver.ops.state_file import remove_state, write_state
 from turnserver.ops.systemd import notify, start_watchdog
-from turnserver.ops.uris import api_config
+from turnserver.ops.uris import api_config, server_uris
 
 ReloadSettings = Callable[[], Settings]
 
@@ -81,6 +83,7 @@ class Server:
         self.health = Health(self.runtime, self.metrics, self.probe, settings.public_host)
         self.api: CredentialsApi | None = None
         self.admin: AdminService | None = None
+        self.fleet: FleetNode | None = None  # fleet.redis: one of several servers
         self.worker_index = 0
         # revocations made through the admin API that a worker inherits from its supervisor
         self.initial_revocations: Revocations = {}
@@ -146,16 +149,39 @@ class Server:
             self.metrics.collector.api = self.api
             log.info("credentials API on %s", self.api_base)
         await self._start_admin()
+        await self._join_fleet()
         bound = {spec.port for spec in self.runtime.bound_addresses()}
         bound |= {self.health.port, self.api_port, self.admin_port} - {0}
         self.runtime.core.add_own_ports(bound)  # ephemeral ports, known now
+
+    async def _join_fleet(self) -> None:
+        if not self.settings.fleet_redis or self.admin is None:
+            return
+
+        async def ready() -> bool:
+            return self.health.readiness()[0]
+
+        try:
+            self.fleet = await join_fleet(
+                self.settings,
+                lambda: server_uris(self.settings, self.runtime.bound_addresses()),
+                ready,
+                LocalBackend(self.runtime).summary,
+                self.admin.api,
+                self.metrics.registry,
+            )
+        except OSError:
+            self.runtime.stop()
+            raise
+        if self.api is not None:
+            self.api.fleet = self.fleet
 
     def _prepare_admin(self) -> None:
         """Revocations (admin.revocations_file) apply before any listener answers; the
         admin API itself: on admin.listen for one process, and for a worker of a
         supervisor on an internal loopback port the supervisor fans out to."""
         s = self.settings
-        if not (s.admin_listen or s.revocations_file):
+        if not (s.admin_listen or s.revocations_file or s.fleet_redis or s.internal_admin_token):
             return
         core = self.runtime.core
         internal = s.internal_admin_token is not None
@@ -183,11 +209,12 @@ class Server:
         if self.admin is None:
             return
         self.admin.watch()
-        if not s.admin_listen:
+        if not s.admin_listen and s.internal_admin_token is None:
             return
         if s.internal_admin_token is not None:
             host, port, ctx = "127.0.0.1", 0, None
         else:
+            assert s.admin_listen is not None
             host, port = s.admin_listen
             cert = admin_certificate(s)
             ctx = build_context(*cert, alpn=None) if cert else None
@@ -244,6 +271,8 @@ class Server:
         self.runtime.draining = True
         core = self.runtime.core
         core.accepting = False
+        if self.fleet is not None:
+            self.fleet.set_draining()  # out of every node's credentials now
         if self.probe is not None:
             await self.probe.stop()
         # the probes' allocations (any worker's probe may have one here) end now
@@ -272,6 +301,8 @@ class Server:
             log.info("drained: no allocations left")
 
     async def stop(self) -> None:
+        if self.fleet is not None:
+            await self.fleet.stop()
         if self.probe is not None:
             await self.probe.stop()
         self.runtime.stop()

@@ -84,6 +84,9 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         "revocations_file": "revocations_file",
         "accounts_file": "accounts_file",
         "api_keys_file": "api_keys_file",
+        "fleet_redis": "fleet_redis",
+        "fleet_node": "fleet_node",
+        "fleet_region": "fleet_region",
     }
     for arg, attr in simple.items():
         value = getattr(args, arg)
@@ -94,7 +97,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 def serve_overrides(args: argparse.Namespace) -> dict[str, Any]:
     """The settings `serve`'s flags give, checked as the file's values are."""
-    from turnserver.ops.config_values import _cidr_list, _ip_list
+    from turnserver.ops.config_values import _cidr_list, _ip_list, _label, _node_name, _redis_url
 
     overrides = _overrides(args)
     for key, check, flag in (
@@ -103,9 +106,13 @@ def serve_overrides(args: argparse.Namespace) -> dict[str, Any]:
         ("allow_peers", _cidr_list, "--allow-peer"),
         ("deny_peers", _cidr_list, "--deny-peer"),
         ("proxy_trusted", _cidr_list, "--proxy-trusted"),
+        ("fleet_redis", _redis_url, "--fleet-redis"),
+        ("fleet_node", _node_name, "--fleet-node"),
+        ("fleet_region", _label, "--fleet-region"),
     ):
         if key in overrides:
-            overrides[key] = check(list(overrides[key]), flag)
+            value = overrides[key]
+            overrides[key] = check(list(value) if isinstance(value, tuple) else value, flag)
     return overrides
 
 

@@ -16,7 +16,7 @@ from typing import Any
 from turnserver import SOFTWARE
 from turnserver.core.auth import REST_USERNAME_FORMATS
 from turnserver.io.runtime import ListenAddress
-from turnserver.ops.config_secrets import read_secret_lines
+from turnserver.ops.config_secrets import external_secrets
 from turnserver.ops.config_values import (
     Check,
     ConfigError,
@@ -31,12 +31,16 @@ from turnserver.ops.config_values import (
     _impairment_list,
     _int,
     _ip_list,
+    _label,
     _listen_list,
+    _node_name,
+    _opt_label,
     _opt_str,
+    _redis_url,
+    _regions,
     _str,
     _str_list,
     _users,
-    parse_account,
     parse_admin_token,
 )
 from turnserver.ops.config_yaml import load_yaml_file, parse_yaml_text
@@ -98,6 +102,19 @@ class Settings:
     admin_tokens_file: str | None = None
     admin_tls: bool | None = None
     revocations_file: str | None = None
+    # Several servers as one service on Redis (ops/fleet.py); off without fleet.redis
+    fleet_redis: str | None = None
+    fleet_redis_password_file: str | None = None
+    fleet_redis_password: str | None = field(default=None, repr=False)  # from the file
+    fleet_node: str | None = None  # default: the host name
+    fleet_region: str = ""
+    fleet_zone: str = ""
+    fleet_prefix: str = "turnserver:"
+    fleet_heartbeat: float = 1.0
+    fleet_required: bool = False
+    fleet_max_servers: int = 3
+    fleet_region_header: str = ""
+    fleet_regions: tuple[tuple[str, tuple[str, ...]], ...] = ()
     # set by the supervisor for its workers' internal admin listeners, not a config key
     internal_admin_token: str | None = None
     # The /preflight page and its anonymous 5-minute credential; None: on only when the
@@ -222,6 +239,17 @@ SCHEMA: dict[str, tuple[str, Check]] = {
     "dev.enabled": ("dev", _bool),
     "dev.impair": ("impairments", _impairment_list),
     "dev.seed": ("impair_seed", _int(0, 2**32 - 1)),
+    "fleet.redis": ("fleet_redis", _redis_url),
+    "fleet.redis_password_file": ("fleet_redis_password_file", _opt_str),
+    "fleet.node": ("fleet_node", _node_name),
+    "fleet.region": ("fleet_region", _label),
+    "fleet.zone": ("fleet_zone", _label),
+    "fleet.prefix": ("fleet_prefix", _str),
+    "fleet.heartbeat": ("fleet_heartbeat", _float(0.2, 60)),
+    "fleet.required": ("fleet_required", _bool),
+    "fleet.max_servers": ("fleet_max_servers", _int(1, 64)),
+    "fleet.region_header": ("fleet_region_header", _opt_label),
+    "fleet.regions": ("fleet_regions", _regions),
     "log.level": ("log_level", _choice(LOG_LEVELS)),
     "log.format": ("log_format", _choice(LOG_FORMATS)),
 }
@@ -244,50 +272,9 @@ def build_settings(file_values: dict[str, Any], overrides: dict[str, Any], sourc
     if merged.get("dev") and "workers" not in merged:
         merged["workers"] = 1  # developer mode is one process
     settings = replace(Settings(), **merged, source=source)
-    settings = with_external_secrets(settings)
+    settings = replace(settings, **external_secrets(settings))
     validate(settings)
     return settings
-
-
-def with_external_secrets(s: Settings) -> Settings:
-    """Add secrets, API keys and accounts named by files or environment variables."""
-    secrets = list(s.secrets)
-    if s.secrets_file:
-        secrets += read_secret_lines(s.secrets_file, "auth.secrets_file")
-    if s.secrets_env:
-        value = os.environ.get(s.secrets_env)
-        if value is None:
-            raise ConfigError(f"auth.secrets_env: environment variable {s.secrets_env} is unset")
-        secrets += [x.strip() for x in value.replace("\\n", ",").split(",") if x.strip()]
-    keys = list(s.api_keys)
-    if s.api_keys_file:
-        keys += read_secret_lines(s.api_keys_file, "api.keys_file")
-    admin_tokens = list(s.admin_tokens)
-    if s.admin_tokens_file:
-        admin_tokens += read_secret_lines(s.admin_tokens_file, "admin.tokens_file")
-    nonce_secret = s.nonce_secret
-    if s.nonce_secret_file:
-        lines = read_secret_lines(s.nonce_secret_file, "auth.nonce_secret_file")
-        if len(lines) != 1:
-            raise ConfigError(
-                f"auth.nonce_secret_file: {s.nonce_secret_file} must hold one line "
-                f"(it has {len(lines)})"
-            )
-        nonce_secret = lines[0]
-    accounts = list(s.accounts)
-    if s.accounts_file:
-        accounts += [
-            parse_account(x, "api.accounts_file")
-            for x in read_secret_lines(s.accounts_file, "api.accounts_file")
-        ]
-    return replace(
-        s,
-        secrets=tuple(secrets),
-        api_keys=tuple(keys),
-        accounts=tuple(accounts),
-        admin_tokens=tuple(admin_tokens),
-        nonce_secret=nonce_secret,
-    )
 
 
 def validate(s: Settings) -> None:

@@ -3,7 +3,10 @@ Secret mounts, systemd credentials): one secret a line, comments allowed."""
 
 from __future__ import annotations
 
-from turnserver.ops.config_values import ConfigError
+import os
+from typing import Any
+
+from turnserver.ops.config_values import ConfigError, parse_account
 from turnserver.ops.config_yaml import not_utf8
 
 
@@ -17,3 +20,54 @@ def read_secret_lines(path: str, key: str) -> list[str]:
         raise ConfigError(f"{key}: cannot read {path}: {exc.strerror}") from None
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{key}: {path}: {not_utf8(exc)}") from None
+
+
+def external_secrets(s: Any) -> dict[str, Any]:
+    """Settings fields with the secrets, API keys, accounts and passwords that files or
+    environment variables name added (`s`: the Settings; config.py imports us)."""
+    secrets = list(s.secrets)
+    if s.secrets_file:
+        secrets += read_secret_lines(s.secrets_file, "auth.secrets_file")
+    if s.secrets_env:
+        value = os.environ.get(s.secrets_env)
+        if value is None:
+            raise ConfigError(f"auth.secrets_env: environment variable {s.secrets_env} is unset")
+        secrets += [x.strip() for x in value.replace("\\n", ",").split(",") if x.strip()]
+    keys = list(s.api_keys)
+    if s.api_keys_file:
+        keys += read_secret_lines(s.api_keys_file, "api.keys_file")
+    admin_tokens = list(s.admin_tokens)
+    if s.admin_tokens_file:
+        admin_tokens += read_secret_lines(s.admin_tokens_file, "admin.tokens_file")
+    nonce_secret = s.nonce_secret
+    if s.nonce_secret_file:
+        lines = read_secret_lines(s.nonce_secret_file, "auth.nonce_secret_file")
+        if len(lines) != 1:
+            raise ConfigError(
+                f"auth.nonce_secret_file: {s.nonce_secret_file} must hold one line "
+                f"(it has {len(lines)})"
+            )
+        nonce_secret = lines[0]
+    redis_password = s.fleet_redis_password
+    if s.fleet_redis_password_file:
+        lines = read_secret_lines(s.fleet_redis_password_file, "fleet.redis_password_file")
+        if len(lines) != 1:
+            raise ConfigError(
+                f"fleet.redis_password_file: {s.fleet_redis_password_file} must hold one "
+                f"line (it has {len(lines)})"
+            )
+        redis_password = lines[0]
+    accounts = list(s.accounts)
+    if s.accounts_file:
+        accounts += [
+            parse_account(x, "api.accounts_file")
+            for x in read_secret_lines(s.accounts_file, "api.accounts_file")
+        ]
+    return dict(
+        secrets=tuple(secrets),
+        api_keys=tuple(keys),
+        accounts=tuple(accounts),
+        admin_tokens=tuple(admin_tokens),
+        nonce_secret=nonce_secret,
+        fleet_redis_password=redis_password,
+    )

@@ -4,6 +4,7 @@ typed ones and raise ConfigError naming the key (used by ops/config.py's SCHEMA)
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -101,6 +102,50 @@ def _cidr_list(v: Any, key: str) -> tuple[str, ...]:
         except ValueError:
             raise ConfigError(f"{key}: {item!r} is not a CIDR network") from None
     return tuple(out)
+
+
+LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
+
+
+def _label(v: Any, key: str) -> str:
+    """A region or zone name: letters, digits, . _ - (up to 63), or empty."""
+    text = _str(v, key)
+    if text and not LABEL.fullmatch(text):
+        raise ConfigError(f"{key}: {text!r} is not a name (letters, digits, . _ -; 63 at most)")
+    return text
+
+
+def _opt_label(v: Any, key: str) -> str:
+    """An HTTP header name, or empty."""
+    return _label("" if v is None else v, key)
+
+
+def _node_name(v: Any, key: str) -> str | None:
+    return _label(v, key) or None if v is not None else None
+
+
+def _redis_url(v: Any, key: str) -> str | None:
+    """redis://, rediss:// (TLS) or unix:// (a socket path)."""
+    if v is None:
+        return None
+    text = _str(v, key)
+    if not text.startswith(("redis://", "rediss://", "unix://")):
+        raise ConfigError(
+            f"{key}: {text!r} is not a Redis URL (redis://HOST:PORT/DB, rediss:// for TLS, "
+            "unix:///path/to/socket)"
+        )
+    return text
+
+
+def _regions(v: Any, key: str) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """`{REGION: [CIDR, ...]}`: callers from these networks are in that region."""
+    if v is None:
+        return ()
+    if not isinstance(v, dict):
+        raise ConfigError(f"{key}: expected a mapping of region name to a list of CIDRs")
+    return tuple(
+        (_label(name, f"{key}"), _cidr_list(cidrs, f"{key}.{name}")) for name, cidrs in v.items()
+    )
 
 
 def _impairment_list(v: Any, key: str) -> tuple[str, ...]:

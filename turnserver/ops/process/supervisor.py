@@ -34,8 +34,9 @@ from turnserver.io.offload_flows import start_offload
 from turnserver.io.sockets import bind_listener_group
 from turnserver.io.tls import build_context
 from turnserver.ops import http
-from turnserver.ops.admin import AdminApi, AdminService
-from turnserver.ops.admin_fleet import FleetBackend
+from turnserver.ops.admin import AdminApi
+from turnserver.ops.admin_service import AdminService
+from turnserver.ops.admin_workers import WorkersBackend
 from turnserver.ops.config import (
     Settings,
     admin_certificate,
@@ -46,6 +47,7 @@ from turnserver.ops.config import (
 )
 from turnserver.ops.config_values import ConfigError, parse_admin_token
 from turnserver.ops.eventlog import quiet_loop_errors
+from turnserver.ops.fleet import FleetNode
 from turnserver.ops.http import serve_app
 from turnserver.ops.nodes import cross_node_warnings
 from turnserver.ops.process.worker import Shared, worker_main
@@ -71,7 +73,7 @@ class Supervisor:
         overrides: dict[str, Any],
         show_credential: str | None,
     ) -> None:
-        if settings.admin_listen and not settings.internal_admin_token:
+        if (settings.admin_listen or settings.fleet_redis) and not settings.internal_admin_token:
             settings = replace(settings, internal_admin_token=secrets.token_urlsafe(32))
         for warning in cross_node_warnings(settings, os.environ):
             log.warning("%s", warning)
@@ -140,6 +142,7 @@ class Supervisor:
             bus_dir,
         )
         self.admin: AdminService | None = None
+        self.fleet: FleetNode | None = None
         self.procs: list[BaseProcess | None] = [None] * self.n
         self.spawn_at: list[float] = [0.0] * self.n  # retry time of a failed spawn
         self.spawn_wait: list[float] = [SPAWN_RETRY[0]] * self.n
@@ -262,23 +265,25 @@ class Supervisor:
     # ---- HTTP -----------------------------------------------------------------------------
 
     async def _start_admin(self) -> None:
-        """The admin API of the fleet of workers: fans out to their internal copies."""
+        """The admin API of all the workers: fans out to their internal copies."""
         s = self.settings
-        if not s.admin_listen or not s.internal_admin_token:
+        if not s.internal_admin_token:
             return
-        cert = admin_certificate(s)
         file = RevocationStore(s.revocations_file)
         api = AdminApi(
-            FleetBackend(
+            WorkersBackend(
                 lambda: [self.ports[self.n + i] for i in range(self.n)], s.internal_admin_token
             ),
             [parse_admin_token(t) for t in s.admin_tokens],
             file,
         )
-        self.view.services.admin = api
         self.admin = AdminService(api, file)
         self.admin.load()
         self.admin.watch()
+        if not s.admin_listen:  # the fleet's revocations only
+            return
+        self.view.services.admin = api
+        cert = admin_certificate(s)
         await self.admin.start(*s.admin_listen, build_context(*cert, alpn=None) if cert else None)
         log.info("admin API on %s:%d (all workers)", s.admin_listen[0], self.admin.port)
 
@@ -287,14 +292,41 @@ class Supervisor:
         listener is up (what was revoked while it started included)."""
         admin = self.admin
         backend = admin.api.backend if admin is not None else None
-        if admin is None or not isinstance(backend, FleetBackend):
+        if admin is None or not isinstance(backend, WorkersBackend):
             return
         api = admin.api
-        if not await backend.sync_revocations(index, lambda: dict(api.from_api)):
+        if not await backend.sync_revocations(index, lambda: api.pushed):
             log.warning("worker %d: revocations not synchronised", index)
+
+    async def _join_fleet(self, api: Any) -> None:
+        """fleet.redis: this node of the fleet is the supervisor (its workers are not)."""
+        if self.admin is None:
+            return
+        from turnserver.ops.fleet import join_fleet
+        from turnserver.ops.uris import server_uris
+
+        s = self.settings
+        admin = self.admin.api
+
+        async def ready() -> bool:
+            return (await self.view.readiness()) and not self.stopping
+
+        self.fleet = await join_fleet(
+            s,
+            lambda: server_uris(s, list(s.listen)),
+            ready,
+            admin.backend.summary,
+            admin,
+            self.view.registry,
+        )
+        if api is not None and self.fleet is not None:
+            api.fleet = self.fleet
 
     async def _release(self, *runners: web.AppRunner | None) -> None:
         """Stop the HTTP servers, free the shared memory and the listener sockets."""
+        if self.fleet is not None:
+            await self.fleet.stop()
+            self.fleet = None
         if self.admin is not None:
             await self.admin.stop()
         for runner in runners:
@@ -406,6 +438,17 @@ class Supervisor:
             await asyncio.sleep(0.05)
 
         log.info("%d workers serving %s", self.n, ", ".join(str(s) for s in self.settings.listen))
+        try:
+            await self._join_fleet(api)
+        except OSError as exc:  # fleet.required and Redis unreachable
+            log.error("%s", exc)
+            self.stopping = True
+            self._forward(signal.SIGINT)
+            for p in self.procs:
+                if p is not None:
+                    p.join(10)
+            await self._release(runner, api_runner)
+            return 1
         metrics = self.settings.metrics_listen
         state = write_state(
             (metrics[0], runner.addresses[0][1]) if metrics and runner is not None else None,
@@ -432,6 +475,8 @@ class Supervisor:
             else:
                 drain_until.append(time.monotonic() + self.settings.drain_timeout)
                 self._forward(signal.SIGTERM)
+                if self.fleet is not None:
+                    self.fleet.set_draining()  # out of every node's credentials now
 
         def on_int() -> None:
             self.stopping = True

@@ -84,6 +84,7 @@ def worker_main(
         api_listen=None,
         metrics_listen=("127.0.0.1", 0),
         workers=1,
+        fleet_redis=None,  # the supervisor is this node of the fleet
     )
     _, factory = loop_factory(settings.loop)
 

@@ -219,6 +219,10 @@ class WorkersView:
             status=200 if ok else 503,
         )
 
+    async def readiness(self) -> bool:
+        """Every worker ready (what /readyz answers 200 for)."""
+        return (await self._combined("/readyz")).status == 200
+
     async def handle_healthz(self, request: web.Request) -> web.Response:
         return await self._combined("/healthz")
 

@@ -16,7 +16,7 @@ from turnserver.ops.admin import Filters, summarize
 from turnserver.ops.revocations import Revocations
 
 
-class FleetBackend:
+class WorkersBackend:
     """The parent of worker processes: asks each worker's admin API (on its internal
     loopback listener, with an internal token) and merges the answers."""
 
