@@ -387,6 +387,7 @@ class AllocationHandlers(CoreState):
         if not alloc.live:
             return
         alloc.live = False
+        self._forget_timers_of_ended()
         self.allocations.pop(alloc.five_tuple, None)
         self.allocations_by_id.pop(alloc.id, None)
         self.quotas.release(alloc.user, alloc.five_tuple.client[0])

@@ -192,6 +192,7 @@ class CoreState:
         self.accepting = True
         self._timers: list[tuple[float, int, TimerKind, Any, Any]] = []
         self._seq = 0
+        self._ended_since_compaction = 0  # allocations whose timer entries may linger
         self.peer_connections: dict[int, PeerConnection] = {}
         # Worker processes: this one's index and how many there are (CONNECTION-IDs)
         self.worker_index = 0
@@ -227,6 +228,21 @@ class CoreState:
     def _push(self, when: float, kind: TimerKind, owner: Any, key: Any) -> None:
         self._seq += 1
         heapq.heappush(self._timers, (when, self._seq, kind, owner, key))
+
+    def _forget_timers_of_ended(self) -> None:
+        """An allocation ended: its entries (allocation, credential, permissions,
+        channels) would stay in the heap until due, up to its credential's expiry a day
+        later, and keep it alive. Once ended ones could be an eighth of the heap, the
+        heap is rebuilt without them: O(1) amortized per ended allocation, and memory
+        comes back under churn."""
+        self._ended_since_compaction += 1
+        timers = self._timers
+        if self._ended_since_compaction < max(64, len(timers) // 8):
+            return
+        self._ended_since_compaction = 0
+        # in place: handle_timer may be popping this very list (an expiry ends one)
+        timers[:] = [t for t in timers if t[3] is None or getattr(t[3], "live", True)]
+        heapq.heapify(timers)
 
     def _register(self, alloc: Allocation) -> None:
         """A new allocation joins the tables (its quota is already counted)."""
