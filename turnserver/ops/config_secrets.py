@@ -22,6 +22,14 @@ def read_secret_lines(path: str, key: str) -> list[str]:
         raise ConfigError(f"{key}: {path}: {not_utf8(exc)}") from None
 
 
+def _one_line(path: str, key: str) -> str:
+    """A secrets file that must hold exactly one secret."""
+    lines = read_secret_lines(path, key)
+    if len(lines) != 1:
+        raise ConfigError(f"{key}: {path} must hold one line (it has {len(lines)})")
+    return lines[0]
+
+
 def external_secrets(s: Any) -> dict[str, Any]:
     """Settings fields with the secrets, API keys, accounts and passwords that files or
     environment variables name added (`s`: the Settings; config.py imports us)."""
@@ -41,22 +49,10 @@ def external_secrets(s: Any) -> dict[str, Any]:
         admin_tokens += read_secret_lines(s.admin_tokens_file, "admin.tokens_file")
     nonce_secret = s.nonce_secret
     if s.nonce_secret_file:
-        lines = read_secret_lines(s.nonce_secret_file, "auth.nonce_secret_file")
-        if len(lines) != 1:
-            raise ConfigError(
-                f"auth.nonce_secret_file: {s.nonce_secret_file} must hold one line "
-                f"(it has {len(lines)})"
-            )
-        nonce_secret = lines[0]
+        nonce_secret = _one_line(s.nonce_secret_file, "auth.nonce_secret_file")
     redis_password = s.fleet_redis_password
     if s.fleet_redis_password_file:
-        lines = read_secret_lines(s.fleet_redis_password_file, "fleet.redis_password_file")
-        if len(lines) != 1:
-            raise ConfigError(
-                f"fleet.redis_password_file: {s.fleet_redis_password_file} must hold one "
-                f"line (it has {len(lines)})"
-            )
-        redis_password = lines[0]
+        redis_password = _one_line(s.fleet_redis_password_file, "fleet.redis_password_file")
     accounts = list(s.accounts)
     if s.accounts_file:
         accounts += [

@@ -121,7 +121,10 @@ def _opt_label(v: Any, key: str) -> str:
 
 
 def _node_name(v: Any, key: str) -> str | None:
-    return _label(v, key) or None if v is not None else None
+    """A node's name; empty or absent: None (the host name is used)."""
+    if v is None:
+        return None
+    return _label(v, key) or None
 
 
 def _redis_url(v: Any, key: str) -> str | None:

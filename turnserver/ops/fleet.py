@@ -127,7 +127,6 @@ class FleetNode:
         self.started = time.time()
         self._pending: Revocations = {}  # made here while Redis was away
         self._pending_removed: set[str] = set()
-        self._resync = False  # (re)connected: give Redis what this node knows
         self._generation: str | None = None  # of the Redis data set we last gave it
         self._logged = -LOG_INTERVAL
         self._failed_logged = -LOG_INTERVAL
@@ -208,14 +207,19 @@ class FleetNode:
                 exc,
             )
 
-    def _failed(self, what: str) -> None:
-        """An unexpected error in a loop that must go on: counted, logged (with its
-        traceback) once a minute."""
+    def _after_error(self, exc: Exception, failures: int, what: str) -> float:
+        """How long a loop that must go on waits after a failed round: a Redis error
+        marks Redis away and backs off; anything else is counted and logged with its
+        traceback once a minute, and retried slowly."""
+        if isinstance(exc, self._errors):
+            self._lost(exc)
+            return BACKOFF[min(failures, len(BACKOFF) - 1)]
         self.errors += 1
         now = time.monotonic()
         if now - self._failed_logged >= LOG_INTERVAL:
             self._failed_logged = now
             log.exception("fleet: %s failed (retried; logged once a minute)", what)
+        return BACKOFF[-1]
 
     def _check_pace(self, took: float) -> None:
         """A heartbeat slower than the TTL lets this node's record expire: say so."""
@@ -232,7 +236,6 @@ class FleetNode:
     def _back(self) -> None:
         if not self.connected:
             self.connected = True
-            self._resync = True
             log.info("fleet: connected to Redis at %s as node %s", self._where(), self.config.node)
 
     # ---- registry -------------------------------------------------------------------------
@@ -258,34 +261,37 @@ class FleetNode:
             pid=os.getpid(),
         )
 
-    async def _heartbeat(self) -> None:
+    async def _heartbeat(self) -> str | None:
+        """Write our record, read everyone's; returns the Redis data set's generation
+        (another than ours: Redis restarted empty or failed over, even if the client
+        reconnected without an error)."""
         record = await self._record()
         ttl_ms = int(self.config.ttl * 1000)
-        await self.redis.set(self._key(record.id), json.dumps(asdict(record)), px=ttl_ms)
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.set(self._key(record.id), json.dumps(asdict(record)), px=ttl_ms)
+        pipe.get(self._generation_key)
+        _, generation = await pipe.execute()
         self.nodes = await read_registry(self.redis, self.config.prefix)
         self.snapshot_at = time.monotonic()
         self._back()
+        return generation  # type: ignore[no-any-return]
 
     async def _heartbeats(self) -> None:
         failures = 0
         while True:
             try:
                 began = time.monotonic()
-                await self._heartbeat()
-                if self._pending or self._pending_removed or self._resync:
+                generation = await self._heartbeat()
+                if self._pending or self._pending_removed or generation != self._generation:
                     await self._reconcile()
                 self._check_pace(time.monotonic() - began)
                 failures = 0
                 delay = self.config.heartbeat
             except asyncio.CancelledError:
                 raise
-            except self._errors as exc:
-                self._lost(exc)
-                delay = BACKOFF[min(failures, len(BACKOFF) - 1)]
+            except Exception as exc:  # nothing may end the membership
+                delay = self._after_error(exc, failures, "heartbeat")
                 failures += 1
-            except Exception:  # anything else must not end the membership either
-                self._failed("heartbeat")
-                delay = BACKOFF[-1]
             self._beat.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._beat.wait(), delay)
@@ -394,8 +400,7 @@ class FleetNode:
         """Push what was made here meanwhile, read the fleet's revocations, apply."""
         await self._write_pending()
         generation, raw, lifted = await self._read_revocations()
-        if generation is None or generation != self._generation or self._resync:
-            self._resync = False
+        if generation is None or generation != self._generation:
             await self._republish()
             generation, raw, lifted = await self._read_revocations()
         now = time.time()
@@ -439,13 +444,9 @@ class FleetNode:
                 with contextlib.suppress(Exception):
                     await pubsub.aclose()
                 raise
-            except self._errors as exc:
-                self._lost(exc)
-                delay = BACKOFF[min(failures, len(BACKOFF) - 1)]
+            except Exception as exc:  # nothing may end the subscription
+                delay = self._after_error(exc, failures, "revocation sync")
                 failures += 1
-            except Exception:  # anything else must not end the subscription either
-                self._failed("revocation sync")
-                delay = BACKOFF[-1]
             with contextlib.suppress(Exception):
                 await pubsub.aclose()
             await asyncio.sleep(delay)

@@ -47,7 +47,7 @@ from turnserver.ops.config import (
 )
 from turnserver.ops.config_values import ConfigError, parse_admin_token
 from turnserver.ops.eventlog import quiet_loop_errors
-from turnserver.ops.fleet import FleetNode
+from turnserver.ops.fleet import FleetNode, join_fleet
 from turnserver.ops.http import serve_app
 from turnserver.ops.nodes import cross_node_warnings
 from turnserver.ops.process.worker import Shared, worker_main
@@ -302,7 +302,6 @@ class Supervisor:
         """fleet.redis: this node of the fleet is the supervisor (its workers are not)."""
         if self.admin is None:
             return
-        from turnserver.ops.fleet import join_fleet
         from turnserver.ops.uris import server_uris
 
         s = self.settings
