@@ -80,6 +80,7 @@ UNIT_MODULES = frozenset(
         "test_peer_policy",
         "test_proxy_protocol",
         "test_rest_usernames",
+        "test_scrape_throttle",
         "test_shared_quota",
         "test_stun_codec",
     }

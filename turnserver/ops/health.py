@@ -57,10 +57,13 @@ class ScrapeThrottle:
     async def get(self) -> bytes:
         arrived = time.monotonic()
         while True:
-            inflight = self._inflight
-            if inflight is not None:
+            inflight, started = self._inflight, self._started
+            # A rendering that is done but still recorded (its callback not yet run) and
+            # began before we arrived is skipped: awaiting a done future never yields, so
+            # waiting on it again would spin the event loop
+            if inflight is not None and (started >= arrived or not inflight.done()):
                 body = await asyncio.shield(inflight)
-                if self._started >= arrived:
+                if started >= arrived:
                     self.shared += 1
                     return body
                 continue  # it began before we arrived: wait for a newer one
@@ -75,11 +78,15 @@ class ScrapeThrottle:
     async def _render_now(self, now: float) -> bytes:
         future: asyncio.Future[bytes] = asyncio.ensure_future(self.render())
         self._inflight, self._started = future, now
-        try:
-            return await asyncio.shield(future)
-        finally:
+        future.add_done_callback(self._rendered)  # whether or not our caller waits on
+        return await asyncio.shield(future)
+
+    def _rendered(self, future: asyncio.Future[bytes]) -> None:
+        self.renders += 1
+        if self._inflight is future:
             self._inflight = None
-            self.renders += 1
+        if not future.cancelled():
+            future.exception()  # retrieved: every waiter has its own answer
 
 
 class ScrapeCollector(Collector):
