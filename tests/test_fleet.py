@@ -34,6 +34,7 @@ SECRET = "fleet-secret"
 API_KEY = "fleet-api-key"
 TOKEN = "fleet-admin-token-0123456789"
 HEARTBEAT = 0.5  # fleet.heartbeat: a node is gone 3 heartbeats after its last
+FLEET_QUOTA = 2  # fleet.max_allocations_per_user
 
 
 @dataclass
@@ -233,6 +234,7 @@ fleet:
   region: {region}
   heartbeat: {HEARTBEAT}
   region_header: X-Region
+  max_allocations_per_user: {FLEET_QUOTA}
 log:
   level: info
 """
@@ -345,6 +347,54 @@ def test_a_revocation_reaches_every_node_within_a_second(
     eventually(lambda: refused_code(nodes["A"], "oscar") == 403, 5.0, "A refuses oscar")
 
 
+async def _hold(nodes: list[Node], user: str) -> tuple[list[TurnClient], list[int]]:
+    """One Allocate as `user` on each of `nodes`, all at once: the clients that got an
+    allocation (left open) and the codes of those refused."""
+
+    async def one(node: Node) -> TurnClient | int:
+        try:
+            return await _allocate(node, user)
+        except TurnClientError as exc:
+            return exc.code
+
+    got = await asyncio.gather(*(one(n) for n in nodes))
+    return [c for c in got if isinstance(c, TurnClient)], [c for c in got if isinstance(c, int)]
+
+
+async def _release(clients: list[TurnClient]) -> None:
+    for c in clients:
+        await c.refresh(0)
+        c.close()
+
+
+def test_a_per_user_quota_holds_across_the_fleet(fleet: tuple[Redis, dict[str, Node]]) -> None:
+    """fleet.max_allocations_per_user 2: 50 concurrent Allocates of one user spread over
+    three nodes (each with the default worker count) get exactly 2 allocations, the rest
+    486; other users are not affected; released, the user may allocate again."""
+    _, nodes = fleet
+    spread = [list(nodes.values())[i % 3] for i in range(50)]
+
+    async def scenario() -> None:
+        held, refused = await _hold(spread, "quota-user")
+        try:
+            assert len(held) == FLEET_QUOTA, (len(held), refused)
+            assert refused == [486] * (50 - FLEET_QUOTA)
+            other, none = await _hold(list(nodes.values())[:2], "someone-else")
+            assert len(other) == 2 and none == []
+            await _release(other)
+        finally:
+            await _release(held)
+        again, refused = await _hold(list(nodes.values())[1:], "quota-user")
+        assert len(again) == 2 and refused == []
+        await _release(again)
+
+    asyncio.run(scenario())
+    leases = sum(
+        metric(n, 'turn_fleet_quota_leases_total{result="granted"}') or 0 for n in nodes.values()
+    )
+    assert leases >= FLEET_QUOTA + 2 + 2
+
+
 def test_redis_lost_and_back_empty_reconverges(fleet: tuple[Redis, dict[str, Node]]) -> None:
     redis, nodes = fleet
     assert admin(nodes["A"], "POST", "/revocations", {"user": "trudy", "for": "1h"})[0] == 201
@@ -361,8 +411,22 @@ def test_redis_lost_and_back_empty_reconverges(fleet: tuple[Redis, dict[str, Nod
     # made while Redis is away: kept, and given to the fleet when it is back
     assert admin(nodes["B"], "POST", "/revocations", {"user": "walter", "for": "1h"})[0] == 201
     assert "Redis" in nodes["B"].server.log()
+    # the fleet quota held by B's own count meanwhile, and given to Redis when it is back
+    runner = asyncio.Runner()
+    held, refused = runner.run(_hold([nodes["B"]] * 3, "ursula"))
+    assert len(held) == FLEET_QUOTA and refused == [486]
     redis.start()  # empty: no persistence
     eventually(lambda: len(registry(redis)) == 3, 15, "every node registered again")
+    try:
+        eventually(lambda: refused_code(nodes["A"], "ursula") == 486, 5, "A counts B's ursula")
+        # decided by B alone: walter's allocation above and ursula's two; her third refused
+        local = metric(nodes["B"], 'turn_fleet_quota_leases_total{result="local_granted"}')
+        assert local == 1 + FLEET_QUOTA
+        assert metric(nodes["B"], 'turn_fleet_quota_leases_total{result="local_refused"}') == 1
+    finally:
+        runner.run(_release(held))
+        runner.close()
+    eventually(lambda: refused_code(nodes["A"], "ursula") is None, 5, "ursula released")
     eventually(lambda: refused_code(nodes["C"], "walter") == 403, 10, "C refuses walter")
     assert refused_code(nodes["A"], "trudy") == 403  # given back by the nodes that knew it
     eventually(lambda: metric(nodes["A"], "turn_fleet_redis_connected") == 1, 10, "A reconnected")
@@ -390,13 +454,25 @@ def test_sigterm_leaves_at_once_and_kill_leaves_within_the_ttl(
     finally:
         live.close()
         runner.close()
-    # kill -9: no goodbye; gone once its record expires (3 heartbeats)
+    # kill -9: no goodbye; gone once its record expires (3 heartbeats), and the fleet
+    # quota leases of its allocations with it
     assert c.turn_uri in ice_turn_uris(a)
+    runner = asyncio.Runner()
+    held, _ = runner.run(_hold([c, c], "victor"))
+    assert len(held) == FLEET_QUOTA and refused_code(a, "victor") == 486
     start = time.monotonic()
     os.killpg(c.server.proc.pid, signal.SIGKILL)
-    eventually(lambda: c.turn_uri not in ice_turn_uris(a), 3 * HEARTBEAT + 2, "C gone")
-    gone_after = time.monotonic() - start
+    try:
+        eventually(lambda: c.turn_uri not in ice_turn_uris(a), 3 * HEARTBEAT + 2, "C gone")
+        gone_after = time.monotonic() - start
+        eventually(lambda: refused_code(a, "victor") is None, 3 * HEARTBEAT + 2, "leases freed")
+        freed_after = time.monotonic() - start
+    finally:
+        for client in held:
+            client.close()
+        runner.close()
     assert gone_after < 3 * HEARTBEAT + 1.5, gone_after
+    assert freed_after < 3 * HEARTBEAT + 1.5, freed_after
     assert "C" not in registry(redis)
     assert ice_turn_uris(a, "us")[0] == a.turn_uri  # no us node left: the rest, by load
 

@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import time
 from dataclasses import asdict
 from typing import Any
 
 import pytest
 
+from turnserver.core import events as ev
+from turnserver.core.fleet_leases import FleetLeases
 from turnserver.ops.admin import AdminApi, Filters
 from turnserver.ops.config import parse_yaml
 from turnserver.ops.config_values import ConfigError
@@ -19,6 +22,9 @@ from turnserver.ops.credentials import ServerUris
 from turnserver.ops.fleet import FleetConfig, FleetNode
 from turnserver.ops.fleet_registry import NodeRecord, fleet_table
 from turnserver.ops.revocations import RevocationStore
+from turnserver.stun import Attr, MessageClass, Method, decode_message, encode_message
+
+from .helpers import NOW, CoreClient, error_code, make_core
 
 
 def _record(name: str, region: str, allocations: int, **kw: Any) -> NodeRecord:
@@ -187,3 +193,81 @@ def test_fleet_keys_are_checked_and_named() -> None:
     ):
         with pytest.raises(ConfigError, match=key):
             parse_yaml(text)
+
+
+# ---- the fleet's per-user quota in the core (core/fleet_leases.py) ------------------------
+
+
+def _deferred_allocate(core: Any, client: Any) -> bytes:
+    """An authenticated Allocate the core defers for a lease: its bytes."""
+    first = client.request(Method.ALLOCATE, [(Attr.REQUESTED_TRANSPORT, 17)], auth=False)
+    assert error_code(first) == 401
+    client.nonce = first.get(Attr.NONCE)
+    data = encode_message(
+        Method.ALLOCATE,
+        MessageClass.REQUEST,
+        os.urandom(12),
+        [
+            (Attr.REQUESTED_TRANSPORT, 17),
+            (Attr.USERNAME, client.username),
+            (Attr.REALM, client.realm),
+            (Attr.NONCE, client.nonce),
+        ],
+        integrity_key=client.key,
+    )
+    assert core.handle_message(data, client.ft, NOW) is None  # no answer yet
+    return data
+
+
+def test_an_allocate_waits_for_its_lease_and_gives_it_back_when_it_ends() -> None:
+    core, _ = make_core()
+    core.fleet_leases = FleetLeases(2)
+    c = CoreClient(core)
+    data = _deferred_allocate(core, c)
+    [asked] = [e for e in core.drain_events() if isinstance(e, ev.FleetLeaseNeeded)]
+    assert (asked.user, asked.message, asked.five_tuple) == ("alice", data, c.ft)
+    # a retransmission while the lease is asked for: dropped, not asked again
+    assert core.handle_message(data, c.ft, NOW) is None
+    assert not [e for e in core.drain_events() if isinstance(e, ev.FleetLeaseNeeded)]
+    out = core.fleet_lease_result(c.ft, asked.transaction_id, "alice", data, True, NOW)
+    assert decode_message(out).message_class == MessageClass.SUCCESS
+    assert core.allocations[c.ft].fleet_lease
+    assert not core.fleet_leases.pending and not core.fleet_leases.granted
+    # a retransmission after the answer: the same response, no second lease
+    assert core.handle_message(data, c.ft, NOW) == out
+    core.drain_events()
+    assert c.request(Method.REFRESH, [(Attr.LIFETIME, 0)]).get(Attr.LIFETIME) == 0
+    released = [e for e in core.drain_events() if isinstance(e, ev.FleetLeaseReleased)]
+    assert [e.user for e in released] == ["alice"]
+
+
+def test_a_refused_lease_is_486_and_an_untaken_one_goes_back() -> None:
+    core, opener = make_core()
+    core.fleet_leases = FleetLeases(2)
+    c = CoreClient(core)
+    data = _deferred_allocate(core, c)
+    tid = decode_message(data).transaction_id
+    out = core.fleet_lease_result(c.ft, tid, "alice", data, False, NOW)
+    assert error_code(decode_message(out)) == 486
+    refused = [e for e in core.drain_events() if isinstance(e, ev.AllocationRefused)]
+    assert refused[-1].reason == "quota_fleet_user"
+    assert not core.allocations and not core.fleet_leases.refused
+    # a lease granted for a request the core no longer waits on is given back at once
+    assert core.fleet_lease_result(c.ft, tid, "alice", data, True, NOW) is None
+    released = [e for e in core.drain_events() if isinstance(e, ev.FleetLeaseReleased)]
+    assert [e.user for e in released] == ["alice"]
+    # granted, but the Allocate fails after all (no relay port): given back too
+    opener.busy = set(range(50000, 50100))
+    d = CoreClient(core, ("192.0.2.60", 1))
+    data = _deferred_allocate(core, d)
+    tid = decode_message(data).transaction_id
+    out = core.fleet_lease_result(d.ft, tid, "alice", data, True, NOW)
+    assert error_code(decode_message(out)) == 508
+    released = [e for e in core.drain_events() if isinstance(e, ev.FleetLeaseReleased)]
+    assert [e.user for e in released] == ["alice"]
+
+
+def test_a_core_without_the_fleet_quota_never_waits() -> None:
+    core, _ = make_core()
+    assert CoreClient(core).allocate().message_class == MessageClass.SUCCESS
+    assert not any(isinstance(e, ev.FleetLeaseNeeded) for e in core.drain_events())

@@ -196,6 +196,12 @@ def _serve_parser(sub: Any) -> None:
     p.add_argument("--fleet-redis", metavar="URL", help="join a fleet on this Redis (fleet.redis)")
     p.add_argument("--fleet-node", metavar="NAME", help="this node's name (default: host name)")
     p.add_argument("--fleet-region", metavar="NAME", help="this node's region label")
+    p.add_argument(
+        "--fleet-max-allocations-per-user",
+        metavar="N",
+        type=int,
+        help="allocations per user across the fleet (fleet.max_allocations_per_user; 0: off)",
+    )
     p.add_argument("--log-level", choices=LOG_LEVELS, help="log level (default info)")
     p.add_argument("--log-format", choices=LOG_FORMATS, help="log format (default text)")
     p.add_argument("--loop", choices=LOOP_CHOICES, help="event loop (default auto: uvloop)")

@@ -130,6 +130,7 @@ REASONS = (
     (403, "peer", "the server's peer policy refused the media peer (a private address?)"),
     (486, "client_ip", "allocation quota reached for this client address"),
     (486, "quota_user", "allocation quota reached for this user (allocations.max_per_user)"),
+    (486, "quota_fleet", "this user's allocations across the fleet reached its quota"),
     (486, "quota_total", "the server's allocation limit is reached"),
     (508, "draining", "the server is draining (shutting down): try another server"),
     (508, "fd_limit", "the server is out of file descriptors"),

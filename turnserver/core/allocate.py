@@ -22,6 +22,7 @@ from turnserver.core.errors import (
     UnsupportedTransport,
 )
 from turnserver.core.five_tuple import ClientTransport, FiveTuple
+from turnserver.core.fleet_leases import MAX_PENDING
 from turnserver.core.state import (
     BIND_ATTEMPTS,
     FAMILY_VERSION,
@@ -29,6 +30,7 @@ from turnserver.core.state import (
     VERSION_FAMILY,
     Attributes,
     CoreState,
+    DeferredResponse,
     Reservation,
     TimerKind,
 )
@@ -62,10 +64,55 @@ class AllocationHandlers(CoreState):
         transport = msg.get(Attr.REQUESTED_TRANSPORT)
         if transport is None:
             raise BadRequest("missing REQUESTED-TRANSPORT")
-        if transport == TransportProtocol.TCP and cfg.tcp_relay:
-            return self._allocate_tcp(msg, ft, ident, now)
-        if transport != TransportProtocol.UDP:
+        tcp = transport == TransportProtocol.TCP and cfg.tcp_relay
+        if not tcp and transport != TransportProtocol.UDP:
             raise UnsupportedTransport(f"REQUESTED-TRANSPORT {transport} is not supported")
+        leased = self._fleet_admit(msg, ft, ident)
+        try:
+            if tcp:
+                attrs = self._allocate_tcp(msg, ft, ident, now)
+            else:
+                attrs = self._allocate_udp(msg, ft, ident, now)
+        except Exception:
+            if leased:
+                self._fleet_release(ident.user)
+            raise
+        if leased:
+            self.allocations[ft].fleet_lease = True
+        return attrs
+
+    def _fleet_admit(self, msg: StunMessage, ft: FiveTuple, ident: Identity) -> bool:
+        """The fleet's per-user quota (core/fleet_leases.py): True when this Allocate
+        takes a lease granted for it; refused, 486; not asked yet, ask and answer later."""
+        leases = self.fleet_leases
+        if leases is None or ident.internal:
+            return False
+        key = (ft, msg.transaction_id)
+        if leases.granted.pop(key, None) is not None:
+            return True
+        if key in leases.refused:
+            leases.refused.discard(key)
+            raise AllocationQuotaReached(
+                f"user {ident.user!r} has {leases.limit} allocations across the fleet",
+                reason="quota_fleet_user",
+            )
+        if key not in leases.pending:  # else a retransmission: its answer is coming
+            if len(leases.pending) >= MAX_PENDING:
+                raise AllocationQuotaReached(
+                    "too many Allocates waiting for the fleet's quota", reason="quota_fleet_busy"
+                )
+            leases.pending[key] = ident.user
+            self.events.append(ev.FleetLeaseNeeded(ft, msg.transaction_id, ident.user, msg.raw))
+        raise DeferredResponse
+
+    def _fleet_release(self, user: str) -> None:
+        self.events.append(ev.FleetLeaseReleased(user))
+
+    def _allocate_udp(
+        self, msg: StunMessage, ft: FiveTuple, ident: Identity, now: float
+    ) -> Attributes:
+        """RFC 8656 §7.2, a UDP relayed address (or two)."""
+        cfg = self.config
         token: bytes | None = msg.get(Attr.RESERVATION_TOKEN)
         even_port: bool | None = msg.get(Attr.EVEN_PORT)
         requested_family = msg.get(Attr.REQUESTED_ADDRESS_FAMILY)
@@ -391,6 +438,8 @@ class AllocationHandlers(CoreState):
         self.allocations.pop(alloc.five_tuple, None)
         self.allocations_by_id.pop(alloc.id, None)
         self.quotas.release(alloc.user, alloc.five_tuple.client[0])
+        if alloc.fleet_lease:
+            self._fleet_release(alloc.user)
         if alloc.reservation:  # an unused EVEN-PORT reservation ends with its allocation
             self._release_reservation(alloc.reservation)
         relayed = alloc.relayed_addresses

@@ -142,6 +142,7 @@ class Allocation:
         "dont_fragment",
         "expires",
         "five_tuple",
+        "fleet_lease",
         "icmp_window",
         "id",
         "is_tcp",
@@ -199,6 +200,7 @@ class Allocation:
         self.allocate_transaction_id = b""
         self.allocate_response = b""
         self.reservation = b""  # the RESERVATION-TOKEN of the port this allocation holds
+        self.fleet_lease = False  # counts in the fleet's per-user quota (fleet_leases.py)
         self.dont_fragment = False
         self.live = True
         # errno -> (last reported, suppressed since): send errors are logged sparingly

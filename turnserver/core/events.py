@@ -184,6 +184,23 @@ class MessageDiscarded(ReasonEvent):
     """A datagram or message from a client that was dropped (malformed, no allocation...)."""
 
 
+@dataclass(slots=True)
+class FleetLeaseNeeded:
+    """An Allocate waits for a fleet-wide per-user lease (core/fleet_leases.py)."""
+
+    five_tuple: FiveTuple
+    transaction_id: bytes
+    user: str
+    message: bytes  # the Allocate, run again with the answer
+
+
+@dataclass(slots=True)
+class FleetLeaseReleased:
+    """An allocation that held a fleet lease ended (or its Allocate failed after all)."""
+
+    user: str
+
+
 Event = (
     AllocationCreated
     | AllocationRefused
@@ -203,6 +220,8 @@ Event = (
     | TlsHandshakeFailed
     | PeerConnectionBound
     | ConnectionBindForwarded
+    | FleetLeaseNeeded
+    | FleetLeaseReleased
 )
 
 

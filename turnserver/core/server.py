@@ -101,6 +101,31 @@ class TurnServer(AdminActions, PermissionHandlers, TcpConnectionHandlers):
         """ChannelData from a client when the I/O fast path did not take it (RFC 8656 §12.6)."""
         self.relay_channel_data(self.allocations.get(five_tuple), number, payload, now)
 
+    def fleet_lease_result(
+        self, ft: FiveTuple, transaction_id: bytes, user: str, message: bytes, ok: bool, now: float
+    ) -> bytes | None:
+        """The fleet answered the lease a FleetLeaseNeeded asked for (`message` is that
+        event's Allocate): the Allocate runs again and its response, for the client of
+        `ft`, is returned. A granted lease the request no longer takes (its nonce went
+        stale, the client allocated meanwhile, the fleet quota was switched off) is
+        given back at once."""
+        leases = self.fleet_leases
+        key = (ft, transaction_id)
+        if leases is None or leases.pending.pop(key, None) is None:
+            if ok:
+                self._fleet_release(user)
+            return None
+        if ok:
+            leases.granted[key] = user
+        else:
+            leases.refused.add(key)
+        try:
+            return self.handle_message(message, ft, now)
+        finally:
+            if leases.granted.pop(key, None) is not None:
+                self._fleet_release(user)
+            leases.refused.discard(key)
+
     def close_five_tuple(self, five_tuple: FiveTuple, now: float) -> None:
         """The client's connection closed: its allocation goes with it (RFC 6062 §2)."""
         self.remote_binds.pop(five_tuple, None)

@@ -30,6 +30,7 @@ from turnserver.core.errors import (
     WrongCredentials,
 )
 from turnserver.core.five_tuple import FiveTuple
+from turnserver.core.fleet_leases import FleetLeases
 from turnserver.core.own_addresses import OwnAddresses
 from turnserver.core.policy import PeerPolicy, canonical_ip
 from turnserver.core.ports import RelayPortPool, random_bytes
@@ -170,6 +171,7 @@ class CoreState:
         self._verdicts_for: PeerPolicy | None = None
         self.allocations: dict[FiveTuple, Allocation] = {}
         self.quotas: QuotaLedger = LocalQuotaLedger()
+        self.fleet_leases: FleetLeases | None = None  # fleet.max_allocations_per_user
         self.reservations: dict[bytes, Reservation] = {}
         self.relay_addresses: dict[int, RelayAddress] = {
             r.family: r for r in config.relay_addresses

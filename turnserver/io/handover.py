@@ -17,6 +17,9 @@ Messages (JSON, one datagram each; the socket rides on "given"):
   closed {cid}                 holder -> owner: the pipe ended
   gone   {worker}              supervisor -> every worker: that worker died
   metrics {req}                supervisor -> worker; answered with {req, families}
+  lease   {req, user}          worker -> supervisor: a fleet quota lease (ops/fleet_quota.py)
+  leased  {req, ok}            supervisor -> worker
+  unlease {user}               worker -> supervisor: an allocation with a lease ended
 The directory is private to the server (mode 0700), created by the supervisor.
 """
 
@@ -40,6 +43,7 @@ from turnserver.io.tcp_relay import PeerTcpConnection, TcpRelay
 log = logging.getLogger("turnserver")
 
 BIND_TIMEOUT = 5.0  # the owner's answer to a forwarded ConnectionBind
+LEASE_TIMEOUT = 3.0  # the supervisor's answer to a fleet quota lease (it waits ≤ 1 s on Redis)
 MAX_MESSAGE = 4096
 LOG_INTERVAL = 60.0
 BUFFER = 1 << 20
@@ -137,6 +141,7 @@ class WorkerBus:
         self.stats = {"forwarded": 0, "handed_over": 0, "received": 0, "failed": 0}
         self._errors: dict[str, float] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self._leases: dict[int, asyncio.Future[bool]] = {}  # asked of the supervisor
         # the worker's metric families, for its supervisor's /metrics (ops/process/)
         self.metrics_source: Callable[[], object] | None = None
         runtime.loop.add_reader(self.sock.fileno(), self._readable)
@@ -162,6 +167,28 @@ class WorkerBus:
             self.stats["failed"] += 1
             self._log_once(why, f"worker bus: cannot reach worker {worker} ({why})")
         return not why
+
+    # ---- fleet quota leases (asked of the supervisor, the fleet's node) ---------------------
+
+    async def ask_lease(self, user: str) -> bool:
+        """A fleet quota lease for one more allocation of `user`; False when refused or
+        when the supervisor does not answer in time (486: the client may retry)."""
+        self._req += 1
+        req = self._req
+        waiter: asyncio.Future[bool] = self.runtime.loop.create_future()
+        self._leases[req] = waiter
+        try:
+            if not self.send(SUPERVISOR, {"op": "lease", "req": req, "user": user}):
+                return False
+            return await asyncio.wait_for(waiter, LEASE_TIMEOUT)
+        except TimeoutError:
+            self._log_once("lease", "worker bus: no fleet quota answer from the supervisor")
+            return False
+        finally:
+            self._leases.pop(req, None)
+
+    def give_back_lease(self, user: str) -> None:
+        self.send(SUPERVISOR, {"op": "unlease", "user": user})
 
     def _log_once(self, key: str, message: str) -> None:
         now = time.monotonic()
@@ -302,7 +329,7 @@ class WorkerBus:
                 return
             try:
                 body = json.loads(data)
-                sender = _sender(addr)
+                sender = bus_sender(addr)
                 self._dispatch(sender, body, fds[0] if fds else None)
             except (ValueError, TypeError, KeyError, AttributeError):
                 for fd in fds:
@@ -326,6 +353,10 @@ class WorkerBus:
                 conn.close()
         elif op == "gone" and sender == SUPERVISOR:
             self._gone(int(body["worker"]))
+        elif op == "leased" and sender == SUPERVISOR:
+            waiter = self._leases.get(int(body["req"]))
+            if waiter is not None and not waiter.done():
+                waiter.set_result(bool(body["ok"]))
         elif op == "metrics" and sender == SUPERVISOR and self.metrics_source is not None:
             reply = {"op": "metrics", "req": int(body["req"]), "families": self.metrics_source()}
             self.send(SUPERVISOR, reply)
@@ -348,7 +379,7 @@ class WorkerBus:
         self.runtime.after_core_call()
 
 
-def _sender(addr: Any) -> int:
+def bus_sender(addr: Any) -> int:
     """The worker index of a bus address (`.../w3`); SUPERVISOR for the supervisor's,
     -2 for an unbound sender."""
     name = os.path.basename(addr) if isinstance(addr, str) else ""

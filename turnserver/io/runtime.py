@@ -14,7 +14,7 @@ from turnserver.core import events as ev
 from turnserver.core.allocation import Allocation
 from turnserver.core.auth import Authenticator
 from turnserver.core.config import CoreConfig
-from turnserver.core.five_tuple import ClientTransport
+from turnserver.core.five_tuple import ClientTransport, FiveTuple
 from turnserver.core.policy import PeerPolicy
 from turnserver.core.server import TurnServer
 from turnserver.io.descriptors import DescriptorBudget, tighter
@@ -280,6 +280,22 @@ class ServerRuntime:
         """Report an I/O-level event to the sinks (metrics, logs)."""
         for sink in self.event_sinks:
             sink(event)
+
+    def answer(self, ft: FiveTuple, response: bytes) -> None:
+        """Send a response the core produced later than its request (a deferred
+        Allocate) to the client of `ft`, by the listener or connection it came on."""
+        if ft.transport == ClientTransport.UDP:
+            listener = self.udp_listeners.get(ft.server)
+            if listener is None:
+                return
+            try:
+                listener.sock.sendto(response, ft.client)
+            except OSError:
+                self.core.stats.dropped_send_error += 1
+            return
+        stream = self.stream_connections.get(ft)
+        if stream is not None and stream.transport is not None:
+            stream.transport.write(response)
 
     def after_core_call(self, duration: float | None = None) -> None:
         """Dispatch the core's events and re-arm the single expiry timer.

@@ -33,6 +33,7 @@ from turnserver.ops.config import (
 from turnserver.ops.config_values import AdminToken, ConfigError, parse_admin_token
 from turnserver.ops.eventlog import log, setup_logging
 from turnserver.ops.fleet import FleetNode, join_fleet
+from turnserver.ops.fleet_quota import OWN, FleetQuota, enforce_fleet_quota
 from turnserver.ops.health import Health
 from turnserver.ops.metrics import Metrics
 from turnserver.ops.nodes import cross_node_warnings
@@ -84,6 +85,18 @@ class Server:
         self.api: CredentialsApi | None = None
         self.admin: AdminService | None = None
         self.fleet: FleetNode | None = None  # fleet.redis: one of several servers
+        self.fleet_quota: FleetQuota | None = None  # fleet.max_allocations_per_user
+        limit = settings.fleet_max_allocations_per_user
+        if settings.fleet_redis and limit:
+            quota = self.fleet_quota = FleetQuota(
+                limit, settings.fleet_prefix, settings.fleet_node or socket.gethostname()
+            )
+            enforce_fleet_quota(
+                self.runtime,
+                limit,
+                lambda user: quota.lease(user, OWN),
+                lambda user: quota.release(user, OWN),
+            )
         self.worker_index = 0
         # revocations made through the admin API that a worker inherits from its supervisor
         self.initial_revocations: Revocations = {}
@@ -169,6 +182,7 @@ class Server:
                 LocalBackend(self.runtime).summary,
                 self.admin.api,
                 self.metrics.registry,
+                self.fleet_quota,
             )
         except OSError:
             self.runtime.stop()

@@ -87,6 +87,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         "fleet_redis": "fleet_redis",
         "fleet_node": "fleet_node",
         "fleet_region": "fleet_region",
+        "fleet_max_allocations_per_user": "fleet_max_allocations_per_user",
     }
     for arg, attr in simple.items():
         value = getattr(args, arg)
@@ -97,7 +98,14 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 def serve_overrides(args: argparse.Namespace) -> dict[str, Any]:
     """The settings `serve`'s flags give, checked as the file's values are."""
-    from turnserver.ops.config_values import _cidr_list, _ip_list, _label, _node_name, _redis_url
+    from turnserver.ops.config_values import (
+        _cidr_list,
+        _int,
+        _ip_list,
+        _label,
+        _node_name,
+        _redis_url,
+    )
 
     overrides = _overrides(args)
     for key, check, flag in (
@@ -109,6 +117,7 @@ def serve_overrides(args: argparse.Namespace) -> dict[str, Any]:
         ("fleet_redis", _redis_url, "--fleet-redis"),
         ("fleet_node", _node_name, "--fleet-node"),
         ("fleet_region", _label, "--fleet-region"),
+        ("fleet_max_allocations_per_user", _int(0, 1_000_000), "--fleet-max-allocations-per-user"),
     ):
         if key in overrides:
             value = overrides[key]

@@ -113,6 +113,7 @@ class Settings:
     fleet_heartbeat: float = 1.0
     fleet_required: bool = False
     fleet_max_servers: int = 3
+    fleet_max_allocations_per_user: int = 0  # across the fleet (ops/fleet_quota.py); 0: off
     fleet_region_header: str = ""
     fleet_regions: tuple[tuple[str, tuple[str, ...]], ...] = ()
     # set by the supervisor for its workers' internal admin listeners, not a config key
@@ -248,6 +249,7 @@ SCHEMA: dict[str, tuple[str, Check]] = {
     "fleet.heartbeat": ("fleet_heartbeat", _float(0.2, 60)),
     "fleet.required": ("fleet_required", _bool),
     "fleet.max_servers": ("fleet_max_servers", _int(1, 64)),
+    "fleet.max_allocations_per_user": ("fleet_max_allocations_per_user", _int(0, 1_000_000)),
     "fleet.region_header": ("fleet_region_header", _opt_label),
     "fleet.regions": ("fleet_regions", _regions),
     "log.level": ("log_level", _choice(LOG_LEVELS)),

@@ -39,6 +39,7 @@ from prometheus_client.registry import CollectorRegistry
 
 from turnserver.core.policy import IPNetwork, parse_networks
 from turnserver.ops.credentials import ServerUris
+from turnserver.ops.fleet_quota import FleetQuota, FleetQuotaCollector
 from turnserver.ops.fleet_registry import FleetCollector, NodeRecord, read_registry, redis_client
 
 if TYPE_CHECKING:
@@ -74,6 +75,7 @@ class FleetConfig:
     max_servers: int = 3
     region_header: str = ""
     regions: tuple[tuple[str, tuple[IPNetwork, ...]], ...] = ()
+    max_allocations_per_user: int = 0
 
     @property
     def ttl(self) -> float:
@@ -96,6 +98,7 @@ class FleetConfig:
             max_servers=s.fleet_max_servers,
             region_header=s.fleet_region_header,
             regions=tuple((name, parse_networks(list(cidrs))) for name, cidrs in s.fleet_regions),
+            max_allocations_per_user=s.fleet_max_allocations_per_user,
         )
 
 
@@ -109,6 +112,7 @@ class FleetNode:
         ready: Callable[[], Awaitable[bool]],
         summary: Callable[[], Awaitable[dict[str, Any]]],
         admin: AdminApi | None,
+        quota: FleetQuota | None = None,
     ) -> None:
         from redis.exceptions import RedisError  # imported only by a fleet's node (~0.1 s)
 
@@ -119,6 +123,9 @@ class FleetNode:
         self.summary = summary
         self.admin = admin
         self.redis: Any = redis_client(config.redis, config.password)
+        self.quota = quota  # fleet.max_allocations_per_user (ops/fleet_quota.py)
+        if quota is not None:
+            quota.attach(self.redis, self._errors, self._lost, lambda: self.connected)
         self.draining = False
         self.connected = False
         self.errors = 0
@@ -180,6 +187,8 @@ class FleetNode:
                 await task
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self.redis.delete(self._key(self.config.node)), 2)
+        if self.quota is not None:
+            await self.quota.leave()
         with contextlib.suppress(Exception):
             await self.redis.aclose()
 
@@ -269,8 +278,10 @@ class FleetNode:
         ttl_ms = int(self.config.ttl * 1000)
         pipe = self.redis.pipeline(transaction=False)
         pipe.set(self._key(record.id), json.dumps(asdict(record)), px=ttl_ms)
+        if self.quota is not None:  # our quota leases count while this lives
+            pipe.set(self.quota.alive_key, "1", px=ttl_ms)
         pipe.get(self._generation_key)
-        _, generation = await pipe.execute()
+        generation = (await pipe.execute())[-1]
         self.nodes = await read_registry(self.redis, self.config.prefix)
         self.snapshot_at = time.monotonic()
         self._back()
@@ -283,7 +294,11 @@ class FleetNode:
                 began = time.monotonic()
                 generation = await self._heartbeat()
                 if self._pending or self._pending_removed or generation != self._generation:
+                    if self.quota is not None and generation != self._generation:
+                        self.quota.republish()  # Redis lost its data: our counts again
                     await self._reconcile()
+                if self.quota is not None:
+                    await self.quota.flush()
                 self._check_pace(time.monotonic() - began)
                 failures = 0
                 delay = self.config.heartbeat
@@ -459,6 +474,7 @@ async def join_fleet(
     summary: Callable[[], Awaitable[dict[str, Any]]],
     admin: AdminApi,
     registry: CollectorRegistry,
+    quota: FleetQuota | None = None,
 ) -> FleetNode | None:
     """This process's membership when fleet.redis is set (one process, or a supervisor
     for its workers): revocations made here go out, the fleet's come in, the registry
@@ -466,8 +482,10 @@ async def join_fleet(
     config = FleetConfig.from_settings(settings)
     if config is None:
         return None
-    node = FleetNode(config, own_uris, ready, summary, admin)
+    node = FleetNode(config, own_uris, ready, summary, admin, quota)
     admin.publish = node.publish
     await node.start()
     registry.register(FleetCollector(node))
+    if quota is not None:
+        registry.register(FleetQuotaCollector(quota))
     return node

@@ -76,6 +76,8 @@ MERGE_RULES: dict[str, Merge] = {
     "turn_metrics_unmerged_families": Merge.SUM,
     "turn_metrics_scrapes": Merge.SUM,
     "turn_http_connections_refused": Merge.SUM,
+    "turn_fleet_redis_errors": Merge.SUM,  # the fleet is the supervisor's (one node)
+    "turn_fleet_quota_leases": Merge.SUM,
     # state
     "turn_allocations_active": Merge.SUM,
     "turn_permissions_active": Merge.SUM,
@@ -90,6 +92,10 @@ MERGE_RULES: dict[str, Merge] = {
     "turn_offload_passed_up": Merge.MAX,  # read from the one program's shared counters
     "turn_workers": Merge.SUM,
     "turn_http_connections_active": Merge.SUM,
+    "turn_fleet_redis_connected": Merge.MAX,
+    "turn_fleet_nodes": Merge.MAX,
+    "turn_fleet_quota_held": Merge.SUM,
+    "turn_fleet_quota_unwritten_users": Merge.SUM,
     "turn_limit": Merge.LIMIT,
     "turn_probe_success": Merge.MIN,
     "turn_probe_rtt_seconds": Merge.MAX,

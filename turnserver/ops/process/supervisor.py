@@ -48,6 +48,7 @@ from turnserver.ops.config import (
 from turnserver.ops.config_values import ConfigError, parse_admin_token
 from turnserver.ops.eventlog import quiet_loop_errors
 from turnserver.ops.fleet import FleetNode, join_fleet
+from turnserver.ops.fleet_quota import FleetQuota
 from turnserver.ops.http import serve_app
 from turnserver.ops.nodes import cross_node_warnings
 from turnserver.ops.process.worker import Shared, worker_main
@@ -151,6 +152,12 @@ class Supervisor:
         self.stopping = False
         self.restarts: list[float] = []
         self.view = WorkersView(self, bus_dir, settings.max_allocations)
+        if settings.fleet_redis and settings.fleet_max_allocations_per_user:
+            self.view.quota = FleetQuota(
+                settings.fleet_max_allocations_per_user,
+                settings.fleet_prefix,
+                settings.fleet_node or socket.gethostname(),
+            )
         self._tasks: set[asyncio.Task[None]] = set()
 
     @property
@@ -317,6 +324,7 @@ class Supervisor:
             admin.backend.summary,
             admin,
             self.view.registry,
+            self.view.quota,
         )
         if api is not None and self.fleet is not None:
             api.fleet = self.fleet

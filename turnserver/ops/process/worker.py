@@ -20,6 +20,7 @@ from turnserver.io.offload import FlowMaps
 from turnserver.ops.config import Settings, build_settings, load_file
 from turnserver.ops.config_values import ConfigError
 from turnserver.ops.eventlog import quiet_loop_errors, setup_logging
+from turnserver.ops.fleet_quota import enforce_fleet_quota
 from turnserver.ops.revocations import Revocations
 from turnserver.ops.runtime_setup import own_ports
 from turnserver.ops.shared_quota import SharedQuotaLedger
@@ -85,6 +86,10 @@ def worker_main(
         metrics_listen=("127.0.0.1", 0),
         workers=1,
         fleet_redis=None,  # the supervisor is this node of the fleet
+        # its quota leases are asked of the supervisor over the worker bus
+        fleet_max_allocations_per_user=(
+            settings.fleet_max_allocations_per_user if settings.fleet_redis else 0
+        ),
     )
     _, factory = loop_factory(settings.loop)
 
@@ -110,6 +115,11 @@ def worker_main(
             runtime, shared.bus_dir, index, workers, runtime.stream_connections.get
         )
         runtime.handover.metrics_source = lambda: families_of(server.metrics.registry)
+        if mine.fleet_max_allocations_per_user:
+            bus = runtime.handover
+            enforce_fleet_quota(
+                runtime, mine.fleet_max_allocations_per_user, bus.ask_lease, bus.give_back_lease
+            )
         # Signals count from the first moment (the default action of SIGHUP would end
         # the process); a SIGHUP before the listeners are up is applied once they are
         stop = asyncio.Event()

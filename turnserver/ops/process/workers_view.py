@@ -24,7 +24,14 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from turnserver import __version__
-from turnserver.io.handover import SUPERVISOR, bus_path, send_bus_message
+from turnserver.io.handover import (
+    LEASE_TIMEOUT,
+    SUPERVISOR,
+    bus_path,
+    bus_sender,
+    send_bus_message,
+)
+from turnserver.ops.fleet_quota import FleetQuota
 from turnserver.ops.health import ScrapeCollector, ScrapeThrottle
 from turnserver.ops.service_metrics import ServiceCollector
 from turnserver.ops.worker_metrics import (
@@ -100,6 +107,8 @@ class WorkersView:
         info.labels(__version__).set(1)
         self.scrapes = ScrapeThrottle(self._render)
         self.registry.register(ScrapeCollector(self.scrapes))
+        self.quota: FleetQuota | None = None  # fleet.max_allocations_per_user: workers ask
+        self._lease_tasks: set[asyncio.Task[None]] = set()
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self.session = aiohttp.ClientSession()
@@ -116,7 +125,10 @@ class WorkersView:
             self.session = None
 
     def gone(self, worker: int) -> None:
-        """Tell every other worker that `worker` died (its RFC 6062 pipes end)."""
+        """Tell every other worker that `worker` died (its RFC 6062 pipes end); its
+        fleet quota leases end with its allocations."""
+        if self.quota is not None:
+            self.quota.owner_gone(worker)
         for other in range(self.pool.n):
             if other != worker:
                 send_bus_message(self.bus, self.bus_dir, other, {"op": "gone", "worker": worker})
@@ -127,16 +139,46 @@ class WorkersView:
         """Workers' answers on the bus: their metric families."""
         for _ in range(64):
             try:
-                data = self.bus.recv(BUS_BUFFER)
+                data, addr = self.bus.recvfrom(BUS_BUFFER)
             except OSError:
                 return
             try:
                 body = json.loads(data)
+                op = body.get("op")
+                if op in ("lease", "unlease"):
+                    self._lease_message(bus_sender(addr), op, body)
+                    continue
                 waiter = self._waiting.pop(int(body["req"]), None)
                 if waiter is not None and not waiter.done():
                     waiter.set_result(import_families(body["families"]))
             except (ValueError, KeyError, TypeError):
                 continue
+
+    def _lease_message(self, worker: int, op: str, body: dict[str, Any]) -> None:
+        """A worker's fleet quota lease asked for, or given back."""
+        quota = self.quota
+        if quota is None or not 0 <= worker < self.pool.n:
+            return
+        user = str(body["user"])
+        if op == "unlease":
+            quota.release(user, worker)
+            return
+        task = asyncio.get_running_loop().create_task(
+            self._lease(quota, worker, int(body["req"]), user)
+        )
+        self._lease_tasks.add(task)
+        task.add_done_callback(self._lease_tasks.discard)
+
+    async def _lease(self, quota: FleetQuota, worker: int, req: int, user: str) -> None:
+        loop = asyncio.get_running_loop()
+        asked = loop.time()
+        ok = await quota.lease(user, worker)
+        if ok and loop.time() - asked > LEASE_TIMEOUT - 1.0:
+            quota.release(user, worker)  # too late: the worker has refused already
+            ok = False
+        answer = {"op": "leased", "req": req, "ok": ok}
+        if send_bus_message(self.bus, self.bus_dir, worker, answer) and ok:
+            quota.release(user, worker)  # the worker will never know it has it
 
     async def _worker_families(self, index: int) -> list[Family] | None:
         """One worker's metric families over the bus (a datagram each way: no HTTP)."""
