@@ -50,18 +50,24 @@ class _Renderer:
         return str(n).encode()
 
 
+async def _rendering_begun() -> tuple[_Renderer, ScrapeThrottle, asyncio.Future[bytes]]:
+    """A throttle whose first request began rendering 1, held until render.gate is set."""
+    render = _Renderer()
+    render.gate.clear()
+    throttle = ScrapeThrottle(render)
+    first = asyncio.ensure_future(throttle.get())
+    while render.count == 0:
+        await asyncio.sleep(0)
+    return render, throttle, first
+
+
 def test_a_request_after_a_finished_rendering_is_answered_not_spun_on() -> None:
     """The scrape flood that wedged the supervisor: a rendering finishes, and before the
     request that began it resumes, a new request arrives. It must get a rendering of its
     own, with the event loop free meanwhile."""
 
     async def scenario() -> tuple[bytes, bytes, int]:
-        render = _Renderer()
-        render.gate.clear()
-        throttle = ScrapeThrottle(render)
-        first = asyncio.ensure_future(throttle.get())
-        while render.count == 0:
-            await asyncio.sleep(0)
+        render, throttle, first = await _rendering_begun()
         render.gate.set()  # the rendering finishes on the next turn of the loop...
         second = asyncio.ensure_future(throttle.get())  # ...and this one arrives after
         return await first, await second, throttle.renders
@@ -72,12 +78,7 @@ def test_a_request_after_a_finished_rendering_is_answered_not_spun_on() -> None:
 
 def test_requests_during_a_rendering_wait_for_a_newer_one_and_share_it() -> None:
     async def scenario() -> tuple[list[bytes], int, int]:
-        render = _Renderer()
-        render.gate.clear()
-        throttle = ScrapeThrottle(render)
-        first = asyncio.ensure_future(throttle.get())
-        while render.count == 0:
-            await asyncio.sleep(0)
+        render, throttle, first = await _rendering_begun()
         late = [asyncio.ensure_future(throttle.get()) for _ in range(10)]
         await asyncio.sleep(0)
         render.gate.set()
@@ -130,14 +131,9 @@ def test_a_caller_gone_mid_rendering_leaves_it_to_the_others() -> None:
     still get that rendering, and the throttle is ready for the next."""
 
     async def scenario() -> tuple[list[bytes], bytes, int]:
-        render = _Renderer()
-        render.gate.clear()
-        throttle = ScrapeThrottle(render)
-        owner = asyncio.ensure_future(throttle.get())
-        while render.count == 0:
-            await asyncio.sleep(0)
-        # arrived "before" rendering 1 began? No: after; so they wait for rendering 2,
-        # which begins once 1 is done whether or not its owner is still there
+        render, throttle, owner = await _rendering_begun()
+        # these arrive after rendering 1 began, so they wait for rendering 2, which
+        # begins once 1 is done whether or not its owner is still there
         others = [asyncio.ensure_future(throttle.get()) for _ in range(3)]
         await asyncio.sleep(0)
         owner.cancel()

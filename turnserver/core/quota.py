@@ -45,12 +45,13 @@ class LocalQuotaLedger:
         return None
 
     def release(self, user: str, client_ip: str) -> None:
-        _decrement(self.per_user, user)
-        _decrement(self.per_ip, client_ip)
+        decrement(self.per_user, user)
+        decrement(self.per_ip, client_ip)
         self.total = max(0, self.total - 1)
 
 
-def _decrement(counts: dict[str, int], key: str) -> None:
+def decrement(counts: dict[str, int], key: str) -> None:
+    """One less of `key`; a count that reaches 0 leaves the table."""
     left = counts.get(key, 0) - 1
     if left > 0:
         counts[key] = left

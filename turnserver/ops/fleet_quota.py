@@ -34,6 +34,7 @@ from prometheus_client.registry import Collector
 from turnserver.core import events as ev
 from turnserver.core.events import EventTable
 from turnserver.core.fleet_leases import FleetLeases
+from turnserver.core.quota import decrement
 
 if TYPE_CHECKING:
     from turnserver.io.runtime import ServerRuntime
@@ -145,8 +146,8 @@ class FleetQuota:
         counts = self.by_owner.get(owner)
         if counts is None or counts.get(user, 0) <= 0:
             return  # not ours (a worker restarted since): nothing to give back
-        _decrement(counts, user)
-        _decrement(self.held, user)
+        decrement(counts, user)
+        decrement(self.held, user)
         self.dirty.add(user)
         self._flush_soon()
 
@@ -199,14 +200,6 @@ class FleetQuota:
         if self.redis is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.redis.delete(self.alive_key), 2)
-
-
-def _decrement(counts: dict[str, int], user: str) -> None:
-    left = counts.get(user, 0) - 1
-    if left > 0:
-        counts[user] = left
-    else:
-        counts.pop(user, None)
 
 
 class FleetQuotaCollector(Collector):
