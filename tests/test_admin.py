@@ -197,6 +197,8 @@ async def test_refusals_are_json_and_never_500(server: RunningServer) -> None:
             ("GET", "/allocations?limit=0", b"", 400),
             ("GET", "/allocations?limit=x", b"", 400),
             ("GET", "/allocations?transport=sctp", b"", 400),
+            ("GET", "/allocations?fleet=1", b"", 400),  # not in a fleet
+            ("DELETE", "/allocations/other~w0-nope", b"", 404),
             ("GET", "/nothing-here", b"", 404),
         ]
         for method, path, data, expected in cases:

@@ -395,6 +395,50 @@ def test_a_per_user_quota_holds_across_the_fleet(fleet: tuple[Redis, dict[str, N
     assert leases >= FLEET_QUOTA + 2 + 2
 
 
+def admin_cli(node: Node, *args: str) -> subprocess.CompletedProcess[str]:
+    server = f"http://127.0.0.1:{node.admin}"
+    return subprocess.run(
+        [sys.executable, "-m", "turnserver", "admin", "--server", server, "--token", TOKEN, *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+
+
+def test_admin_on_any_node_lists_and_ends_every_nodes_allocations(
+    fleet: tuple[Redis, dict[str, Node]],
+) -> None:
+    """`turnserver admin sessions --fleet` against A lists B's and C's allocations (ids
+    that name their node); `kill` of C's through A ends it on C; B's stays."""
+    _, nodes = fleet
+    a, b, c = nodes["A"], nodes["B"], nodes["C"]
+    runner = asyncio.Runner()
+    held = [runner.run(_allocate(b, "fan")), runner.run(_allocate(c, "fan"))]
+    try:
+        status, body = admin(a, "GET", "/allocations?fleet=1&user=fan")
+        assert status == 200 and body["unreachable"] == [], body
+        assert sorted(x["node"] for x in body["allocations"]) == ["B", "C"]
+        listed = admin_cli(a, "sessions", "--fleet", "--user", "fan", "--json")
+        assert listed.returncode == 0, listed.stderr
+        rows = {r["node"]: r for r in json.loads(listed.stdout)}
+        assert set(rows) == {"B", "C"} and rows["C"]["id"].startswith("C~")
+        killed = admin_cli(a, "kill", rows["C"]["id"])
+        assert killed.returncode == 0, killed.stderr
+        eventually(
+            lambda: admin(c, "GET", "/allocations?user=fan")[1]["allocations"] == [],
+            2.0,
+            "C ended fan's allocation",
+        )
+        status, one = admin(a, "GET", f"/allocations/{rows['B']['id']}")
+        assert status == 200 and one["user"] == "fan"
+        assert admin(a, "GET", "/allocations/nowhere~w0-1")[0] == 404
+    finally:
+        runner.run(_release(held[:1]))
+        for client in held:
+            client.close()
+        runner.close()
+
+
 def test_redis_lost_and_back_empty_reconverges(fleet: tuple[Redis, dict[str, Node]]) -> None:
     redis, nodes = fleet
     assert admin(nodes["A"], "POST", "/revocations", {"user": "trudy", "for": "1h"})[0] == 201

@@ -34,6 +34,7 @@ SPECIAL = {
     "workers": "one per CPU",
     "software": "turnserver/VERSION",
     "fleet.node": "the host name",
+    "fleet.admin_url": "admin.listen",
     **{f"fleet.{k}": "none" for k in ("region", "zone", "region_header")},
 }
 

@@ -2,6 +2,7 @@
 
     turnserver admin --server http://127.0.0.1:9642 --token-file T sessions --user alice
     turnserver admin --server URL1 --server URL2 revoke alice --for 2h --reason "banned"
+    turnserver admin --server URL --token-file T sessions --fleet   (every node of a fleet)
 
 Every command goes to every --server (e.g. each pod of the DaemonSet); the exit code is
 non-zero when any server refused or could not be reached.
@@ -22,7 +23,11 @@ from turnserver.ops.credentials import parse_ttl
 
 
 class AdminError(Exception):
-    """A server refused a request or could not be reached."""
+    """A server refused a request or could not be reached (with what was read anyway)."""
+
+    def __init__(self, message: str, partial: list[dict[str, Any]] | None = None) -> None:
+        super().__init__(message)
+        self.partial = partial or []
 
 
 def _call(
@@ -61,6 +66,8 @@ def _sessions(server: str, token: str, args: argparse.Namespace) -> list[dict[st
         query = {"limit": "1000", "cursor": cursor}
         if args.user:
             query["user"] = args.user
+        if args.fleet:  # the node fans out to every node of the registry (no paging)
+            query = {k: v for k, v in query.items() if k != "cursor"} | {"fleet": "1"}
         page = _call(
             server,
             token,
@@ -69,6 +76,12 @@ def _sessions(server: str, token: str, args: argparse.Namespace) -> list[dict[st
             insecure=args.insecure,
         )
         out += [{**a, "server": server} for a in page["allocations"]]
+        if page.get("unreachable"):
+            raise AdminError(
+                f"{server}: nodes that did not answer: {', '.join(page['unreachable'])} "
+                f"(the {len(out)} allocations of the others are listed)",
+                out,
+            )
         cursor = page.get("next_cursor", "")
         if not cursor:
             return out
@@ -144,6 +157,8 @@ def admin_command(args: argparse.Namespace) -> int:
                 print(json.dumps({"server": server, **got}, indent=2))
         except (AdminError, ValueError) as exc:
             print(f"turnserver admin: {exc}", file=sys.stderr)
+            if isinstance(exc, AdminError) and args.admin_command == "sessions":
+                rows += exc.partial
             failed = True
     if args.admin_command == "sessions":
         print(json.dumps(rows, indent=2) if args.json else _table(rows))
@@ -170,6 +185,12 @@ def add_admin_parser(sub: Any) -> None:
     s = cmds.add_parser("sessions", help="live allocations, like ps")
     s.add_argument("--user", help="only this user (static user or REST user part)")
     s.add_argument("--json", action="store_true", help="a JSON list of objects")
+    s.add_argument(
+        "--fleet",
+        action="store_true",
+        help="every node's allocations, through the node --server names (fleet.redis); "
+        "ids name their node, and `kill` with one reaches that node from any node",
+    )
     k = cmds.add_parser("kill", help="end one allocation now")
     k.add_argument("id")
     r = cmds.add_parser("revoke", help="end a user's allocations and refuse them until a time")

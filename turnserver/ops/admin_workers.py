@@ -12,7 +12,7 @@ from urllib.parse import quote
 import aiohttp
 
 from turnserver.core.auth import ascii_int
-from turnserver.ops.admin import Filters, summarize
+from turnserver.ops.admin_backend import Filters, summarize
 from turnserver.ops.revocations import Revocations
 
 

@@ -28,6 +28,7 @@ from turnserver.ops.config_values import (
     _float,
     _host_port,
     _host_port_or_off,
+    _http_url,
     _impairment_list,
     _int,
     _ip_list,
@@ -114,6 +115,7 @@ class Settings:
     fleet_required: bool = False
     fleet_max_servers: int = 3
     fleet_max_allocations_per_user: int = 0  # across the fleet (ops/fleet_quota.py); 0: off
+    fleet_admin_url: str = ""  # how other nodes reach our admin API (default: admin.listen)
     fleet_region_header: str = ""
     fleet_regions: tuple[tuple[str, tuple[str, ...]], ...] = ()
     # set by the supervisor for its workers' internal admin listeners, not a config key
@@ -250,6 +252,7 @@ SCHEMA: dict[str, tuple[str, Check]] = {
     "fleet.required": ("fleet_required", _bool),
     "fleet.max_servers": ("fleet_max_servers", _int(1, 64)),
     "fleet.max_allocations_per_user": ("fleet_max_allocations_per_user", _int(0, 1_000_000)),
+    "fleet.admin_url": ("fleet_admin_url", _http_url),
     "fleet.region_header": ("fleet_region_header", _opt_label),
     "fleet.regions": ("fleet_regions", _regions),
     "log.level": ("log_level", _choice(LOG_LEVELS)),
@@ -373,6 +376,20 @@ def api_certificate(s: Settings) -> tuple[str, str] | None:
 def admin_certificate(s: Settings) -> tuple[str, str] | None:
     """(cert, key) the admin API serves HTTPS with, or None for plain HTTP."""
     return _https_certificate("admin.tls", s.admin_listen, s.admin_tls, s.cert_file, s.key_file)
+
+
+def fleet_admin_url(s: Settings) -> str:
+    """Where the other nodes of a fleet reach this node's admin API: fleet.admin_url, or
+    admin.listen when it names an address (not a wildcard); "" when neither does."""
+    if s.fleet_admin_url:
+        return s.fleet_admin_url.rstrip("/")
+    if s.admin_listen is None:
+        return ""
+    host, port = s.admin_listen
+    if ipaddress.ip_address(host).is_unspecified:
+        return ""
+    scheme = "https" if admin_certificate(s) else "http"
+    return f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
 
 
 def preflight_page_enabled(s: Settings) -> bool:

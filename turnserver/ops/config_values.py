@@ -127,6 +127,14 @@ def _node_name(v: Any, key: str) -> str | None:
     return _label(v, key) or None
 
 
+def _http_url(v: Any, key: str) -> str:
+    """An http:// or https:// base URL, or empty."""
+    text = _str(v, key)
+    if text and not (text.startswith(("http://", "https://")) and len(text) > 8):
+        raise ConfigError(f"{key}: {text!r} is not an http:// or https:// URL")
+    return text
+
+
 def _redis_url(v: Any, key: str) -> str | None:
     """redis://, rediss:// (TLS) or unix:// (a socket path)."""
     if v is None:

@@ -29,23 +29,28 @@ import json
 import logging
 import os
 import secrets
-import socket
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client.registry import CollectorRegistry
 
-from turnserver.core.policy import IPNetwork, parse_networks
 from turnserver.ops.credentials import ServerUris
 from turnserver.ops.fleet_quota import FleetQuota, FleetQuotaCollector
-from turnserver.ops.fleet_registry import FleetCollector, NodeRecord, read_registry, redis_client
+from turnserver.ops.fleet_registry import (
+    FleetCollector,
+    FleetConfig,
+    NodeRecord,
+    read_registry,
+    redis_client,
+)
 
 if TYPE_CHECKING:
     from turnserver.ops.admin import AdminApi
     from turnserver.ops.config import Settings
 
+__all__ = ["FleetConfig", "FleetNode", "join_fleet"]
 log = logging.getLogger("turnserver.fleet")
 LOG_INTERVAL = 60.0
 BACKOFF = (0.2, 0.5, 1.0, 2.0, 5.0)
@@ -58,48 +63,6 @@ def _float(text: str) -> float:
         return float(text)
     except ValueError:
         return 0.0
-
-
-@dataclass(frozen=True, slots=True)
-class FleetConfig:
-    """The `fleet:` section."""
-
-    redis: str
-    node: str
-    password: str | None = None
-    region: str = ""
-    zone: str = ""
-    prefix: str = "turnserver:"
-    heartbeat: float = 1.0
-    required: bool = False
-    max_servers: int = 3
-    region_header: str = ""
-    regions: tuple[tuple[str, tuple[IPNetwork, ...]], ...] = ()
-    max_allocations_per_user: int = 0
-
-    @property
-    def ttl(self) -> float:
-        """A node that misses this long of heartbeats leaves the registry."""
-        return 3 * self.heartbeat
-
-    @classmethod
-    def from_settings(cls, s: Settings) -> FleetConfig | None:
-        if not s.fleet_redis:
-            return None
-        return cls(
-            redis=s.fleet_redis,
-            node=s.fleet_node or socket.gethostname(),
-            password=s.fleet_redis_password,
-            region=s.fleet_region,
-            zone=s.fleet_zone,
-            prefix=s.fleet_prefix,
-            heartbeat=s.fleet_heartbeat,
-            required=s.fleet_required,
-            max_servers=s.fleet_max_servers,
-            region_header=s.fleet_region_header,
-            regions=tuple((name, parse_networks(list(cidrs))) for name, cidrs in s.fleet_regions),
-            max_allocations_per_user=s.fleet_max_allocations_per_user,
-        )
 
 
 class FleetNode:
@@ -268,6 +231,7 @@ class FleetNode:
             updated=time.time(),
             started=self.started,
             pid=os.getpid(),
+            admin=self.config.admin_url,
         )
 
     async def _heartbeat(self) -> str | None:
@@ -310,6 +274,14 @@ class FleetNode:
             self._beat.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._beat.wait(), delay)
+
+    def admin_peers(self) -> dict[str, str]:
+        """The other nodes' admin API URLs (from the last snapshot), by node name."""
+        return {n.id: n.admin for n in self.nodes.values() if n.admin and n.id != self.config.node}
+
+    @property
+    def node_name(self) -> str:
+        return self.config.node
 
     def healthy_nodes(self) -> list[NodeRecord]:
         """Healthy nodes of the last snapshot; when Redis is away, this node alone."""
@@ -484,6 +456,7 @@ async def join_fleet(
         return None
     node = FleetNode(config, own_uris, ready, summary, admin, quota)
     admin.publish = node.publish
+    admin.fleet = node
     await node.start()
     registry.register(FleetCollector(node))
     if quota is not None:

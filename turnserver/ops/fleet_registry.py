@@ -1,17 +1,70 @@
-"""The fleet's registry of nodes (ops/fleet.py writes it): a node's record, reading them
-all, this node's turn_fleet_* series, and `turnserver fleet` (a table or JSON)."""
+"""The fleet's registry of nodes (ops/fleet.py writes it): the fleet: section, a node's
+record, reading them all, this node's turn_fleet_* series, and `turnserver fleet` (a
+table or JSON)."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+
+from turnserver.core.policy import IPNetwork, parse_networks
+
+if TYPE_CHECKING:
+    from turnserver.ops.config import Settings
+
+
+@dataclass(frozen=True, slots=True)
+class FleetConfig:
+    """The `fleet:` section."""
+
+    redis: str
+    node: str
+    password: str | None = None
+    region: str = ""
+    zone: str = ""
+    prefix: str = "turnserver:"
+    heartbeat: float = 1.0
+    required: bool = False
+    max_servers: int = 3
+    region_header: str = ""
+    regions: tuple[tuple[str, tuple[IPNetwork, ...]], ...] = ()
+    max_allocations_per_user: int = 0
+    admin_url: str = ""
+
+    @property
+    def ttl(self) -> float:
+        """A node that misses this long of heartbeats leaves the registry."""
+        return 3 * self.heartbeat
+
+    @classmethod
+    def from_settings(cls, s: Settings) -> FleetConfig | None:
+        from turnserver.ops.config import fleet_admin_url
+
+        if not s.fleet_redis:
+            return None
+        return cls(
+            redis=s.fleet_redis,
+            node=s.fleet_node or socket.gethostname(),
+            password=s.fleet_redis_password,
+            region=s.fleet_region,
+            zone=s.fleet_zone,
+            prefix=s.fleet_prefix,
+            heartbeat=s.fleet_heartbeat,
+            required=s.fleet_required,
+            max_servers=s.fleet_max_servers,
+            region_header=s.fleet_region_header,
+            regions=tuple((name, parse_networks(list(cidrs))) for name, cidrs in s.fleet_regions),
+            max_allocations_per_user=s.fleet_max_allocations_per_user,
+            admin_url=fleet_admin_url(s),
+        )
 
 
 class FleetState(Protocol):
@@ -38,6 +91,7 @@ class NodeRecord:
     updated: float
     started: float = 0.0
     pid: int = 0
+    admin: str = ""  # its admin API's base URL, for fan-out ("": not reachable)
 
     @classmethod
     def parse(cls, text: str) -> NodeRecord | None:
@@ -57,6 +111,7 @@ class NodeRecord:
                 updated=float(data.get("updated", 0)),
                 started=float(data.get("started", 0)),
                 pid=int(data.get("pid", 0)),
+                admin=str(data.get("admin", "")),
             )
         except (ValueError, KeyError, TypeError):
             return None
