@@ -66,7 +66,7 @@ class Redis:
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
-    def start(self) -> None:
+    def start(self, extra: list[str] | None = None) -> None:
         self.proc = subprocess.Popen(
             [
                 self.binary,
@@ -80,6 +80,7 @@ class Redis:
                 "no",
                 "--dir",
                 str(self.tmp),
+                *(extra or []),
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -552,3 +553,49 @@ def test_redis_unreachable_at_start(tmp_path: Path) -> None:
     )
     assert done.returncode == 1, done.stderr
     assert "fleet.redis" in done.stderr
+
+
+def test_a_node_follows_redis_sentinel_through_a_failover(tmp_path: Path) -> None:
+    """fleet.redis redis+sentinel://: the node registers in the master Sentinel names,
+    and after the master is killed and Sentinel promotes the replica, in the new one."""
+    (tmp_path / "replica").mkdir()
+    master, replica = Redis(tmp_path), Redis(tmp_path / "replica")
+    master.start()
+    replica.start(["--replicaof", "127.0.0.1", str(master.port)])
+    sentinel_port = free_port(socket.SOCK_STREAM)
+    conf = tmp_path / "sentinel.conf"
+    conf.write_text(
+        f"port {sentinel_port}\nbind 127.0.0.1\ndir {tmp_path}\n"
+        f"sentinel monitor fleet 127.0.0.1 {master.port} 1\n"
+        "sentinel down-after-milliseconds fleet 1000\nsentinel failover-timeout fleet 5000\n"
+    )
+    sentinel = subprocess.Popen(
+        [master.binary, str(conf), "--sentinel"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    args = [
+        "--secret", SECRET, "--relay-ip", "127.0.0.1", "--probe-interval", "0",
+        "--fleet-redis", f"redis+sentinel://127.0.0.1:{sentinel_port}/fleet",
+        "--fleet-node", "S",
+    ]  # fmt: skip
+    try:
+        eventually(lambda: replica_synced(replica), 15, "the replica follows the master")
+        with turnserver_process(tmp_path, *args, workers=None) as server:
+            eventually(lambda: "S" in registry(master), 15, "S registered in the master")
+            master.stop()  # Sentinel promotes the replica
+            eventually(lambda: "S" in registry(replica), 30, "S registered in the new master")
+            assert "Traceback" not in server.log()
+    finally:
+        sentinel.terminate()
+        sentinel.wait(10)
+        replica.stop()
+        master.stop()
+
+
+def replica_synced(redis: Redis) -> bool:
+    with socket.create_connection(("127.0.0.1", redis.port), timeout=2) as s:
+        s.sendall(b"INFO replication\r\n")
+        time.sleep(0.05)
+        return b"master_link_status:up" in s.recv(4096)

@@ -271,3 +271,22 @@ def test_a_core_without_the_fleet_quota_never_waits() -> None:
     core, _ = make_core()
     assert CoreClient(core).allocate().message_class == MessageClass.SUCCESS
     assert not any(isinstance(e, ev.FleetLeaseNeeded) for e in core.drain_events())
+
+
+def test_sentinel_urls_are_read_or_refused_by_name() -> None:
+    from turnserver.ops.config_values import _redis_url
+    from turnserver.ops.fleet_registry import parse_sentinel_url
+
+    assert parse_sentinel_url("redis+sentinel://a:26380,[::1],b/turn/2") == (
+        [("a", 26380), ("::1", 26379), ("b", 26379)],
+        "turn",
+        2,
+    )
+    for bad, words in (
+        ("redis+sentinel://a:26379", "no service name"),
+        ("redis+sentinel://a:port/turn", "is not HOST:PORT"),
+        ("redis+sentinel://a/turn/x", "is not a number"),
+        ("sentinel://a/turn", "is not a Redis URL"),
+    ):
+        with pytest.raises(ConfigError, match=words):
+            _redis_url(bad, "fleet.redis")

@@ -136,14 +136,22 @@ def _http_url(v: Any, key: str) -> str:
 
 
 def _redis_url(v: Any, key: str) -> str | None:
-    """redis://, rediss:// (TLS) or unix:// (a socket path)."""
+    """redis://, rediss:// (TLS), unix:// (a socket path) or redis+sentinel://."""
     if v is None:
         return None
     text = _str(v, key)
+    if text.startswith("redis+sentinel://"):
+        from turnserver.ops.fleet_registry import parse_sentinel_url
+
+        try:
+            parse_sentinel_url(text)
+        except ValueError as exc:
+            raise ConfigError(f"{key}: {exc}") from None
+        return text
     if not text.startswith(("redis://", "rediss://", "unix://")):
         raise ConfigError(
             f"{key}: {text!r} is not a Redis URL (redis://HOST:PORT/DB, rediss:// for TLS, "
-            "unix:///path/to/socket)"
+            "unix:///path/to/socket, redis+sentinel://HOST:PORT,HOST:PORT/SERVICE)"
         )
     return text
 

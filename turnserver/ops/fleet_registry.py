@@ -122,8 +122,10 @@ class NodeRecord:
 
 
 def redis_client(url: str, password: str | None = None) -> Any:
-    """The asyncio client for fleet.redis (redis://, rediss://, unix://); short timeouts
-    so that a Redis that went away costs a heartbeat, never a stalled loop."""
+    """The asyncio client for fleet.redis (redis://, rediss://, unix://, or
+    redis+sentinel://HOST:PORT,HOST:PORT/SERVICE[/DB]: the master Sentinel names, followed
+    through failovers by the client library); short timeouts so that a Redis that went
+    away costs a heartbeat, never a stalled loop."""
     import redis.asyncio as aioredis
 
     kwargs: dict[str, Any] = {
@@ -134,7 +136,41 @@ def redis_client(url: str, password: str | None = None) -> Any:
     }
     if password is not None:
         kwargs["password"] = password
+    if url.startswith(SENTINEL_SCHEME):
+        from redis.asyncio.sentinel import Sentinel
+
+        sentinels, service, db = parse_sentinel_url(url)
+        sentinel = Sentinel(sentinels, socket_connect_timeout=2, socket_timeout=2)
+        return sentinel.master_for(service, db=db, **kwargs)
     return aioredis.from_url(url, **kwargs)
+
+
+SENTINEL_SCHEME = "redis+sentinel://"
+
+
+def parse_sentinel_url(url: str) -> tuple[list[tuple[str, int]], str, int]:
+    """redis+sentinel://HOST[:PORT],.../SERVICE[/DB] -> sentinels, service, db
+    (ValueError names what is wrong)."""
+    hosts, _, path = url[len(SENTINEL_SCHEME) :].partition("/")
+    service, _, db = path.partition("/")
+    sentinels = []
+    for part in hosts.split(","):
+        part = part.strip()
+        if part.startswith("["):  # [IPv6]:PORT
+            host, _, rest = part[1:].partition("]")
+            port = rest[1:] if rest.startswith(":") else "26379"
+        else:
+            host, sep, port = part.rpartition(":")
+            if not sep:
+                host, port = port, "26379"
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"{part!r} is not HOST:PORT")
+        sentinels.append((host, int(port)))
+    if not service:
+        raise ValueError("no service name (redis+sentinel://HOST:PORT/SERVICE)")
+    if db and not db.isdigit():
+        raise ValueError(f"database {db!r} is not a number")
+    return sentinels, service, int(db or 0)
 
 
 async def read_registry(client: Any, prefix: str) -> dict[str, NodeRecord]:
