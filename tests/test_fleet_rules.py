@@ -274,8 +274,7 @@ def test_a_core_without_the_fleet_quota_never_waits() -> None:
 
 
 def test_sentinel_urls_are_read_or_refused_by_name() -> None:
-    from turnserver.ops.config_values import _redis_url
-    from turnserver.ops.fleet_registry import parse_sentinel_url
+    from turnserver.ops.config_values import _redis_url, parse_sentinel_url
 
     assert parse_sentinel_url("redis+sentinel://a:26380,[::1],b/turn/2") == (
         [("a", 26380), ("::1", 26379), ("b", 26379)],

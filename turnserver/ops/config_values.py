@@ -135,14 +135,40 @@ def _http_url(v: Any, key: str) -> str:
     return text
 
 
+SENTINEL_SCHEME = "redis+sentinel://"
+
+
+def parse_sentinel_url(url: str) -> tuple[list[tuple[str, int]], str, int]:
+    """redis+sentinel://HOST[:PORT],.../SERVICE[/DB] -> sentinels, service, db
+    (ValueError names what is wrong)."""
+    hosts, _, path = url[len(SENTINEL_SCHEME) :].partition("/")
+    service, _, db = path.partition("/")
+    sentinels = []
+    for part in hosts.split(","):
+        part = part.strip()
+        if part.startswith("["):  # [IPv6]:PORT
+            host, _, rest = part[1:].partition("]")
+            port = rest[1:] if rest.startswith(":") else "26379"
+        else:
+            host, sep, port = part.rpartition(":")
+            if not sep:
+                host, port = port, "26379"
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"{part!r} is not HOST:PORT")
+        sentinels.append((host, int(port)))
+    if not service:
+        raise ValueError("no service name (redis+sentinel://HOST:PORT/SERVICE)")
+    if db and not db.isdigit():
+        raise ValueError(f"database {db!r} is not a number")
+    return sentinels, service, int(db or 0)
+
+
 def _redis_url(v: Any, key: str) -> str | None:
     """redis://, rediss:// (TLS), unix:// (a socket path) or redis+sentinel://."""
     if v is None:
         return None
     text = _str(v, key)
     if text.startswith("redis+sentinel://"):
-        from turnserver.ops.fleet_registry import parse_sentinel_url
-
         try:
             parse_sentinel_url(text)
         except ValueError as exc:

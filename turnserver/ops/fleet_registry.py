@@ -16,6 +16,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from turnserver.core.policy import IPNetwork, parse_networks
+from turnserver.ops.config_values import SENTINEL_SCHEME, parse_sentinel_url
 
 if TYPE_CHECKING:
     from turnserver.ops.config import Settings
@@ -143,34 +144,6 @@ def redis_client(url: str, password: str | None = None) -> Any:
         sentinel = Sentinel(sentinels, socket_connect_timeout=2, socket_timeout=2)
         return sentinel.master_for(service, db=db, **kwargs)
     return aioredis.from_url(url, **kwargs)
-
-
-SENTINEL_SCHEME = "redis+sentinel://"
-
-
-def parse_sentinel_url(url: str) -> tuple[list[tuple[str, int]], str, int]:
-    """redis+sentinel://HOST[:PORT],.../SERVICE[/DB] -> sentinels, service, db
-    (ValueError names what is wrong)."""
-    hosts, _, path = url[len(SENTINEL_SCHEME) :].partition("/")
-    service, _, db = path.partition("/")
-    sentinels = []
-    for part in hosts.split(","):
-        part = part.strip()
-        if part.startswith("["):  # [IPv6]:PORT
-            host, _, rest = part[1:].partition("]")
-            port = rest[1:] if rest.startswith(":") else "26379"
-        else:
-            host, sep, port = part.rpartition(":")
-            if not sep:
-                host, port = port, "26379"
-        if not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise ValueError(f"{part!r} is not HOST:PORT")
-        sentinels.append((host, int(port)))
-    if not service:
-        raise ValueError("no service name (redis+sentinel://HOST:PORT/SERVICE)")
-    if db and not db.isdigit():
-        raise ValueError(f"database {db!r} is not a number")
-    return sentinels, service, int(db or 0)
 
 
 async def read_registry(client: Any, prefix: str) -> dict[str, NodeRecord]:
