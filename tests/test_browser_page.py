@@ -156,7 +156,8 @@ async def run_page(url: str, timeout: float = 90.0) -> dict[str, Any]:
                 report: dict[str, Any] = json.loads(value)
                 return report
             await asyncio.sleep(0.5)
-    raise AssertionError("the page did not finish")
+        status = await _evaluate(ws, ident + 1, "document.getElementById('status').textContent")
+    raise AssertionError(f"the page did not finish; its status line: {status!r}")
 
 
 @pytest.mark.timeout(240)

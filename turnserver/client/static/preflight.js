@@ -203,19 +203,32 @@ function render(results) {
   }
 }
 
+// Every step of testUri has its own bound; this one makes sure a browser that never
+// settles a WebRTC call (offer, stats) still gets a report rather than a page that hangs.
+function bounded(test, url) {
+  const limit = 2 * TIMEOUT_MS + 10000;
+  const late = new Promise((resolve) => setTimeout(() => resolve({
+    url, transport: transportOf(url), connected: false, pair: null, rttMs: null, quality: null,
+    verdict: FAILS, ok: false, audioPacketsReceived: 0, dataEcho: false, turnErrors: [],
+    error: `the browser did not finish this test in ${limit / 1000} s`, hint: "",
+  }), limit));
+  return Promise.race([test, late]);
+}
+
 async function main() {
   const status = document.getElementById("status");
   document.getElementById("start").disabled = true;
   const report = { startedAt: new Date().toISOString(), userAgent: navigator.userAgent, results: [] };
   try {
     const params = new URLSearchParams(location.search);
-    const resp = await fetch("preflight/credentials" + (params.has("bad") ? "?bad=1" : ""));
+    const resp = await fetch("preflight/credentials" + (params.has("bad") ? "?bad=1" : ""),
+                             { signal: AbortSignal.timeout(TIMEOUT_MS) });
     if (!resp.ok) throw new Error(`credentials: HTTP ${resp.status}`);
     const cred = await resp.json();
     const urls = cred.uris.filter((u) => u.startsWith("turn"));
     status.textContent = `Testing ${urls.length} transports…`;
     for (const url of urls) {
-      report.results.push(await testUri(url, cred.username, cred.password));
+      report.results.push(await bounded(testUri(url, cred.username, cred.password), url));
       render(report.results);
     }
     const working = report.results.filter((r) => r.ok).map((r) => r.transport);
