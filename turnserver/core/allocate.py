@@ -88,10 +88,10 @@ class AllocationHandlers(CoreState):
         if leases is None or ident.internal:
             return False
         key = (ft, msg.transaction_id)
-        if leases.granted.pop(key, None) is not None:
+        if key in leases.granted:
+            leases.granted.discard(key)
             return True
-        if key in leases.refused:
-            leases.refused.discard(key)
+        if key in leases.refused:  # (fleet_lease_result forgets it)
             raise AllocationQuotaReached(
                 f"user {ident.user!r} has {leases.limit} allocations across the fleet",
                 reason="quota_fleet_user",
@@ -101,7 +101,7 @@ class AllocationHandlers(CoreState):
                 raise AllocationQuotaReached(
                     "too many Allocates waiting for the fleet's quota", reason="quota_fleet_busy"
                 )
-            leases.pending[key] = ident.user
+            leases.pending.add(key)
             self.events.append(ev.FleetLeaseNeeded(ft, msg.transaction_id, ident.user, msg.raw))
         raise DeferredResponse
 

@@ -25,6 +25,6 @@ class FleetLeases:
 
     def __init__(self, limit: int) -> None:
         self.limit = limit  # allocations per user across the fleet
-        self.pending: dict[LeaseKey, str] = {}  # asked for, by user
-        self.granted: dict[LeaseKey, str] = {}  # answered yes, not yet taken
+        self.pending: set[LeaseKey] = set()  # asked for
+        self.granted: set[LeaseKey] = set()  # answered yes, not yet taken
         self.refused: set[LeaseKey] = set()  # answered no, not yet told

@@ -111,18 +111,17 @@ class TurnServer(AdminActions, PermissionHandlers, TcpConnectionHandlers):
         given back at once."""
         leases = self.fleet_leases
         key = (ft, transaction_id)
-        if leases is None or leases.pending.pop(key, None) is None:
+        if leases is None or key not in leases.pending:
             if ok:
                 self._fleet_release(user)
             return None
-        if ok:
-            leases.granted[key] = user
-        else:
-            leases.refused.add(key)
+        leases.pending.discard(key)
+        (leases.granted if ok else leases.refused).add(key)
         try:
             return self.handle_message(message, ft, now)
         finally:
-            if leases.granted.pop(key, None) is not None:
+            if key in leases.granted:  # not taken
+                leases.granted.discard(key)
                 self._fleet_release(user)
             leases.refused.discard(key)
 

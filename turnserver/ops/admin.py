@@ -21,7 +21,6 @@ import hmac
 import logging
 import time
 import unicodedata
-import urllib.parse
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -171,11 +170,11 @@ class AdminApi(FleetAdmin):
         transport = q.get("transport", "")
         if transport not in ("", "udp", "tcp", "tls"):
             return _error(400, "transport must be udp, tcp or tls")
+        filters = Filters(q.get("user", ""), q.get("client", ""), q.get("peer", ""), transport)
         if q.get("fleet") in ("1", "true"):
             if self.fleet is None:
                 return _error(400, "fleet=1: this server is not in a fleet (fleet.redis)")
-            return await self._fleet_allocations(request, limit)
-        filters = Filters(q.get("user", ""), q.get("client", ""), q.get("peer", ""), transport)
+            return await self._fleet_allocations(request, filters, limit)
         items = await self.backend.allocations(filters, limit, q.get("cursor", ""))
         body: dict[str, Any] = {"allocations": items}
         if len(items) == limit:
@@ -184,15 +183,9 @@ class AdminApi(FleetAdmin):
 
     async def get_allocation(self, request: web.Request) -> web.Response:
         allocation_id = request.match_info["id"]
-        try:
-            remote = self._on_node(allocation_id)
-        except KeyError:
-            return _error(404, "no such node in the fleet")
-        if remote is not None:
-            url, own_id = remote
-            quoted = urllib.parse.quote(own_id, safe="")
-            status, body = await self._forward(request, f"{url}/admin/v1/allocations/{quoted}")
-            return web.json_response(body, status=status)
+        forwarded = await self._on_owner(request, allocation_id)
+        if forwarded is not None:
+            return forwarded
         info = await self.backend.allocation(self._local_id(allocation_id))
         if info is None:
             return _error(404, "no such allocation")
@@ -200,19 +193,9 @@ class AdminApi(FleetAdmin):
 
     async def delete_allocation(self, request: web.Request) -> web.Response:
         allocation_id = request.match_info["id"]
-        try:
-            remote = self._on_node(allocation_id)
-        except KeyError:
-            return _error(404, "no such node in the fleet")
-        if remote is not None:  # the owning node ends it (and logs who asked)
-            url, own_id = remote
-            quoted = urllib.parse.quote(own_id, safe="")
-            status, body = await self._forward(
-                request, f"{url}/admin/v1/allocations/{quoted}", "DELETE"
-            )
-            if status == 200:
-                body = {"ended": allocation_id}
-            return web.json_response(body, status=status)
+        forwarded = await self._on_owner(request, allocation_id)
+        if forwarded is not None:  # the owning node ended it (and logged who asked)
+            return forwarded
         if not await self.backend.end(self._local_id(allocation_id)):
             return _error(404, "no such allocation")
         log.warning("admin ended allocation id=%s by=%s", safe_text(allocation_id), request[WHO])

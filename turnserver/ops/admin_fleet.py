@@ -49,19 +49,32 @@ class FleetAdmin:
         except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
             return 502, {"error": f"node unreachable: {type(exc).__name__}", "status": 502}
 
-    def _on_node(self, allocation_id: str) -> tuple[str, str] | None:
-        """A fleet id `<node>~<id>` of another node: (its admin URL, the node's own id);
-        None when the id is ours (or not a fleet id). KeyError: a node we do not know."""
+    async def _on_owner(self, request: web.Request, allocation_id: str) -> web.Response | None:
+        """GET or DELETE of a fleet id `<node>~<id>` of another node: that node's answer
+        (404 for a node we do not know); None when the id is ours (or not a fleet id)."""
         node, sep, own_id = allocation_id.partition(FLEET_ID)
         if not sep or self.fleet is None or node == self.fleet.node_name:
             return None
-        return self.fleet.admin_peers()[node], own_id
+        url = self.fleet.admin_peers().get(node)
+        if url is None:
+            return web.json_response(
+                {"error": "no such node in the fleet", "status": 404}, status=404
+            )
+        quoted = urllib.parse.quote(own_id, safe="")
+        status, body = await self._forward(
+            request, f"{url}/admin/v1/allocations/{quoted}", request.method
+        )
+        if status == 200 and request.method == "DELETE":
+            body = {"ended": allocation_id}
+        return web.json_response(body, status=status)
 
     @staticmethod
     def _local_id(allocation_id: str) -> str:
         return allocation_id.rpartition(FLEET_ID)[2]  # ours, with or without our name
 
-    async def _fleet_allocations(self, request: web.Request, limit: int) -> web.Response:
+    async def _fleet_allocations(
+        self, request: web.Request, filters: Filters, limit: int
+    ) -> web.Response:
         """?fleet=1: this node's allocations and every other node's (each node's first
         `limit`), ids qualified by node; nodes that did not answer are named."""
         assert self.fleet is not None
@@ -69,9 +82,6 @@ class FleetAdmin:
         query = urllib.parse.urlencode(q)
         peers = self.fleet.admin_peers()
         own = self.fleet.node_name
-        filters = Filters(
-            q.get("user", ""), q.get("client", ""), q.get("peer", ""), q.get("transport", "")
-        )
         local = self.backend.allocations(filters, limit, "")
         remote = [
             self._forward(request, f"{url}/admin/v1/allocations?{query}") for url in peers.values()

@@ -76,13 +76,12 @@ class FleetQuota:
         self.limit = limit
         self.prefix = prefix
         self.incarnation = f"{node}/{secrets.token_hex(6)}"  # a restart is a new one
-        self.held: dict[str, int] = {}  # user -> leases this node holds
-        self.by_owner: dict[int, dict[str, int]] = {}  # worker (or OWN) -> user -> n
+        self.by_owner: dict[int, dict[str, int]] = {}  # worker (or OWN) -> user -> leases
         self.dirty: set[str] = set()  # users whose field in Redis is not `held` yet
         self.results = {"granted": 0, "refused": 0, "local_granted": 0, "local_refused": 0}
         self.redis: Any = None
         self._script: Any = None
-        self._errors: tuple[type[BaseException], ...] = (OSError,)
+        self._errors: tuple[type[BaseException], ...] = (OSError, TimeoutError)
         self._on_error: Callable[[BaseException], None] = lambda exc: None
         self._connected: Callable[[], bool] = lambda: False
         self._lock = asyncio.Lock()
@@ -100,9 +99,9 @@ class FleetQuota:
         self.redis = redis
         self._connected = connected
         self._script = redis.register_script(LEASE_SCRIPT)
-        self._errors = errors
+        self._errors = (*errors, TimeoutError)
         self._on_error = on_error
-        self.dirty |= set(self.held)
+        self.dirty |= self.users()
 
     @property
     def alive_key(self) -> str:
@@ -111,12 +110,18 @@ class FleetQuota:
     def _key(self, user: str) -> str:
         return f"{self.prefix}quota:{user}"
 
+    def held(self, user: str) -> int:
+        """Leases of `user` this node holds (its workers' together)."""
+        return sum(counts.get(user, 0) for counts in self.by_owner.values())
+
+    def users(self) -> set[str]:
+        return {user for counts in self.by_owner.values() for user in counts}
+
     async def lease(self, user: str, owner: int) -> bool:
         """One more allocation of `user` on this node, if the fleet has room."""
         async with self._lock:
-            mine = self.held.get(user, 0)
+            mine = self.held(user)
             ok: bool | None = None
-            errors: tuple[type[BaseException], ...] = (*self._errors, TimeoutError)
             if self._script is not None and self._connected():
                 try:
                     answer = await asyncio.wait_for(
@@ -129,14 +134,13 @@ class FleetQuota:
                     ok = bool(int(answer))
                     self.dirty.discard(user)  # the script wrote our field
                     self.results["granted" if ok else "refused"] += 1
-                except errors as exc:
+                except self._errors as exc:
                     self._on_error(exc)
             if ok is None:  # Redis away: this node's own count decides
                 ok = mine < self.limit
                 self.results["local_granted" if ok else "local_refused"] += 1
                 self.dirty.add(user)
             if ok:
-                self.held[user] = mine + 1
                 counts = self.by_owner.setdefault(owner, {})
                 counts[user] = counts.get(user, 0) + 1
             return ok
@@ -147,24 +151,17 @@ class FleetQuota:
         if counts is None or counts.get(user, 0) <= 0:
             return  # not ours (a worker restarted since): nothing to give back
         decrement(counts, user)
-        decrement(self.held, user)
         self.dirty.add(user)
         self._flush_soon()
 
     def owner_gone(self, owner: int) -> None:
         """A worker died: its allocations, and so its leases, are gone."""
-        for user, n in self.by_owner.pop(owner, {}).items():
-            left = self.held.get(user, 0) - n
-            if left > 0:
-                self.held[user] = left
-            else:
-                self.held.pop(user, None)
-            self.dirty.add(user)
+        self.dirty |= set(self.by_owner.pop(owner, {}))
         self._flush_soon()
 
     def republish(self) -> None:
         """Redis came back, or is another data set: write every count again."""
-        self.dirty |= set(self.held)
+        self.dirty |= self.users()
         self._flush_soon()
 
     def _flush_soon(self) -> None:
@@ -187,7 +184,7 @@ class FleetQuota:
             users = list(self.dirty)
             pipe = self.redis.pipeline(transaction=False)
             for user in users:
-                n = self.held.get(user, 0)
+                n = self.held(user)
                 if n > 0:
                     pipe.hset(self._key(user), self.incarnation, n)
                 else:
@@ -222,7 +219,7 @@ class FleetQuotaCollector(Collector):
         yield GaugeMetricFamily(
             "turn_fleet_quota_held",
             "Allocations of this node that hold a fleet-wide quota lease",
-            value=sum(q.held.values()),
+            value=sum(sum(counts.values()) for counts in q.by_owner.values()),
         )
         yield GaugeMetricFamily(
             "turn_fleet_quota_unwritten_users",
