@@ -85,15 +85,12 @@ class Server:
         self.api: CredentialsApi | None = None
         self.admin: AdminService | None = None
         self.fleet: FleetNode | None = None  # fleet.redis: one of several servers
-        self.fleet_quota: FleetQuota | None = None  # fleet.max_allocations_per_user
-        limit = settings.fleet_max_allocations_per_user
-        if settings.fleet_redis and limit:
-            quota = self.fleet_quota = FleetQuota(
-                limit, settings.fleet_prefix, settings.fleet_node or socket.gethostname()
-            )
+        # fleet.max_allocations_per_user
+        quota = self.fleet_quota = FleetQuota.from_settings(settings)
+        if quota is not None:
             enforce_fleet_quota(
                 self.runtime,
-                limit,
+                quota.limit,
                 lambda user: quota.lease(user, OWN),
                 lambda user: quota.release(user, OWN),
             )

@@ -35,9 +35,11 @@ from turnserver.core import events as ev
 from turnserver.core.events import EventTable
 from turnserver.core.fleet_leases import FleetLeases
 from turnserver.core.quota import decrement
+from turnserver.ops.fleet_registry import FleetConfig
 
 if TYPE_CHECKING:
     from turnserver.io.runtime import ServerRuntime
+    from turnserver.ops.config import Settings
 
 log = logging.getLogger("turnserver.fleet")
 LEASE_TIMEOUT = 1.0  # a Redis answer slower than this: decided locally
@@ -86,6 +88,14 @@ class FleetQuota:
         self._connected: Callable[[], bool] = lambda: False
         self._lock = asyncio.Lock()
         self._flushing: asyncio.Task[None] | None = None
+
+    @classmethod
+    def from_settings(cls, s: Settings) -> FleetQuota | None:
+        """This node's book when fleet.max_allocations_per_user is set in a fleet."""
+        config = FleetConfig.from_settings(s)
+        if config is None or not config.max_allocations_per_user:
+            return None
+        return cls(config.max_allocations_per_user, config.prefix, config.node)
 
     def attach(
         self,

@@ -152,12 +152,7 @@ class Supervisor:
         self.stopping = False
         self.restarts: list[float] = []
         self.view = WorkersView(self, bus_dir, settings.max_allocations)
-        if settings.fleet_redis and settings.fleet_max_allocations_per_user:
-            self.view.quota = FleetQuota(
-                settings.fleet_max_allocations_per_user,
-                settings.fleet_prefix,
-                settings.fleet_node or socket.gethostname(),
-            )
+        self.view.quota = FleetQuota.from_settings(settings)
         self._tasks: set[asyncio.Task[None]] = set()
 
     @property
