@@ -47,7 +47,7 @@
 
 # Installs the package and its pinned dependencies into a virtualenv that the final
 # stage copies. The kernel fast path's BPF object ships compiled in the package
-# (turnserver/io/bpf/channel_relay.bpf.o, checked against its source by the tests).
+# (turnserver/io/kernel/channel_relay.bpf.o, checked against its source by the tests).
 FROM python:3.11-slim AS build
 WORKDIR /src
 RUN python -m venv /opt/turnserver

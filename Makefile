@@ -27,10 +27,10 @@ run: $(STAMP)
 # The kernel fast path's BPF object, built reproducibly (clang and libbpf-dev) and
 # shipped in the package: installed servers need no compiler, only libbpf.so.1. After
 # changing the C source, `make bpf` and commit the object (a test checks they match).
-BPF_OBJ := turnserver/io/bpf/channel_relay.bpf.o
+BPF_OBJ := turnserver/io/kernel/channel_relay.bpf.o
 bpf: $(STAMP)
 	$(BIN)/python -c 'import subprocess; from pathlib import Path; \
-		from turnserver.io.offload import clang_command, SOURCE; \
+		from turnserver.io.kernel.program import clang_command, SOURCE; \
 		subprocess.run(clang_command(SOURCE, Path("$(BPF_OBJ)")), check=True)'
 
 # A wheel and an sdist in dist/ (install without the checkout:
@@ -71,7 +71,7 @@ typecheck: $(STAMP)
 
 # the codec, the core and pure helpers: no sockets, no processes, a few seconds
 unit: $(STAMP)
-	$(BIN)/pytest -q -m unit
+	$(BIN)/pytest -q tests/unit
 
 # every test: interop, browsers, containers, proxies, the kernel path
 test: lint typecheck
@@ -81,7 +81,7 @@ test: lint typecheck
 # fuzzing of the codec, framer and core (atheris); FUZZ_RUNS inputs.
 FUZZ_RUNS ?= 3000000
 fuzz: $(STAMP)
-	HYPOTHESIS_PROFILE=long $(BIN)/pytest -q -p no:cacheprovider tests/test_core_sequences.py
+	HYPOTHESIS_PROFILE=long $(BIN)/pytest -q -p no:cacheprovider tests/unit/test_core_sequences.py
 	$(BIN)/pip install --quiet atheris
 	@mkdir -p $(RUNDIR)/fuzz-corpus
 	cp tests/fuzz/corpus/* $(RUNDIR)/fuzz-corpus/

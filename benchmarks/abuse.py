@@ -37,8 +37,8 @@ from turnserver.core.config import CoreConfig, RelayAddress
 from turnserver.core.five_tuple import ClientTransport, FiveTuple
 from turnserver.core.policy import DefaultPeerPolicy
 from turnserver.core.server import TurnServer
-from turnserver.ops.credentials import mint
-from turnserver.ops.selfsigned import ensure_self_signed
+from turnserver.ops.dev.selfsigned import ensure_self_signed
+from turnserver.ops.http.credentials import mint
 from turnserver.stun import Attr, MessageClass, Method, encode_message, long_term_key
 from turnserver.testing import free_port, loopback_args, rss_bytes, serve_command
 

@@ -492,8 +492,8 @@ def build_tools() -> tuple[Path, Path] | None:
 
 def offload_possible() -> bool:
     """The kernel fast path can be measured: root, and the BPF object built or buildable."""
-    from turnserver.io.offload import SOURCE, clang_command
-    from turnserver.io.offload_flows import OBJECT
+    from turnserver.io.kernel.flows import OBJECT
+    from turnserver.io.kernel.program import SOURCE, clang_command
 
     if os.geteuid() != 0:
         print("not root: no kernel fast path row")

@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 from turnserver.client.turnclient import TurnClient, TurnClientError
-from turnserver.ops.credentials import mint
+from turnserver.ops.http.credentials import mint
 from turnserver.testing import free_port, loopback_args, rss_bytes, serve_command
 
 

@@ -1,45 +1,18 @@
-"""Shared fixtures: an in-process server on loopback and a UDP echo peer."""
+"""Shared fixtures (an in-process server on loopback, a UDP echo peer), the loops every
+async test runs on, and the markers each test directory carries: unit/ (`make unit`),
+integration/, interop/ and kernel/ (privileged)."""
 
 from __future__ import annotations
 
 import asyncio
-import atexit
-import os
-import shutil
 import socket
-import ssl
-import tempfile
 from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from turnserver.io.loop import uvloop_available
-from turnserver.io.runtime import ListenAddress, ServerRuntime
-from turnserver.ops.app import Server
-from turnserver.ops.config import Settings, StaticUser
-from turnserver.ops.selfsigned import ensure_self_signed
-
-SECRET = "test-shared-secret"
-ACCOUNT_SID = "AC" + "0123456789abcdef" * 2
-AUTH_TOKEN = "test-auth-token"
-API_KEY = "test-api-key"
-
-IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
-
-LOOPS = ["asyncio", "uvloop"] if uvloop_available() or IN_CI else ["asyncio"]
-
-
-def require_tool(name: str, package: str = "coturn") -> str:
-    """Path of an interop client; fail in CI, skip with a reason on a laptop."""
-    path = shutil.which(name)
-    if path is None:
-        message = f"{name} not found (apt-get install {package}); .ci/run installs it"
-        if IN_CI:
-            pytest.fail(message)
-        pytest.skip(message)
-    return path
+from tests.support.server import LOOPS, EchoProtocol, RunningServer, settings_for_tests
+from turnserver.ops.process.app import Server
 
 
 def pytest_asyncio_loop_factories(
@@ -59,38 +32,26 @@ def pytest_asyncio_loop_factories(
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "one_loop: run an async test on the stdlib loop only")
-    config.addinivalue_line("markers", "unit: no sockets, no processes; `make unit` runs these")
+    for name, what in MARKERS.items():
+        config.addinivalue_line("markers", f"{name}: {what}")
 
 
-# Modules whose tests touch no socket and start no process: the codec, the sans-IO core
-# and pure helpers. `make unit` runs them in seconds; `make test` runs everything.
-UNIT_MODULES = frozenset(
-    {
-        "test_advisories",
-        "test_core",
-        "test_core_adversarial",
-        "test_core_boundary",
-        "test_core_limits",
-        "test_core_sequences",
-        "test_core_tcp_relay",
-        "test_eventlog",
-        "test_fleet_rules",
-        "test_framing",
-        "test_layers",
-        "test_peer_policy",
-        "test_proxy_protocol",
-        "test_rest_usernames",
-        "test_scrape_throttle",
-        "test_shared_quota",
-        "test_stun_codec",
-    }
-)
+# Each test directory is a kind of test, and its marker: `make unit` runs tests/unit
+# (`pytest -m unit` selects the same), `-m "not kernel"` leaves out the privileged ones.
+MARKERS = {
+    "unit": "no sockets, no processes; `make unit` runs these (tests/unit)",
+    "integration": "a real server in-process or as a subprocess (tests/integration)",
+    "interop": "clients and proxies we did not write (tests/interop)",
+    "kernel": "privileged: BPF and network namespaces (tests/kernel)",
+}
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    root = Path(__file__).parent
     for item in items:
-        if item.path.stem in UNIT_MODULES:
-            item.add_marker(pytest.mark.unit)
+        kind = item.path.relative_to(root).parts[0]
+        if kind in MARKERS:
+            item.add_marker(getattr(pytest.mark, kind))
 
 
 # The ports a server takes by default (TURN, TLS, metrics, API, admin): the suite holds
@@ -124,78 +85,10 @@ def default_ports_are_taken() -> Iterator[None]:
         sock.close()
 
 
-def free_port_range(count: int = 200) -> tuple[int, int]:
-    """A port range unlikely to collide between parallel runs."""
-    base = 40000 + (os.getpid() * 7) % 15000
-    return base, base + count - 1
-
-
-CERT_DIR = Path(tempfile.mkdtemp(prefix="turnserver-test-certs-"))
-atexit.register(shutil.rmtree, CERT_DIR, True)  # the run leaves no key behind
-CERT_FILE = str(CERT_DIR / "cert.pem")
-KEY_FILE = str(CERT_DIR / "key.pem")
-ensure_self_signed(CERT_FILE, KEY_FILE, ["localhost", "127.0.0.1"])
-
-
-def client_ssl_context() -> ssl.SSLContext:
-    """A client context that trusts the test certificate."""
-    ctx = ssl.create_default_context(cafile=CERT_FILE)
-    ctx.check_hostname = False
-    return ctx
-
-
-def test_settings(**overrides: object) -> Settings:
-    lo, hi = free_port_range()
-    values: dict[str, object] = {
-        "realm": "test.example",
-        "secrets": (SECRET,),
-        "users": (StaticUser("alice", password="alice-pw"),),
-        "listen": (
-            ListenAddress("udp", "127.0.0.1", 0),
-            ListenAddress("tcp", "127.0.0.1", 0),
-            ListenAddress("tls", "127.0.0.1", 0),
-        ),
-        "cert_file": CERT_FILE,
-        "key_file": KEY_FILE,
-        "relay_ips": ("127.0.0.1",),
-        "min_port": lo,
-        "max_port": hi,
-        "allow_loopback_peers": True,
-        "log_level": "warning",
-        "api_listen": ("127.0.0.1", 0),
-        "metrics_listen": ("127.0.0.1", 0),
-        "probe_interval": 0,
-        "accounts": ((ACCOUNT_SID, AUTH_TOKEN), (ACCOUNT_SID, "rotated-token")),
-        "api_keys": (API_KEY,),
-        "api_max_ttl": 86400,
-    }
-    values.update(overrides)
-    return Settings(**values)  # type: ignore[arg-type]
-
-
-@dataclass
-class RunningServer:
-    runtime: ServerRuntime
-    settings: Settings
-    server: Server
-
-    @property
-    def api_base(self) -> str:
-        return self.server.api_base
-
-    @property
-    def address(self) -> tuple[str, int]:
-        return self.address_of("udp")
-
-    def address_of(self, scheme: str) -> tuple[str, int]:
-        spec = next(s for s in self.runtime.bound_addresses() if s.scheme == scheme)
-        return spec.host, spec.port
-
-
 @pytest.fixture
 async def server(request: pytest.FixtureRequest) -> AsyncIterator[RunningServer]:
     marker = request.node.get_closest_marker("server_settings")
-    settings = test_settings(**(marker.kwargs if marker else {}))
+    settings = settings_for_tests(**(marker.kwargs if marker else {}))
 
     server = Server(settings, asyncio.get_running_loop())
     await server.start()
@@ -203,16 +96,6 @@ async def server(request: pytest.FixtureRequest) -> AsyncIterator[RunningServer]
         yield RunningServer(server.runtime, settings, server)
     finally:
         await server.stop()
-
-
-class EchoProtocol(asyncio.DatagramProtocol):
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport
-        self.received = 0
-
-    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
-        self.received += 1
-        self.transport.sendto(data, addr)  # type: ignore[attr-defined]
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ import sys
 import atheris
 
 with atheris.instrument_imports():
-    from tests.helpers import decode_every_attribute
+    from tests.support.core_client import decode_every_attribute
     from turnserver.core.allocation import Allocation
     from turnserver.core.auth import Authenticator, Credentials, NonceIssuer
     from turnserver.core.config import CoreConfig, RelayAddress

@@ -2,5 +2,5 @@
 (`turnclient`), the `preflight` network diagnosis built on it, and the browser version of
 that diagnosis (`static/preflight.html` and `.js`, served by the credentials API).
 
-Imports only `stun/`: the server's self-probe (ops/probe.py) and the CLI use it, never
+Imports only `stun/`: the server's self-probe (ops/telemetry/probe.py) and the CLI use it, never
 the other way round."""

@@ -1,4 +1,4 @@
-"""Settings the core needs, as a frozen dataclass (built by ops/config.py)."""
+"""Settings the core needs, as a frozen dataclass (built by ops/config/settings.py)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Per-user allocation quotas across a fleet (fleet.max_allocations_per_user), sans I/O.
 
-A fleet-wide count lives in Redis (ops/fleet_quota.py). An Allocate that passed every
+A fleet-wide count lives in Redis (ops/fleet/quota.py). An Allocate that passed every
 check of its own waits for a lease: the core answers nothing yet (DeferredResponse) and
 emits FleetLeaseNeeded with the request's bytes; the I/O layer asks, then calls
 fleet_lease_result, which runs the request again with the lease granted or refused. A

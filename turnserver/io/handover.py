@@ -17,7 +17,7 @@ Messages (JSON, one datagram each; the socket rides on "given"):
   closed {cid}                 holder -> owner: the pipe ended
   gone   {worker}              supervisor -> every worker: that worker died
   metrics {req}                supervisor -> worker; answered with {req, families}
-  lease   {req, user}          worker -> supervisor: a fleet quota lease (ops/fleet_quota.py)
+  lease   {req, user}          worker -> supervisor: a fleet quota lease (ops/fleet/quota.py)
   leased  {req, ok}            supervisor -> worker
   unlease {user}               worker -> supervisor: an allocation with a lease ended
 The directory is private to the server (mode 0700), created by the supervisor.

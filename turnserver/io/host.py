@@ -12,7 +12,7 @@ from turnserver.core import events as ev
 from turnserver.core.five_tuple import FiveTuple
 from turnserver.core.server import TurnServer
 from turnserver.io.descriptors import DescriptorBudget
-from turnserver.io.offload_flows import OffloadFlows
+from turnserver.io.kernel.flows import OffloadFlows
 
 
 @runtime_checkable

@@ -22,7 +22,7 @@ from turnserver.io.handover import WorkerBus
 from turnserver.io.host import ClientSink, ClientStream
 from turnserver.io.host_addresses import HostAddresses
 from turnserver.io.impairment import Impairments
-from turnserver.io.offload_flows import OffloadFlows
+from turnserver.io.kernel.flows import OffloadFlows
 from turnserver.io.proxy_protocol import parse_versions
 from turnserver.io.stream import StreamConnection
 from turnserver.io.stream_admission import StreamAdmission, StreamOptions

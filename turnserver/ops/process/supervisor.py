@@ -30,14 +30,11 @@ from typing import Any
 from aiohttp import web
 
 from turnserver.io.descriptors import tighter
-from turnserver.io.offload_flows import start_offload
+from turnserver.io.kernel.flows import start_offload
 from turnserver.io.sockets import bind_listener_group
 from turnserver.io.tls import build_context
-from turnserver.ops import http
-from turnserver.ops.admin import AdminApi
-from turnserver.ops.admin_service import AdminService
-from turnserver.ops.admin_workers import WorkersBackend
-from turnserver.ops.config import (
+from turnserver.ops.config.nodes import cross_node_warnings
+from turnserver.ops.config.settings import (
     Settings,
     admin_certificate,
     all_listeners,
@@ -45,18 +42,21 @@ from turnserver.ops.config import (
     build_settings,
     load_file,
 )
-from turnserver.ops.config_values import ConfigError, parse_admin_token
-from turnserver.ops.eventlog import quiet_loop_errors
-from turnserver.ops.fleet import FleetNode, join_fleet
-from turnserver.ops.fleet_quota import FleetQuota
-from turnserver.ops.http import serve_app
-from turnserver.ops.nodes import cross_node_warnings
+from turnserver.ops.config.values import ConfigError, parse_admin_token
+from turnserver.ops.fleet.node import FleetNode, join_fleet
+from turnserver.ops.fleet.quota import FleetQuota
+from turnserver.ops.http import serve as http_serve
+from turnserver.ops.http.admin_api import AdminApi
+from turnserver.ops.http.admin_service import AdminService
+from turnserver.ops.http.admin_workers import WorkersBackend
+from turnserver.ops.http.revocations import RevocationStore
+from turnserver.ops.http.serve import serve_app
+from turnserver.ops.process.shared_quota import clear_worker, ledger_size, table_slots
+from turnserver.ops.process.state_file import remove_state, write_state
+from turnserver.ops.process.systemd import notify, start_watchdog
 from turnserver.ops.process.worker import Shared, worker_main
 from turnserver.ops.process.workers_view import WorkersView
-from turnserver.ops.revocations import RevocationStore
-from turnserver.ops.shared_quota import clear_worker, ledger_size, table_slots
-from turnserver.ops.state_file import remove_state, write_state
-from turnserver.ops.systemd import notify, start_watchdog
+from turnserver.ops.telemetry.eventlog import quiet_loop_errors
 
 log = logging.getLogger("turnserver")
 MAX_RESTARTS_PER_MINUTE = 10
@@ -304,7 +304,7 @@ class Supervisor:
         """fleet.redis: this node of the fleet is the supervisor (its workers are not)."""
         if self.admin is None:
             return
-        from turnserver.ops.uris import server_uris
+        from turnserver.ops.config.uris import server_uris
 
         s = self.settings
         admin = self.admin.api
@@ -352,8 +352,8 @@ class Supervisor:
     async def _serve_http(self) -> tuple[web.AppRunner | None, web.AppRunner | None, Any]:
         """Metrics, the credentials API and the admin API, before any worker starts (a
         port that is taken stops the start with one line); raises OSError."""
-        from turnserver.ops.api import CredentialsApi, start_api
-        from turnserver.ops.uris import api_config
+        from turnserver.ops.config.uris import api_config
+        from turnserver.ops.http.credentials_api import CredentialsApi, start_api
 
         s = self.settings
         runner = api_runner = api = None
@@ -398,8 +398,8 @@ class Supervisor:
         return runner, api_runner, api
 
     async def run(self) -> int:
-        from turnserver.ops.banner import credential_banner_text
-        from turnserver.ops.uris import api_config
+        from turnserver.ops.config.uris import api_config
+        from turnserver.ops.dev.banner import credential_banner_text
 
         loop = asyncio.get_running_loop()
         quiet_loop_errors(loop)
@@ -409,7 +409,9 @@ class Supervisor:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.add_signal_handler(sig, early.append, sig)
         s = self.settings
-        http.configure(s.http_max_connections, s.http_max_connections_per_ip, s.http_idle_timeout)
+        http_serve.configure(
+            s.http_max_connections, s.http_max_connections_per_ip, s.http_idle_timeout
+        )
         self.view.start(loop)
         try:
             runner, api_runner, api = await self._serve_http()

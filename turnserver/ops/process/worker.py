@@ -16,15 +16,15 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from turnserver.io.handover import WorkerBus
-from turnserver.io.offload import FlowMaps
-from turnserver.ops.config import Settings, build_settings, load_file
-from turnserver.ops.config_values import ConfigError
-from turnserver.ops.eventlog import quiet_loop_errors, setup_logging
-from turnserver.ops.fleet_quota import enforce_fleet_quota
-from turnserver.ops.revocations import Revocations
-from turnserver.ops.runtime_setup import own_ports
-from turnserver.ops.shared_quota import SharedQuotaLedger
-from turnserver.ops.worker_metrics import families_of
+from turnserver.io.kernel.program import FlowMaps
+from turnserver.ops.config.settings import Settings, build_settings, load_file
+from turnserver.ops.config.values import ConfigError
+from turnserver.ops.fleet.quota import enforce_fleet_quota
+from turnserver.ops.http.revocations import Revocations
+from turnserver.ops.process.runtime_setup import own_ports
+from turnserver.ops.process.shared_quota import SharedQuotaLedger
+from turnserver.ops.telemetry.eventlog import quiet_loop_errors, setup_logging
+from turnserver.ops.telemetry.worker_metrics import families_of
 
 log = logging.getLogger("turnserver")
 
@@ -69,8 +69,8 @@ def worker_main(
     `offload` the kernel fast path's maps when the parent loaded the program;
     `revocations` those made through the supervisor's admin API."""
     from turnserver.io.loop import loop_factory, tune_gc
-    from turnserver.ops.app import Server
-    from turnserver.ops.banner import log_limits
+    from turnserver.ops.dev.banner import log_limits
+    from turnserver.ops.process.app import Server
 
     workers = shared.workers
     setup_logging(settings.log_level, settings.log_format, worker=index)

@@ -1,5 +1,5 @@
 """The supervisor's view of its workers, served as one server's: /metrics merged from
-every worker's samples (asked over the worker bus, merged by ops/worker_metrics.py's
+every worker's samples (asked over the worker bus, merged by ops/telemetry/worker_metrics.py's
 rules, with the supervisor's own series), and /healthz and /readyz over every worker."""
 
 from __future__ import annotations
@@ -31,10 +31,10 @@ from turnserver.io.handover import (
     bus_sender,
     send_bus_message,
 )
-from turnserver.ops.fleet_quota import FleetQuota
-from turnserver.ops.health import ScrapeCollector, ScrapeThrottle
-from turnserver.ops.service_metrics import ServiceCollector
-from turnserver.ops.worker_metrics import (
+from turnserver.ops.fleet.quota import FleetQuota
+from turnserver.ops.http.health import ScrapeCollector, ScrapeThrottle
+from turnserver.ops.telemetry.service_metrics import ServiceCollector
+from turnserver.ops.telemetry.worker_metrics import (
     Family,
     families_of,
     import_families,
