@@ -18,6 +18,7 @@ import aiohttp
 import pytest
 from aioice import turn
 
+from tests.support import Collector
 from tests.support.procs import free_port, loopback_args, run_cli, turnserver_process
 from tests.support.server import API_KEY, SECRET, EchoProtocol, RunningServer, require_tool
 from turnserver.client.turnclient import TurnClient, TurnClientError
@@ -62,15 +63,10 @@ async def test_list_kill_and_counters(
     bob = await _client(server, "bob")
     # aioice, a client we did not write, relays too
     cred = mint(SECRET, "carol", 600, time.time())
-    queue: asyncio.Queue[bytes] = asyncio.Queue()
-
-    class Proto(asyncio.DatagramProtocol):
-        def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
-            queue.put_nowait(data)
-
-    carol, _ = await turn.create_turn_endpoint(
-        Proto, server_addr=server.address, username=cred.username, password=cred.password
+    carol, collector = await turn.create_turn_endpoint(
+        Collector, server_addr=server.address, username=cred.username, password=cred.password
     )
+    queue = collector.queue
     try:
         for c in (alice, bob):
             await c.channel_bind(0x4000, echo_peer[0])

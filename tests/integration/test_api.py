@@ -277,5 +277,5 @@ def test_api_https_defaults() -> None:
         "k.pem",
     )
     assert api_certificate(Settings(api_listen=("0.0.0.0", 8080))) is None
-    own = Settings(api_listen=("::", 443), api_cert_file="a.pem", api_key_file="b.pem")
+    own = Settings(api_listen=("::", 443), api_tls_cert_file="a.pem", api_tls_key_file="b.pem")
     assert api_certificate(own) == ("a.pem", "b.pem")

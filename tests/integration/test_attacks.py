@@ -116,7 +116,7 @@ async def test_attribute_floods_cost_little_and_a_good_client_loses_nothing(
 async def test_slowloris_connections_are_cut_and_capped(server: RunningServer) -> None:
     loop = asyncio.get_running_loop()
     tcp = server.address_of("tcp")
-    # A half-sent frame: one byte, then nothing (used to reset the idle timer forever)
+    # A half-sent frame: one byte, then nothing (must not reset the idle timer forever)
     partial = socket.socket()
     partial.setblocking(False)
     await loop.sock_connect(partial, tcp)

@@ -55,7 +55,7 @@ async def test_an_exception_in_the_core_is_counted_and_logged_once(
 
 @pytest.mark.asyncio(loop_factories=["asyncio"])
 async def test_unicode_digit_usernames_get_401_and_json_logs_stay_json(tmp_path: Path) -> None:
-    """The packet that used to raise ValueError out of the core: 92 bytes with a USERNAME
+    """A packet that could raise ValueError out of a core with a bug: 92 bytes with a USERNAME
     of '²'. 200 of them: each answered 401 (or dropped by the 401 rate limit), every log
     line JSON."""
     lo = 23000 + os.getpid() % 500

@@ -17,6 +17,7 @@ from aioice import turn
 
 from tests.support import Collector
 from tests.support.procs import run_cli, turnserver_process
+from tests.support.server import EchoProtocol
 from turnserver.core.state import RelayStats
 from turnserver.io.impairment import (
     Impairment,
@@ -119,21 +120,13 @@ def test_dev_endpoint_absent_without_dev(tmp_path: Path) -> None:
                 assert "DEVELOPER MODE" in server.log()
 
 
-class Echo(asyncio.DatagramProtocol):
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport
-
-    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
-        self.transport.sendto(data, addr)  # type: ignore[attr-defined]
-
-
 async def _echo_rtts(
     turn_server: TurnServerFixture, transport: str, count: int, connect_timeout: float = 10
 ) -> list[float]:
     """aioice relays `count` datagrams to a loopback echo peer; their round-trip times
     (inf for a lost one)."""
     loop = asyncio.get_running_loop()
-    echo_t, _ = await loop.create_datagram_endpoint(Echo, local_addr=("127.0.0.1", 0))
+    echo_t, _ = await loop.create_datagram_endpoint(EchoProtocol, local_addr=("127.0.0.1", 0))
     peer = echo_t.get_extra_info("sockname")
     relay_t, proto = await asyncio.wait_for(
         turn.create_turn_endpoint(
@@ -200,7 +193,9 @@ async def test_in_process_fixture_and_allocations() -> None:
             allocations = server.allocations()
             assert len(allocations) == 1 and allocations[0]["transport"] == "tcp"
             loop = asyncio.get_running_loop()
-            echo_t, _ = await loop.create_datagram_endpoint(Echo, local_addr=("127.0.0.1", 0))
+            echo_t, _ = await loop.create_datagram_endpoint(
+                EchoProtocol, local_addr=("127.0.0.1", 0)
+            )
             relay_t.sendto(b"twice", echo_t.get_extra_info("sockname"))
             # duplicated on the way out and on the way back: four copies
             got = [await asyncio.wait_for(proto.queue.get(), 3) for _ in range(4)]
@@ -261,7 +256,7 @@ async def test_impaired_packets_are_counted_in_metrics(tmp_path: Path) -> None:
 
         cred = mint("s", "m", 600, time.time())
         loop = asyncio.get_running_loop()
-        echo_t, _ = await loop.create_datagram_endpoint(Echo, local_addr=("127.0.0.1", 0))
+        echo_t, _ = await loop.create_datagram_endpoint(EchoProtocol, local_addr=("127.0.0.1", 0))
         relay_t, proto = await turn.create_turn_endpoint(
             Collector,
             server_addr=("127.0.0.1", srv.port),

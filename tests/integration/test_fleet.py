@@ -16,7 +16,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +24,7 @@ from typing import Any
 
 import pytest
 
+from tests.support import wait_until
 from tests.support.procs import ServerProcess, free_port, turnserver_process
 from tests.support.server import require_tool
 from turnserver.client.turnclient import TurnClient, TurnClientError
@@ -85,7 +86,7 @@ class Redis:
             stderr=subprocess.DEVNULL,
             start_new_session=True,
         )
-        eventually(self.ping, 10, "redis-server answers PING")
+        wait_until(self.ping, 10, "redis-server answers PING")
 
     def ping(self) -> bool:
         try:
@@ -104,18 +105,6 @@ class Redis:
                 self.proc.kill()
                 self.proc.wait()
             self.proc = None
-
-
-def eventually(check: Callable[[], Any], timeout: float, what: str) -> Any:
-    """Poll `check` until it returns something true; fail naming `what`."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            pytest.fail(f"not within {timeout} s: {what}")
-        time.sleep(0.05)
 
 
 def http(method: str, url: str, body: Any = None, headers: dict[str, str] | None = None) -> Any:
@@ -267,7 +256,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Redis, dic
                     name, region, server, ports["api"], ports["admin"], metrics,
                     tmp / f"{name}-revocations.json",
                 )  # fmt: skip
-            eventually(
+            wait_until(
                 lambda: (
                     all(n.get("ready") for n in registry(redis).values())
                     and len(registry(redis)) == 3
@@ -321,10 +310,10 @@ def test_a_revocation_reaches_every_node_within_a_second(
         start = time.monotonic()
         status, _ = admin(nodes["A"], "POST", "/revocations", {"user": "mallory", "for": "1h"})
         assert status == 201
-        eventually(lambda: refused_code(nodes["B"], "mallory") == 403, 1.0, "B refuses mallory")
+        wait_until(lambda: refused_code(nodes["B"], "mallory") == 403, 1.0, "B refuses mallory")
         took = time.monotonic() - start
         # C ended mallory's live allocation
-        eventually(
+        wait_until(
             lambda: admin(nodes["C"], "GET", "/allocations?user=mallory")[1]["allocations"] == [],
             1.0,
             "C ends mallory's allocation",
@@ -334,8 +323,8 @@ def test_a_revocation_reaches_every_node_within_a_second(
         assert status == 200 and [r["user"] for r in listed["revocations"]] == ["mallory"]
         # lifted on another node: allowed everywhere again
         assert admin(nodes["B"], "DELETE", "/revocations/mallory")[0] == 200
-        eventually(lambda: refused_code(nodes["A"], "mallory") is None, 1.0, "A allows again")
-        eventually(lambda: refused_code(nodes["C"], "mallory") is None, 1.0, "C allows again")
+        wait_until(lambda: refused_code(nodes["A"], "mallory") is None, 1.0, "A allows again")
+        wait_until(lambda: refused_code(nodes["C"], "mallory") is None, 1.0, "C allows again")
     finally:
         live.close()
         runner.close()
@@ -344,7 +333,7 @@ def test_a_revocation_reaches_every_node_within_a_second(
     nodes["C"].revocations.write_text(
         json.dumps({"revocations": [{"user": "oscar", "until": until, "reason": "file"}]})
     )
-    eventually(lambda: refused_code(nodes["A"], "oscar") == 403, 5.0, "A refuses oscar")
+    wait_until(lambda: refused_code(nodes["A"], "oscar") == 403, 5.0, "A refuses oscar")
 
 
 async def _hold(nodes: list[Node], user: str) -> tuple[list[TurnClient], list[int]]:
@@ -424,7 +413,7 @@ def test_admin_on_any_node_lists_and_ends_every_nodes_allocations(
         assert set(rows) == {"B", "C"} and rows["C"]["id"].startswith("C~")
         killed = admin_cli(a, "kill", rows["C"]["id"])
         assert killed.returncode == 0, killed.stderr
-        eventually(
+        wait_until(
             lambda: admin(c, "GET", "/allocations?user=fan")[1]["allocations"] == [],
             2.0,
             "C ended fan's allocation",
@@ -442,9 +431,9 @@ def test_admin_on_any_node_lists_and_ends_every_nodes_allocations(
 def test_redis_lost_and_back_empty_reconverges(fleet: tuple[Redis, dict[str, Node]]) -> None:
     redis, nodes = fleet
     assert admin(nodes["A"], "POST", "/revocations", {"user": "trudy", "for": "1h"})[0] == 201
-    eventually(lambda: refused_code(nodes["C"], "trudy") == 403, 1.0, "C refuses trudy")
+    wait_until(lambda: refused_code(nodes["C"], "trudy") == 403, 1.0, "C refuses trudy")
     redis.stop()
-    eventually(
+    wait_until(
         lambda: metric(nodes["B"], "turn_fleet_redis_connected") == 0, 10, "B sees Redis gone"
     )
     # serving on: ready, the revocations it knows, credentials naming itself
@@ -460,9 +449,9 @@ def test_redis_lost_and_back_empty_reconverges(fleet: tuple[Redis, dict[str, Nod
     held, refused = runner.run(_hold([nodes["B"]] * 3, "ursula"))
     assert len(held) == FLEET_QUOTA and refused == [486]
     redis.start()  # empty: no persistence
-    eventually(lambda: len(registry(redis)) == 3, 15, "every node registered again")
+    wait_until(lambda: len(registry(redis)) == 3, 15, "every node registered again")
     try:
-        eventually(lambda: refused_code(nodes["A"], "ursula") == 486, 5, "A counts B's ursula")
+        wait_until(lambda: refused_code(nodes["A"], "ursula") == 486, 5, "A counts B's ursula")
         # decided by B alone: walter's allocation above and ursula's two; her third refused
         local = metric(nodes["B"], 'turn_fleet_quota_leases_total{result="local_granted"}')
         assert local == 1 + FLEET_QUOTA
@@ -470,14 +459,14 @@ def test_redis_lost_and_back_empty_reconverges(fleet: tuple[Redis, dict[str, Nod
     finally:
         runner.run(_release(held))
         runner.close()
-    eventually(lambda: refused_code(nodes["A"], "ursula") is None, 5, "ursula released")
-    eventually(lambda: refused_code(nodes["C"], "walter") == 403, 10, "C refuses walter")
+    wait_until(lambda: refused_code(nodes["A"], "ursula") is None, 5, "ursula released")
+    wait_until(lambda: refused_code(nodes["C"], "walter") == 403, 10, "C refuses walter")
     assert refused_code(nodes["A"], "trudy") == 403  # given back by the nodes that knew it
-    eventually(lambda: metric(nodes["A"], "turn_fleet_redis_connected") == 1, 10, "A reconnected")
+    wait_until(lambda: metric(nodes["A"], "turn_fleet_redis_connected") == 1, 10, "A reconnected")
     assert metric(nodes["A"], "turn_fleet_redis_errors_total") not in (None, 0.0)
     every = {n.turn_uri for n in nodes.values()}
     for node in nodes.values():  # each node's own view of the registry is whole again
-        eventually(lambda n=node: every <= set(ice_turn_uris(n)), 5, f"{node.name} sees all")
+        wait_until(lambda n=node: every <= set(ice_turn_uris(n)), 5, f"{node.name} sees all")
 
 
 def test_sigterm_leaves_at_once_and_kill_leaves_within_the_ttl(
@@ -491,7 +480,7 @@ def test_sigterm_leaves_at_once_and_kill_leaves_within_the_ttl(
     try:
         start = time.monotonic()
         b.server.proc.send_signal(signal.SIGTERM)
-        eventually(lambda: b.turn_uri not in ice_turn_uris(a), 1.0, "B out of A's servers")
+        wait_until(lambda: b.turn_uri not in ice_turn_uris(a), 1.0, "B out of A's servers")
         assert time.monotonic() - start < 1.0
         assert b.server.proc.poll() is None  # still serving its live allocation
         assert registry(redis)["B"]["draining"] is True
@@ -507,9 +496,9 @@ def test_sigterm_leaves_at_once_and_kill_leaves_within_the_ttl(
     start = time.monotonic()
     os.killpg(c.server.proc.pid, signal.SIGKILL)
     try:
-        eventually(lambda: c.turn_uri not in ice_turn_uris(a), 3 * HEARTBEAT + 2, "C gone")
+        wait_until(lambda: c.turn_uri not in ice_turn_uris(a), 3 * HEARTBEAT + 2, "C gone")
         gone_after = time.monotonic() - start
-        eventually(lambda: refused_code(a, "victor") is None, 3 * HEARTBEAT + 2, "leases freed")
+        wait_until(lambda: refused_code(a, "victor") is None, 3 * HEARTBEAT + 2, "leases freed")
         freed_after = time.monotonic() - start
     finally:
         for client in held:
@@ -528,7 +517,7 @@ def test_redis_unreachable_at_start(tmp_path: Path) -> None:
         "--fleet-redis", f"redis://127.0.0.1:{closed}/0", "--fleet-node", "lonely",
     ]  # fmt: skip
     with turnserver_process(tmp_path, *base, workers=None) as server:
-        eventually(lambda: "unreachable" in server.log(), 10, "the warning is logged")
+        wait_until(lambda: "unreachable" in server.log(), 10, "the warning is logged")
         assert "serving alone" in server.log()
     required = tmp_path / "required.yaml"
     required.write_text(f"fleet:\n  redis: redis://127.0.0.1:{closed}/0\n  required: true\n")
@@ -580,11 +569,11 @@ def test_a_node_follows_redis_sentinel_through_a_failover(tmp_path: Path) -> Non
         "--fleet-node", "S",
     ]  # fmt: skip
     try:
-        eventually(lambda: replica_synced(replica), 15, "the replica follows the master")
+        wait_until(lambda: replica_synced(replica), 15, "the replica follows the master")
         with turnserver_process(tmp_path, *args, workers=None) as server:
-            eventually(lambda: "S" in registry(master), 15, "S registered in the master")
+            wait_until(lambda: "S" in registry(master), 15, "S registered in the master")
             master.stop()  # Sentinel promotes the replica
-            eventually(lambda: "S" in registry(replica), 30, "S registered in the new master")
+            wait_until(lambda: "S" in registry(replica), 30, "S registered in the new master")
             assert "Traceback" not in server.log()
     finally:
         sentinel.terminate()

@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 
+from tests.support import wait_until
 from tests.support.kernel import attached_ids, unavailable
 from turnserver.io.kernel.program import (
     SOURCE,
@@ -350,13 +351,6 @@ def test_server_relays_channels_in_the_kernel(packaged_object: Path) -> None:
     assert out["flows_at_end"] == 0 and out["tc_after_stop"] == "", out
 
 
-def _until(check: Any, timeout: float = 15) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, "condition not reached"
-        time.sleep(0.05)
-
-
 def test_a_killed_server_leaves_one_program_at_most(packaged_object: Path) -> None:
     """SIGKILL gives no chance to detach: with a tcx link the kernel detaches the
     program when the process's descriptors close; with a TC filter (kernels before 6.6)
@@ -371,7 +365,7 @@ def test_a_killed_server_leaves_one_program_at_most(packaged_object: Path) -> No
     try:
         subprocess.run(["ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up"], check=True)
         procs.append(subprocess.Popen(serve, stderr=subprocess.DEVNULL))
-        _until(lambda: len(attached_ids(ns)) == 1)
+        wait_until(lambda: len(attached_ids(ns)) == 1, 15)
         (first,) = attached_ids(ns)
         procs[0].kill()
         procs[0].wait()
@@ -379,7 +373,7 @@ def test_a_killed_server_leaves_one_program_at_most(packaged_object: Path) -> No
         # a link goes with the process; a TC filter stays until someone removes it
         assert left == ([] if first.startswith("tcx:") else [first])
         procs.append(subprocess.Popen(serve, stderr=subprocess.DEVNULL))
-        _until(lambda: attached_ids(ns) not in ([], [first]))
+        wait_until(lambda: attached_ids(ns) not in ([], [first]), 15)
         assert len(attached_ids(ns)) == 1
         procs[1].send_signal(signal.SIGINT)
         procs[1].wait(15)

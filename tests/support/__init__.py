@@ -57,7 +57,9 @@ class Collector(asyncio.DatagramProtocol):
         self.queue.put_nowait(data)
 
 
-def wait_until(check: Callable[[], T], timeout: float = 10.0, interval: float = 0.05) -> T:
+def wait_until(
+    check: Callable[[], T], timeout: float = 10.0, what: str = "", interval: float = 0.05
+) -> T:
     """eventually() for synchronous code."""
     deadline = time.monotonic() + timeout
     last: object = None
@@ -70,5 +72,7 @@ def wait_until(check: Callable[[], T], timeout: float = 10.0, interval: float = 
         except (AssertionError, OSError) as exc:  # OSError: not listening (or 503) yet
             last = exc
         if time.monotonic() >= deadline:
-            raise AssertionError(f"not true within {timeout:g} s: {last!r}")
+            raise AssertionError(
+                f"not true within {timeout:g} s{f' ({what})' if what else ''}: {last!r}"
+            )
         time.sleep(interval)

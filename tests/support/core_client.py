@@ -142,13 +142,14 @@ class CoreClient:
         self.nonce: str | None = None
         self.realm = REALM
         self.now = NOW
+        self.last_reply: bytes | None = None  # what the core answered last, as it was
 
     @property
     def key(self) -> bytes:
         return long_term_key(self.username, self.realm, self.password)
 
     def raw(self, data: bytes) -> StunMessage | None:
-        out = self.core.handle_message(data, self.ft, self.now)
+        out = self.last_reply = self.core.handle_message(data, self.ft, self.now)
         return decode_message(out) if out is not None else None
 
     def request(

@@ -1,4 +1,5 @@
-"""Hostile inputs against the sans-IO core: each check here once failed."""
+"""Hostile inputs against the sans-IO core: oversized, repeated, out-of-order and
+contradictory requests, each answered with its RFC error and nothing held."""
 
 from __future__ import annotations
 

@@ -57,6 +57,9 @@ class RequestHandled:
     code: int  # 0 for success
     reason: str  # "" for success, else the failure label
     username: str = ""  # "" when the request was not authenticated
+    # how long the core took over the request, in seconds: the adapter that timed the
+    # call sets it before the event reaches a sink (None: not timed)
+    duration: float | None = None
 
 
 @dataclass(slots=True)

@@ -35,6 +35,7 @@ from turnserver.core.state import (
     DeferredResponse,
     Handler,
     RelayStats,
+    Reply,
     TimerKind,
 )
 from turnserver.core.tcp_connections import TcpConnectionHandlers
@@ -59,6 +60,7 @@ __all__ = [
     "CoreState",
     "DeferredResponse",
     "RelayStats",
+    "Reply",
     "TimerKind",
     "TurnServer",
 ]
@@ -357,8 +359,6 @@ class TurnServer(AdminActions, PermissionHandlers, TcpConnectionHandlers):
                 # where this answer comes from (it may not be where the request went)
                 attrs.append((Attr.OTHER_ADDRESS, self.config.other_address))
                 attrs.append((Attr.RESPONSE_ORIGIN, origin))
-                if origin != ft.server:
-                    self.send_from = origin
             klass = MessageClass.SUCCESS
 
         else:  # RFC 3489 client: MAPPED-ADDRESS, echo its 16-byte transaction id
@@ -369,7 +369,7 @@ class TurnServer(AdminActions, PermissionHandlers, TcpConnectionHandlers):
         code = 0 if klass == MessageClass.SUCCESS else 420 if change is not None else 400
         reason = {0: "", 420: "unknown_attribute"}.get(code, "bad_request")
         self.events.append(ev.RequestHandled(ft, "binding", code, reason))
-        return encode_message(
+        data = encode_message(
             Method.BINDING,
             klass,
             msg.transaction_id,
@@ -377,6 +377,7 @@ class TurnServer(AdminActions, PermissionHandlers, TcpConnectionHandlers):
             fingerprint=msg.fingerprint_offset >= 0,
             magic_cookie=cookie,
         )
+        return data if origin == ft.server else Reply(data, origin)
 
     def _change_origin(self, ft: FiveTuple, change_ip: bool, change_port: bool) -> Address | None:
         """RFC 5780 §6.1: the address to answer a CHANGE-REQUEST from: the other IP

@@ -72,6 +72,19 @@ class TimerKind(IntEnum):
     PEER_CONNECTION = 5
 
 
+class Reply(bytes):
+    """A response to send from another of our addresses than the request reached: the
+    bytes, and `origin` (RFC 5780 §6.1 CHANGE-REQUEST). Every other response is plain
+    bytes, answered from where the request came in."""
+
+    origin: Address
+
+    def __new__(cls, data: bytes, origin: Address) -> Reply:
+        reply = super().__new__(cls, data)
+        reply.origin = origin
+        return reply
+
+
 class DeferredResponse(Exception):
     """A handler started work whose outcome (and response) comes later (RFC 6062 Connect)."""
 
@@ -210,7 +223,6 @@ class CoreState:
         self.revocations: dict[str, tuple[float, str]] = {}
         # RFC 5780: the local address the last response must be sent from, when it is
         # not the one the request came to (CHANGE-REQUEST); the I/O layer reads and clears it
-        self.send_from: Address | None = None
         # `now` is monotonic everywhere in the core (lifetimes survive a clock step); the
         # wall clock is now + wall_offset, set by the I/O layer, where a protocol needs it:
         # REST credential expiry, nonce cookies, revocations (Unix times)
@@ -304,8 +316,8 @@ class CoreState:
 
     def _peer_verdict(self, host: str) -> tuple[int, str, bool, bool, str]:
         """(IP version, text, allowed by the policy, named by its allow list, canonical
-        text) of a peer address, cached per policy: parsing with ipaddress is 1.3 µs, and
-        peers repeat across requests."""
+        text) of a peer address, cached per policy: parsing with ipaddress is slow next to
+        a dict hit, and peers repeat across requests."""
         policy = self.peer_policy
         if self._verdicts_for is not policy:
             self._verdicts = {}

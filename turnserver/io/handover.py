@@ -37,7 +37,7 @@ from collections.abc import Callable
 from typing import Any
 
 from turnserver.core.five_tuple import FiveTuple
-from turnserver.io.host import AdapterHost, ClientStream
+from turnserver.io.runtime_view import ClientStream, RuntimeView
 from turnserver.io.tcp_relay import PeerTcpConnection, TcpRelay
 
 log = logging.getLogger("turnserver")
@@ -95,7 +95,7 @@ class HandedOverPeers:
     def __init__(self, bus: WorkerBus, owner: int) -> None:
         self.bus = bus
         self.owner = owner
-        self.runtime: AdapterHost = bus.runtime
+        self.runtime: RuntimeView = bus.runtime
 
     def inbound(self, conn: PeerTcpConnection) -> bool:
         return False  # handed-over connections are never inbound here
@@ -113,7 +113,7 @@ class WorkerBus:
 
     def __init__(
         self,
-        runtime: AdapterHost,
+        runtime: RuntimeView,
         directory: str,
         index: int,
         workers: int,

@@ -20,7 +20,7 @@ from typing import Any
 
 from turnserver.core.allocation import SendTo
 from turnserver.core.state import RelayStats
-from turnserver.io.host import ClientSink
+from turnserver.io.runtime_view import ClientSink
 from turnserver.stun.attributes import Address
 
 TRANSPORTS = ("udp", "tcp", "tls")

@@ -19,11 +19,11 @@ from turnserver.core.policy import PeerPolicy
 from turnserver.core.server import TurnServer
 from turnserver.io.descriptors import DescriptorBudget, tighter
 from turnserver.io.handover import WorkerBus
-from turnserver.io.host import ClientSink, ClientStream
 from turnserver.io.host_addresses import HostAddresses
 from turnserver.io.impairment import Impairments
 from turnserver.io.kernel.flows import OffloadFlows
 from turnserver.io.proxy_protocol import parse_versions
+from turnserver.io.runtime_view import ClientSink, ClientStream
 from turnserver.io.stream import StreamConnection
 from turnserver.io.stream_admission import StreamAdmission, StreamOptions
 from turnserver.io.tcp_relay import TcpRelay
@@ -60,8 +60,8 @@ _OFFLOAD_EVENTS = (
     ev.PermissionExpired,
     ev.PermissionRevoked,
 )
-# what _route acts on
-_ROUTED = frozenset(
+# the events that change what the fast paths must know (wire_fast_paths)
+_WIRING_EVENTS = frozenset(
     {
         ev.AllocationCreated,
         ev.AllocationEnded,
@@ -112,7 +112,6 @@ class ServerRuntime:
         self.event_sinks: list[EventSink] = []
         self._sinks_seen: list[EventSink] = []
         self._sinks_by_type: dict[type, tuple[EventSink, ...]] = {}
-        self.request_timer: Callable[[float | None], None] | None = None
         self.impairments: Impairments | None = None  # developer mode only
         self.offload: OffloadFlows | None = None  # the kernel fast path, when on
         self.handover: WorkerBus | None = None  # RFC 6062 across workers (io/handover.py)
@@ -303,22 +302,21 @@ class ServerRuntime:
         `duration` is how long the core took for the request whose events these are."""
         core = self.core
         if core.events:
-            timer = self.request_timer
-            if timer is not None:
-                timer(duration)
             if self._sinks_seen != self.event_sinks:
                 self._sinks_seen = list(self.event_sinks)
                 self._sinks_by_type.clear()
             by_type = self._sinks_by_type
             for event in core.drain_events():
                 kind = type(event)
+                if kind in _WIRING_EVENTS:  # the fast paths follow the core before any sink
+                    self.wire_fast_paths(event)
+                elif kind is ev.RequestHandled and duration is not None:
+                    event.duration = duration  # type: ignore[union-attr]
                 sinks = by_type.get(kind)
                 if sinks is None:
                     sinks = by_type[kind] = self._sinks_for(kind)
                 for sink in sinks:
                     sink(event)
-            if timer is not None:
-                timer(None)
         when = core.next_timer()
         if when != self._timer_when:
             if self._timer is not None:
@@ -392,18 +390,20 @@ class ServerRuntime:
                     conn.close("dev_block")
 
     def _sinks_for(self, kind: type) -> tuple[EventSink, ...]:
-        """The sinks that take events of this type, _route first: a table's handler for
-        the type, if it has one (ev.EventTable), and every plain callable (each
-        event goes only to the sinks that act on it)."""
-        sinks: list[EventSink] = [self._route] if kind in _ROUTED else []
+        """The sinks that take events of this type: a table's handler for the type, if it
+        has one (ev.EventTable), and every plain callable (each event goes only to the
+        sinks that act on it)."""
+        sinks: list[EventSink] = []
         for sink in self.event_sinks:
             handler = sink.handlers.get(kind) if isinstance(sink, ev.EventTable) else sink
             if handler is not None:
                 sinks.append(handler)
         return tuple(sinks)
 
-    def _route(self, event: ev.Event) -> None:
-        """Keep the listeners' fast-path tables in step with allocations."""
+    def wire_fast_paths(self, event: ev.Event) -> None:
+        """Keep the fast paths in step with the core: a new allocation's client entry in
+        its listener (or its connection) and its sink, the kernel path's flows, RFC 6062
+        pipes; undone when it ends."""
         if isinstance(event, ev.AllocationCreated):
             ft = event.five_tuple
             alloc = self.core.allocations.get(ft)

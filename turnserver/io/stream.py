@@ -26,8 +26,8 @@ from typing import Any, cast
 from turnserver.core import events as ev
 from turnserver.core.allocation import Allocation
 from turnserver.core.five_tuple import ClientTransport, FiveTuple
-from turnserver.io.host import AdapterHost, PeerPipe
 from turnserver.io.proxy_protocol import ProxyHeaderError, parse_proxy_header
+from turnserver.io.runtime_view import PeerPipe, RuntimeView
 from turnserver.stun.attributes import Address
 from turnserver.stun.channeldata import CHANNEL_HEADER
 from turnserver.stun.errors import StunDecodeError
@@ -76,7 +76,7 @@ class StreamConnection(asyncio.Protocol):
 
     def __init__(
         self,
-        runtime: AdapterHost,
+        runtime: RuntimeView,
         local: Address,
         kind: ClientTransport,
         proxy: frozenset[int] = frozenset(),

@@ -20,8 +20,8 @@ from turnserver.core.five_tuple import ClientTransport, FiveTuple
 from turnserver.core.policy import IPNetwork
 from turnserver.core.ratelimit import TokenBuckets
 from turnserver.io.descriptors import DescriptorBudget
-from turnserver.io.host import ClientStream
 from turnserver.io.impairment import Impairments
+from turnserver.io.runtime_view import ClientStream
 
 if TYPE_CHECKING:
     from turnserver.io.stream import StreamConnection
@@ -58,7 +58,7 @@ class StreamOptions:
     proxy_header_timeout: float = 5.0
 
 
-class AdmissionHost(Protocol):
+class AdmissionRuntime(Protocol):
     """What admission needs of the runtime (io/runtime.py)."""
 
     loop: asyncio.AbstractEventLoop
@@ -75,8 +75,8 @@ class AdmissionHost(Protocol):
 class StreamAdmission:
     """The table of TCP/TLS client connections of one process, and its rules."""
 
-    def __init__(self, host: AdmissionHost) -> None:
-        self.host = host
+    def __init__(self, runtime: AdmissionRuntime) -> None:
+        self.runtime = runtime
         self.connections: dict[FiveTuple, StreamConnection] = {}
         self.per_ip: dict[str, int] = {}
         self.refusals: dict[str, int] = {}  # reason -> connections refused
@@ -87,30 +87,30 @@ class StreamAdmission:
 
     def opened(self, conn: ClientStream) -> bool:
         """Admit a new TCP/TLS connection, or refuse it (counted) over a cap."""
-        host = self.host
+        runtime = self.runtime
         ft = conn.five_tuple
         assert ft is not None
         ip = ft.client[0]
         per_ip = self.per_ip.get(ip, 0)
-        cap_per_ip = host.stream_options.max_connections_per_ip
+        cap_per_ip = runtime.stream_options.max_connections_per_ip
         refused = ""
-        if len(self.connections) >= host.stream_limit > 0:
+        if len(self.connections) >= runtime.stream_limit > 0:
             refused = "stream_limit"
         elif cap_per_ip and per_ip >= cap_per_ip:
             refused = "per_ip_limit"
-        elif not host.descriptors.has(1):
+        elif not runtime.descriptors.has(1):
             refused = "fd_limit"
         if refused:
-            self.last_cap_hit = host.loop.time()
+            self.last_cap_hit = runtime.loop.time()
         elif ft.transport == ClientTransport.TLS and not self._tls_handshake_allowed(ip):
             refused = "tls_rate_limited"
-        elif host.impairments is not None and host.impairments.blocked(ft.transport.value):
+        elif runtime.impairments is not None and runtime.impairments.blocked(ft.transport.value):
             refused = "dev_block"  # developer mode: a firewall, not a cap
         if refused:
             self.refusals[refused] = self.refusals.get(refused, 0) + 1
-            host.emit(ev.ConnectionClosed(ft, refused, ""))
+            runtime.emit(ev.ConnectionClosed(ft, refused, ""))
             return False
-        host.descriptors.take(1)
+        runtime.descriptors.take(1)
         self.per_ip[ip] = per_ip + 1
         self.connections[ft] = cast("StreamConnection", conn)  # the only kind we make
         return True
@@ -121,7 +121,7 @@ class StreamAdmission:
         if ft is None or self.connections.get(ft) is not conn:
             return False
         del self.connections[ft]
-        self.host.descriptors.give(1)
+        self.runtime.descriptors.give(1)
         ip = ft.client[0]
         left = self.per_ip.get(ip, 1) - 1
         if left > 0:
@@ -132,37 +132,37 @@ class StreamAdmission:
 
     def _tls_handshake_allowed(self, ip: str) -> bool:
         """Token bucket per client address for TLS handshakes (stream.tls_handshake_*)."""
-        o = self.host.stream_options
+        o = self.runtime.stream_options
         buckets = self._tls_handshakes
         buckets.rate, buckets.burst = o.tls_handshake_rate, o.tls_handshake_burst
-        return not o.tls_handshake_rate or buckets.allow(ip, self.host.loop.time())
+        return not o.tls_handshake_rate or buckets.allow(ip, self.runtime.loop.time())
 
     # ---- PROXY listeners --------------------------------------------------------------
 
     def proxy_admit(self, conn: ClientStream) -> bool:
         """A connection to a PROXY listener: only from trusted proxies, held under the
         same caps as a client's until its header comes."""
-        host = self.host
+        runtime = self.runtime
         ft = conn.five_tuple
         assert ft is not None
         refused = ""
-        if not _in_networks(ft.client[0], host.stream_options.proxy_trusted):
+        if not _in_networks(ft.client[0], runtime.stream_options.proxy_trusted):
             refused = "proxy_untrusted"
-        elif len(self.connections) + len(self.proxy_pending) >= host.stream_limit > 0:
+        elif len(self.connections) + len(self.proxy_pending) >= runtime.stream_limit > 0:
             refused = "stream_limit"
-        elif not host.descriptors.has(1):
+        elif not runtime.descriptors.has(1):
             refused = "fd_limit"
         if refused:
             self._proxy_refused(ft, refused, "")
             return False
-        host.descriptors.take(1)
+        runtime.descriptors.take(1)
         self.proxy_pending.add(cast("StreamConnection", conn))
         return True
 
     def proxy_release(self, conn: ClientStream, refused: str = "", detail: str = "") -> bool:
         """The header came (its client is now conn.five_tuple), or the wait ended."""
         self.proxy_pending.discard(cast("StreamConnection", conn))
-        self.host.descriptors.give(1)  # opened() takes it again for the client
+        self.runtime.descriptors.give(1)  # opened() takes it again for the client
         ft = conn.five_tuple
         assert ft is not None
         if refused.startswith("proxy_"):
@@ -178,8 +178,8 @@ class StreamAdmission:
         fill the log)."""
         self.refusals[reason] = self.refusals.get(reason, 0) + 1
         if reason in ("stream_limit", "fd_limit"):
-            self.last_cap_hit = self.host.loop.time()
-        now = self.host.loop.time()
+            self.last_cap_hit = self.runtime.loop.time()
+        now = self.runtime.loop.time()
         if now - self._logged.get(reason, -LOG_INTERVAL) >= LOG_INTERVAL:
             self._logged[reason] = now
             log.warning(
@@ -196,7 +196,7 @@ class StreamAdmission:
     # ---- deadlines ------------------------------------------------------------------
 
     def shortest_deadline(self) -> float:
-        o = self.host.stream_options
+        o = self.runtime.stream_options
         return min(
             o.idle_timeout,
             o.frame_timeout,
@@ -207,7 +207,7 @@ class StreamAdmission:
 
     def sweep(self, now: float) -> None:
         """Close connections past a deadline."""
-        o = self.host.stream_options
+        o = self.runtime.stream_options
         idle_before = now - o.idle_timeout
         frame_before = now - o.frame_timeout
         first_before = now - o.first_request_timeout

@@ -14,7 +14,7 @@ import socket
 from typing import Protocol, cast
 
 from turnserver.core.allocation import Allocation
-from turnserver.io.host import AdapterHost, ClientSink, ClientStream
+from turnserver.io.runtime_view import ClientSink, ClientStream, RuntimeView
 from turnserver.io.sockets import bind_socket
 from turnserver.stun.attributes import Address
 
@@ -31,7 +31,7 @@ class PeerConnectionOwner(Protocol):
     """Who a peer connection reports to: its allocation's TcpRelay, or (for a
     connection handed over by another worker) the worker bus."""
 
-    runtime: AdapterHost
+    runtime: RuntimeView
 
     def inbound(self, conn: PeerTcpConnection) -> bool: ...
 
@@ -122,7 +122,7 @@ class PeerTcpConnection(asyncio.Protocol):
 class TcpRelay:
     """Implements core.allocation.TcpRelayEndpoint."""
 
-    def __init__(self, runtime: AdapterHost, alloc: Allocation, sock: socket.socket) -> None:
+    def __init__(self, runtime: RuntimeView, alloc: Allocation, sock: socket.socket) -> None:
         self.runtime = runtime
         runtime.descriptors.take(1)  # the listening socket
         self.alloc = alloc
@@ -259,7 +259,7 @@ class TcpRelay:
 
 
 def open_tcp_relay(
-    runtime: AdapterHost, alloc: Allocation, host: str, port: int
+    runtime: RuntimeView, alloc: Allocation, host: str, port: int
 ) -> TcpRelay | None:
     """Bind and listen on host:port, or None when the port is taken."""
     try:

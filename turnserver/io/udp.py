@@ -15,8 +15,8 @@ from time import perf_counter
 
 from turnserver.core.allocation import Allocation, SendTo
 from turnserver.core.five_tuple import ClientTransport, FiveTuple
-from turnserver.core.server import RelayStats
-from turnserver.io.host import AdapterHost, ClientSink
+from turnserver.core.server import RelayStats, Reply
+from turnserver.io.runtime_view import ClientSink, RuntimeView
 from turnserver.io.sockets import bind_socket
 from turnserver.io.tcp_relay import TcpRelay, open_tcp_relay
 from turnserver.stun.attributes import Address
@@ -25,7 +25,7 @@ from turnserver.stun.channeldata import CHANNEL_HEADER
 READ_BATCH = 64
 # Answers of one read batch go out together, at most this many held back:
 # sent one by one between requests, each woke a waiting receiver (on loopback the
-# sender pays for that wake-up: ~8 µs of every sendto under setup load)
+# sender pays for that wake-up under setup load; benchmarks/README.md)
 ANSWER_BATCH = 16
 MAX_DATAGRAM = 65535
 SOCKET_BUFFER = 4 * 1024 * 1024
@@ -80,7 +80,7 @@ class UdpClientSink:
 class UdpListener:
     """A TURN/STUN listener on one UDP address."""
 
-    def __init__(self, runtime: AdapterHost, sock: socket.socket) -> None:
+    def __init__(self, runtime: RuntimeView, sock: socket.socket) -> None:
         self.runtime = runtime
         self.sock = sock
         host, port = sock.getsockname()[:2]
@@ -194,9 +194,8 @@ class UdpListener:
             response = None
         if response is not None:
             sock = self.sock
-            if core.send_from is not None:  # RFC 5780 CHANGE-REQUEST: another of ours
-                origin = self.siblings.get(core.send_from)
-                core.send_from = None
+            if type(response) is Reply:  # RFC 5780 CHANGE-REQUEST: from another of ours
+                origin = self.siblings.get(response.origin)
                 if origin is not None:
                     sock = origin.sock
             if sock is self.sock:
@@ -219,7 +218,7 @@ class UdpRelay:
 
     def __init__(
         self,
-        runtime: AdapterHost,
+        runtime: RuntimeView,
         loop: asyncio.AbstractEventLoop,
         alloc: Allocation,
         sock: socket.socket,
@@ -229,7 +228,7 @@ class UdpRelay:
         self._loop = loop
         self.alloc = alloc
         self.sock = sock
-        self.v6 = ":" in address[0]  # sock.family builds an enum each time: 0.4 µs
+        self.v6 = ":" in address[0]  # sock.family builds an enum on each read
         self.address = address  # where it is bound (port 0 is never asked for)
         self.sendto: SendTo = sock.sendto
         self._fd = sock.fileno()
@@ -353,7 +352,7 @@ class UdpRelay:
 class SocketRelayOpener:
     """Implements core.allocation.RelayOpener: UDP relays, and RFC 6062 TCP relays."""
 
-    def __init__(self, runtime: AdapterHost) -> None:
+    def __init__(self, runtime: RuntimeView) -> None:
         self.runtime = runtime
 
     def has_capacity(self, sockets: int) -> bool:

@@ -185,10 +185,10 @@ _PADDING = (b"", b"\x00", b"\x00\x00", b"\x00\x00\x00")
 
 class _HmacKey:
     """HMAC (RFC 2104) with the key's inner and outer hash states computed once: a
-    message then costs two state copies and two short hashes. 0.48 µs against 1.27 µs
-    for the one-shot hmac.digest per SHA-1 MAC on this machine kind (OpenSSL 3 sets up
-    a fresh context each call); a TURN request is verified and its answer signed with
-    the same long-term key, a few times per allocation."""
+    message then costs two state copies and two short hashes, where the one-shot
+    hmac.digest sets up a fresh OpenSSL context each call (benchmarks/README.md); a TURN
+    request is verified and its answer signed with the same long-term key, a few times
+    per allocation."""
 
     __slots__ = ("inner", "outer")
 

@@ -90,8 +90,8 @@ class Settings:
     # HTTPS for the API listener; None: when a certificate is configured and the API
     # does not listen on loopback. Its own certificate, or the TURN one (tls.cert).
     api_tls: bool | None = None
-    api_cert_file: str | None = None
-    api_key_file: str | None = None
+    api_tls_cert_file: str | None = None
+    api_tls_key_file: str | None = None
     api_default_ttl: int = 86400
     api_max_ttl: int = 86400
     api_rate: float = 10.0
@@ -193,8 +193,8 @@ SCHEMA: dict[str, tuple[str, Check]] = {
     "admin.tokens_file": ("admin_tokens_file", check_optional_str),
     "admin.tls": ("admin_tls", check_bool),
     "admin.revocations_file": ("revocations_file", check_optional_str),
-    "api.cert": ("api_cert_file", check_optional_str),
-    "api.key": ("api_key_file", check_optional_str),
+    "api.cert": ("api_tls_cert_file", check_optional_str),
+    "api.key": ("api_tls_key_file", check_optional_str),
     "auth.nonce_lifetime": ("nonce_lifetime", int_between(30, 86400)),
     "auth.strict_expiry": ("strict_expiry", check_bool),
     "relay.ip": ("relay_ips", check_ip_list),
@@ -333,7 +333,7 @@ def validate(s: Settings) -> None:
         raise ConfigError("api.listen: the API needs auth.secrets to mint with")
     if bool(s.cert_file) != bool(s.key_file):
         raise ConfigError("tls.key: give both a certificate and its key")
-    if bool(s.api_cert_file) != bool(s.api_key_file):
+    if bool(s.api_tls_cert_file) != bool(s.api_tls_key_file):
         raise ConfigError("api.key: give both a certificate and its key")
     api_certificate(s)
     if s.admin_listen:
@@ -375,7 +375,7 @@ def _https_certificate(
 
 def api_certificate(s: Settings) -> tuple[str, str] | None:
     """(cert, key) the credentials API serves HTTPS with, or None for plain HTTP."""
-    cert, key = s.api_cert_file or s.cert_file, s.api_key_file or s.key_file
+    cert, key = s.api_tls_cert_file or s.cert_file, s.api_tls_key_file or s.key_file
     return _https_certificate("api.tls", s.api_listen, s.api_tls, cert, key)
 
 

@@ -63,7 +63,6 @@ class Server:
         self.metrics = Metrics()
         self.metrics.collector.runtime = self.runtime
         self.runtime.event_sinks.append(self.metrics.on_event)
-        self.runtime.request_timer = self.metrics.observe_request_duration
         self.metrics.internal_users = frozenset({PROBE_USER})
         self.dev = impairment_api.attach(settings, self.runtime, self.metrics.registry)
         self.shared_offload: FlowMaps | None = None  # set by a worker before start

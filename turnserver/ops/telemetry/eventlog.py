@@ -69,8 +69,8 @@ class LineHandler(logging.StreamHandler):  # type: ignore[type-arg]
     """The server's log on stderr. Lines are flushed together once per event-loop
     iteration (one write(2) for a burst of requests' lines), at once for warnings and
     errors and outside a running loop; `write_event` takes the event lines without the
-    LogRecord machinery. 10.6 µs for an "allocation created" line through logging, 3.7
-    µs this way (benchmarks/README.md)."""
+    LogRecord machinery, a third of the cost of a line through logging
+    (benchmarks/README.md)."""
 
     def __init__(self, stream: Any, fmt: str) -> None:
         super().__init__(stream)
@@ -160,7 +160,7 @@ def setup_logging(level: str, fmt: str, worker: int | None = None) -> None:
     root.setLevel(level.upper())
     root.propagate = False
     # Nothing we log uses the caller's file and line, thread or process names: the
-    # logging HOWTO's "Optimization" switches; 2 µs a line (benchmarks/README.md).
+    # logging HOWTO's "Optimization" switches (their saving: benchmarks/README.md).
     logging._srcfile = None
     logging.logThreads = False
     logging.logProcesses = False

@@ -364,8 +364,8 @@ class Metrics:
         info = Gauge("turn_build_info", "Build information", ["version"], registry=r)
         info.labels(__version__).set(1)
         # The per-request families are plain ints bumped by the event sink and exposed on
-        # scrape (EventCounts): prometheus_client's inc()/observe() take a lock each,
-        # ~10 µs of an allocation setup's CPU (benchmarks/README.md).
+        # scrape (EventCounts): prometheus_client's inc()/observe() take a lock each, a
+        # measurable share of an allocation setup's CPU (benchmarks/README.md).
         self.counts = EventCounts()
         r.register(self.counts)
         self.allocation_lifetime = Histogram(
@@ -430,14 +430,9 @@ class Metrics:
             self.tls_handshake_failures.labels(reason)
         self.collector = TurnCollector()
         r.register(self.collector)
-        self._last_duration: float | None = None
         self.internal_users: frozenset[str] = frozenset()
         self._children: dict[tuple[int, tuple[str, ...]], Counter] = {}
         self.on_event = self._event_table()
-
-    def observe_request_duration(self, seconds: float | None) -> None:
-        """The I/O layer timed the call whose events follow (None: no longer timing)."""
-        self._last_duration = seconds
 
     def _child(self, metric: Counter, *labels: str) -> Counter:
         """metric.labels(...) with a cache: the lookup is slow on the request path."""
@@ -474,8 +469,8 @@ class Metrics:
         self.counts.inc("requests", method, result)
         if code and method != "allocate" and code not in (401, 438):
             self.counts.inc("request_failures", method, result, event.reason)
-        if self._last_duration is not None:
-            self.counts.observe(method, self._last_duration)
+        if event.duration is not None:
+            self.counts.observe(method, event.duration)
 
     def _allocation_created(self, event: ev.AllocationCreated) -> None:
         if event.username not in self.internal_users:

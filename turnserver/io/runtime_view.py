@@ -58,7 +58,7 @@ class PeerHandover(Protocol):
     def close_handed(self, holder: int, connection_id: int) -> None: ...
 
 
-class AdapterHost(Protocol):
+class RuntimeView(Protocol):
     """The runtime as the listeners and relay sockets see it."""
 
     loop: asyncio.AbstractEventLoop
