@@ -217,7 +217,7 @@ def test_ipv6_both_ways_with_checksums(bpf_object: Path, where: str, size: int) 
         assert prog.counters(*flows) == (1, size, 1, size)
         for packet, reason in (
             (frame6(CLIENT6, SERVER6, cd, hops=1), "ttl"),
-            (frame6(PEER6, RELAY6, payload, udp_check=0), None),  # invalid in IPv6: up
+            (frame6(PEER6, RELAY6, payload, udp_check=0), "ipv6_zero_checksum"),  # RFC 8200
             (frame6(PEER6, RELAY6, payload, next_header=0), None),  # an extension header
             (frame6(CLIENT6, SERVER6, cd + b"\0"), "length"),
         ):

@@ -630,7 +630,7 @@ def test_ended_allocations_leave_the_timer_heap_before_their_deadlines() -> None
         c.request(Method.CREATE_PERMISSION, [(Attr.XOR_PEER_ADDRESS, PEER)])
         c.request(Method.REFRESH, [(Attr.LIFETIME, 0)])
     assert not core.allocations
-    dead = {id(t[3]) for t in core._timers if t[3] is not None}
+    dead = {id(t[3]) for t in core.timers if t[3] is not None}
     assert len(dead) <= 1000 // 8, len(dead)  # those the last compaction did not reach
     # a live allocation's timers survive compaction and still fire
     c = CoreClient(core, ("192.0.2.91", 1))

@@ -51,14 +51,14 @@ def test_duplicate_peers_make_one_permission_and_one_timer() -> None:
     peer = ("1.2.3.4", 9)
     flood = [(Attr.XOR_PEER_ADDRESS, peer)] * (MAX_PEERS_PER_REQUEST + 1)
     assert error_code(c.request(Method.CREATE_PERMISSION, flood)) == 400
-    timers_before = len(core._timers)
+    timers_before = len(core.timers)
     for _ in range(50):  # refreshing never adds timers
         resp = c.request(Method.CREATE_PERMISSION, flood[:MAX_PEERS_PER_REQUEST])
         assert resp.message_class == MessageClass.SUCCESS
     alloc = core.allocations[c.ft]
     assert list(alloc.permissions) == ["1.2.3.4"]
-    assert len(core._timers) == timers_before + 1
-    permission_timers = [t for t in core._timers if t[2] == TimerKind.PERMISSION]
+    assert len(core.timers) == timers_before + 1
+    permission_timers = [t for t in core.timers if t[2] == TimerKind.PERMISSION]
     assert len(permission_timers) == 1
     # The refreshed permission lives on when its first timer fires, then expires
     c.now += 299
@@ -75,7 +75,7 @@ def test_refresh_keeps_one_allocation_timer_and_honours_a_shorter_lifetime() -> 
     c.allocate([(Attr.LIFETIME, 3600)])
     for _ in range(20):
         c.request(Method.REFRESH, [(Attr.LIFETIME, 3600)])
-    assert sum(t[2] == TimerKind.ALLOCATION for t in core._timers) == 1
+    assert sum(t[2] == TimerKind.ALLOCATION for t in core.timers) == 1
     c.request(Method.REFRESH, [(Attr.LIFETIME, 600)])  # shorter: must fire earlier
     core.handle_timer(c.now + 601)
     assert not core.allocations

@@ -11,57 +11,62 @@ from turnserver.core.allocate import AllocationHandlers
 from turnserver.core.allocation import Allocation
 from turnserver.core.errors import Revoked
 from turnserver.core.five_tuple import format_address
+from turnserver.core.state import CoreState
 
 
-class AdminActions(AllocationHandlers):
+class AdminActions:
     """Operator actions over the core's state."""
+
+    def __init__(self, state: CoreState, allocating: AllocationHandlers) -> None:
+        self.state = state
+        self.allocating = allocating
 
     def check_revoked(self, user: str, wall: float) -> None:
         """Raise Revoked (403) while `user` is revoked (`wall`: Unix time); forget
         revocations that ended."""
-        entry = self.revocations.get(user)
+        entry = self.state.revocations.get(user)
         if entry is None:
             return
         until, reason = entry
         if until <= wall:
-            del self.revocations[user]
+            del self.state.revocations[user]
             return
         raise Revoked(f"user {user!r} is revoked until {int(until)}: {reason}"[:200])
 
     def end_allocation(self, allocation_id: str, cause: str, now: float) -> bool:
         """End one allocation now (its client's next request gets 437)."""
-        alloc = self.allocations_by_id.get(allocation_id)
+        alloc = self.state.allocations_by_id.get(allocation_id)
         if alloc is None:
             return False
-        self._delete(alloc, now, cause)
+        self.allocating.delete(alloc, now, cause)
         return True
 
     def revoke(self, user: str, until: float, reason: str, now: float) -> int:
         """Revoke a user until `until` (Unix time); returns how many live allocations
         ended."""
-        self.revocations[user] = (until, reason)
-        return self._end_user(user, now) if until > self.wall(now) else 0
+        self.state.revocations[user] = (until, reason)
+        return self._end_user(user, now) if until > self.state.wall(now) else 0
 
     def unrevoke(self, user: str) -> bool:
-        return self.revocations.pop(user, None) is not None
+        return self.state.revocations.pop(user, None) is not None
 
     def set_revocations(self, entries: dict[str, tuple[float, str]], now: float) -> int:
         """Replace every revocation (the file was re-read); ends the live allocations of
         users revoked now. Returns how many ended."""
-        wall = self.wall(now)
-        self.revocations = {u: e for u, e in entries.items() if e[0] > wall}
-        return sum(self._end_user(user, now) for user in self.revocations)
+        wall = self.state.wall(now)
+        self.state.revocations = {u: e for u, e in entries.items() if e[0] > wall}
+        return sum(self._end_user(user, now) for user in self.state.revocations)
 
     def _end_user(self, user: str, now: float) -> int:
-        victims = [a for a in self.allocations.values() if a.user == user]
+        victims = [a for a in self.state.allocations.values() if a.user == user]
         for alloc in victims:
-            self._delete(alloc, now, "revoked")
+            self.allocating.delete(alloc, now, "revoked")
         return len(victims)
 
     def apply_bandwidth(self, rate: int, now: float) -> list[Allocation]:
         """A reloaded bandwidth limit (bytes a second, 0: none) for every live
         allocation at once; returns those whose limit changed."""
-        changed = [a for a in self.allocations.values() if a.rate != rate]
+        changed = [a for a in self.state.allocations.values() if a.rate != rate]
         for alloc in changed:
             alloc.rate = rate
             alloc.tokens = min(alloc.tokens, float(rate)) if rate else 0.0
@@ -81,24 +86,24 @@ class AdminActions(AllocationHandlers):
             "id": alloc.id,
             "user": alloc.user,
             "username": alloc.username,
-            "realm": self.auth.realm,
+            "realm": self.state.auth.realm,
             "transport": ft.transport.value,
             "client": format_address(ft.client),
             "listener": format_address(ft.server),
             "relayed": [format_address(a) for a in alloc.relayed_addresses],
             "tcp_relay": alloc.is_tcp,
-            "created": round(self.wall(alloc.created), 3),  # Unix times
-            "expires": round(self.wall(alloc.expires), 3),
+            "created": round(self.state.wall(alloc.created), 3),  # Unix times
+            "expires": round(self.state.wall(alloc.expires), 3),
             "credential_expires": alloc.credential_expires,
             "permissions": [
-                {"peer": ip, "expires": round(self.wall(exp), 3)}
+                {"peer": ip, "expires": round(self.state.wall(exp), 3)}
                 for ip, exp in alloc.permissions.items()
             ],
             "channels": [
                 {
                     "number": f"0x{b.number:04x}",
                     "peer": format_address(b.peer),
-                    "expires": round(self.wall(b.expires), 3),
+                    "expires": round(self.state.wall(b.expires), 3),
                 }
                 for b in alloc.bindings.values()
             ],

@@ -42,22 +42,25 @@ from turnserver.stun.constants import (
 from turnserver.stun.message import StunMessage
 
 
-class AllocationHandlers(CoreState):
+class AllocationHandlers:
     """Allocate, Refresh and deletion."""
+
+    def __init__(self, state: CoreState) -> None:
+        self.state = state
 
     def _lifetime(self, requested: int | None) -> int:
         """RFC 8656 §7.2/§7.4: min(requested, max), but never below the default."""
-        cfg = self.config
+        cfg = self.state.config
         if requested is None:
             return min(cfg.default_lifetime, cfg.max_lifetime)
         return max(min(requested, cfg.max_lifetime), min(cfg.default_lifetime, cfg.max_lifetime))
 
-    def _allocate(self, msg: StunMessage, ft: FiveTuple, ident: Identity, now: float) -> Attributes:
+    def allocate(self, msg: StunMessage, ft: FiveTuple, ident: Identity, now: float) -> Attributes:
         """RFC 8656 §7.2."""
-        cfg = self.config
-        if ft in self.allocations:
+        cfg = self.state.config
+        if ft in self.state.allocations:
             raise AllocationMismatch("5-tuple already has an allocation")
-        if not self.accepting:
+        if not self.state.accepting:
             if cfg.alternate_server is not None:
                 raise TryAlternate(cfg.alternate_server, "server is draining")
             raise InsufficientCapacity("server is draining", reason="draining")
@@ -75,16 +78,16 @@ class AllocationHandlers(CoreState):
                 attrs = self._allocate_udp(msg, ft, ident, now)
         except Exception:
             if leased:
-                self._fleet_release(ident.user)
+                self.fleet_release(ident.user)
             raise
         if leased:
-            self.allocations[ft].fleet_lease = True
+            self.state.allocations[ft].fleet_lease = True
         return attrs
 
     def _fleet_admit(self, msg: StunMessage, ft: FiveTuple, ident: Identity) -> bool:
         """The fleet's per-user quota (core/fleet_leases.py): True when this Allocate
         takes a lease granted for it; refused, 486; not asked yet, ask and answer later."""
-        leases = self.fleet_leases
+        leases = self.state.fleet_leases
         if leases is None or ident.internal:
             return False
         key = (ft, msg.transaction_id)
@@ -102,17 +105,19 @@ class AllocationHandlers(CoreState):
                     "too many Allocates waiting for the fleet's quota", reason="quota_fleet_busy"
                 )
             leases.pending.add(key)
-            self.events.append(ev.FleetLeaseNeeded(ft, msg.transaction_id, ident.user, msg.raw))
+            self.state.events.append(
+                ev.FleetLeaseNeeded(ft, msg.transaction_id, ident.user, msg.raw)
+            )
         raise DeferredResponse
 
-    def _fleet_release(self, user: str) -> None:
-        self.events.append(ev.FleetLeaseReleased(user))
+    def fleet_release(self, user: str) -> None:
+        self.state.events.append(ev.FleetLeaseReleased(user))
 
     def _allocate_udp(
         self, msg: StunMessage, ft: FiveTuple, ident: Identity, now: float
     ) -> Attributes:
         """RFC 8656 §7.2, a UDP relayed address (or two)."""
-        cfg = self.config
+        cfg = self.state.config
         token: bytes | None = msg.get(Attr.RESERVATION_TOKEN)
         even_port: bool | None = msg.get(Attr.EVEN_PORT)
         requested_family = msg.get(Attr.REQUESTED_ADDRESS_FAMILY)
@@ -134,17 +139,17 @@ class AllocationHandlers(CoreState):
 
         reservation: Reservation | None = None
         if token is not None:
-            reservation = self.reservations.pop(token, None)
+            reservation = self.state.reservations.pop(token, None)
             if reservation is not None and reservation.owner is not None:
                 # used: its quota goes back (this allocation takes its own below)
                 reservation.owner.reservation = b""
-                self.quotas.release(reservation.user, reservation.client_ip)
+                self.state.quotas.release(reservation.user, reservation.client_ip)
             if reservation is None:
                 # Another worker process may have issued it: tokens are stateless. A port
                 # of our own range whose reservation is gone was used or released already
                 reservation = self._check_reservation_token(token, now)
                 if reservation is not None:
-                    pool = self.port_pools[reservation.family]
+                    pool = self.state.port_pools[reservation.family]
                     if pool.min_port <= reservation.port <= pool.max_port:
                         reservation = None
 
@@ -160,13 +165,13 @@ class AllocationHandlers(CoreState):
         else:
             families = [4]
         address_error: int | None = None
-        if families[0] not in self.relay_addresses:
+        if families[0] not in self.state.relay_addresses:
             raise AddressFamilyNotSupported(f"no IPv{families[0]} relay address configured")
-        if len(families) == 2 and 6 not in self.relay_addresses:
+        if len(families) == 2 and 6 not in self.state.relay_addresses:
             families = [4]
             address_error = 6  # RFC 8656 §7.2: ADDRESS-ERROR-CODE for the missing family
 
-        self._check_descriptors(len(families))
+        self.state.check_descriptors(len(families))
         lifetime = self._lifetime(msg.get(Attr.LIFETIME))
         alloc = Allocation(ft, ident.username, ident.user, ident.key, now, lifetime, ident.expires)
         alloc.rate, alloc.tokens, alloc.stamp = cfg.bandwidth, float(cfg.bandwidth), now
@@ -178,7 +183,7 @@ class AllocationHandlers(CoreState):
                 if reservation is not None:
                     relay = self._open_relay(alloc, version, port=reservation.port)
                 elif i == 0 and even_port is not None:
-                    if even_port and len(self.reservations) >= self._reservation_cap():
+                    if even_port and len(self.state.reservations) >= self._reservation_cap():
                         raise InsufficientCapacity(
                             "too many ports held by EVEN-PORT reservations",
                             reason="quota_reservations",
@@ -189,25 +194,27 @@ class AllocationHandlers(CoreState):
                         new_token = self._reservation_token(version, reserved, now)
                         alloc.relays[version] = relay  # (closed with the rest on failure)
                         held.token = new_token
-                        self.reservations[new_token] = held
+                        self.state.reservations[new_token] = held
                 else:
                     relay = self._open_relay(alloc, version)
                 alloc.relays[version] = relay
         except InsufficientCapacity:
-            self._close_relays(alloc)
+            self.state.close_relays(alloc)
             raise
 
         try:
             self._reserve_quota(alloc, ident)
         except AllocationQuotaReached:
             if new_token is not None:
-                self._release_reservation(new_token)
+                self.state.release_reservation(new_token)
             raise
         if new_token is not None:
             self._hold_reservation(alloc, ident, new_token, now)
-        self._register(alloc)
+        self.state.register(alloc)
         if cfg.strict_expiry and ident.expires is not None:  # a Unix time: when it comes
-            self._push(now + ident.expires - self.wall(now), TimerKind.CREDENTIAL, alloc, None)
+            self.state.push_timer(
+                now + ident.expires - self.state.wall(now), TimerKind.CREDENTIAL, alloc, None
+            )
         attrs: Attributes = [
             (Attr.XOR_RELAYED_ADDRESS, r.advertised) for r in alloc.relays.values()
         ]
@@ -222,7 +229,7 @@ class AllocationHandlers(CoreState):
                     (VERSION_FAMILY[address_error], 440, "Address Family not Supported"),
                 )
             )
-        self.events.append(
+        self.state.events.append(
             ev.AllocationCreated(ft, ident.username, alloc.relayed_addresses, lifetime)
         )
         return attrs
@@ -237,14 +244,14 @@ class AllocationHandlers(CoreState):
             raise BadRequest("EVEN-PORT and RESERVATION-TOKEN do not apply to TCP allocations")
         if msg.has(Attr.ADDITIONAL_ADDRESS_FAMILY) or msg.has(Attr.ADDITIONAL_ADDRESS_FAMILY_DRAFT):
             raise BadRequest("dual allocations are UDP only")
-        cfg = self.config
+        cfg = self.state.config
         family = msg.get(Attr.REQUESTED_ADDRESS_FAMILY)
         if family is not None and family not in FAMILY_VERSION:
             raise AddressFamilyNotSupported(f"unknown address family {family}")
         version = FAMILY_VERSION[AddressFamily(family)] if family is not None else 4
-        if version not in self.relay_addresses:
+        if version not in self.state.relay_addresses:
             raise AddressFamilyNotSupported(f"no IPv{version} relay address configured")
-        self._check_descriptors(1)
+        self.state.check_descriptors(1)
         lifetime = self._lifetime(msg.get(Attr.LIFETIME))
         alloc = Allocation(ft, ident.username, ident.user, ident.key, now, lifetime, ident.expires)
         alloc.rate, alloc.tokens, alloc.stamp = cfg.bandwidth, float(cfg.bandwidth), now
@@ -252,10 +259,12 @@ class AllocationHandlers(CoreState):
         alloc.allocate_transaction_id = msg.transaction_id
         alloc.relays[version] = self._open_relay(alloc, version, tcp=True)
         self._reserve_quota(alloc, ident)
-        self._register(alloc)
+        self.state.register(alloc)
         if cfg.strict_expiry and ident.expires is not None:  # a Unix time: when it comes
-            self._push(now + ident.expires - self.wall(now), TimerKind.CREDENTIAL, alloc, None)
-        self.events.append(
+            self.state.push_timer(
+                now + ident.expires - self.state.wall(now), TimerKind.CREDENTIAL, alloc, None
+            )
+        self.state.events.append(
             ev.AllocationCreated(ft, ident.username, alloc.relayed_addresses, lifetime)
         )
         return [
@@ -266,10 +275,10 @@ class AllocationHandlers(CoreState):
 
     def _reserve_quota(self, alloc: Allocation, ident: Identity) -> None:
         """Count the allocation against the quotas, last, so no failure needs undoing."""
-        cfg = self.config
+        cfg = self.state.config
         # the self-probe (an internal user) runs on every worker and listener at once,
         # from one loopback address: only the server's total applies to it
-        why = self.quotas.reserve(
+        why = self.state.quotas.reserve(
             ident.user,
             alloc.five_tuple.client[0],
             cfg.max_allocations,
@@ -277,7 +286,7 @@ class AllocationHandlers(CoreState):
             0 if ident.internal else cfg.max_allocations_per_client_ip,
         )
         if why is not None:
-            self._close_relays(alloc)
+            self.state.close_relays(alloc)
             if why == "quota_total":
                 raise AllocationQuotaReached("server allocation limit reached", reason=why)
             if why == "quota_client_ip":
@@ -291,7 +300,7 @@ class AllocationHandlers(CoreState):
 
     def _reservation_cap(self) -> int:
         """At most 1/RESERVED_PORTS_SHARE of the relay ports held by reservations."""
-        ports = sum(p.size for p in self.port_pools.values())
+        ports = sum(p.size for p in self.state.port_pools.values())
         return max(4, ports // RESERVED_PORTS_SHARE)
 
     def _hold_reservation(
@@ -299,10 +308,10 @@ class AllocationHandlers(CoreState):
     ) -> None:
         """The reserved port counts against the owner's quotas like an allocation (so a
         user cannot hold ports beyond them); over them, the Allocate is refused."""
-        res = self.reservations[token]
-        cfg = self.config
+        res = self.state.reservations[token]
+        cfg = self.state.config
         client_ip = alloc.five_tuple.client[0]
-        why = self.quotas.reserve(
+        why = self.state.quotas.reserve(
             ident.user,
             client_ip,
             cfg.max_allocations,
@@ -310,29 +319,29 @@ class AllocationHandlers(CoreState):
             0 if ident.internal else cfg.max_allocations_per_client_ip,
         )
         if why is not None:
-            self._release_reservation(token)
-            self.quotas.release(ident.user, client_ip)
-            self._close_relays(alloc)
+            self.state.release_reservation(token)
+            self.state.quotas.release(ident.user, client_ip)
+            self.state.close_relays(alloc)
             raise AllocationQuotaReached(
                 "the reserved port (EVEN-PORT R) would exceed the quota", reason=why
             )
         res.owner, res.user, res.client_ip = alloc, ident.user, client_ip
         alloc.reservation = token
-        self._push(res.expires, TimerKind.RESERVATION, None, token)
+        self.state.push_timer(res.expires, TimerKind.RESERVATION, None, token)
 
     def _token_mac(self, family: int, port: int, window: int) -> bytes:
-        return self.auth.nonces.sign(b"reservation|%d|%d|%d" % (family, port, window))[:6]
+        return self.state.auth.nonces.sign(b"reservation|%d|%d|%d" % (family, port, window))[:6]
 
     def _reservation_token(self, family: int, port: int, now: float) -> bytes:
         """RFC 8656 §14.9: 8 bytes, here the port and a MAC over it and the time window,
         so that any worker process sharing the key can honour it."""
-        window = int(now // self.config.reservation_lifetime)
+        window = int(now // self.state.config.reservation_lifetime)
         return port.to_bytes(2, "big") + self._token_mac(family, port, window)
 
     def _check_reservation_token(self, token: bytes, now: float) -> Reservation | None:
         port = int.from_bytes(token[:2], "big")
-        window = int(now // self.config.reservation_lifetime)
-        for family in self.relay_addresses:
+        window = int(now // self.state.config.reservation_lifetime)
+        for family in self.state.relay_addresses:
             for w in (window, window - 1):
                 if hmac.compare_digest(token[2:], self._token_mac(family, port, w)):
                     return Reservation(family, port, now)
@@ -340,14 +349,14 @@ class AllocationHandlers(CoreState):
 
     def _bind_relay(self, alloc: Allocation, version: int, port: int, tcp: bool) -> Relay | None:
         """Ask the I/O layer for a relay socket on `port`; None when it is taken."""
-        addr = self.relay_addresses[version]
+        addr = self.state.relay_addresses[version]
         advertised = (addr.advertised_ip, port)
         if tcp:
-            tcp_endpoint = self.relay_opener.open_tcp_relay(alloc, addr.bind_ip, port)
+            tcp_endpoint = self.state.relay_opener.open_tcp_relay(alloc, addr.bind_ip, port)
             return (
                 Relay(tcp_endpoint, advertised, version, tcp=tcp_endpoint) if tcp_endpoint else None
             )
-        endpoint = self.relay_opener.open_relay(
+        endpoint = self.state.relay_opener.open_relay(
             alloc, addr.bind_ip, port, dont_fragment=alloc.dont_fragment
         )
         return Relay(endpoint, advertised, version, sendto=endpoint.sendto) if endpoint else None
@@ -355,7 +364,7 @@ class AllocationHandlers(CoreState):
     def _open_relay(
         self, alloc: Allocation, version: int, port: int | None = None, *, tcp: bool = False
     ) -> Relay:
-        pool = self.port_pools[version]
+        pool = self.state.port_pools[version]
         if port is not None:  # a reserved port: already out of the pool
             relay = self._bind_relay(alloc, version, port, tcp)
             if relay is None:
@@ -381,8 +390,8 @@ class AllocationHandlers(CoreState):
         self, alloc: Allocation, version: int, reserve_next: bool
     ) -> tuple[Relay, int | None]:
         """RFC 8656 §7.2 EVEN-PORT: an even port, and port+1 held when R is set."""
-        pool = self.port_pools[version]
-        bind_ip = self.relay_addresses[version].bind_ip
+        pool = self.state.port_pools[version]
+        bind_ip = self.state.relay_addresses[version].bind_ip
         busy: list[int] = []
         try:
             for _ in range(BIND_ATTEMPTS):
@@ -391,7 +400,7 @@ class AllocationHandlers(CoreState):
                     break
                 # port+1 is promised only if it can be bound: a sibling worker may hold
                 # it through a token for our range whose reservation we since released
-                if reserve_next and not self.relay_opener.port_free(bind_ip, port + 1):
+                if reserve_next and not self.state.relay_opener.port_free(bind_ip, port + 1):
                     busy += (port, port + 1)
                     continue
                 relay = self._bind_relay(alloc, version, port, tcp=False)
@@ -403,9 +412,9 @@ class AllocationHandlers(CoreState):
                 pool.give_back(p)
         raise InsufficientCapacity("no free even relay port")
 
-    def _refresh(self, msg: StunMessage, ft: FiveTuple, ident: Identity, now: float) -> Attributes:
+    def refresh(self, msg: StunMessage, ft: FiveTuple, ident: Identity, now: float) -> Attributes:
         """RFC 8656 §7.4; LIFETIME 0 deletes the allocation."""
-        alloc = self._allocation_of(ft, ident)
+        alloc = self.state.allocation_of(ft, ident)
         family = msg.get(Attr.REQUESTED_ADDRESS_FAMILY)
         version = FAMILY_VERSION.get(family) if family is not None else None
         if family is not None and version not in alloc.relays:
@@ -416,48 +425,48 @@ class AllocationHandlers(CoreState):
                 # RFC 8656 §7.4: delete one family of a dual allocation
                 relay = alloc.relays.pop(version)
                 relay.endpoint.close()
-                self.port_pools[version].give_back(relay.port)
+                self.state.port_pools[version].give_back(relay.port)
                 for ip in [ip for ip in alloc.permissions if (":" in ip) == (version == 6)]:
                     del alloc.permissions[ip]
                     alloc.update_routes(ip)
                 return [(Attr.LIFETIME, 0)]
-            self._delete(alloc, now, "deleted")
+            self.delete(alloc, now, "deleted")
             return [(Attr.LIFETIME, 0)]
         lifetime = self._lifetime(requested)
         alloc.expires = now + lifetime
         if alloc.expires < alloc.timer_at:  # shortened: fire earlier; a later expiry waits
-            self._arm_allocation(alloc)
-        self.events.append(ev.AllocationRefreshed(ft, lifetime))
+            self.state.arm_allocation(alloc)
+        self.state.events.append(ev.AllocationRefreshed(ft, lifetime))
         return [(Attr.LIFETIME, lifetime)]
 
-    def _delete(self, alloc: Allocation, now: float, cause: str) -> None:
+    def delete(self, alloc: Allocation, now: float, cause: str) -> None:
         if not alloc.live:
             return
         alloc.live = False
-        self._forget_timers_of_ended()
-        self.allocations.pop(alloc.five_tuple, None)
-        self.allocations_by_id.pop(alloc.id, None)
-        self.quotas.release(alloc.user, alloc.five_tuple.client[0])
+        self.state.forget_timers_of_ended()
+        self.state.allocations.pop(alloc.five_tuple, None)
+        self.state.allocations_by_id.pop(alloc.id, None)
+        self.state.quotas.release(alloc.user, alloc.five_tuple.client[0])
         if alloc.fleet_lease:
-            self._fleet_release(alloc.user)
+            self.fleet_release(alloc.user)
         if alloc.reservation:  # an unused EVEN-PORT reservation ends with its allocation
-            self._release_reservation(alloc.reservation)
+            self.state.release_reservation(alloc.reservation)
         relayed = alloc.relayed_addresses
         for pc in list(alloc.peer_connections.values()):
-            self._forget_peer_connection(pc, close=False)  # closing the relay closes them
-        self._close_relays(alloc)
+            self.state.forget_peer_connection(pc, close=False)  # closing the relay closes them
+        self.state.close_relays(alloc)
 
         alloc.channel_routes.clear()
         alloc.peer_channels.clear()
         alloc.bindings.clear()
         alloc.bindings_by_peer.clear()
         alloc.permissions.clear()
-        stats = self.stats
+        stats = self.state.stats
         stats.ended_packets_to_peer += alloc.packets_to_peer
         stats.ended_bytes_to_peer += alloc.bytes_to_peer
         stats.ended_packets_to_client += alloc.packets_to_client
         stats.ended_bytes_to_client += alloc.bytes_to_client
-        self.events.append(
+        self.state.events.append(
             ev.AllocationEnded(
                 alloc.five_tuple,
                 alloc.username,

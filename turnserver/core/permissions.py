@@ -36,22 +36,25 @@ from turnserver.stun.errors import StunDecodeError
 from turnserver.stun.message import StunMessage, encode_message
 
 
-class PermissionHandlers(CoreState):
+class PermissionHandlers:
     """CreatePermission, ChannelBind, Send/Data and ChannelData."""
+
+    def __init__(self, state: CoreState) -> None:
+        self.state = state
 
     def relay_channel_data(
         self, alloc: Allocation | None, number: int, payload: bytes, now: float
     ) -> None:
         """Send a client's ChannelData payload to the channel's peer, or count the drop."""
         if alloc is None:
-            self.stats.dropped_no_allocation += 1
+            self.state.stats.dropped_no_allocation += 1
             return
         route = alloc.channel_routes.get(number)
         if route is None:
-            self.stats.dropped_unknown_channel += 1
+            self.state.stats.dropped_unknown_channel += 1
             return
         if alloc.rate and not alloc.spend(len(payload), now):
-            self.stats.dropped_rate_limited += 1
+            self.state.stats.dropped_rate_limited += 1
             return
         try:
             route[0](payload, route[1])
@@ -64,7 +67,7 @@ class PermissionHandlers(CoreState):
     def send_failed(self, alloc: Allocation, peer: Address, exc: OSError, now: float) -> bool:
         """Count a failed send on a relay path (either direction); report it at most once
         per allocation, errno and SEND_ERROR_LOG_INTERVAL. True when an event was added."""
-        self.stats.dropped_send_error += 1
+        self.state.stats.dropped_send_error += 1
         errno = exc.errno or 0
         log = alloc.send_errors
         if log is None:
@@ -76,7 +79,7 @@ class PermissionHandlers(CoreState):
         suppressed = last[1] if last is not None else 0
         if len(log) < 16:  # bounded: errno values are few
             log[errno] = (now, 0)
-        self.events.append(
+        self.state.events.append(
             ev.RelaySendFailed(
                 alloc.five_tuple, alloc.username, peer, errno, exc.strerror or "", suppressed
             )
@@ -88,10 +91,10 @@ class PermissionHandlers(CoreState):
     ) -> bytes | None:
         """Wrap peer data in a Data indication when a permission exists (RFC 8656 §11.3)."""
         if peer[0] not in alloc.permissions:
-            self.stats.dropped_no_permission += 1
+            self.state.stats.dropped_no_permission += 1
             return None
         if alloc.rate and not alloc.spend(len(payload), now):
-            self.stats.dropped_rate_limited += 1
+            self.state.stats.dropped_rate_limited += 1
             return None
         alloc.packets_to_client += 1
         alloc.bytes_to_client += len(payload)
@@ -116,18 +119,18 @@ class PermissionHandlers(CoreState):
         peer has a permission, and at most ICMP_PER_SECOND a second per allocation."""
         v6 = ":" in peer[0]
         if icmp_type not in ((1, 2, 3) if v6 else (3, 11)):
-            self.stats.dropped_icmp += 1
+            self.state.stats.dropped_icmp += 1
             return None
         if peer[0] not in alloc.permissions:
-            self.stats.dropped_icmp += 1
+            self.state.stats.dropped_icmp += 1
             return None
         second = int(now)
         window, count = alloc.icmp_window
         if window == second and count >= ICMP_PER_SECOND:
-            self.stats.dropped_icmp += 1
+            self.state.stats.dropped_icmp += 1
             return None
         alloc.icmp_window = (second, count + 1 if window == second else 1)
-        self.stats.icmp_to_client += 1
+        self.state.stats.icmp_to_client += 1
         value = struct.pack("!HBBI", 0, icmp_type, icmp_code, error_data & 0xFFFFFFFF)
         return encode_message(
             Method.DATA,
@@ -141,16 +144,16 @@ class PermissionHandlers(CoreState):
         permission whose peer is now denied, with its channels and RFC 6062 connections.
         Returns how many."""
         removed = 0
-        for alloc in list(self.allocations.values()):
-            probe = alloc.username in self.probe_users
+        for alloc in list(self.state.allocations.values()):
+            probe = alloc.username in self.state.probe_users
             for ip in list(alloc.permissions):
-                if probe and ip in self.probe_peer_ips:
+                if probe and ip in self.state.probe_peer_ips:
                     continue
-                _, _, allowed, explicit, canon = self._peer_verdict(ip)
+                _, _, allowed, explicit, canon = self.state._peer_verdict(ip)
                 if not allowed:
                     self._revoke_permission(alloc, ip, "peer_policy")
                     removed += 1
-                elif self.own.refusal(canon, None, explicit, allowed):
+                elif self.state.own.refusal(canon, None, explicit, allowed):
                     self._revoke_permission(alloc, ip, "host_address")
                     removed += 1
         return removed
@@ -163,35 +166,37 @@ class PermissionHandlers(CoreState):
             alloc.channel_routes.pop(binding.number, None)
             alloc.peer_channels.pop(binding.peer, None)
         for pc in [pc for pc in alloc.peer_connections.values() if pc.peer[0] == ip]:
-            self._forget_peer_connection(pc, close=True)
-        self.events.append(ev.PermissionRevoked(alloc.five_tuple, alloc.username, ip, reason))
+            self.state.forget_peer_connection(pc, close=True)
+        self.state.events.append(ev.PermissionRevoked(alloc.five_tuple, alloc.username, ip, reason))
 
-    def _create_permission(
+    def create_permission(
         self, msg: StunMessage, ft: FiveTuple, ident: Identity, now: float
     ) -> Attributes:
         """RFC 8656 §10.2: all XOR-PEER-ADDRESS must pass, or none is installed."""
-        alloc = self._allocation_of(ft, ident)
+        alloc = self.state.allocation_of(ft, ident)
         peers: list[Address] = msg.get_all(Attr.XOR_PEER_ADDRESS)
         if not peers:
             raise BadRequest("CreatePermission without XOR-PEER-ADDRESS")
         if len(peers) > MAX_PEERS_PER_REQUEST:
             raise BadRequest(f"more than {MAX_PEERS_PER_REQUEST} XOR-PEER-ADDRESS attributes")
-        ips = list(dict.fromkeys(self._check_peer(alloc, p, ft, with_port=False) for p in peers))
-        limit = self.config.max_permissions_per_allocation
+        ips = list(
+            dict.fromkeys(self.state.check_peer(alloc, p, ft, with_port=False) for p in peers)
+        )
+        limit = self.state.config.max_permissions_per_allocation
         if (
             limit
             and len(alloc.permissions) + sum(ip not in alloc.permissions for ip in ips) > limit
         ):
             raise InsufficientCapacity("too many permissions", reason="quota_permissions")
         for ip in ips:
-            self._install_permission(alloc, ip, now)
+            self.state.install_permission(alloc, ip, now)
         return []
 
-    def _channel_bind(
+    def channel_bind(
         self, msg: StunMessage, ft: FiveTuple, ident: Identity, now: float
     ) -> Attributes:
         """RFC 8656 §12.2."""
-        alloc = self._allocation_of(ft, ident)
+        alloc = self.state.allocation_of(ft, ident)
         number = msg.get(Attr.CHANNEL_NUMBER)
         peer: Address | None = msg.get(Attr.XOR_PEER_ADDRESS)
         if alloc.is_tcp:
@@ -200,7 +205,7 @@ class PermissionHandlers(CoreState):
             raise BadRequest("ChannelBind needs CHANNEL-NUMBER and XOR-PEER-ADDRESS")
         if not is_valid_channel_number(number):
             raise BadRequest(f"channel number 0x{number:04x} out of range")
-        ip = self._check_peer(alloc, peer, ft, with_port=True)
+        ip = self.state.check_peer(alloc, peer, ft, with_port=True)
         peer = (ip, peer[1])
         binding = alloc.bindings.get(number)
         if binding is not None and binding.peer != peer:
@@ -208,26 +213,28 @@ class PermissionHandlers(CoreState):
         other = alloc.bindings_by_peer.get(peer)
         if other is not None and other.number != number:
             raise BadRequest(f"peer is bound to channel 0x{other.number:04x}")
-        limit = self.config.max_channels_per_allocation
+        limit = self.state.config.max_channels_per_allocation
         if binding is None and limit and len(alloc.bindings) >= limit:
             raise InsufficientCapacity("too many channels", reason="quota_channels")
-        expires = now + self.config.channel_lifetime
+        expires = now + self.state.config.channel_lifetime
         if binding is None:
             binding = ChannelBinding(number, peer, expires)
             alloc.bindings[number] = binding
             alloc.bindings_by_peer[peer] = binding
-            self._push(expires, TimerKind.CHANNEL, alloc, number)  # one timer per channel
-            self.events.append(ev.ChannelBound(ft, number, peer))
+            self.state.push_timer(
+                expires, TimerKind.CHANNEL, alloc, number
+            )  # one timer per channel
+            self.state.events.append(ev.ChannelBound(ft, number, peer))
         binding.expires = expires
-        self._install_permission(alloc, ip, now)  # RFC 8656 §12.2 also refreshes it
+        self.state.install_permission(alloc, ip, now)  # RFC 8656 §12.2 also refreshes it
         alloc.update_routes(ip)
         return []
 
-    def _handle_send(self, msg: StunMessage, ft: FiveTuple, now: float) -> None:
+    def handle_send(self, msg: StunMessage, ft: FiveTuple, now: float) -> None:
         """RFC 8656 §11.2: relay DATA to the peer if a permission exists, else drop."""
-        alloc = self.allocations.get(ft)
+        alloc = self.state.allocations.get(ft)
         if alloc is None:
-            self.stats.dropped_no_allocation += 1
+            self.state.stats.dropped_no_allocation += 1
             return
         try:
             peer: Address | None = msg.get(Attr.XOR_PEER_ADDRESS)
@@ -236,22 +243,22 @@ class PermissionHandlers(CoreState):
             peer = None
             data = None
         if peer is None or data is None or msg.unknown_required_attributes():
-            self.stats.dropped_malformed += 1
+            self.state.stats.dropped_malformed += 1
             return
         if peer[0] not in alloc.permissions:
-            self.stats.dropped_no_permission += 1
+            self.state.stats.dropped_no_permission += 1
             return
-        if self.peer_refused(peer) and not (
-            alloc.username in self.probe_users and peer[0] in self.probe_peer_ips
+        if self.state.peer_refused(peer) and not (
+            alloc.username in self.state.probe_users and peer[0] in self.state.probe_peer_ips
         ):  # the self-probe's echo sockets are on this host, at no relay port
-            self.stats.dropped_peer_denied += 1
+            self.state.stats.dropped_peer_denied += 1
             return
         if alloc.rate and not alloc.spend(len(data), now):
-            self.stats.dropped_rate_limited += 1
+            self.state.stats.dropped_rate_limited += 1
             return
         relay = alloc.relay_to(peer[0])
         if relay is None or relay.sendto is None:
-            self.stats.dropped_no_permission += 1
+            self.state.stats.dropped_no_permission += 1
             return
         try:
             relay.sendto(data, peer)
@@ -261,26 +268,26 @@ class PermissionHandlers(CoreState):
         alloc.packets_to_peer += 1
         alloc.bytes_to_peer += len(data)
 
-    def _expire_permission(self, alloc: Allocation, ip: str, now: float) -> None:
+    def expire_permission(self, alloc: Allocation, ip: str, now: float) -> None:
         expires = alloc.permissions.get(ip)
         if not alloc.live or expires is None:
             return
         if expires > now:  # refreshed: the same timer fires again later
-            self._push(expires, TimerKind.PERMISSION, alloc, ip)
+            self.state.push_timer(expires, TimerKind.PERMISSION, alloc, ip)
             return
         del alloc.permissions[ip]
         alloc.update_routes(ip)
-        self.events.append(ev.PermissionExpired(alloc.five_tuple, ip))
+        self.state.events.append(ev.PermissionExpired(alloc.five_tuple, ip))
 
-    def _expire_channel(self, alloc: Allocation, number: int, now: float) -> None:
+    def expire_channel(self, alloc: Allocation, number: int, now: float) -> None:
         binding = alloc.bindings.get(number)
         if not alloc.live or binding is None:
             return
         if binding.expires > now:  # refreshed: the same timer fires again later
-            self._push(binding.expires, TimerKind.CHANNEL, alloc, number)
+            self.state.push_timer(binding.expires, TimerKind.CHANNEL, alloc, number)
             return
         del alloc.bindings[number]
         del alloc.bindings_by_peer[binding.peer]
         alloc.channel_routes.pop(number, None)
         alloc.peer_channels.pop(binding.peer, None)
-        self.events.append(ev.ChannelExpired(alloc.five_tuple, number, binding.peer))
+        self.state.events.append(ev.ChannelExpired(alloc.five_tuple, number, binding.peer))

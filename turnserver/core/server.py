@@ -12,10 +12,10 @@ import heapq
 
 from turnserver.core import events as ev
 from turnserver.core.admin import AdminActions
-from turnserver.core.allocation import (
-    PeerConnection,
-)
-from turnserver.core.auth import NO_INTEGRITY, OFFERED_ALGORITHMS, Identity
+from turnserver.core.allocate import AllocationHandlers
+from turnserver.core.allocation import PeerConnection, RelayOpener
+from turnserver.core.auth import NO_INTEGRITY, OFFERED_ALGORITHMS, Authenticator, Identity
+from turnserver.core.config import CoreConfig
 from turnserver.core.errors import (
     BadRequest,
     StaleNonce,
@@ -26,6 +26,7 @@ from turnserver.core.errors import (
 )
 from turnserver.core.five_tuple import ClientTransport, FiveTuple
 from turnserver.core.permissions import PermissionHandlers
+from turnserver.core.policy import PeerPolicy
 from turnserver.core.state import (
     MAX_CONTROL_MESSAGE,
     MAX_PEERS_PER_REQUEST,
@@ -66,19 +67,50 @@ __all__ = [
 ]
 
 
-class TurnServer(AdminActions, PermissionHandlers, TcpConnectionHandlers):
+class TurnServer(CoreState):
     """All allocations of one process and the rules that change them: the sans-IO entry
-    points (handle_message, handle_timer, next_timer, drain_events) over the handlers."""
+    points (handle_message, handle_timer, next_timer, drain_events) over the request
+    handlers, which hold this state (pion's internal/server: handlers by composition)."""
 
-    def _request_handlers(self) -> dict[int, Handler]:
-        return {
-            Method.ALLOCATE: self._allocate,
-            Method.REFRESH: self._refresh,
-            Method.CREATE_PERMISSION: self._create_permission,
-            Method.CHANNEL_BIND: self._channel_bind,
-            Method.CONNECT: self._connect,
-            Method.CONNECTION_BIND: self._connection_bind,
+    def __init__(
+        self,
+        config: CoreConfig,
+        authenticator: Authenticator,
+        relay_opener: RelayOpener,
+        peer_policy: PeerPolicy,
+    ) -> None:
+        super().__init__(config, authenticator, relay_opener, peer_policy)
+        self.allocating = AllocationHandlers(self)  # RFC 8656 §7: Allocate, Refresh
+        self.permitting = PermissionHandlers(self)  # §9-§12: permissions, channels, data
+        self.tcp_relaying = TcpConnectionHandlers(self)  # RFC 6062: Connect, ConnectionBind
+        self.admin = AdminActions(self, self.allocating)  # what an operator may do
+        # STUN method -> handler: every request the server answers (RFC 8656 §5)
+        self.handlers: dict[int, Handler] = {
+            Method.ALLOCATE: self.allocating.allocate,
+            Method.REFRESH: self.allocating.refresh,
+            Method.CREATE_PERMISSION: self.permitting.create_permission,
+            Method.CHANNEL_BIND: self.permitting.channel_bind,
+            Method.CONNECT: self.tcp_relaying.connect,
+            Method.CONNECTION_BIND: self.tcp_relaying.connection_bind,
         }
+        # what the I/O and operations layers call on the handlers, named here
+        p, tcp, admin = self.permitting, self.tcp_relaying, self.admin
+        self.relay_channel_data = p.relay_channel_data
+        self.send_failed = p.send_failed
+        self.data_indication = p.data_indication
+        self.icmp_indication = p.icmp_indication
+        self.revoke_denied_peers = p.revoke_denied_peers
+        self.connect_result = tcp.connect_result
+        self.peer_connection_received = tcp.peer_connection_received
+        self.hand_over_peer_connection = tcp.hand_over_peer_connection
+        self.finish_remote_bind = tcp.finish_remote_bind
+        self.peer_connection_closed = tcp.peer_connection_closed
+        self.end_allocation = admin.end_allocation
+        self.revoke = admin.revoke
+        self.unrevoke = admin.unrevoke
+        self.set_revocations = admin.set_revocations
+        self.apply_bandwidth = admin.apply_bandwidth
+        self.allocation_info = admin.allocation_info
 
     def handle_message(self, data: bytes, five_tuple: FiveTuple, now: float) -> bytes | None:
         """A STUN message from a client; returns the response to send back, if any."""
@@ -94,14 +126,14 @@ class TurnServer(AdminActions, PermissionHandlers, TcpConnectionHandlers):
         if msg.message_class == MessageClass.REQUEST:
             return self._handle_request(msg, five_tuple, now)
         if msg.message_class == MessageClass.INDICATION and msg.method == Method.SEND:
-            self._handle_send(msg, five_tuple, now)
+            self.permitting.handle_send(msg, five_tuple, now)
         return None
 
     def handle_channel_data(
         self, number: int, payload: bytes, five_tuple: FiveTuple, now: float
     ) -> None:
         """ChannelData from a client when the I/O fast path did not take it (RFC 8656 §12.6)."""
-        self.relay_channel_data(self.allocations.get(five_tuple), number, payload, now)
+        self.permitting.relay_channel_data(self.allocations.get(five_tuple), number, payload, now)
 
     def fleet_lease_result(
         self, ft: FiveTuple, transaction_id: bytes, user: str, message: bytes, ok: bool, now: float
@@ -115,7 +147,7 @@ class TurnServer(AdminActions, PermissionHandlers, TcpConnectionHandlers):
         key = (ft, transaction_id)
         if leases is None or key not in leases.pending:
             if ok:
-                self._fleet_release(user)
+                self.allocating.fleet_release(user)
             return None
         leases.pending.discard(key)
         (leases.granted if ok else leases.refused).add(key)
@@ -124,7 +156,7 @@ class TurnServer(AdminActions, PermissionHandlers, TcpConnectionHandlers):
         finally:
             if key in leases.granted:  # not taken
                 leases.granted.discard(key)
-                self._fleet_release(user)
+                self.allocating.fleet_release(user)
             leases.refused.discard(key)
 
     def close_five_tuple(self, five_tuple: FiveTuple, now: float) -> None:
@@ -132,41 +164,41 @@ class TurnServer(AdminActions, PermissionHandlers, TcpConnectionHandlers):
         self.remote_binds.pop(five_tuple, None)
         alloc = self.allocations.get(five_tuple)
         if alloc is not None:
-            self._delete(alloc, now, "connection_closed")
+            self.allocating.delete(alloc, now, "connection_closed")
 
     def next_timer(self) -> float | None:
         """When the earliest expiry is due, for the adapter's one timer."""
-        return self._timers[0][0] if self._timers else None
+        return self.timers[0][0] if self.timers else None
 
     def handle_timer(self, now: float) -> None:
         """Expire allocations, permissions, channels and reservations that are due."""
-        timers = self._timers
+        timers = self.timers
         while timers and timers[0][0] <= now:
             when, _, kind, owner, key = heapq.heappop(timers)
             if kind == TimerKind.ALLOCATION:
                 if not owner.live:
                     continue
                 if owner.expires <= now:
-                    self._delete(owner, now, "expired")
+                    self.allocating.delete(owner, now, "expired")
                 elif when == owner.timer_at:  # refreshed since: one entry, moved later
-                    self._arm_allocation(owner)
+                    self.arm_allocation(owner)
             elif kind == TimerKind.CREDENTIAL:
                 if owner.live:
-                    self._delete(owner, now, "credential_expired")
+                    self.allocating.delete(owner, now, "credential_expired")
             elif kind == TimerKind.PERMISSION:
-                self._expire_permission(owner, key, now)
+                self.permitting.expire_permission(owner, key, now)
             elif kind == TimerKind.CHANNEL:
-                self._expire_channel(owner, key, now)
+                self.permitting.expire_channel(owner, key, now)
             elif kind == TimerKind.PEER_CONNECTION:
                 pc = self.peer_connections.get(key)
                 pending = pc is not None and pc.state == PeerConnection.PENDING_BIND
                 if pc is not None and pending and pc.expires <= now:
-                    self._forget_peer_connection(pc, close=True)
+                    self.forget_peer_connection(pc, close=True)
 
             elif kind == TimerKind.RESERVATION:
                 res = self.reservations.get(key)
                 if res is not None and res.expires <= now:
-                    self._release_reservation(key)
+                    self.release_reservation(key)
 
     def drain_events(self) -> list[ev.Event]:
         """Events since the last call, oldest first."""
@@ -188,7 +220,7 @@ class TurnServer(AdminActions, PermissionHandlers, TcpConnectionHandlers):
             existing = self.allocations.get(ft)
             if existing is not None and existing.allocate_transaction_id == msg.transaction_id:
                 return existing.allocate_response  # retransmission (RFC 8656 §7.2)
-        handler = self._handlers.get(method)
+        handler = self.handlers.get(method)
         method_name = _method_name(method)
         if handler is not None and msg.integrity_offset < 0 and msg.integrity_sha256_offset < 0:
             # what authenticate() would raise first, without the exception path: the
@@ -204,7 +236,7 @@ class TurnServer(AdminActions, PermissionHandlers, TcpConnectionHandlers):
             wall = now + self.wall_offset
             identity = self.auth.authenticate(msg, ft.client[0], wall)
             if self.revocations:
-                self.check_revoked(identity.user, wall)
+                self.admin.check_revoked(identity.user, wall)
             unknown = msg.unknown_required_attributes()
             if unknown:
                 raise UnknownAttribute(unknown)
@@ -235,7 +267,7 @@ class TurnServer(AdminActions, PermissionHandlers, TcpConnectionHandlers):
             alloc = self.allocations[ft]
             alloc.allocate_response = response
         elif method == Method.CONNECTION_BIND:
-            self._finish_connection_bind(msg, ft)
+            self.tcp_relaying.finish_connection_bind(msg, ft)
         self.events.append(ev.RequestHandled(ft, method_name, 0, "", identity.username))
         return response
 
@@ -401,7 +433,7 @@ class TurnServer(AdminActions, PermissionHandlers, TcpConnectionHandlers):
     def shutdown(self, now: float) -> None:
         """Delete every allocation (process exit)."""
         for alloc in list(self.allocations.values()):
-            self._delete(alloc, now, "shutdown")
+            self.allocating.delete(alloc, now, "shutdown")
 
     def relay_totals(self) -> tuple[int, int, int, int]:
         """(packets to peer, bytes to peer, packets to client, bytes to client) so far."""

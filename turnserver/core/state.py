@@ -165,6 +165,14 @@ class RelayStats:
         for name in self.__slots__:
             setattr(self, name, 0)
 
+    def drops(self) -> dict[str, int]:
+        """Dropped packets by reason: each `dropped_<reason>` counter under its reason."""
+        return {
+            name.removeprefix("dropped_"): getattr(self, name)
+            for name in self.__slots__
+            if name.startswith("dropped_")
+        }
+
 
 class CoreState:
     """The state of one process's TURN server and the steps handlers share."""
@@ -205,7 +213,7 @@ class CoreState:
         self.stats = RelayStats()
         self.events: list[ev.Event] = []
         self.accepting = True
-        self._timers: list[tuple[float, int, TimerKind, Any, Any]] = []
+        self.timers: list[tuple[float, int, TimerKind, Any, Any]] = []
         self._seq = 0
         self._ended_since_compaction = 0  # allocations whose timer entries may linger
         self.peer_connections: dict[int, PeerConnection] = {}
@@ -221,36 +229,29 @@ class CoreState:
         self.allocations_by_id: dict[str, Allocation] = {}
         self.id_prefix = "w0-"  # a worker's index, so a supervisor can route by id
         self.revocations: dict[str, tuple[float, str]] = {}
-        # RFC 5780: the local address the last response must be sent from, when it is
-        # not the one the request came to (CHANGE-REQUEST); the I/O layer reads and clears it
         # `now` is monotonic everywhere in the core (lifetimes survive a clock step); the
         # wall clock is now + wall_offset, set by the I/O layer, where a protocol needs it:
         # REST credential expiry, nonce cookies, revocations (Unix times)
         self.wall_offset = 0.0
-        self._handlers = self._request_handlers()
         # 401/438 attributes but the nonce, by (realm, code) (server._challenge_answer)
         self._challenge_attributes: dict[tuple[str, int, bool], bytes] = {}
-
-    def _request_handlers(self) -> dict[int, Handler]:
-        """STUN method -> handler; TurnServer fills it in."""
-        return {}
 
     def wall(self, now: float) -> float:
         """The wall-clock (Unix) time at monotonic time `now`."""
         return now + self.wall_offset
 
-    def _push(self, when: float, kind: TimerKind, owner: Any, key: Any) -> None:
+    def push_timer(self, when: float, kind: TimerKind, owner: Any, key: Any) -> None:
         self._seq += 1
-        heapq.heappush(self._timers, (when, self._seq, kind, owner, key))
+        heapq.heappush(self.timers, (when, self._seq, kind, owner, key))
 
-    def _forget_timers_of_ended(self) -> None:
+    def forget_timers_of_ended(self) -> None:
         """An allocation ended: its entries (allocation, credential, permissions,
         channels) would stay in the heap until due, up to its credential's expiry a day
         later, and keep it alive. Once ended ones could be an eighth of the heap, the
         heap is rebuilt without them: O(1) amortized per ended allocation, and memory
         comes back under churn."""
         self._ended_since_compaction += 1
-        timers = self._timers
+        timers = self.timers
         if self._ended_since_compaction < max(64, len(timers) // 8):
             return
         self._ended_since_compaction = 0
@@ -258,7 +259,7 @@ class CoreState:
         timers[:] = [t for t in timers if t[3] is None or getattr(t[3], "live", True)]
         heapq.heapify(timers)
 
-    def _register(self, alloc: Allocation) -> None:
+    def register(self, alloc: Allocation) -> None:
         """A new allocation joins the tables (its quota is already counted)."""
         self.allocations[alloc.five_tuple] = alloc
         while True:
@@ -266,13 +267,13 @@ class CoreState:
             if alloc.id not in self.allocations_by_id:
                 break
         self.allocations_by_id[alloc.id] = alloc
-        self._arm_allocation(alloc)
+        self.arm_allocation(alloc)
 
-    def _arm_allocation(self, alloc: Allocation) -> None:
+    def arm_allocation(self, alloc: Allocation) -> None:
         alloc.timer_at = alloc.expires
-        self._push(alloc.expires, TimerKind.ALLOCATION, alloc, None)
+        self.push_timer(alloc.expires, TimerKind.ALLOCATION, alloc, None)
 
-    def _allocation_of(self, ft: FiveTuple, identity: Identity) -> Allocation:
+    def allocation_of(self, ft: FiveTuple, identity: Identity) -> Allocation:
         alloc = self.allocations.get(ft)
         if alloc is None:
             raise AllocationMismatch("no allocation for this 5-tuple")
@@ -280,12 +281,12 @@ class CoreState:
             raise WrongCredentials("username differs from the allocation's")  # RFC 8656 §5
         return alloc
 
-    def _check_descriptors(self, sockets: int) -> None:
+    def check_descriptors(self, sockets: int) -> None:
         """Refuse with 508 before the process would run out of file descriptors."""
         if not self.relay_opener.has_capacity(sockets):
             raise InsufficientCapacity("file descriptor limit reached", reason="fd_limit")
 
-    def _check_peer(
+    def check_peer(
         self, alloc: Allocation, peer: Address, ft: FiveTuple, *, with_port: bool
     ) -> str:
         """Family, policy and own-address checks shared by CreatePermission (any port of
@@ -345,16 +346,16 @@ class CoreState:
         """Ports this process listens on, known once bound (an ephemeral port)."""
         self.own = replace(self.own, ports=self.own.ports | ports)
 
-    def _install_permission(self, alloc: Allocation, ip: str, now: float) -> None:
+    def install_permission(self, alloc: Allocation, ip: str, now: float) -> None:
         new = ip not in alloc.permissions
         expires = now + self.config.permission_lifetime
         alloc.permissions[ip] = max(expires, alloc.permissions.get(ip, 0.0))
         if new:  # one timer per permission; a refresh moves it when it fires
-            self._push(expires, TimerKind.PERMISSION, alloc, ip)
+            self.push_timer(expires, TimerKind.PERMISSION, alloc, ip)
             alloc.update_routes(ip)
             self.events.append(ev.PermissionInstalled(alloc.five_tuple, ip))
 
-    def _forget_peer_connection(self, pc: PeerConnection, *, close: bool) -> None:
+    def forget_peer_connection(self, pc: PeerConnection, *, close: bool) -> None:
         self.peer_connections.pop(pc.id, None)
         alloc = pc.alloc
         if alloc.peer_connections.get(pc.peer) is pc:
@@ -364,7 +365,7 @@ class CoreState:
             if relay is not None and relay.tcp is not None:
                 relay.tcp.close_connection(pc.id)
 
-    def _release_reservation(self, token: bytes) -> None:
+    def release_reservation(self, token: bytes) -> None:
         """A reservation ends unused: its port and its quota go back."""
         res = self.reservations.pop(token, None)
         if res is None:
@@ -374,7 +375,7 @@ class CoreState:
             res.owner.reservation = b""
             self.quotas.release(res.user, res.client_ip)
 
-    def _close_relays(self, alloc: Allocation) -> None:
+    def close_relays(self, alloc: Allocation) -> None:
         for version, relay in alloc.relays.items():
             relay.endpoint.close()
             self.port_pools[version].give_back(relay.port)

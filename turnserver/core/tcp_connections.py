@@ -39,12 +39,15 @@ from turnserver.stun.constants import (
 from turnserver.stun.message import StunMessage, encode_message
 
 
-class TcpConnectionHandlers(CoreState):
+class TcpConnectionHandlers:
     """Connect and ConnectionBind (RFC 6062 §5.2-§5.4)."""
+
+    def __init__(self, state: CoreState) -> None:
+        self.state = state
 
     def _check_peer_connection_limits(self, alloc: Allocation, connecting: bool) -> None:
         """RFC 6062 limits per allocation: peer connections, and Connects in flight."""
-        cfg = self.config
+        cfg = self.state.config
         conns = alloc.peer_connections
         if cfg.max_peer_connections_per_allocation and (
             len(conns) >= cfg.max_peer_connections_per_allocation
@@ -56,25 +59,25 @@ class TcpConnectionHandlers(CoreState):
                 raise InsufficientCapacity(
                     "too many Connect requests in progress", reason="quota_pending_connects"
                 )
-        self._check_descriptors(1)
+        self.state.check_descriptors(1)
 
     def _new_connection_id(self) -> int:
         """A fresh CONNECTION-ID whose top byte is this worker's index."""
-        owner = self.worker_index << CONNECTION_ID_OWNER_SHIFT
+        owner = self.state.worker_index << CONNECTION_ID_OWNER_SHIFT
         while True:
             cid = owner | secrets.randbits(CONNECTION_ID_OWNER_SHIFT)
-            if cid and cid not in self.peer_connections:
+            if cid and cid not in self.state.peer_connections:
                 return cid
 
-    def _connect(self, msg: StunMessage, ft: FiveTuple, ident: Identity, now: float) -> Attributes:
+    def connect(self, msg: StunMessage, ft: FiveTuple, ident: Identity, now: float) -> Attributes:
         """RFC 6062 §5.2: dial the peer from the relayed address; answer when it is done."""
-        alloc = self._allocation_of(ft, ident)
+        alloc = self.state.allocation_of(ft, ident)
         if not alloc.is_tcp:
             raise BadRequest("Connect needs a TCP allocation")
         peer: Address | None = msg.get(Attr.XOR_PEER_ADDRESS)
         if peer is None:
             raise BadRequest("Connect without XOR-PEER-ADDRESS")
-        ip = self._check_peer(alloc, peer, ft, with_port=True)
+        ip = self.state.check_peer(alloc, peer, ft, with_port=True)
         peer = (ip, peer[1])
         if peer in alloc.peer_connections:
             raise ConnectionAlreadyExists(f"a connection to {peer[0]}:{peer[1]} exists")
@@ -90,15 +93,15 @@ class TcpConnectionHandlers(CoreState):
         )
         pc.connect_transaction_id = msg.transaction_id
         pc.connect_fingerprint = msg.fingerprint_offset >= 0
-        self.peer_connections[pc.id] = pc
+        self.state.peer_connections[pc.id] = pc
         alloc.peer_connections[peer] = pc
-        self._install_permission(alloc, ip, now)
+        self.state.install_permission(alloc, ip, now)
         relay.tcp.connect(pc.id, peer)
         raise DeferredResponse
 
     def connect_result(self, connection_id: int, ok: bool, now: float) -> bytes | None:
         """The I/O layer finished dialling; returns the Connect response for the client."""
-        pc = self.peer_connections.get(connection_id)
+        pc = self.state.peer_connections.get(connection_id)
         if pc is None or pc.state != PeerConnection.CONNECTING:
             return None
         alloc = pc.alloc
@@ -106,20 +109,20 @@ class TcpConnectionHandlers(CoreState):
         if ok:
             pc.state = PeerConnection.PENDING_BIND
             pc.expires = now + CONNECTION_TIMEOUT
-            self._push(pc.expires, TimerKind.PEER_CONNECTION, None, pc.id)
+            self.state.push_timer(pc.expires, TimerKind.PEER_CONNECTION, None, pc.id)
             attrs: Attributes = [(Attr.CONNECTION_ID, pc.id)]
             klass = MessageClass.SUCCESS
-            self.events.append(ev.RequestHandled(ft, "connect", 0, "", alloc.username))
+            self.state.events.append(ev.RequestHandled(ft, "connect", 0, "", alloc.username))
         else:
-            self._forget_peer_connection(pc, close=False)
+            self.state.forget_peer_connection(pc, close=False)
             err = ConnectionTimeoutOrFailure(f"could not connect to {pc.peer[0]}:{pc.peer[1]}")
             attrs = [(Attr.ERROR_CODE, (err.code, err.phrase))]
             klass = MessageClass.ERROR
-            self.events.append(
+            self.state.events.append(
                 ev.RequestHandled(ft, "connect", err.code, err.reason, alloc.username)
             )
-        if self.config.software:
-            attrs.append((Attr.SOFTWARE, self.config.software))
+        if self.state.config.software:
+            attrs.append((Attr.SOFTWARE, self.state.config.software))
         return encode_message(
             Method.CONNECT,
             klass,
@@ -137,12 +140,12 @@ class TcpConnectionHandlers(CoreState):
         Returns the CONNECTION-ID and the ConnectionAttempt indication for the client, or
         None when the peer has no permission (the I/O layer closes the connection)."""
         if not alloc.live or peer[0] not in alloc.permissions or peer in alloc.peer_connections:
-            self.stats.dropped_no_permission += 1
+            self.state.stats.dropped_no_permission += 1
             return None
         try:
             self._check_peer_connection_limits(alloc, connecting=False)
         except InsufficientCapacity as err:
-            self.events.append(ev.MessageDiscarded(alloc.five_tuple, err.reason, err.detail))
+            self.state.events.append(ev.MessageDiscarded(alloc.five_tuple, err.reason, err.detail))
             return None
         pc = PeerConnection(
             self._new_connection_id(),
@@ -151,9 +154,9 @@ class TcpConnectionHandlers(CoreState):
             PeerConnection.PENDING_BIND,
             now + CONNECTION_TIMEOUT,
         )
-        self.peer_connections[pc.id] = pc
+        self.state.peer_connections[pc.id] = pc
         alloc.peer_connections[peer] = pc
-        self._push(pc.expires, TimerKind.PEER_CONNECTION, None, pc.id)
+        self.state.push_timer(pc.expires, TimerKind.PEER_CONNECTION, None, pc.id)
         return pc.id, encode_message(
             Method.CONNECTION_ATTEMPT,
             MessageClass.INDICATION,
@@ -161,26 +164,26 @@ class TcpConnectionHandlers(CoreState):
             [(Attr.XOR_PEER_ADDRESS, peer), (Attr.CONNECTION_ID, pc.id)],
         )
 
-    def _connection_bind(
+    def connection_bind(
         self, msg: StunMessage, ft: FiveTuple, ident: Identity, now: float
     ) -> Attributes:
         """RFC 6062 §5.4: a new client connection takes over one peer connection."""
-        if ft.transport == ClientTransport.UDP or ft in self.allocations:
+        if ft.transport == ClientTransport.UDP or ft in self.state.allocations:
             raise BadRequest("ConnectionBind must come on a new TCP connection")
         cid = msg.get(Attr.CONNECTION_ID)
         if cid is None:
             raise BadRequest("ConnectionBind without CONNECTION-ID")
         owner = cid >> CONNECTION_ID_OWNER_SHIFT
-        if owner != self.worker_index and owner < self.worker_count:
+        if owner != self.state.worker_index and owner < self.state.worker_count:
             # another worker's connection: the I/O layer asks it (finish_remote_bind)
-            if ft in self.remote_binds:
+            if ft in self.state.remote_binds:
                 raise BadRequest("a ConnectionBind is in progress on this connection")
-            self.remote_binds[ft] = RemoteBind(
+            self.state.remote_binds[ft] = RemoteBind(
                 cid, owner, msg.transaction_id, msg.fingerprint_offset >= 0, ident
             )
-            self.events.append(ev.ConnectionBindForwarded(ft, cid, owner, ident.username))
+            self.state.events.append(ev.ConnectionBindForwarded(ft, cid, owner, ident.username))
             raise DeferredResponse
-        self._check_bind(self.peer_connections.get(cid), ident.username)
+        self._check_bind(self.state.peer_connections.get(cid), ident.username)
         return []
 
     @staticmethod
@@ -197,7 +200,7 @@ class TcpConnectionHandlers(CoreState):
         0 when it may take the connection over (now bound there), else the STUN error
         code to answer with. The allocation keeps counting the connection."""
         try:
-            pc = self._check_bind(self.peer_connections.get(connection_id), username)
+            pc = self._check_bind(self.state.peer_connections.get(connection_id), username)
         except TurnError as err:
             return err.code
         pc.state = PeerConnection.BOUND
@@ -206,7 +209,7 @@ class TcpConnectionHandlers(CoreState):
     def finish_remote_bind(self, ft: FiveTuple, code: int) -> bytes | None:
         """The owner of a forwarded ConnectionBind answered (code 0: the connection is
         ours now); returns the response for the client's data connection."""
-        rb = self.remote_binds.pop(ft, None)
+        rb = self.state.remote_binds.pop(ft, None)
         if rb is None:
             return None
         ident = rb.identity
@@ -220,15 +223,17 @@ class TcpConnectionHandlers(CoreState):
         attrs: Attributes = []
         if err is None:
             klass = MessageClass.SUCCESS
-            self.events.append(ev.RequestHandled(ft, "connection_bind", 0, "", ident.username))
+            self.state.events.append(
+                ev.RequestHandled(ft, "connection_bind", 0, "", ident.username)
+            )
         else:
             klass = MessageClass.ERROR
             attrs.append((Attr.ERROR_CODE, (err.code, err.phrase)))
-            self.events.append(
+            self.state.events.append(
                 ev.RequestHandled(ft, "connection_bind", err.code, err.reason, ident.username)
             )
-        if self.config.software:
-            attrs.append((Attr.SOFTWARE, self.config.software))
+        if self.state.config.software:
+            attrs.append((Attr.SOFTWARE, self.state.config.software))
         return encode_message(
             Method.CONNECTION_BIND,
             klass,
@@ -239,14 +244,14 @@ class TcpConnectionHandlers(CoreState):
             integrity_sha256=ident.sha256_integrity,
         )
 
-    def _finish_connection_bind(self, msg: StunMessage, ft: FiveTuple) -> None:
-        pc = self.peer_connections[msg.get(Attr.CONNECTION_ID)]
+    def finish_connection_bind(self, msg: StunMessage, ft: FiveTuple) -> None:
+        pc = self.state.peer_connections[msg.get(Attr.CONNECTION_ID)]
         pc.state = PeerConnection.BOUND
         pc.data_five_tuple = ft
-        self.events.append(ev.PeerConnectionBound(ft, pc.alloc.five_tuple, pc.id, pc.peer))
+        self.state.events.append(ev.PeerConnectionBound(ft, pc.alloc.five_tuple, pc.id, pc.peer))
 
     def peer_connection_closed(self, connection_id: int) -> None:
         """The peer side or the data connection closed; forget the connection."""
-        pc = self.peer_connections.get(connection_id)
+        pc = self.state.peer_connections.get(connection_id)
         if pc is not None:
-            self._forget_peer_connection(pc, close=False)
+            self.state.forget_peer_connection(pc, close=False)

@@ -126,8 +126,9 @@ class UdpListener:
         now = self.runtime.now
 
         # The receive loop is written out here and in UdpRelay rather than shared as a
-        # generator: a generator costs 55 ns a datagram (1,091 vs 1,036 ns for 160-byte
-        # datagrams on this machine kind, 5 % of recvfrom itself).
+        # generator, and the ChannelData rule (PermissionHandlers.relay_channel_data, which
+        # TCP and TLS clients take) inlined: each call would cost a measurable share of
+        # a relayed datagram (benchmarks/README.md).
         try:
             for _ in range(READ_BATCH):
                 try:

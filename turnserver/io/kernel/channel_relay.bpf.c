@@ -1,4 +1,4 @@
-// SPDX-License-Identifier: (LGPL-2.1 OR BSD-2-Clause)
+// SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause)
 /* Kernel fast path for channel-bound UDP allocations (RFC 8656 §12), TC clsact ingress.
  *
  * client -> peer: a UDP datagram to one of our listeners that is ChannelData for a
@@ -46,100 +46,7 @@
 #include <bpf/bpf_core_read.h>
 #include <bpf/bpf_helpers.h>
 
-struct client_key {      /* a client's 5-tuple to a listener, and the channel */
-	__u32 client_ip; /* network byte order, like everything in the keys and values */
-	__u32 server_ip;
-	__u16 client_port;
-	__u16 server_port;
-	__u16 channel;
-	__u16 pad;
-};
-
-struct client_value {
-	__u32 relay_ip;
-	__u32 peer_ip;
-	__u16 relay_port;
-	__u16 peer_port;
-	__u32 ifindex;   /* towards the peer; 0: up this host's stack */
-	__u32 owner;     /* the worker that installed it (user space's bookkeeping) */
-	__u32 pad;
-	__u64 packets;
-	__u64 bytes;
-};
-
-struct peer_key {        /* a peer and the relayed address it sends to */
-	__u32 relay_ip;
-	__u32 peer_ip;
-	__u16 relay_port;
-	__u16 peer_port;
-};
-
-struct peer_value {
-	__u32 client_ip;
-	__u32 server_ip;
-	__u16 client_port;
-	__u16 server_port;
-	__u16 channel;
-	__u16 pad;
-	__u32 ifindex;   /* towards the client; 0: up this host's stack */
-	__u32 owner;
-	__u64 packets;
-	__u64 bytes;
-};
-
-/* The same for IPv6 (addresses of 16 bytes; client, relay and peer of one family). */
-struct client_key6 {
-	__u32 client_ip[4];
-	__u32 server_ip[4];
-	__u16 client_port;
-	__u16 server_port;
-	__u16 channel;
-	__u16 pad;
-};
-
-struct client_value6 {
-	__u32 relay_ip[4];
-	__u32 peer_ip[4];
-	__u16 relay_port;
-	__u16 peer_port;
-	__u32 ifindex;
-	__u32 owner;
-	__u32 pad;
-	__u64 packets;
-	__u64 bytes;
-};
-
-struct peer_key6 {
-	__u32 relay_ip[4];
-	__u32 peer_ip[4];
-	__u16 relay_port;
-	__u16 peer_port;
-};
-
-struct peer_value6 {
-	__u32 client_ip[4];
-	__u32 server_ip[4];
-	__u16 client_port;
-	__u16 server_port;
-	__u16 channel;
-	__u16 pad;
-	__u32 ifindex;
-	__u32 owner;
-	__u64 packets;
-	__u64 bytes;
-};
-
-enum pass_reason {       /* why a packet of a known flow went up to user space */
-	PASS_IP_OPTIONS,
-	PASS_FRAGMENT,
-	PASS_GSO,
-	PASS_LENGTH,     /* ChannelData length and UDP length disagree (padding, truncation) */
-	PASS_MTU,
-	PASS_ADJUST,     /* a helper refused */
-	PASS_TTL,        /* TTL 0 or 1: user space sends it with the default TTL */
-	PASS_CSUM_PARTIAL, /* to another host, checksum not yet computed (see above) */
-	PASS_REASONS,
-};
+#include "channel_relay.h"
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH); /* not LRU: an entry is a live binding */
@@ -190,10 +97,13 @@ static __always_inline int pass(__u32 reason)
 
 #define ETH_LEN sizeof(struct ethhdr)
 #define IP_LEN sizeof(struct iphdr)
+#define IP6_LEN sizeof(struct ipv6hdr)
 #define UDP_LEN sizeof(struct udphdr)
 #define IP_OFF ETH_LEN
 #define L4_OFF (ETH_LEN + IP_LEN)
 #define CHECKSUM_PARTIAL 3
+#define CD_LEN CHANNEL_DATA_HEADER_LEN
+#define IP_FRAGMENT_BITS 0x3fff /* RFC 791: More Fragments and the fragment offset */
 
 /* The kernel's sk_buff, only what we read (CO-RE: libbpf finds the real offsets). */
 struct sk_buff___turn {
@@ -292,15 +202,47 @@ static __always_inline int shift_payload(struct __sk_buff *skb, __u64 at, __u64 
 	return 0;
 }
 
-/* Make room for the new headers: 4 bytes fewer or more between the IP header and the
- * payload. Either the headers move (bpf_skb_adjust_room at the network header) or, for
- * CHECKSUM_PARTIAL leaving through an interface, the payload does. */
+enum resize_result {
+	RESIZED = 0,
+	RESIZE_REFUSED = -1, /* a helper refused before anything moved: up, unchanged */
+	RESIZE_BROKEN = -2,  /* the payload half moved: dropped, never delivered corrupt */
+};
+
+/* Make room for the new headers: CD_LEN bytes fewer or more between the IP header and
+ * the payload. Either the headers move (bpf_skb_adjust_room at the network header) or,
+ * for CHECKSUM_PARTIAL leaving through an interface, the payload does. */
 static __always_inline int resize(struct __sk_buff *skb, __u32 l4, __u32 payload_at,
 				  __u32 payload_len, int shift, int move_payload)
 {
 	if (move_payload)
-		return shift_payload(skb, l4 + payload_at, payload_len, shift) < 0 ? -2 : 0;
-	return bpf_skb_adjust_room(skb, shift, BPF_ADJ_ROOM_NET, 0) < 0 ? -1 : 0;
+		return shift_payload(skb, l4 + payload_at, payload_len, shift) < 0 ? RESIZE_BROKEN
+										     : RESIZED;
+	return bpf_skb_adjust_room(skb, shift, BPF_ADJ_ROOM_NET, 0) < 0 ? RESIZE_REFUSED : RESIZED;
+}
+
+/* The tail every rewrite shares, both ways and both families: make room for the new
+ * headers, write the L4 headers (`l4`) and the IP header, count the payload, deliver.
+ * A refused resize leaves the packet as it was (up, counted); anything half written is
+ * dropped. */
+static __always_inline int finish(struct __sk_buff *skb, __u32 l4_off, __u32 payload_at,
+				  __u32 payload_len, int shift, int move_payload, void *l4,
+				  __u32 l4_len, void *ip_head, int ipv6, __u64 *packets,
+				  __u64 *bytes, __u32 ifindex)
+{
+	int err = resize(skb, l4_off, payload_at, payload_len, shift, move_payload);
+
+	if (err == RESIZE_REFUSED)
+		return pass(PASS_ADJUST);
+	if (err != RESIZED)
+		return TC_ACT_SHOT;
+	if (bpf_skb_store_bytes(skb, l4_off, l4, l4_len, 0) < 0)
+		return TC_ACT_SHOT;
+	if (ipv6 ? bpf_skb_store_bytes(skb, IP_OFF, ip_head, IP6_LEN, 0) < 0
+		 : store_ip_header(skb, ip_head) < 0)
+		return TC_ACT_SHOT;
+	__sync_fetch_and_add(packets, 1);
+	__sync_fetch_and_add(bytes, payload_len);
+	return deliver(ifindex);
 }
 
 /* A bound client's ChannelData: strip the header, send the payload to the peer. */
@@ -313,14 +255,14 @@ static __always_inline int to_peer(struct __sk_buff *skb, struct iphdr *ip,
 	struct iphdr head = *ip;
 	__u16 check = udp->check;
 
-	head.tot_len = bpf_htons(bpf_ntohs(ip->tot_len) - 4);
+	head.tot_len = bpf_htons(bpf_ntohs(ip->tot_len) - CD_LEN);
 	head.ttl -= 1;
 	head.saddr = v->relay_ip;
 	head.daddr = v->peer_ip;
 	struct udphdr out = {
 		.source = v->relay_port,
 		.dest = v->peer_port,
-		.len = bpf_htons(udp_len - 4),
+		.len = bpf_htons(udp_len - CD_LEN),
 	};
 	int move = partial && ifindex;
 	if (move) {
@@ -334,15 +276,8 @@ static __always_inline int to_peer(struct __sk_buff *skb, struct iphdr *ip,
 	/* adjust_room removes the 4 bytes right after the IP header (the UDP ports); the 8
 	 * bytes from there on (UDP length and checksum, ChannelData header) become the new
 	 * UDP header */
-	int err = resize(skb, L4_OFF, UDP_LEN + 4, udp_len - UDP_LEN - 4, -4, move);
-	if (err)
-		return err == -1 ? pass(PASS_ADJUST) : TC_ACT_SHOT;
-	if (bpf_skb_store_bytes(skb, L4_OFF, &out, sizeof(out), 0) < 0 ||
-	    store_ip_header(skb, &head) < 0)
-		return TC_ACT_SHOT; /* half rewritten: never deliver a corrupt packet */
-	__sync_fetch_and_add(&v->packets, 1);
-	__sync_fetch_and_add(&v->bytes, udp_len - UDP_LEN - 4);
-	return deliver(ifindex);
+	return finish(skb, L4_OFF, UDP_LEN + CD_LEN, udp_len - UDP_LEN - CD_LEN, -CD_LEN, move,
+		      &out, sizeof(out), &head, 0, &v->packets, &v->bytes, ifindex);
 }
 
 /* A bound peer's datagram: prepend the ChannelData header, send it to the client. */
@@ -356,9 +291,9 @@ static __always_inline int to_client(struct __sk_buff *skb, struct iphdr *ip,
 	__u16 check = udp->check;
 	__u32 mtu = 0;
 
-	if (bpf_check_mtu(skb, ifindex, &mtu, 4, 0) != BPF_MTU_CHK_RET_SUCCESS)
+	if (bpf_check_mtu(skb, ifindex, &mtu, CD_LEN, 0) != BPF_MTU_CHK_RET_SUCCESS)
 		return pass(PASS_MTU);
-	head.tot_len = bpf_htons(bpf_ntohs(ip->tot_len) + 4);
+	head.tot_len = bpf_htons(bpf_ntohs(ip->tot_len) + CD_LEN);
 	head.ttl -= 1;
 	head.saddr = v->server_ip;
 	head.daddr = v->client_ip;
@@ -370,7 +305,7 @@ static __always_inline int to_client(struct __sk_buff *skb, struct iphdr *ip,
 		.udp = {
 			.source = v->server_port,
 			.dest = v->client_port,
-			.len = bpf_htons(udp_len + 4),
+			.len = bpf_htons(udp_len + CD_LEN),
 		},
 		.channel = v->channel,
 		.length = bpf_htons(udp_len - UDP_LEN),
@@ -387,21 +322,17 @@ static __always_inline int to_client(struct __sk_buff *skb, struct iphdr *ip,
 	}
 	/* adjust_room adds 4 bytes after the IP header: with the old UDP header's 8 they
 	 * make the new UDP header and the ChannelData header */
-	int err = resize(skb, L4_OFF, UDP_LEN, udp_len - UDP_LEN, 4, move);
-	if (err)
-		return err == -1 ? pass(PASS_ADJUST) : TC_ACT_SHOT;
-	if (bpf_skb_store_bytes(skb, L4_OFF, &out, sizeof(out), 0) < 0 ||
-	    store_ip_header(skb, &head) < 0)
-		return TC_ACT_SHOT;
-	__sync_fetch_and_add(&v->packets, 1);
-	__sync_fetch_and_add(&v->bytes, udp_len - UDP_LEN);
-	return deliver(ifindex);
+	return finish(skb, L4_OFF, UDP_LEN, udp_len - UDP_LEN, CD_LEN, move, &out, sizeof(out),
+		      &head, 0, &v->packets, &v->bytes, ifindex);
 }
 
 /* IPv6 (RFC 8200): no header checksum; the UDP checksum is mandatory (a received 0 goes
  * up, where the stack drops it), so it is updated for local delivery too. */
-#define IP6_LEN sizeof(struct ipv6hdr)
 #define L4_OFF6 (ETH_LEN + IP6_LEN)
+#define IP6_ADDRS_LEN 32 /* source and destination: the pseudo-header's addresses */
+#define ADDR6_WORDS (IP6_ADDRS_LEN / 4)
+/* CHECKSUM_PARTIAL's seed covers the pseudo-header: the addresses and the length word */
+#define PSEUDO6_PARTIAL_LEN (IP6_ADDRS_LEN + 4)
 
 static __always_inline int to_peer6(struct __sk_buff *skb, struct ipv6hdr *ip, struct udphdr *udp,
 				    struct client_value6 *v, int partial)
@@ -413,12 +344,12 @@ static __always_inline int to_peer6(struct __sk_buff *skb, struct ipv6hdr *ip, s
 	struct udphdr out = {
 		.source = v->relay_port,
 		.dest = v->peer_port,
-		.len = bpf_htons(udp_len - 4),
+		.len = bpf_htons(udp_len - CD_LEN),
 	};
 	/* old and new: addresses, then length (pseudo-header and UDP header), ports,
 	 * ChannelData header (old only) */
-	__be32 from[11], to[10];
-	__builtin_memcpy(from, &ip->saddr, 32);
+	__be32 from[ADDR6_WORDS + 3], to[ADDR6_WORDS + 2];
+	__builtin_memcpy(from, &ip->saddr, IP6_ADDRS_LEN);
 	__builtin_memcpy(&to[0], v->relay_ip, 16);
 	__builtin_memcpy(&to[4], v->peer_ip, 16);
 	__builtin_memcpy(&head.saddr, v->relay_ip, 16);
@@ -426,26 +357,20 @@ static __always_inline int to_peer6(struct __sk_buff *skb, struct ipv6hdr *ip, s
 	head.payload_len = out.len;
 	head.hop_limit -= 1;
 	if (partial) {
-		from[8] = udp->len;
-		to[8] = out.len;
-		out.check = update_partial(check, from, to, 36);
+		from[ADDR6_WORDS] = udp->len;
+		to[ADDR6_WORDS] = out.len;
+		out.check = update_partial(check, from, to, PSEUDO6_PARTIAL_LEN);
 	} else {
-		from[8] = udp->len | udp->len << 16;
-		from[9] = *(__be32 *)udp;
-		from[10] = *(__be32 *)(udp + 1);
-		to[8] = out.len | out.len << 16;
-		to[9] = *(__be32 *)&out;
+		from[ADDR6_WORDS] = udp->len | udp->len << 16;
+		from[ADDR6_WORDS + 1] = *(__be32 *)udp;
+		from[ADDR6_WORDS + 2] = *(__be32 *)(udp + 1);
+		to[ADDR6_WORDS] = out.len | out.len << 16;
+		to[ADDR6_WORDS + 1] = *(__be32 *)&out;
 		out.check = update_checksum(check, from, sizeof(from), to, sizeof(to));
 	}
-	int err = resize(skb, L4_OFF6, UDP_LEN + 4, udp_len - UDP_LEN - 4, -4, partial && ifindex);
-	if (err)
-		return err == -1 ? pass(PASS_ADJUST) : TC_ACT_SHOT;
-	if (bpf_skb_store_bytes(skb, L4_OFF6, &out, sizeof(out), 0) < 0 ||
-	    bpf_skb_store_bytes(skb, IP_OFF, &head, IP6_LEN, 0) < 0)
-		return TC_ACT_SHOT;
-	__sync_fetch_and_add(&v->packets, 1);
-	__sync_fetch_and_add(&v->bytes, udp_len - UDP_LEN - 4);
-	return deliver(ifindex);
+	return finish(skb, L4_OFF6, UDP_LEN + CD_LEN, udp_len - UDP_LEN - CD_LEN, -CD_LEN,
+		      partial && ifindex, &out, sizeof(out), &head, 1, &v->packets, &v->bytes,
+		      ifindex);
 }
 
 static __always_inline int to_client6(struct __sk_buff *skb, struct ipv6hdr *ip,
@@ -464,16 +389,16 @@ static __always_inline int to_client6(struct __sk_buff *skb, struct ipv6hdr *ip,
 		.udp = {
 			.source = v->server_port,
 			.dest = v->client_port,
-			.len = bpf_htons(udp_len + 4),
+			.len = bpf_htons(udp_len + CD_LEN),
 		},
 		.channel = v->channel,
 		.length = bpf_htons(udp_len - UDP_LEN),
 	};
-	__be32 from[10], to[11];
+	__be32 from[ADDR6_WORDS + 2], to[ADDR6_WORDS + 3];
 
-	if (bpf_check_mtu(skb, ifindex, &mtu, 4, 0) != BPF_MTU_CHK_RET_SUCCESS)
+	if (bpf_check_mtu(skb, ifindex, &mtu, CD_LEN, 0) != BPF_MTU_CHK_RET_SUCCESS)
 		return pass(PASS_MTU);
-	__builtin_memcpy(from, &ip->saddr, 32);
+	__builtin_memcpy(from, &ip->saddr, IP6_ADDRS_LEN);
 	__builtin_memcpy(&to[0], v->server_ip, 16);
 	__builtin_memcpy(&to[4], v->client_ip, 16);
 	__builtin_memcpy(&head.saddr, v->server_ip, 16);
@@ -481,26 +406,19 @@ static __always_inline int to_client6(struct __sk_buff *skb, struct ipv6hdr *ip,
 	head.payload_len = out.udp.len;
 	head.hop_limit -= 1;
 	if (partial) {
-		from[8] = udp->len;
-		to[8] = out.udp.len;
-		out.udp.check = update_partial(check, from, to, 36);
+		from[ADDR6_WORDS] = udp->len;
+		to[ADDR6_WORDS] = out.udp.len;
+		out.udp.check = update_partial(check, from, to, PSEUDO6_PARTIAL_LEN);
 	} else {
-		from[8] = udp->len | udp->len << 16;
-		from[9] = *(__be32 *)udp;
-		to[8] = out.udp.len | out.udp.len << 16;
-		to[9] = *(__be32 *)&out.udp;
-		to[10] = *(__be32 *)&out.channel;
+		from[ADDR6_WORDS] = udp->len | udp->len << 16;
+		from[ADDR6_WORDS + 1] = *(__be32 *)udp;
+		to[ADDR6_WORDS] = out.udp.len | out.udp.len << 16;
+		to[ADDR6_WORDS + 1] = *(__be32 *)&out.udp;
+		to[ADDR6_WORDS + 2] = *(__be32 *)&out.channel;
 		out.udp.check = update_checksum(check, from, sizeof(from), to, sizeof(to));
 	}
-	int err = resize(skb, L4_OFF6, UDP_LEN, udp_len - UDP_LEN, 4, partial && ifindex);
-	if (err)
-		return err == -1 ? pass(PASS_ADJUST) : TC_ACT_SHOT;
-	if (bpf_skb_store_bytes(skb, L4_OFF6, &out, sizeof(out), 0) < 0 ||
-	    bpf_skb_store_bytes(skb, IP_OFF, &head, IP6_LEN, 0) < 0)
-		return TC_ACT_SHOT;
-	__sync_fetch_and_add(&v->packets, 1);
-	__sync_fetch_and_add(&v->bytes, udp_len - UDP_LEN);
-	return deliver(ifindex);
+	return finish(skb, L4_OFF6, UDP_LEN, udp_len - UDP_LEN, CD_LEN, partial && ifindex, &out,
+		      sizeof(out), &head, 1, &v->packets, &v->bytes, ifindex);
 }
 
 static __always_inline int relay6(struct __sk_buff *skb, void *data, void *end)
@@ -522,7 +440,8 @@ static __always_inline int relay6(struct __sk_buff *skb, void *data, void *end)
 	if (pv) {
 		ifindex = pv->ifindex;
 	} else {
-		if ((void *)(cd + 4) > end || cd[0] < 0x40 || cd[0] > 0x7f)
+		if ((void *)(cd + CD_LEN) > end || cd[0] < CHANNEL_FIRST_BYTE_MIN ||
+		    cd[0] > CHANNEL_FIRST_BYTE_MAX)
 			return PASS_ON;
 		struct client_key6 ck = {
 			.client_port = udp->source,
@@ -535,7 +454,7 @@ static __always_inline int relay6(struct __sk_buff *skb, void *data, void *end)
 		if (!cv)
 			return PASS_ON;
 		__u16 cd_len = ((__u16)cd[2] << 8) | cd[3];
-		if (cd_len + 4 + UDP_LEN != udp_len)
+		if (cd_len + CD_LEN + UDP_LEN != udp_len)
 			return pass(PASS_LENGTH);
 		ifindex = cv->ifindex;
 	}
@@ -547,13 +466,13 @@ static __always_inline int relay6(struct __sk_buff *skb, void *data, void *end)
 	if (ip->hop_limit <= 1)
 		return pass(PASS_TTL);
 	if (!udp->check)
-		return PASS_ON;
+		return pass(PASS_IPV6_ZERO_CHECKSUM);
 	int partial = checksum_partial(skb);
 	if (ifindex && partial && udp_len > UDP_LEN + CHUNK * MAX_CHUNKS)
-		return pass(PASS_CSUM_PARTIAL);
+		return pass(PASS_CHECKSUM_PARTIAL);
 	if (pv)
 		return to_client6(skb, ip, udp, pv, partial);
-	if ((void *)(cd + 4) > end)
+	if ((void *)(cd + CD_LEN) > end)
 		return PASS_ON;
 	return to_peer6(skb, ip, udp, cv, partial);
 }
@@ -594,7 +513,8 @@ int turn_channel_relay(struct __sk_buff *skb)
 	if (pv) {
 		ifindex = pv->ifindex;
 	} else {
-		if ((void *)(cd + 4) > end || cd[0] < 0x40 || cd[0] > 0x7f)
+		if ((void *)(cd + CD_LEN) > end || cd[0] < CHANNEL_FIRST_BYTE_MIN ||
+		    cd[0] > CHANNEL_FIRST_BYTE_MAX)
 			return PASS_ON;
 		struct client_key ck = {
 			.client_ip = ip->saddr,
@@ -607,14 +527,14 @@ int turn_channel_relay(struct __sk_buff *skb)
 		if (!cv)
 			return PASS_ON; /* not a bound channel: user space decides */
 		__u16 cd_len = ((__u16)cd[2] << 8) | cd[3];
-		if (cd_len + 4 + UDP_LEN != udp_len)
+		if (cd_len + CD_LEN + UDP_LEN != udp_len)
 			return pass(PASS_LENGTH);
 		ifindex = cv->ifindex;
 	}
 	/* a flow we relay: anything unusual goes up to user space, counted */
 	if (ihl != IP_LEN)
 		return pass(PASS_IP_OPTIONS);
-	if (ip->frag_off & bpf_htons(0x3fff)) /* MF or an offset */
+	if (ip->frag_off & bpf_htons(IP_FRAGMENT_BITS))
 		return pass(PASS_FRAGMENT);
 	if (skb->gso_segs > 1 || skb->gso_size)
 		return pass(PASS_GSO);
@@ -624,12 +544,14 @@ int turn_channel_relay(struct __sk_buff *skb)
 		return pass(PASS_TTL);
 	int partial = checksum_partial(skb);
 	if (ifindex && partial && udp_len > UDP_LEN + CHUNK * MAX_CHUNKS)
-		return pass(PASS_CSUM_PARTIAL);
+		return pass(PASS_CHECKSUM_PARTIAL);
 	if (pv)
 		return to_client(skb, ip, udp, pv, partial);
-	if ((void *)(cd + 4) > end) /* checked above; the verifier wants it on this path */
+	if ((void *)(cd + CD_LEN) > end) /* checked above; the verifier wants it on this path */
 		return PASS_ON;
 	return to_peer(skb, ip, udp, cv, partial);
 }
 
+/* The SPDX line's two licenses; the kernel reads "Dual BSD/GPL" as GPL-compatible, which
+ * the GPL-only helpers need. */
 char LICENSE[] SEC("license") = "Dual BSD/GPL";

@@ -25,6 +25,7 @@ SOURCE = Path(__file__).parent / "channel_relay.bpf.c"
 PROGRAM = "turn_channel_relay"
 # tc verdicts; UNSPEC: unchanged, on to the next filter and up the stack
 TC_ACT_UNSPEC, TC_ACT_OK, TC_ACT_SHOT, TC_ACT_REDIRECT = -1, 0, 2, 7
+# enum pass_reason of channel_relay.h, in order (tests/unit/test_kernel_header.py)
 PASS_REASONS = (
     "ip_options",
     "fragment",
@@ -34,15 +35,16 @@ PASS_REASONS = (
     "adjust",
     "ttl",
     "checksum_partial",
+    "ipv6_zero_checksum",
 )
 _BPF_TC_INGRESS = 1
 BPF_TCX_INGRESS = 46  # enum bpf_attach_type, Linux 6.6 (newer than Debian 12's headers)
 TC_HANDLE, TC_PRIORITY = 0x7475, 0x7475  # "tu": our filter on the interface
 _BPF_ANY = 0
 _COUNTERS = struct.Struct("=QQ")
-# io/kernel/channel_relay.bpf.c: per map, (key size, value size, where the owner and the
-# counters sit in the value); a value is the other direction's key, the interface, the
-# owner, padding to 8 bytes, then the counters
+# channel_relay.h: per map, (key size, value size, where the owner and the counters sit in
+# the value), as its _Static_asserts state them; a value is the other direction's key,
+# the interface, the owner, padding to 8 bytes, then the counters
 _LAYOUT = {
     b"client_to_peer": (16, 40, 16, 24),
     b"peer_to_client": (12, 40, 20, 24),

@@ -62,17 +62,6 @@ REQUEST_BUCKETS = (
     1.0,
 )
 LIFETIME_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 14400, 43200)
-DROP_REASONS = (
-    "no_permission",
-    "unknown_channel",
-    "malformed",
-    "rate_limited",
-    "no_allocation",
-    "peer_denied",
-    "send_error",
-    "oversized",
-    "icmp",
-)
 HANDOVER_RESULTS = {"forwarded": 0, "handed_over": 0, "received": 0, "failed": 0}
 TLS_FAILURE_REASONS = (
     "handshake_timeout",
@@ -170,28 +159,13 @@ class TurnCollector(ServiceCollector):
         dropped = CounterMetricFamily(
             "turn_dropped_packets", "Packets dropped, by reason", labels=["reason"]
         )
-        s = core.stats
-        for reason, value in zip(
-            DROP_REASONS,
-            (
-                s.dropped_no_permission,
-                s.dropped_unknown_channel,
-                s.dropped_malformed,
-                s.dropped_rate_limited,
-                s.dropped_no_allocation,
-                s.dropped_peer_denied,
-                s.dropped_send_error,
-                s.dropped_oversized,
-                s.dropped_icmp,
-            ),
-            strict=True,
-        ):
+        for reason, value in core.stats.drops().items():
             dropped.add_metric([reason], value)
         yield dropped
         yield CounterMetricFamily(
             "turn_icmp_to_client",
             "ICMP errors about relayed datagrams passed to clients (RFC 8656 §11.6)",
-            value=s.icmp_to_client,
+            value=core.stats.icmp_to_client,
         )
         yield GaugeMetricFamily(
             "turn_relay_ports_free", "Free relay ports", value=core.relay_ports_free()
