@@ -97,7 +97,7 @@ async def test_list_kill_and_counters(
             assert len(set(ids)) == 3
             status, one = await _get(session, f"{base}/allocations/{a['id']}")
             assert status == 200 and one["user"] == "alice"
-            # kill alice: her next request gets 437; bob loses nothing
+            # end alice's allocation: her next request gets 437; bob loses nothing
             async with session.delete(f"{base}/allocations/{a['id']}") as resp:
                 assert resp.status == 200
             assert await _code(alice.refresh(600)) == 437
@@ -108,7 +108,7 @@ async def test_list_kill_and_counters(
             assert summary["allocations"] == 2 and summary["workers"] == 1
         registry = server.server.metrics.registry
         value = registry.get_sample_value(
-            "turn_admin_requests_total", {"action": "kill", "status": "200"}
+            "turn_admin_requests_total", {"action": "end", "status": "200"}
         )
         assert value == 1.0
     finally:
@@ -259,7 +259,7 @@ async def test_cli_lists_uclient_and_kills(server: RunningServer) -> None:
     try:
         rows: list[dict[str, Any]] = []
         for _ in range(60):
-            done = await asyncio.to_thread(_admin_cli, url, "sessions", "--json")
+            done = await asyncio.to_thread(_admin_cli, url, "allocations", "--json")
             assert done.returncode == 0, done.stderr
             rows = [r for r in json.loads(done.stdout) if r["user"] == "uclient-user"]
             if rows and any(r["packets_to_peer"] for r in rows):
@@ -267,10 +267,11 @@ async def test_cli_lists_uclient_and_kills(server: RunningServer) -> None:
             await asyncio.sleep(0.1)
         assert rows and rows[0]["client"] and rows[0]["relayed"]
         assert any(r["packets_to_peer"] > 0 for r in rows)
-        table = await asyncio.to_thread(_admin_cli, url, "sessions", "--user", "uclient-user")
+        table = await asyncio.to_thread(_admin_cli, url, "allocations", "--user", "uclient-user")
         assert "uclient-user" in table.stdout and "ID" in table.stdout
-        killed = await asyncio.to_thread(_admin_cli, url, "kill", rows[0]["id"])
+        killed = await asyncio.to_thread(_admin_cli, url, "end", rows[0]["id"])
         assert killed.returncode == 0
+        # `kill`, the name `end` had before, still works
         unknown = await asyncio.to_thread(_admin_cli, url, "kill", "w0-doesnotexist")
         assert unknown.returncode == 1 and "404" in unknown.stderr
         bad = await asyncio.to_thread(
@@ -329,7 +330,9 @@ async def test_revocation_across_workers_persists_and_follows_the_file(tmp_path:
         assert workers == {0, 1}
         bystander, _, _ = await _try_allocate(server.port, "frank")
         assert bystander is not None
-        listed = json.loads((await asyncio.to_thread(_admin_cli, url, "sessions", "--json")).stdout)
+        listed = json.loads(
+            (await asyncio.to_thread(_admin_cli, url, "allocations", "--json")).stdout
+        )
         assert {r["worker"] for r in listed if r["user"] == "eve"} == {0, 1}
         done = await asyncio.to_thread(
             _admin_cli, url, "revoke", "eve", "--for", "2h", "--reason", "test"

@@ -397,7 +397,7 @@ def admin_cli(node: Node, *args: str) -> subprocess.CompletedProcess[str]:
 def test_admin_on_any_node_lists_and_ends_every_nodes_allocations(
     fleet: tuple[Redis, dict[str, Node]],
 ) -> None:
-    """`turnserver admin sessions --fleet` against A lists B's and C's allocations (ids
+    """`turnserver admin allocations --fleet` against A lists B's and C's allocations (ids
     that name their node); `kill` of C's through A ends it on C; B's stays."""
     _, nodes = fleet
     a, b, c = nodes["A"], nodes["B"], nodes["C"]
@@ -407,11 +407,11 @@ def test_admin_on_any_node_lists_and_ends_every_nodes_allocations(
         status, body = admin(a, "GET", "/allocations?fleet=1&user=fan")
         assert status == 200 and body["unreachable"] == [], body
         assert sorted(x["node"] for x in body["allocations"]) == ["B", "C"]
-        listed = admin_cli(a, "sessions", "--fleet", "--user", "fan", "--json")
+        listed = admin_cli(a, "allocations", "--fleet", "--user", "fan", "--json")
         assert listed.returncode == 0, listed.stderr
         rows = {r["node"]: r for r in json.loads(listed.stdout)}
         assert set(rows) == {"B", "C"} and rows["C"]["id"].startswith("C~")
-        killed = admin_cli(a, "kill", rows["C"]["id"])
+        killed = admin_cli(a, "end", rows["C"]["id"])
         assert killed.returncode == 0, killed.stderr
         wait_until(
             lambda: admin(c, "GET", "/allocations?user=fan")[1]["allocations"] == [],

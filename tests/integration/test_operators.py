@@ -24,7 +24,8 @@ from tests.support import WORKER_COUNTS, wait_until
 from tests.support.procs import free_port, loopback_args, run_cli, turnserver_process
 from turnserver.cli import build_parser
 from turnserver.ops.config.nodes import cross_node_warnings
-from turnserver.ops.config.settings import SCHEMA, Settings
+from turnserver.ops.config.schema import SCHEMA
+from turnserver.ops.config.settings import Settings
 
 ROOT = Path(__file__).parents[2]
 REFERENCE = ROOT / "config" / "turnserver.yaml"

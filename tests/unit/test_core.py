@@ -426,7 +426,7 @@ def test_channel_bind_rules_and_channel_data() -> None:
     assert error_code(c.request(Method.CHANNEL_BIND, [(Attr.CHANNEL_NUMBER, 0x4002)])) == 400
     alloc = core.allocations[c.ft]
     assert PEER[0] in alloc.permissions  # ChannelBind installs the permission
-    assert alloc.channel_routes[0x4000][1] == PEER
+    assert alloc.channel_targets[0x4000][1] == PEER
     assert alloc.peer_channels[PEER] == 0x4000
     core.handle_channel_data(0x4000, b"media", c.ft, NOW)
     assert relay.sent[-1] == (b"media", PEER)
@@ -461,7 +461,7 @@ def test_expiry_of_permissions_channels_and_allocations() -> None:
     assert set(alloc.permissions) == {PEER[0], PEER2[0]}
     core.handle_timer(NOW + 300)
     assert not alloc.permissions
-    assert not alloc.channel_routes  # the channel stays bound but cannot relay
+    assert not alloc.channel_targets  # the channel stays bound but cannot relay
     assert 0x4000 in alloc.bindings
     expired = {e.peer_ip for e in events_of(core, ev.PermissionExpired)}
     assert expired == {PEER[0], PEER2[0]}
@@ -469,11 +469,11 @@ def test_expiry_of_permissions_channels_and_allocations() -> None:
     c.now = NOW + 400
     c.request(Method.CHANNEL_BIND, [(Attr.CHANNEL_NUMBER, 0x4000), (Attr.XOR_PEER_ADDRESS, PEER)])
     c.request(Method.REFRESH, [(Attr.LIFETIME, 700)])  # allocation now ends at NOW+1100
-    assert 0x4000 in alloc.channel_routes
+    assert 0x4000 in alloc.channel_targets
     core.handle_timer(NOW + 999)
     assert 0x4000 in alloc.bindings
     core.handle_timer(NOW + 1000)
-    assert 0x4000 not in alloc.bindings and not alloc.channel_routes
+    assert 0x4000 not in alloc.bindings and not alloc.channel_targets
     assert events_of(core, ev.ChannelExpired)
     assert core.allocations
     core.handle_timer(NOW + 1100)

@@ -130,11 +130,11 @@ def test_revoke_denied_peers_cuts_permissions_and_channels_at_once() -> None:
     )
     c.request(Method.CREATE_PERMISSION, [(Attr.XOR_PEER_ADDRESS, ("5.6.7.8", 1))])
     alloc = core.allocations[c.ft]
-    assert 0x4000 in alloc.channel_routes
+    assert 0x4000 in alloc.channel_targets
     core.peer_policy = DefaultPeerPolicy(deny=["1.2.3.0/24"], allow_loopback=True)
     core.drain_events()
     assert core.revoke_denied_peers() == 1
-    assert not alloc.channel_routes and not alloc.bindings
+    assert not alloc.channel_targets and not alloc.bindings
     assert list(alloc.permissions) == ["5.6.7.8"]
     revoked = [e for e in core.drain_events() if isinstance(e, ev.PermissionRevoked)]
     assert [(e.peer_ip, e.reason) for e in revoked] == [("1.2.3.4", "peer_policy")]

@@ -1,8 +1,12 @@
 """`turnserver admin`: the admin API from a shell, for one server or a fleet.
 
-    turnserver admin --server http://127.0.0.1:9642 --token-file T sessions --user alice
+    turnserver admin --server http://127.0.0.1:9642 --token-file T allocations --user alice
     turnserver admin --server URL1 --server URL2 revoke alice --for 2h --reason "banned"
-    turnserver admin --server URL --token-file T sessions --fleet   (every node of a fleet)
+    turnserver admin --server URL --token-file T allocations --fleet   (every node of a fleet)
+    turnserver admin --server URL --token-file T end ID
+
+The commands say what the API says (allocations, end); `sessions` and `kill` are the same
+commands under the names they had before.
 
 Every command goes to every --server (e.g. each pod of the DaemonSet); the exit code is
 non-zero when any server refused or could not be reached.
@@ -59,7 +63,7 @@ def _call(
         raise AdminError(f"{server}: cannot reach the admin API: {reason}") from None
 
 
-def _sessions(server: str, token: str, args: argparse.Namespace) -> list[dict[str, Any]]:
+def _allocations(server: str, token: str, args: argparse.Namespace) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     cursor = ""
     while True:
@@ -129,9 +133,9 @@ def run(args: argparse.Namespace) -> int:
     rows: list[dict[str, Any]] = []
     for server in servers:
         try:
-            if args.admin_command == "sessions":
-                rows += _sessions(server, token, args)
-            elif args.admin_command == "kill":
+            if args.action == "allocations":
+                rows += _allocations(server, token, args)
+            elif args.action == "end":
                 _call(
                     server,
                     token,
@@ -140,7 +144,7 @@ def run(args: argparse.Namespace) -> int:
                     insecure=args.insecure,
                 )
                 print(f"{server}: ended {args.id}")
-            elif args.admin_command == "revoke":
+            elif args.action == "revoke":
                 body = {"user": args.user, "for": parse_ttl(args.duration), "reason": args.reason}
                 got = _call(server, token, "POST", "/admin/v1/revocations", body, args.insecure)
                 note = f" ({got['warning']})" if got.get("warning") else ""
@@ -148,19 +152,19 @@ def run(args: argparse.Namespace) -> int:
                     f"{server}: {args.user} revoked until {got['until']}, "
                     f"{got['ended']} allocations ended{note}"
                 )
-            elif args.admin_command == "unrevoke":
+            elif args.action == "unrevoke":
                 path = "/admin/v1/revocations/" + urllib.parse.quote(args.user, safe="")
                 _call(server, token, "DELETE", path, insecure=args.insecure)
                 print(f"{server}: {args.user} no longer revoked")
-            elif args.admin_command == "summary":
+            elif args.action == "summary":
                 got = _call(server, token, "GET", "/admin/v1/summary", insecure=args.insecure)
                 print(json.dumps({"server": server, **got}, indent=2))
         except (AdminError, ValueError) as exc:
             print(f"turnserver admin: {exc}", file=sys.stderr)
-            if isinstance(exc, AdminError) and args.admin_command == "sessions":
+            if isinstance(exc, AdminError) and args.action == "allocations":
                 rows += exc.partial
             failed = True
-    if args.admin_command == "sessions":
+    if args.action == "allocations":
         print(json.dumps(rows, indent=2) if args.json else _table(rows))
     return 1 if failed else 0
 
@@ -169,7 +173,7 @@ def add_parser(sub: Any) -> None:
     """The `admin` subcommand's arguments."""
     p = sub.add_parser(
         "admin",
-        help="list, end and revoke sessions through the admin API (one server or a fleet)",
+        help="list, end and revoke allocations through the admin API (one server or a fleet)",
         description="Talk to the admin API of one server or several (repeat --server).",
     )
     p.add_argument(
@@ -182,21 +186,27 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--token-file", metavar="F", help="read the admin token from this file")
     p.add_argument("--insecure", action="store_true", help="do not verify the TLS certificate")
     cmds = p.add_subparsers(dest="admin_command", metavar="COMMAND", required=True)
-    s = cmds.add_parser("sessions", help="live allocations, like ps")
+    s = cmds.add_parser("allocations", aliases=["sessions"], help="live allocations, like ps")
+    s.set_defaults(action="allocations")
     s.add_argument("--user", help="only this user (static user or REST user part)")
     s.add_argument("--json", action="store_true", help="a JSON list of objects")
     s.add_argument(
         "--fleet",
         action="store_true",
         help="every node's allocations, through the node --server names (fleet.redis); "
-        "ids name their node, and `kill` with one reaches that node from any node",
+        "ids name their node, and `end` with one reaches that node from any node",
     )
-    k = cmds.add_parser("kill", help="end one allocation now")
+    k = cmds.add_parser("end", aliases=["kill"], help="end one allocation now")
+    k.set_defaults(action="end")
     k.add_argument("id")
     r = cmds.add_parser("revoke", help="end a user's allocations and refuse them until a time")
+    r.set_defaults(action="revoke")
     r.add_argument("user")
     r.add_argument("--for", dest="duration", required=True, help="how long: 600, 30m, 2h, 1d")
     r.add_argument("--reason", default="", help="kept with the revocation and logged")
     u = cmds.add_parser("unrevoke", help="lift a revocation")
+    u.set_defaults(action="unrevoke")
     u.add_argument("user")
-    cmds.add_parser("summary", help="counts by transport, top users, ports free, workers")
+    cmds.add_parser(
+        "summary", help="counts by transport, top users, ports free, workers"
+    ).set_defaults(action="summary")

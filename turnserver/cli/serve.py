@@ -8,7 +8,8 @@ import sys
 from typing import Any
 
 from turnserver.io.loop import LOOP_CHOICES
-from turnserver.ops.config.settings import LOG_FORMATS, LOG_LEVELS, build_settings, load_file
+from turnserver.ops.config.schema import LOG_FORMATS, LOG_LEVELS
+from turnserver.ops.config.settings import build_settings, load_file
 from turnserver.ops.config.values import (
     ConfigError,
     check_host_port_or_off,
@@ -325,7 +326,12 @@ def serve_overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 def run(args: argparse.Namespace) -> int:
     """`turnserver serve`: one process, or a supervisor and its workers."""
-    from turnserver.ops.config.settings import Settings, check_certificate, check_host_addresses
+    from turnserver.ops.config.settings import (
+        Settings,
+        check_certificate,
+        check_host_addresses,
+        reload_from,
+    )
     from turnserver.ops.process.app import serve
 
     try:
@@ -341,8 +347,7 @@ def run(args: argparse.Namespace) -> int:
     config_path = args.config
 
     def reload_settings() -> Settings:
-        values = load_file(config_path) if config_path else {}
-        return build_settings(values, overrides, config_path or "flags")
+        return reload_from(config_path, overrides)
 
     if settings.workers > 1:
         import asyncio

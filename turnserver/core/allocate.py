@@ -456,7 +456,7 @@ class AllocationHandlers:
             self.state.forget_peer_connection(pc, close=False)  # closing the relay closes them
         self.state.close_relays(alloc)
 
-        alloc.channel_routes.clear()
+        alloc.channel_targets.clear()
         alloc.peer_channels.clear()
         alloc.bindings.clear()
         alloc.bindings_by_peer.clear()

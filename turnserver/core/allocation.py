@@ -1,6 +1,6 @@
 """Allocation state: relayed transport addresses, permissions and channels (RFC 8656 §5).
 
-The relay fast path in `io/` reads `channel_routes` and `peer_channels` directly and
+The relay fast path in `io/` reads `channel_targets` and `peer_channels` directly and
 bumps the plain-int counters; everything else changes only through `core.server`.
 """
 
@@ -136,7 +136,7 @@ class Allocation:
         "bindings_by_peer",
         "bytes_to_client",
         "bytes_to_peer",
-        "channel_routes",
+        "channel_targets",
         "created",
         "credential_expires",
         "dont_fragment",
@@ -190,7 +190,7 @@ class Allocation:
         self.bindings: dict[int, ChannelBinding] = {}
         self.bindings_by_peer: dict[Address, ChannelBinding] = {}
         # Fast-path routes: only bindings whose peer also has a live permission.
-        self.channel_routes: dict[int, tuple[SendTo, Address]] = {}
+        self.channel_targets: dict[int, tuple[SendTo, Address]] = {}
         self.peer_channels: dict[Address, int] = {}
         self.is_tcp = False  # RFC 6062 TCP allocation
         self.rate = 0  # bandwidth limit in bytes per second (0: none); token bucket below
@@ -243,8 +243,18 @@ class Allocation:
                 continue
             relay = self.relay_to(peer_ip)
             if allowed and relay is not None and relay.sendto is not None:
-                self.channel_routes[binding.number] = (relay.sendto, binding.peer)
+                self.channel_targets[binding.number] = (relay.sendto, binding.peer)
                 self.peer_channels[binding.peer] = binding.number
             else:
-                self.channel_routes.pop(binding.number, None)
-                self.peer_channels.pop(binding.peer, None)
+                self._unroute(binding)
+
+    def remove_binding(self, binding: ChannelBinding) -> None:
+        """The channel is gone (expired, or its permission revoked): RFC 8656 §12."""
+        del self.bindings[binding.number]
+        del self.bindings_by_peer[binding.peer]
+        self._unroute(binding)
+
+    def _unroute(self, binding: ChannelBinding) -> None:
+        """The fast path stops relaying the channel (the binding may stay)."""
+        self.channel_targets.pop(binding.number, None)
+        self.peer_channels.pop(binding.peer, None)

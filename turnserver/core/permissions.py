@@ -49,17 +49,17 @@ class PermissionHandlers:
         if alloc is None:
             self.state.stats.dropped_no_allocation += 1
             return
-        route = alloc.channel_routes.get(number)
-        if route is None:
+        target = alloc.channel_targets.get(number)
+        if target is None:
             self.state.stats.dropped_unknown_channel += 1
             return
         if alloc.rate and not alloc.spend(len(payload), now):
             self.state.stats.dropped_rate_limited += 1
             return
         try:
-            route[0](payload, route[1])
+            target[0](payload, target[1])
         except OSError as exc:  # a lost datagram, as UDP allows: counted, never fatal
-            self.send_failed(alloc, route[1], exc, now)
+            self.send_failed(alloc, target[1], exc, now)
             return
         alloc.packets_to_peer += 1
         alloc.bytes_to_peer += len(payload)
@@ -161,10 +161,7 @@ class PermissionHandlers:
     def _revoke_permission(self, alloc: Allocation, ip: str, reason: str) -> None:
         del alloc.permissions[ip]
         for binding in [b for b in alloc.bindings.values() if b.peer[0] == ip]:
-            del alloc.bindings[binding.number]
-            del alloc.bindings_by_peer[binding.peer]
-            alloc.channel_routes.pop(binding.number, None)
-            alloc.peer_channels.pop(binding.peer, None)
+            alloc.remove_binding(binding)
         for pc in [pc for pc in alloc.peer_connections.values() if pc.peer[0] == ip]:
             self.state.forget_peer_connection(pc, close=True)
         self.state.events.append(ev.PermissionRevoked(alloc.five_tuple, alloc.username, ip, reason))
@@ -286,8 +283,5 @@ class PermissionHandlers:
         if binding.expires > now:  # refreshed: the same timer fires again later
             self.state.push_timer(binding.expires, TimerKind.CHANNEL, alloc, number)
             return
-        del alloc.bindings[number]
-        del alloc.bindings_by_peer[binding.peer]
-        alloc.channel_routes.pop(number, None)
-        alloc.peer_channels.pop(binding.peer, None)
+        alloc.remove_binding(binding)
         self.state.events.append(ev.ChannelExpired(alloc.five_tuple, number, binding.peer))

@@ -145,12 +145,12 @@ class UdpListener:
                     if alloc is None:
                         stats.dropped_no_allocation += 1
                         continue
-                    route = (
-                        alloc.channel_routes.get((data[0] << 8) | data[1])
+                    target = (
+                        alloc.channel_targets.get((data[0] << 8) | data[1])
                         if len(data) > 3
                         else None
                     )
-                    if route is None:
+                    if target is None:
                         stats.dropped_unknown_channel += 1
                         continue
                     length = (data[2] << 8) | data[3]
@@ -161,9 +161,9 @@ class UdpListener:
                         stats.dropped_rate_limited += 1
                         continue
                     try:
-                        route[0](data[4 : 4 + length], route[1])
+                        target[0](data[4 : 4 + length], target[1])
                     except OSError as exc:  # counted; never ends the allocation
-                        if core.send_failed(alloc, route[1], exc, now()):
+                        if core.send_failed(alloc, target[1], exc, now()):
                             self.runtime.after_core_call()
                         continue
                     alloc.packets_to_peer += 1

@@ -3,7 +3,7 @@ kept in step with the core, and their counters folded back (docs/scale.md).
 
 A flow is offloaded when its allocation is UDP and without a bandwidth limit, the
 client, relayed address and peer are of one family (IPv4 or IPv6), and the channel is
-bound with a live permission (the allocation's `channel_routes`, which the
+bound with a live permission (the allocation's `channel_targets`, which the
 core maintains). Each direction's next hop is asked of the kernel's routing table when
 the flow is installed: an address of this host (the program delivers up the stack) or
 the interface the route leaves through (the program redirects there). The program is
@@ -219,7 +219,7 @@ class OffloadFlows:
         if to_client is not None:
             relay = alloc.relays[family]
             relayed = (_bound_ip(relay.endpoint, ft.server[0]), relay.port)
-            for number, (_, peer) in alloc.channel_routes.items():
+            for number, (_, peer) in alloc.channel_targets.items():
                 if (":" in peer[0]) != (family == 6) or "%" in peer[0]:
                     continue  # across families (a header rewrite cannot), scoped
                 to_peer = self.routes.next_hop(peer[0])

@@ -368,7 +368,7 @@ def _merge(base: Revocations, more: Revocations, now: float) -> Revocations:
 ACTIONS = {
     ("GET", "list_allocations"): "list",
     ("GET", "get_allocation"): "get",
-    ("DELETE", "delete_allocation"): "kill",
+    ("DELETE", "delete_allocation"): "end",
     ("GET", "list_revocations"): "revocations",
     ("POST", "add_revocation"): "revoke",
     ("DELETE", "delete_revocation"): "unrevoke",

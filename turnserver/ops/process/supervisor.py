@@ -39,8 +39,7 @@ from turnserver.ops.config.settings import (
     admin_certificate,
     all_listeners,
     api_certificate,
-    build_settings,
-    load_file,
+    reload_from,
 )
 from turnserver.ops.config.values import ConfigError, parse_admin_token
 from turnserver.ops.fleet.node import FleetNode, join_fleet
@@ -489,23 +488,19 @@ class Supervisor:
 
         def on_hup() -> None:
             self._forward(signal.SIGHUP)
+            try:
+                fresh: Settings | None = reload_from(self.config_path, self.overrides)
+            except ConfigError as exc:
+                log.error("SIGHUP: configuration rejected, keeping the old one: %s", exc)
+                fresh = None
             if self.admin is not None:
-                try:
-                    values = load_file(self.config_path) if self.config_path else {}
-                    fresh = build_settings(values, self.overrides, self.config_path or "flags")
+                if fresh is not None:
                     self.admin.file.path = fresh.revocations_file
                     if fresh.admin_tokens:
                         self.admin.api.tokens = [parse_admin_token(t) for t in fresh.admin_tokens]
-                except ConfigError as exc:
-                    log.error("SIGHUP: configuration rejected for the admin API: %s", exc)
                 self.admin.load()
-            if api is not None:
-                try:
-                    values = load_file(self.config_path) if self.config_path else {}
-                    new = build_settings(values, self.overrides, self.config_path or "flags")
-                    api.reconfigure(api_config(new, list(new.listen)))
-                except ConfigError as exc:
-                    log.error("SIGHUP: configuration rejected for the API: %s", exc)
+            if api is not None and fresh is not None:
+                api.reconfigure(api_config(fresh, list(fresh.listen)))
 
         loop.add_signal_handler(signal.SIGTERM, on_term)
         loop.add_signal_handler(signal.SIGINT, on_int)

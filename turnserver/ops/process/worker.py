@@ -17,7 +17,7 @@ from typing import Any
 
 from turnserver.io.handover import WorkerBus
 from turnserver.io.kernel.program import FlowMaps
-from turnserver.ops.config.settings import Settings, build_settings, load_file
+from turnserver.ops.config.settings import Settings, reload_from
 from turnserver.ops.config.values import ConfigError
 from turnserver.ops.fleet.quota import enforce_fleet_quota
 from turnserver.ops.http.revocations import Revocations
@@ -142,8 +142,7 @@ def worker_main(
 
         def on_hup() -> None:
             try:
-                values = load_file(config_path) if config_path else {}
-                new = build_settings(values, overrides, config_path or "flags")
+                new = reload_from(config_path, overrides)
             except ConfigError as exc:
                 log.error("worker %d: SIGHUP: configuration rejected: %s", index, exc)
                 return
