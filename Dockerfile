@@ -33,7 +33,7 @@
 # container's server wherever metrics.listen puts it (the server records it in
 # /tmp/turnserver-<uid>/state.json; with --read-only add --tmpfs /tmp).
 #
-# The kernel fast path (relay.offload: auto or ebpf; README "Kernel fast path") needs
+# The kernel fast path (relay.offload: auto, the default; README "Kernel fast path") needs
 # CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON, which a non-root user in a container never
 # gets, and a seccomp profile that allows bpf(2):
 #   docker run --network host --user root --cap-add BPF --cap-add NET_ADMIN \

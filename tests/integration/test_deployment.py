@@ -52,7 +52,9 @@ def test_systemd_unit_verifies_and_rates_well(tmp_path: Path) -> None:
     text = (ROOT / "systemd/turnserver.service").read_text()
     for line in (
         "Type=notify",
-        "AmbientCapabilities=CAP_NET_BIND_SERVICE",
+        "AmbientCapabilities=CAP_NET_BIND_SERVICE CAP_BPF CAP_PERFMON CAP_NET_ADMIN",
+        "CapabilityBoundingSet=CAP_NET_BIND_SERVICE CAP_BPF CAP_PERFMON CAP_NET_ADMIN",
+        "SystemCallFilter=bpf",
         "NoNewPrivileges=yes",
         "ProtectSystem=strict",
         "ProtectHome=yes",
@@ -60,7 +62,7 @@ def test_systemd_unit_verifies_and_rates_well(tmp_path: Path) -> None:
         "Restart=on-failure",
         "ExecReload=/bin/kill -HUP $MAINPID",
         "DynamicUser=yes",
-        "RestrictAddressFamilies=AF_INET AF_INET6 AF_UNIX",
+        "RestrictAddressFamilies=AF_INET AF_INET6 AF_UNIX AF_NETLINK",
         "WatchdogSec=",
     ):
         assert line in text
@@ -234,6 +236,12 @@ def test_kubernetes_manifests_fit_together(tmp_path: Path) -> None:
     assert "NetworkPolicies do not apply to hostNetwork pods" in text
     # A read-only root needs a writable /tmp (workers' bus, state file)
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    # The kernel fast path is on by default: exactly its capabilities, nothing else
+    assert settings.offload == "auto"
+    caps = container["securityContext"]["capabilities"]
+    assert caps["drop"] == ["ALL"]
+    assert sorted(caps["add"]) == ["BPF", "NET_ADMIN", "NET_BIND_SERVICE", "PERFMON"]
+    assert container["securityContext"]["allowPrivilegeEscalation"] is False
     assert mounts["tmp"] == "/tmp" and "emptyDir" in volumes_by_name["tmp"]
     # The grace period outlasts the drain
     assert pod["terminationGracePeriodSeconds"] >= settings.drain_timeout + 15

@@ -42,10 +42,25 @@ def require_tool(name: str, package: str = "coturn") -> str:
     return path
 
 
+def _ephemeral_ports() -> tuple[int, int]:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as fh:
+            lo, hi = map(int, fh.read().split())
+        return lo, hi
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
+
+
 def free_port_range(count: int = 200) -> tuple[int, int]:
-    """A port range unlikely to collide between parallel runs."""
-    base = 40000 + (os.getpid() * 7) % 15000
-    return base, base + count - 1
+    """A relay port range no ephemeral bind of this host can take (outside
+    ip_local_port_range: a client socket of the test landing on a relay port made a
+    3-port test range run out), and unlikely to collide between parallel runs."""
+    lo, hi = _ephemeral_ports()
+    above, below = 65535 - hi, lo - 1024
+    room, start = (above, hi + 1) if above >= count else (below, 1024)
+    slots = max(1, room // count)
+    base = start + (os.getpid() % slots) * count
+    return base, min(base + count - 1, 65535)
 
 
 CERT_DIR = Path(tempfile.mkdtemp(prefix="turnserver-test-certs-"))

@@ -176,7 +176,8 @@ def add_parser(sub: Any) -> None:
     p.add_argument(
         "--offload",
         choices=("off", "ebpf", "auto"),
-        help="kernel fast path for channel-bound UDP flows (YAML relay.offload; default off)",
+        help="kernel fast path for channel-bound UDP flows (YAML relay.offload; default auto: "
+        "on where the host allows it, else user space)",
     )
     p.add_argument(
         "--workers",

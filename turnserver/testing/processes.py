@@ -181,19 +181,31 @@ def server_process(
     env: dict[str, str] | None = None,
     start_timeout: float = 15.0,
 ) -> Iterator[ServerProcess]:
-    """Start a server, wait until it answers STUN on its UDP port, stop it at the end."""
+    """Start a server, wait until it serves (it answers STUN on its UDP port and has
+    written its state file, which it does once every listener and API is up), stop it at
+    the end."""
     port = port or free_port()
     log_path = tmp / f"turnserver-{port}.log"
     cmd = serve_command(
         port, *args, streams=streams, tls_port=tls_port, workers=workers, metrics=metrics
     )
+    env = dict(os.environ if env is None else env)
+    state = Path(env.setdefault("TURNSERVER_STATE_FILE", str(tmp / f"turnserver-{port}.json")))
+    state.unlink(missing_ok=True)  # an earlier server's (killed) is not this one's
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
             cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
         )  # its own process group: stopped with its workers
     try:
         try:
+            deadline = time.monotonic() + start_timeout
             wait_for_stun(proc, port, start_timeout)
+            while not state.exists():  # the APIs bind after the listeners answer
+                if proc.poll() is not None:
+                    raise RuntimeError(f"the server exited with {proc.returncode}")
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"no state file {state} within {start_timeout:g} s")
+                time.sleep(0.02)
         except RuntimeError as exc:
             raise RuntimeError(f"server did not start ({exc}): {log_path.read_text()}") from None
         yield ServerProcess(proc, port, log_path)

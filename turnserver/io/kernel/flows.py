@@ -122,6 +122,7 @@ class OffloadFlows:
         self.installed: dict[FiveTuple, Flows] = {}
         self.add_failures = 0  # flows the maps refused (full): relayed in user space
         self.wildcard_skipped = 0  # flows of wildcard listeners: relayed in user space
+        self.mixed_skipped = 0  # one end on this host, the other not: relayed in user space
         # what the kernel relayed, folded so far: packets and bytes to the peer, to the client
         self.relayed = [0, 0, 0, 0]
         self._seen: dict[tuple[FiveTuple, int], tuple[int, int, int, int]] = {}
@@ -224,6 +225,19 @@ class OffloadFlows:
                     continue  # across families (a header rewrite cannot), scoped
                 to_peer = self.routes.next_hop(peer[0])
                 if to_peer is None:  # no unicast route: user space relays and says why
+                    continue
+                if (to_peer == 0) != (to_client == 0):
+                    # One end is an address of this host and the other is not: a packet the
+                    # program delivers up the stack would carry our relayed (or listener)
+                    # address as its source on the interface it came in by, which the
+                    # kernel drops as a martian (only `lo` may bring those). User space
+                    # relays these.
+                    self.mixed_skipped += 1
+                    if self.mixed_skipped == 1:
+                        log.info(
+                            "kernel fast path: flows between a host on this machine and one "
+                            "behind an interface stay in user space"
+                        )
                     continue
                 want[number] = (
                     ClientFlow(ft.client, ft.server, number, to_client),

@@ -130,7 +130,7 @@ class Settings:
     log_level: str = "info"
     log_format: str = "text"
     loop: str = "auto"
-    offload: str = "off"  # the kernel fast path: off, ebpf, auto (docs/scale.md)
+    offload: str = "auto"  # the kernel fast path: off, ebpf, auto (docs/scale.md)
     dev: bool = False  # developer mode: impairment of relayed media, /dev/v1/*
     impairments: tuple[str, ...] = ()  # "udp=block", "tls=loss:5,delay:80"
     impair_seed: int = 1

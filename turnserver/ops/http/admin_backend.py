@@ -63,7 +63,14 @@ class LocalBackend:
     def _info(self, alloc: Allocation, now: float) -> dict[str, Any]:
         return {**self.runtime.core.allocation_info(alloc, now), "worker": self.worker}
 
+    def _fold_kernel_counts(self) -> None:
+        """What the kernel fast path relayed joins the allocations' counters first."""
+        offload = self.runtime.offload
+        if offload is not None:
+            offload.fold(self.runtime.core.allocations)
+
     async def allocations(self, filters: Filters, limit: int, cursor: str) -> list[dict[str, Any]]:
+        self._fold_kernel_counts()
         core = self.runtime.core
         now = self.runtime.now()
         by_id = core.allocations_by_id
@@ -71,6 +78,7 @@ class LocalBackend:
         return [self._info(by_id[i], now) for i in matching[:limit]]
 
     async def allocation(self, allocation_id: str) -> dict[str, Any] | None:
+        self._fold_kernel_counts()
         alloc = self.runtime.core.allocations_by_id.get(allocation_id)
         return self._info(alloc, self.runtime.now()) if alloc is not None else None
 
@@ -88,6 +96,7 @@ class LocalBackend:
         return self.runtime.core.unrevoke(user)
 
     async def summary(self) -> dict[str, Any]:
+        self._fold_kernel_counts()
         core = self.runtime.core
         by_transport: dict[str, int] = {}
         users: dict[str, list[int]] = {}
