@@ -137,11 +137,13 @@ async def run_page(url: str, timeout: float = 90.0) -> dict[str, Any]:
         clicked = None
         while not clicked and asyncio.get_running_loop().time() < deadline:
             ident += 1
+            # The button is in the HTML before the page's script gives it its handler:
+            # click only once the handler is there (a click before it does nothing).
             clicked = await evaluate(
                 ws,
                 ident,
                 "(() => { const b = document.getElementById('start');"
-                " if (!b) return false; b.click(); return true; })()",
+                " if (!b || !b.onclick) return false; b.click(); return true; })()",
             )
             await asyncio.sleep(0.1)
         while asyncio.get_running_loop().time() < deadline:

@@ -9,6 +9,7 @@ from turnserver.testing.fixture import TurnServerFixture
 from turnserver.testing.processes import (
     ServerProcess,
     free_port,
+    free_ports,
     loopback_args,
     process_tree,
     rss_bytes,
@@ -23,6 +24,7 @@ __all__ = [
     "ServerProcess",
     "TurnServerFixture",
     "free_port",
+    "free_ports",
     "loopback_args",
     "process_tree",
     "rss_bytes",

@@ -5,14 +5,13 @@ impairment."""
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from turnserver.testing.processes import free_port, stop_process
+from turnserver.testing.processes import free_ports, stop_process
 
 
 class TurnServerFixture:
@@ -60,12 +59,13 @@ class TurnServerFixture:
     # -- lifecycle ----------------------------------------------------------------------
 
     def _args(self) -> list[str]:
+        port, tls_port, api_port, admin_port = free_ports(4)  # four different numbers
         args = [
             "--host", self.host,
-            "--port", str(free_port()),
-            "--tls-port", str(free_port(socket.SOCK_STREAM)),
-            "--api-port", str(free_port(socket.SOCK_STREAM)),
-            "--admin-port", str(free_port(socket.SOCK_STREAM)),
+            "--port", str(port),
+            "--tls-port", str(tls_port),
+            "--api-port", str(api_port),
+            "--admin-port", str(admin_port),
             "--state-dir", str(self.state_dir),
             "--ready-file", str(self.state_dir / "ready.json"),
             "--log-level", self.log_level,
@@ -92,8 +92,9 @@ class TurnServerFixture:
         deadline = time.monotonic() + self.start_timeout
         while not ready.exists():
             if self.proc.poll() is not None or time.monotonic() > deadline:
+                log_text = self.log_path.read_text()  # before stop() removes its directory
                 self.stop()
-                raise RuntimeError(f"turnserver dev did not start: {self.log_path.read_text()}")
+                raise RuntimeError(f"turnserver dev did not start: {log_text}")
             time.sleep(0.05)
         self.info = json.loads(ready.read_text())
         return self

@@ -38,6 +38,27 @@ def free_port(kind: int = socket.SOCK_DGRAM) -> int:
     raise RuntimeError("no free port")
 
 
+def free_ports(count: int) -> list[int]:
+    """`count` different ports, each free for UDP and for TCP on 127.0.0.1: each is held
+    while the next is picked (one at a time, the kernel may hand out the same number
+    twice in a row)."""
+    held: list[socket.socket] = []
+    try:
+        ports: list[int] = []
+        while len(ports) < count:
+            port = free_port()
+            if port in ports:
+                continue
+            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            s.bind(("127.0.0.1", port))
+            held.append(s)
+            ports.append(port)
+        return ports
+    finally:
+        for s in held:
+            s.close()
+
+
 def stun_ping(addr: tuple[str, int], timeout: float = 0.2) -> bool:
     """True when a STUN Binding request to addr is answered."""
     req = encode_message(Method.BINDING, MessageClass.REQUEST, os.urandom(12))
