@@ -435,22 +435,6 @@ class TurnServer(CoreState):
         for alloc in list(self.allocations.values()):
             self.allocating.delete(alloc, now, "shutdown")
 
-    def relay_totals(self) -> tuple[int, int, int, int]:
-        """(packets to peer, bytes to peer, packets to client, bytes to client) so far."""
-        s = self.stats
-        pp, bp, pc, bc = (
-            s.ended_packets_to_peer,
-            s.ended_bytes_to_peer,
-            s.ended_packets_to_client,
-            s.ended_bytes_to_client,
-        )
-        for a in self.allocations.values():
-            pp += a.packets_to_peer
-            bp += a.bytes_to_peer
-            pc += a.packets_to_client
-            bc += a.bytes_to_client
-        return pp, bp, pc, bc
-
 
 _METHOD_NAMES = {m.value: m.name.lower() for m in Method}
 # the refusal of a request without MESSAGE-INTEGRITY, reported but never raised
