@@ -18,10 +18,10 @@ from tests.support.server import (
     ACCOUNT_SID,
     AUTH_TOKEN,
     CERT_FILE,
-    IN_CI,
     SECRET,
     RunningServer,
     client_ssl_context,
+    missing,
     require_tool,
 )
 from turnserver.client.ice_uri import IceUri, parse_uri
@@ -127,9 +127,10 @@ def _coturn() -> str:
     uclient = require_tool("turnutils_uclient")
     exe = str(Path(uclient).parent / "turnserver")  # coturn's, not our console script
     if not os.path.exists(exe):
-        if IN_CI:
-            pytest.fail(f"coturn's turnserver not found next to {uclient}")
-        pytest.skip("coturn's turnserver is not installed")
+        missing(
+            "coturn's turnserver is not installed",
+            f"coturn's turnserver not found next to {uclient}",
+        )
     return exe
 
 

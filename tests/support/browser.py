@@ -15,9 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import pytest
 
-from tests.support.server import CERT_FILE, IN_CI
+from tests.support.server import CERT_FILE, missing
 from turnserver.ops.dev.selfsigned import spki_sha256
 
 
@@ -26,9 +25,10 @@ def chromium() -> str:
         path = shutil.which(name)
         if path:
             return path
-    if IN_CI:
-        pytest.fail("chromium not found (apt-get install chromium); .ci/run installs it")
-    pytest.skip("chromium not found (apt-get install chromium)")
+    missing(
+        "chromium not found (apt-get install chromium)",
+        "chromium not found (apt-get install chromium); .ci/run installs it",
+    )
 
 
 async def stop_group(proc: asyncio.subprocess.Process) -> None:

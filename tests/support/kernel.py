@@ -6,17 +6,14 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
+from typing import NoReturn
 
-import pytest
-
-from tests.support.server import IN_CI
+from tests.support.server import missing
 
 
-def unavailable(why: str) -> None:
+def unavailable(why: str) -> NoReturn:
     """Fail in CI (.ci/run provides it), skip with the reason elsewhere."""
-    if IN_CI:
-        pytest.fail(f"{why}; .ci/run installs clang, libbpf-dev and runs as root")
-    pytest.skip(why)
+    missing(why, f"{why}; .ci/run installs clang, libbpf-dev and runs as root")
 
 
 def attached_ids(ns: str, dev: str = "lo") -> list[str]:

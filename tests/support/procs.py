@@ -7,7 +7,6 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 
 from turnserver.testing import (  # noqa: F401 - the tests' names for them
     ServerProcess,
@@ -19,33 +18,7 @@ from turnserver.testing import (  # noqa: F401 - the tests' names for them
     wait_for_stun,
 )
 
-
-@contextmanager
-def turnserver_process(
-    tmp: Path,
-    *args: str,
-    port: int | None = None,
-    streams: bool = False,
-    tls_port: int | None = None,
-    workers: int | None = 1,
-    metrics: str = "127.0.0.1:0",
-    env: dict[str, str] | None = None,
-) -> Iterator[ServerProcess]:
-    """`python -m turnserver serve` on 127.0.0.1, waited for until it answers STUN.
-
-    With streams, also tcp:// on the same port number and tls:// on tls_port (the
-    caller passes --cert/--key); `workers` None: the default count."""
-    with server_process(
-        tmp,
-        *args,
-        port=port,
-        streams=streams,
-        tls_port=tls_port,
-        workers=workers,
-        metrics=metrics,
-        env=env,
-    ) as server:
-        yield server
+turnserver_process = server_process  # the tests' name for it
 
 
 @contextmanager

@@ -12,6 +12,7 @@ import ssl
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 
@@ -31,14 +32,19 @@ IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 LOOPS = ["asyncio", "uvloop"] if uvloop_available() or IN_CI else ["asyncio"]
 
 
+def missing(why: str, in_ci: str = "") -> NoReturn:
+    """Something a test needs is not here: a failure in CI (.ci/run provides everything;
+    `in_ci` says what instead of `why`), a skip with the reason on a laptop."""
+    if IN_CI:
+        pytest.fail(in_ci or why)
+    pytest.skip(why)
+
+
 def require_tool(name: str, package: str = "coturn") -> str:
     """Path of an interop client; fail in CI, skip with a reason on a laptop."""
     path = shutil.which(name)
     if path is None:
-        message = f"{name} not found (apt-get install {package}); .ci/run installs it"
-        if IN_CI:
-            pytest.fail(message)
-        pytest.skip(message)
+        missing(f"{name} not found (apt-get install {package}); .ci/run installs it")
     return path
 
 

@@ -113,6 +113,10 @@ def _table(rows: list[dict[str, Any]]) -> str:
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in lines)
 
 
+# the names `allocations` and `end` had before they said what the API says
+ALIASES = {"sessions": "allocations", "kill": "end"}
+
+
 def run(args: argparse.Namespace) -> int:
     """Run one admin command against every --server; returns the exit code."""
     token = args.token
@@ -128,14 +132,15 @@ def run(args: argparse.Namespace) -> int:
     if not token:
         print("turnserver admin: give --token or --token-file", file=sys.stderr)
         return 2
+    action = ALIASES.get(args.admin_command, args.admin_command)
     servers = args.server or ["http://127.0.0.1:9642"]
     failed = False
     rows: list[dict[str, Any]] = []
     for server in servers:
         try:
-            if args.action == "allocations":
+            if action == "allocations":
                 rows += _allocations(server, token, args)
-            elif args.action == "end":
+            elif action == "end":
                 _call(
                     server,
                     token,
@@ -144,7 +149,7 @@ def run(args: argparse.Namespace) -> int:
                     insecure=args.insecure,
                 )
                 print(f"{server}: ended {args.id}")
-            elif args.action == "revoke":
+            elif action == "revoke":
                 body = {"user": args.user, "for": parse_ttl(args.duration), "reason": args.reason}
                 got = _call(server, token, "POST", "/admin/v1/revocations", body, args.insecure)
                 note = f" ({got['warning']})" if got.get("warning") else ""
@@ -152,19 +157,19 @@ def run(args: argparse.Namespace) -> int:
                     f"{server}: {args.user} revoked until {got['until']}, "
                     f"{got['ended']} allocations ended{note}"
                 )
-            elif args.action == "unrevoke":
+            elif action == "unrevoke":
                 path = "/admin/v1/revocations/" + urllib.parse.quote(args.user, safe="")
                 _call(server, token, "DELETE", path, insecure=args.insecure)
                 print(f"{server}: {args.user} no longer revoked")
-            elif args.action == "summary":
+            elif action == "summary":
                 got = _call(server, token, "GET", "/admin/v1/summary", insecure=args.insecure)
                 print(json.dumps({"server": server, **got}, indent=2))
         except (AdminError, ValueError) as exc:
             print(f"turnserver admin: {exc}", file=sys.stderr)
-            if isinstance(exc, AdminError) and args.action == "allocations":
+            if isinstance(exc, AdminError) and action == "allocations":
                 rows += exc.partial
             failed = True
-    if args.action == "allocations":
+    if action == "allocations":
         print(json.dumps(rows, indent=2) if args.json else _table(rows))
     return 1 if failed else 0
 
@@ -186,8 +191,11 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--token-file", metavar="F", help="read the admin token from this file")
     p.add_argument("--insecure", action="store_true", help="do not verify the TLS certificate")
     cmds = p.add_subparsers(dest="admin_command", metavar="COMMAND", required=True)
-    s = cmds.add_parser("allocations", aliases=["sessions"], help="live allocations, like ps")
-    s.set_defaults(action="allocations")
+    s = cmds.add_parser(
+        "allocations",
+        aliases=[k for k, v in ALIASES.items() if v == "allocations"],
+        help="live allocations, like ps",
+    )
     s.add_argument("--user", help="only this user (static user or REST user part)")
     s.add_argument("--json", action="store_true", help="a JSON list of objects")
     s.add_argument(
@@ -196,17 +204,14 @@ def add_parser(sub: Any) -> None:
         help="every node's allocations, through the node --server names (fleet.redis); "
         "ids name their node, and `end` with one reaches that node from any node",
     )
-    k = cmds.add_parser("end", aliases=["kill"], help="end one allocation now")
-    k.set_defaults(action="end")
+    k = cmds.add_parser(
+        "end", aliases=[k for k, v in ALIASES.items() if v == "end"], help="end one allocation now"
+    )
     k.add_argument("id")
     r = cmds.add_parser("revoke", help="end a user's allocations and refuse them until a time")
-    r.set_defaults(action="revoke")
     r.add_argument("user")
     r.add_argument("--for", dest="duration", required=True, help="how long: 600, 30m, 2h, 1d")
     r.add_argument("--reason", default="", help="kept with the revocation and logged")
     u = cmds.add_parser("unrevoke", help="lift a revocation")
-    u.set_defaults(action="unrevoke")
     u.add_argument("user")
-    cmds.add_parser(
-        "summary", help="counts by transport, top users, ports free, workers"
-    ).set_defaults(action="summary")
+    cmds.add_parser("summary", help="counts by transport, top users, ports free, workers")

@@ -6,7 +6,7 @@ import argparse
 import sys
 from typing import Any
 
-from turnserver.ops.config.settings import build_settings, load_file
+from turnserver.ops.config.settings import read_settings
 from turnserver.ops.config.values import ConfigError
 
 
@@ -27,7 +27,7 @@ def run(args: argparse.Namespace) -> int:
     from turnserver.ops.config.settings import check_certificate, check_host_addresses
 
     try:
-        settings = build_settings(load_file(args.file), {}, args.file)
+        settings = read_settings(args.file, {})
         check_host_addresses(settings)
         if settings.cert_file and settings.key_file:
             check_certificate(settings.cert_file, settings.key_file)

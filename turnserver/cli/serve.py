@@ -9,7 +9,6 @@ from typing import Any
 
 from turnserver.io.loop import LOOP_CHOICES
 from turnserver.ops.config.schema import LOG_FORMATS, LOG_LEVELS
-from turnserver.ops.config.settings import build_settings, load_file
 from turnserver.ops.config.values import (
     ConfigError,
     check_host_port_or_off,
@@ -331,14 +330,13 @@ def run(args: argparse.Namespace) -> int:
         Settings,
         check_certificate,
         check_host_addresses,
-        reload_from,
+        read_settings,
     )
     from turnserver.ops.process.app import serve
 
     try:
-        file_values = load_file(args.config) if args.config else {}
         overrides = serve_overrides(args)
-        settings = build_settings(file_values, overrides, args.config or "flags")
+        settings = read_settings(args.config, overrides)
         check_host_addresses(settings)
         if settings.cert_file and settings.key_file:
             check_certificate(settings.cert_file, settings.key_file)
@@ -348,7 +346,7 @@ def run(args: argparse.Namespace) -> int:
     config_path = args.config
 
     def reload_settings() -> Settings:
-        return reload_from(config_path, overrides)
+        return read_settings(config_path, overrides)
 
     if settings.workers > 1:
         import asyncio

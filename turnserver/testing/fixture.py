@@ -7,11 +7,10 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
-from turnserver.testing.processes import free_ports, stop_process
+from turnserver.testing.processes import free_ports, stop_process, wait_for
 
 
 class TurnServerFixture:
@@ -89,13 +88,12 @@ class TurnServerFixture:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,  # stopped as a group
             )
-        deadline = time.monotonic() + self.start_timeout
-        while not ready.exists():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                log_text = self.log_path.read_text()  # before stop() removes its directory
-                self.stop()
-                raise RuntimeError(f"turnserver dev did not start: {log_text}")
-            time.sleep(0.05)
+        try:
+            wait_for(self.proc, ready.exists, self.start_timeout, "no ready file")
+        except RuntimeError:
+            log_text = self.log_path.read_text()  # before stop() removes its directory
+            self.stop()
+            raise RuntimeError(f"turnserver dev did not start: {log_text}") from None
         self.info = json.loads(ready.read_text())
         return self
 

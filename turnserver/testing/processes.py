@@ -14,7 +14,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,15 +72,29 @@ def stun_ping(addr: tuple[str, int], timeout: float = 0.2) -> bool:
     return decode_message(data).message_class == MessageClass.SUCCESS
 
 
-def wait_for_stun(proc: subprocess.Popen[bytes], port: int, timeout: float = 15.0) -> None:
-    """Wait until 127.0.0.1:port answers STUN; RuntimeError if the process exits first
-    or the time runs out."""
+def wait_for(
+    proc: subprocess.Popen[bytes], done: Callable[[], bool], timeout: float, what: str
+) -> None:
+    """Wait until `done()` while `proc` runs; RuntimeError if it exits first or the time
+    runs out (saying `what` did not happen)."""
     deadline = time.monotonic() + timeout
-    while not stun_ping(("127.0.0.1", port)):
+    while not done():
         if proc.poll() is not None:
             raise RuntimeError(f"the server exited with {proc.returncode}")
         if time.monotonic() > deadline:
-            raise RuntimeError(f"nothing answered STUN on port {port} within {timeout:g} s")
+            raise RuntimeError(f"{what} within {timeout:g} s")
+        time.sleep(0.02)
+
+
+def wait_for_stun(proc: subprocess.Popen[bytes], port: int, timeout: float = 15.0) -> None:
+    """Wait until 127.0.0.1:port answers STUN; RuntimeError if the process exits first
+    or the time runs out."""
+    wait_for(
+        proc,
+        lambda: stun_ping(("127.0.0.1", port)),
+        timeout,
+        f"nothing answered STUN on port {port}",
+    )
 
 
 def loopback_args(secret: str, lo: int, hi: int) -> list[str]:
@@ -219,14 +233,9 @@ def server_process(
         )  # its own process group: stopped with its workers
     try:
         try:
-            deadline = time.monotonic() + start_timeout
             wait_for_stun(proc, port, start_timeout)
-            while not state.exists():  # the APIs bind after the listeners answer
-                if proc.poll() is not None:
-                    raise RuntimeError(f"the server exited with {proc.returncode}")
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"no state file {state} within {start_timeout:g} s")
-                time.sleep(0.02)
+            # the APIs bind after the listeners answer; the state file comes last
+            wait_for(proc, state.exists, start_timeout, f"no state file {state}")
         except RuntimeError as exc:
             raise RuntimeError(f"server did not start ({exc}): {log_path.read_text()}") from None
         yield ServerProcess(proc, port, log_path)

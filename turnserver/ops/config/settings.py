@@ -142,9 +142,9 @@ def load_file(path: str) -> dict[str, Any]:
     return load_yaml_file(path, SCHEMA)
 
 
-def reload_from(path: str | None, overrides: dict[str, Any]) -> Settings:
-    """Settings as `serve` read them at start, read again (SIGHUP): the file, if there is
-    one, under the same command-line overrides."""
+def read_settings(path: str | None, overrides: dict[str, Any]) -> Settings:
+    """The settings of the file at `path` (none: defaults) under the command line's
+    overrides: what `serve` reads at start and again on SIGHUP."""
     values = load_file(path) if path else {}
     return build_settings(values, overrides, path or "flags")
 

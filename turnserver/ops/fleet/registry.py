@@ -218,11 +218,11 @@ def fleet_command(args: Any) -> int:
     """`turnserver fleet [--redis URL | --config FILE] [--json]`."""
     import sys
 
-    from turnserver.ops.config.settings import build_settings, load_file
+    from turnserver.ops.config.settings import read_settings
     from turnserver.ops.config.values import ConfigError, check_redis_url
 
     try:
-        settings = build_settings(load_file(args.config), {}, args.config) if args.config else None
+        settings = read_settings(args.config, {}) if args.config else None
         url = check_redis_url(args.redis, "--redis") if args.redis else None
     except ConfigError as exc:
         print(f"turnserver fleet: {exc}", file=sys.stderr)

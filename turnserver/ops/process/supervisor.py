@@ -39,7 +39,7 @@ from turnserver.ops.config.settings import (
     admin_certificate,
     all_listeners,
     api_certificate,
-    reload_from,
+    read_settings,
 )
 from turnserver.ops.config.values import ConfigError, parse_admin_token
 from turnserver.ops.fleet.node import FleetNode, join_fleet
@@ -489,7 +489,7 @@ class Supervisor:
         def on_hup() -> None:
             self._forward(signal.SIGHUP)
             try:
-                fresh: Settings | None = reload_from(self.config_path, self.overrides)
+                fresh: Settings | None = read_settings(self.config_path, self.overrides)
             except ConfigError as exc:
                 log.error("SIGHUP: configuration rejected, keeping the old one: %s", exc)
                 fresh = None

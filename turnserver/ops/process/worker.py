@@ -17,7 +17,7 @@ from typing import Any
 
 from turnserver.io.handover import WorkerBus
 from turnserver.io.kernel.program import FlowMaps
-from turnserver.ops.config.settings import Settings, reload_from
+from turnserver.ops.config.settings import Settings, read_settings
 from turnserver.ops.config.values import ConfigError
 from turnserver.ops.fleet.quota import enforce_fleet_quota
 from turnserver.ops.http.revocations import Revocations
@@ -142,7 +142,7 @@ def worker_main(
 
         def on_hup() -> None:
             try:
-                new = reload_from(config_path, overrides)
+                new = read_settings(config_path, overrides)
             except ConfigError as exc:
                 log.error("worker %d: SIGHUP: configuration rejected: %s", index, exc)
                 return
