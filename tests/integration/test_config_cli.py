@@ -34,7 +34,7 @@ ROOT = Path(__file__).parents[2]
         ("realm: x\n\npeers:\n  allow: [not-a-net]\n", "cfg.yaml:4: peers.allow:"),
         ("realm: [x\n", "cfg.yaml:2: invalid YAML"),
         ("- a\n- b\n", "cfg.yaml:1: the top level must be a mapping"),
-        ("auth:\n  users:\n    - name: a\n", "cfg.yaml:2: auth.users[0]: give exactly one"),
+        ("auth:\n  users:\n    - name: a\n", "cfg.yaml:3: auth.users[0]: give exactly one"),
         ("log:\n  level: loud\n", "cfg.yaml:2: log.level: expected one of"),
         ("relay: 5\n", "cfg.yaml:1: relay: expected a mapping"),
     ],

@@ -21,7 +21,7 @@ CREATED = ev.AllocationCreated(FT, 'mallory"\nforged line', (("192.0.2.1", 50000
 TEXT_LINE = re.compile(
     r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} INFO allocation created "
     r"five_tuple=udp:192\.0\.2\.7:40000->192\.0\.2\.1:3478 "
-    r'user="mallory\\"\\nforged line" relayed=192\.0\.2\.1:50000 lifetime=600'
+    r'user="mallory\\"\\nforged line" tenant=default relayed=192\.0\.2\.1:50000 lifetime=600'
 )
 
 

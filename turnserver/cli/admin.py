@@ -70,6 +70,8 @@ def _allocations(server: str, token: str, args: argparse.Namespace) -> list[dict
         query = {"limit": "1000", "cursor": cursor}
         if args.user:
             query["user"] = args.user
+        if args.tenant:
+            query["tenant"] = args.tenant
         if args.fleet:  # the node fans out to every node of the registry (no paging)
             query = {k: v for k, v in query.items() if k != "cursor"} | {"fleet": "1"}
         page = _call(
@@ -197,6 +199,7 @@ def add_parser(sub: Any) -> None:
         help="live allocations, like ps",
     )
     s.add_argument("--user", help="only this user (static user or REST user part)")
+    s.add_argument("--tenant", help="only this tenant's allocations (tenants:)")
     s.add_argument("--json", action="store_true", help="a JSON list of objects")
     s.add_argument(
         "--fleet",

@@ -66,11 +66,14 @@ class AdminActions:
     def apply_bandwidth(self, rate: int, now: float) -> list[Allocation]:
         """A reloaded bandwidth limit (bytes a second, 0: none) for every live
         allocation at once; returns those whose limit changed."""
-        changed = [a for a in self.state.allocations.values() if a.rate != rate]
-        for alloc in changed:
-            alloc.rate = rate
-            alloc.tokens = min(alloc.tokens, float(rate)) if rate else 0.0
-            alloc.stamp = now
+        changed = []
+        for alloc in self.state.allocations.values():
+            target = self.state.rate_for(alloc, rate)
+            if alloc.rate != target:
+                alloc.rate = target
+                alloc.tokens = min(alloc.tokens, float(target)) if target else 0.0
+                alloc.stamp = now
+                changed.append(alloc)
         return changed
 
     def allocation_info(self, alloc: Allocation, now: float) -> dict[str, Any]:
@@ -87,6 +90,7 @@ class AdminActions:
             "user": alloc.user,
             "username": alloc.username,
             "realm": self.state.auth.realm,
+            "tenant": alloc.tenant,
             "transport": ft.transport.value,
             "client": format_address(ft.client),
             "listener": format_address(ft.server),

@@ -10,7 +10,6 @@ from turnserver.core.allocation import (
     Allocation,
     Relay,
 )
-from turnserver.core.auth import Identity
 from turnserver.core.errors import (
     AddressFamilyNotSupported,
     AllocationMismatch,
@@ -23,6 +22,8 @@ from turnserver.core.errors import (
 )
 from turnserver.core.five_tuple import ClientTransport, FiveTuple
 from turnserver.core.fleet_leases import MAX_PENDING
+from turnserver.core.identity import Identity
+from turnserver.core.quota import tenant_key
 from turnserver.core.state import (
     BIND_ATTEMPTS,
     FAMILY_VERSION,
@@ -70,6 +71,12 @@ class AllocationHandlers:
         tcp = transport == TransportProtocol.TCP and cfg.tcp_relay
         if not tcp and transport != TransportProtocol.UDP:
             raise UnsupportedTransport(f"REQUESTED-TRANSPORT {transport} is not supported")
+        if self.state.usage_full:  # no record could be kept of it (usage.spool_full)
+            raise InsufficientCapacity("the usage record spool is full", reason="usage_spool_full")
+        if ident.tenant in self.state.month_exceeded:  # a refusing tenant past its bytes
+            raise AllocationQuotaReached(
+                f"tenant {ident.tenant!r} used its bytes for the month", reason="quota_tenant_month"
+            )
         leased = self._fleet_admit(msg, ft, ident)
         try:
             if tcp:
@@ -143,7 +150,9 @@ class AllocationHandlers:
             if reservation is not None and reservation.owner is not None:
                 # used: its quota goes back (this allocation takes its own below)
                 reservation.owner.reservation = b""
-                self.state.quotas.release(reservation.user, reservation.client_ip)
+                self.state.quotas.release(
+                    reservation.user, reservation.client_ip, reservation.tenant
+                )
             if reservation is None:
                 # Another worker process may have issued it: tokens are stateless. A port
                 # of our own range whose reservation is gone was used or released already
@@ -173,8 +182,7 @@ class AllocationHandlers:
 
         self.state.check_descriptors(len(families))
         lifetime = self._lifetime(msg.get(Attr.LIFETIME))
-        alloc = Allocation(ft, ident.username, ident.user, ident.key, now, lifetime, ident.expires)
-        alloc.rate, alloc.tokens, alloc.stamp = cfg.bandwidth, float(cfg.bandwidth), now
+        alloc = self.state.new_allocation(ft, ident, now, lifetime)
         alloc.allocate_transaction_id = msg.transaction_id
         alloc.dont_fragment = msg.has(Attr.DONT_FRAGMENT)
         new_token: bytes | None = None
@@ -230,7 +238,9 @@ class AllocationHandlers:
                 )
             )
         self.state.events.append(
-            ev.AllocationCreated(ft, ident.username, alloc.relayed_addresses, lifetime)
+            ev.AllocationCreated(
+                ft, ident.username, alloc.relayed_addresses, lifetime, alloc.tenant
+            )
         )
         return attrs
 
@@ -253,8 +263,7 @@ class AllocationHandlers:
             raise AddressFamilyNotSupported(f"no IPv{version} relay address configured")
         self.state.check_descriptors(1)
         lifetime = self._lifetime(msg.get(Attr.LIFETIME))
-        alloc = Allocation(ft, ident.username, ident.user, ident.key, now, lifetime, ident.expires)
-        alloc.rate, alloc.tokens, alloc.stamp = cfg.bandwidth, float(cfg.bandwidth), now
+        alloc = self.state.new_allocation(ft, ident, now, lifetime)
         alloc.is_tcp = True
         alloc.allocate_transaction_id = msg.transaction_id
         alloc.relays[version] = self._open_relay(alloc, version, tcp=True)
@@ -265,7 +274,9 @@ class AllocationHandlers:
                 now + ident.expires - self.state.wall(now), TimerKind.CREDENTIAL, alloc, None
             )
         self.state.events.append(
-            ev.AllocationCreated(ft, ident.username, alloc.relayed_addresses, lifetime)
+            ev.AllocationCreated(
+                ft, ident.username, alloc.relayed_addresses, lifetime, alloc.tenant
+            )
         )
         return [
             (Attr.XOR_RELAYED_ADDRESS, alloc.relays[version].advertised),
@@ -275,16 +286,7 @@ class AllocationHandlers:
 
     def _reserve_quota(self, alloc: Allocation, ident: Identity) -> None:
         """Count the allocation against the quotas, last, so no failure needs undoing."""
-        cfg = self.state.config
-        # the self-probe (an internal user) runs on every worker and listener at once,
-        # from one loopback address: only the server's total applies to it
-        why = self.state.quotas.reserve(
-            ident.user,
-            alloc.five_tuple.client[0],
-            cfg.max_allocations,
-            0 if ident.internal else cfg.max_allocations_per_user,
-            0 if ident.internal else cfg.max_allocations_per_client_ip,
-        )
+        why = self.state.reserve_quota(ident, alloc.five_tuple.client[0])
         if why is not None:
             self.state.close_relays(alloc)
             if why == "quota_total":
@@ -293,6 +295,10 @@ class AllocationHandlers:
                 raise AllocationQuotaReached(
                     f"client address {alloc.five_tuple.client[0]} has too many allocations",
                     reason=why,
+                )
+            if why == "quota_tenant":
+                raise AllocationQuotaReached(
+                    f"tenant {ident.tenant!r} has too many allocations", reason=why
                 )
             raise AllocationQuotaReached(
                 f"user {ident.user!r} has too many allocations", reason=why
@@ -309,23 +315,17 @@ class AllocationHandlers:
         """The reserved port counts against the owner's quotas like an allocation (so a
         user cannot hold ports beyond them); over them, the Allocate is refused."""
         res = self.state.reservations[token]
-        cfg = self.state.config
         client_ip = alloc.five_tuple.client[0]
-        why = self.state.quotas.reserve(
-            ident.user,
-            client_ip,
-            cfg.max_allocations,
-            0 if ident.internal else cfg.max_allocations_per_user,
-            0 if ident.internal else cfg.max_allocations_per_client_ip,
-        )
+        why = self.state.reserve_quota(ident, client_ip)
         if why is not None:
             self.state.release_reservation(token)
-            self.state.quotas.release(ident.user, client_ip)
+            self.state.quotas.release(ident.user, client_ip, tenant_key(ident.tenant))
             self.state.close_relays(alloc)
             raise AllocationQuotaReached(
                 "the reserved port (EVEN-PORT R) would exceed the quota", reason=why
             )
         res.owner, res.user, res.client_ip = alloc, ident.user, client_ip
+        res.tenant = tenant_key(ident.tenant)
         alloc.reservation = token
         self.state.push_timer(res.expires, TimerKind.RESERVATION, None, token)
 
@@ -446,7 +446,7 @@ class AllocationHandlers:
         self.state.forget_timers_of_ended()
         self.state.allocations.pop(alloc.five_tuple, None)
         self.state.allocations_by_id.pop(alloc.id, None)
-        self.state.quotas.release(alloc.user, alloc.five_tuple.client[0])
+        self.state.quotas.release(alloc.user, alloc.five_tuple.client[0], tenant_key(alloc.tenant))
         if alloc.fleet_lease:
             self.fleet_release(alloc.user)
         if alloc.reservation:  # an unused EVEN-PORT reservation ends with its allocation
@@ -477,5 +477,6 @@ class AllocationHandlers:
                 alloc.bytes_to_peer,
                 alloc.packets_to_client,
                 alloc.bytes_to_client,
+                alloc.tenant,
             )
         )

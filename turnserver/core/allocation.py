@@ -10,6 +10,7 @@ from collections.abc import Callable
 from typing import Protocol
 
 from turnserver.core.five_tuple import FiveTuple
+from turnserver.core.tenants import DEFAULT_TENANT
 from turnserver.stun.attributes import Address
 
 SendTo = Callable[[bytes, Address], object]
@@ -160,9 +161,11 @@ class Allocation:
         "send_errors",
         "sink",
         "stamp",
+        "tenant",
         "timer_at",
         "tokens",
         "user",
+        "user_rate",
         "username",
     )
 
@@ -193,6 +196,8 @@ class Allocation:
         self.channel_targets: dict[int, tuple[SendTo, Address]] = {}
         self.peer_channels: dict[Address, int] = {}
         self.is_tcp = False  # RFC 6062 TCP allocation
+        self.tenant = DEFAULT_TENANT  # core/tenants.py
+        self.user_rate = 0  # the authorization hook's bandwidth for the user (0: none)
         self.rate = 0  # bandwidth limit in bytes per second (0: none); token bucket below
         self.tokens = 0.0
         self.stamp = 0.0

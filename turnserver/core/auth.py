@@ -12,7 +12,10 @@ import binascii
 import hmac
 from dataclasses import dataclass, field
 
+from turnserver.core.auth_hook import HookBook
 from turnserver.core.errors import BadRequest, StaleNonce, Unauthorized
+from turnserver.core.identity import Identity
+from turnserver.core.tenants import DEFAULT_TENANT
 from turnserver.stun.constants import Attr, PasswordAlgorithm
 from turnserver.stun.message import (
     StunMessage,
@@ -88,6 +91,7 @@ class Credentials:
     user_keys_sha256: dict[str, bytes] = field(default_factory=dict)
     userhashes: dict[bytes, str] = field(default_factory=dict)  # USERHASH -> user
     rest_order: str = "auto"  # REST_USERNAME_FORMATS (parse_rest_username)
+    tenant: str = DEFAULT_TENANT  # whose credentials these are (core/tenants.py)
 
     @staticmethod
     def build(
@@ -96,6 +100,7 @@ class Credentials:
         keys: dict[str, bytes] | None = None,
         secrets: tuple[str, ...] | list[str] = (),
         rest_order: str = "auto",
+        tenant: str = DEFAULT_TENANT,
     ) -> Credentials:
         """Precompute long-term keys for static users."""
         passwords = passwords or {}
@@ -105,19 +110,7 @@ class Credentials:
             u: long_term_key(u, realm, p, PasswordAlgorithm.SHA256) for u, p in passwords.items()
         }
         hashes = {userhash(u, realm): u for u in user_keys}
-        return Credentials(realm, user_keys, tuple(secrets), sha256, hashes, rest_order)
-
-
-@dataclass(slots=True)
-class Identity:
-    """An authenticated request: the STUN username, the quota user and the key."""
-
-    username: str
-    user: str
-    key: bytes
-    expires: float | None  # REST credential expiry, None for static users
-    sha256_integrity: bool = False  # answer with MESSAGE-INTEGRITY-SHA256 (RFC 8489 §14.6)
-    internal: bool = False  # the server's own user (the self-probe): no per-user quota
+        return Credentials(realm, user_keys, tuple(secrets), sha256, hashes, rest_order, tenant)
 
 
 class NonceIssuer:
@@ -173,31 +166,65 @@ class NonceIssuer:
 
 
 class Authenticator:
-    """Decides whether a request carries valid long-term credentials."""
+    """Decides whether a request carries valid long-term credentials, and whose
+    (tenant) they are."""
 
-    def __init__(self, credentials: Credentials, nonces: NonceIssuer) -> None:
-        self.credentials = credentials
+    def __init__(
+        self,
+        credentials: Credentials,
+        nonces: NonceIssuer,
+        tenants: tuple[Credentials, ...] = (),
+    ) -> None:
         self.nonces = nonces
         # Users of the server itself (the self-probe); kept across config reloads.
         self.internal_keys: dict[str, bytes] = {}
-        # REST keys by (secret index, username): HMAC + MD5 once per credential, not per
-        # request. Bounded; emptied when full and when the credentials change.
-        self._rest_keys: dict[tuple[int, str], bytes] = {}
-        self._rest_keys_for: Credentials | None = None
+        # Users the authorization hook vouched for (core/auth_hook.py); None: no hook
+        self.hook: HookBook | None = None
+        # REST keys by (realm, tenant, secret index and algorithm, username): HMAC + MD5
+        # once per credential, not per request. Bounded; emptied when full and when the
+        # credentials change.
+        self._rest_keys: dict[tuple[str, str, int, str], bytes] = {}
         # Credentials that verified: (raw USERNAME, USERHASH, REALM, NONCE, client ip) ->
         # (identity, nonce expiry). Every request of an allocation repeats them; decoding,
         # the nonce and realm checks and the key lookup cost most of a request's cost
         # (benchmarks/README.md).
         # Only successes get in; the MAC and both expiries are checked on every request.
         self._verified: dict[tuple[bytes | str | None, ...], tuple[Identity, int]] = {}
-        self._verified_for: Credentials | None = None
+        self.configure(credentials, tenants)
 
-    def _rest_key(self, index: int, secret: str, username: str, algorithm: int) -> bytes:
-        creds = self.credentials
-        if self._rest_keys_for is not creds:
-            self._rest_keys = {}
-            self._rest_keys_for = creds
-        cache_key = (index * 4 + algorithm, username)
+    def configure(self, credentials: Credentials, tenants: tuple[Credentials, ...] = ()) -> None:
+        """The credentials of the implicit tenant and of the configured tenants (start,
+        SIGHUP). Each tenant's credentials are `tenants` twice: under its own realm, and
+        under the server's realm, which every 401 names (a WebRTC client answers with
+        the realm it was given): there the user, or the secret that verifies, says whose
+        request it is."""
+        self._credentials = credentials
+        self.tenant_credentials = tenants
+        own = [credentials]
+        realms: dict[str, tuple[Credentials, ...]] = {}
+        for creds in tenants:
+            if creds.realm == credentials.realm:
+                own.append(creds)
+            else:
+                realms[creds.realm] = (creds,)
+        realms[credentials.realm] = tuple(own)
+        self.realms = realms
+        self._rest_keys = {}
+        self._verified = {}
+
+    @property
+    def credentials(self) -> Credentials:
+        """The implicit tenant's credentials (the server's realm)."""
+        return self._credentials
+
+    @credentials.setter
+    def credentials(self, credentials: Credentials) -> None:
+        self.configure(credentials, ())
+
+    def _rest_key(
+        self, creds: Credentials, index: int, secret: str, username: str, algorithm: int
+    ) -> bytes:
+        cache_key = (creds.realm, creds.tenant, index * 4 + algorithm, username)
         key = self._rest_keys.get(cache_key)
         if key is None:
             if len(self._rest_keys) >= 50_000:
@@ -206,6 +233,14 @@ class Authenticator:
             key = long_term_key(username, creds.realm, password, algorithm)
             self._rest_keys[cache_key] = key
         return key
+
+    def realm_for(self, msg: StunMessage) -> str:
+        """The realm a 401 or 438 names: the request's own when it is one of ours (a
+        client configured with a tenant's realm keeps it), else the server's."""
+        realm = msg.get(Attr.REALM)
+        if realm is not None and realm in self.realms:
+            return str(realm)
+        return self._credentials.realm
 
     @staticmethod
     def password_algorithm(msg: StunMessage) -> int:
@@ -249,7 +284,7 @@ class Authenticator:
                 client_ip,
             )
             known = self._verified.get(cache_key)
-            if known is not None and self._verified_for is self.credentials:
+            if known is not None:
                 identity, nonce_expires = known
                 if (
                     nonce_expires > now
@@ -260,9 +295,8 @@ class Authenticator:
                 # else the full checks below say what is wrong
         identity = self._authenticate(msg, client_ip, now)
         if cacheable and not identity.internal:
-            if self._verified_for is not self.credentials or len(self._verified) >= 20_000:
+            if len(self._verified) >= 20_000:
                 self._verified = {}
-                self._verified_for = self.credentials
             nonce_expires = self.nonces.expiry(msg.get(Attr.NONCE))
             if nonce_expires:
                 self._verified[cache_key] = (identity, nonce_expires)
@@ -277,48 +311,73 @@ class Authenticator:
             raise BadRequest("MESSAGE-INTEGRITY without USERNAME (or USERHASH), REALM and NONCE")
         if not self.nonces.check(nonce, client_ip, now):
             raise StaleNonce("nonce expired or not ours", reason="stale_nonce")
-        creds = self.credentials
-        if not hmac.compare_digest(realm.encode(), creds.realm.encode()):
+        candidates = self.realms.get(realm)
+        if candidates is None:
             raise Unauthorized(f"realm {realm!r} is not ours", reason="bad_credentials")
         algorithm = self.password_algorithm(msg)
         sha256 = msg.integrity_sha256_offset >= 0
         if username is None:
             # RFC 8489 §14.4 username anonymity: static users only (REST usernames carry
             # an expiry and cannot be enumerated, so their hashes cannot be looked up)
-            username = creds.userhashes.get(bytes(hashed or b""))
+            for creds in candidates:
+                username = creds.userhashes.get(bytes(hashed or b""))
+                if username is not None:
+                    break
             if username is None:
                 raise Unauthorized("unknown USERHASH", reason="bad_credentials")
-        internal = False
+        for creds in candidates:  # static users: a name names one tenant
+            if username in creds.user_keys:
+                return self._static(msg, creds, username, algorithm, sha256)
+        if candidates[0] is self._credentials and algorithm == PasswordAlgorithm.MD5:
+            key = self.internal_keys.get(username)
+            if key is not None:
+                if verify_integrity(msg, key):
+                    return Identity(username, username, key, None, sha256, True)
+                raise Unauthorized(f"bad password for user {username!r}", reason="bad_credentials")
+        rest_user = False
+        for creds in candidates:
+            parsed = parse_rest_username(username, creds.rest_order) if creds.secrets else None
+            if parsed is None:
+                continue
+            rest_user = True
+            expiry, user = parsed
+            for index, secret in enumerate(creds.secrets):
+                rest_key = self._rest_key(creds, index, secret, username, algorithm)
+                if verify_integrity(msg, rest_key):
+                    if expiry <= now:
+                        raise Unauthorized(
+                            f"credential {username!r} expired {int(now - expiry)} s ago",
+                            reason="expired_credentials",
+                        )
+                    return Identity(
+                        username,
+                        user or username,
+                        rest_key,
+                        float(expiry),
+                        sha256,
+                        tenant=creds.tenant,
+                    )
+        if self.hook is not None:  # a user we do not know: the authorization hook's
+            return self.hook.identity(msg, username, str(realm), algorithm, sha256, now)
+        if rest_user:
+            raise Unauthorized(
+                f"REST credential {username!r} matches no shared secret", reason="bad_credentials"
+            )
+        raise Unauthorized(f"unknown user {username!r}", reason="bad_credentials")
+
+    @staticmethod
+    def _static(
+        msg: StunMessage, creds: Credentials, username: str, algorithm: int, sha256: bool
+    ) -> Identity:
         if algorithm == PasswordAlgorithm.SHA256:
             key = creds.user_keys_sha256.get(username)
-        else:
-            key = creds.user_keys.get(username)
             if key is None:
-                key = self.internal_keys.get(username)
-                internal = key is not None
-        if key is None and username in creds.user_keys:
-            raise Unauthorized(
-                f"user {username!r} has no SHA-256 key (configured as an MD5 key)",
-                reason="bad_credentials",
-            )
-        if key is not None:
-            if verify_integrity(msg, key):
-                return Identity(username, username, key, None, sha256, internal)
-            raise Unauthorized(f"bad password for user {username!r}", reason="bad_credentials")
-        parsed = parse_rest_username(username, creds.rest_order) if creds.secrets else None
-        if parsed is None:
-            raise Unauthorized(f"unknown user {username!r}", reason="bad_credentials")
-        expiry, user = parsed
-        for index, secret in enumerate(creds.secrets):
-            rest_key = self._rest_key(index, secret, username, algorithm)
-
-            if verify_integrity(msg, rest_key):
-                if expiry <= now:
-                    raise Unauthorized(
-                        f"credential {username!r} expired {int(now - expiry)} s ago",
-                        reason="expired_credentials",
-                    )
-                return Identity(username, user or username, rest_key, float(expiry), sha256)
-        raise Unauthorized(
-            f"REST credential {username!r} matches no shared secret", reason="bad_credentials"
-        )
+                raise Unauthorized(
+                    f"user {username!r} has no SHA-256 key (configured as an MD5 key)",
+                    reason="bad_credentials",
+                )
+        else:
+            key = creds.user_keys[username]
+        if verify_integrity(msg, key):
+            return Identity(username, username, key, None, sha256, tenant=creds.tenant)
+        raise Unauthorized(f"bad password for user {username!r}", reason="bad_credentials")

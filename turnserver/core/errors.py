@@ -30,7 +30,7 @@ class TurnError(Exception):
         return f"{words} ({self.reason})" if self.code in EXPLAINED else words
 
 
-EXPLAINED = frozenset({403, 486, 508})
+EXPLAINED = frozenset({403, 486, 500, 508})
 
 
 class TryAlternate(TurnError):
@@ -112,6 +112,13 @@ class PeerAddressFamilyMismatch(TurnError):
 class AllocationQuotaReached(TurnError):
     code = ErrorCode.ALLOCATION_QUOTA_REACHED
     reason = "quota_user"
+
+
+class ServerError(TurnError):
+    """500: the server could not decide (the authorization hook did not answer)."""
+
+    code = ErrorCode.SERVER_ERROR
+    reason = "server_error"
 
 
 class InsufficientCapacity(TurnError):

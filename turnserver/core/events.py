@@ -11,6 +11,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from turnserver.core.five_tuple import FiveTuple
+from turnserver.core.tenants import DEFAULT_TENANT
 from turnserver.stun.attributes import Address
 
 
@@ -20,6 +21,7 @@ class AllocationCreated:
     username: str
     relayed: tuple[Address, ...]
     lifetime: int
+    tenant: str = DEFAULT_TENANT
 
 
 @dataclass(slots=True)
@@ -29,6 +31,7 @@ class AllocationRefused:
     code: int
     reason: str
     detail: str
+    tenant: str = DEFAULT_TENANT
 
 
 @dataclass(slots=True)
@@ -48,6 +51,7 @@ class AllocationEnded:
     bytes_to_peer: int
     packets_to_client: int
     bytes_to_client: int
+    tenant: str = DEFAULT_TENANT
 
 
 @dataclass(slots=True)
@@ -198,6 +202,16 @@ class FleetLeaseNeeded:
 
 
 @dataclass(slots=True)
+class AuthHookNeeded:
+    """A user the configuration does not know: the authorization hook is asked, and
+    the request waits (core/auth_hook.py; TurnServer.auth_hook_result answers)."""
+
+    username: str
+    realm: str
+    five_tuple: FiveTuple
+
+
+@dataclass(slots=True)
 class FleetLeaseReleased:
     """An allocation that held a fleet lease ended (or its Allocate failed after all)."""
 
@@ -225,6 +239,7 @@ Event = (
     | ConnectionBindForwarded
     | FleetLeaseNeeded
     | FleetLeaseReleased
+    | AuthHookNeeded
 )
 
 

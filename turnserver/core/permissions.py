@@ -11,12 +11,12 @@ from turnserver.core.allocation import (
     Allocation,
     ChannelBinding,
 )
-from turnserver.core.auth import Identity
 from turnserver.core.errors import (
     BadRequest,
     InsufficientCapacity,
 )
 from turnserver.core.five_tuple import FiveTuple
+from turnserver.core.identity import Identity
 from turnserver.core.state import (
     ICMP_PER_SECOND,
     MAX_PEERS_PER_REQUEST,
@@ -149,7 +149,7 @@ class PermissionHandlers:
             for ip in list(alloc.permissions):
                 if probe and ip in self.state.probe_peer_ips:
                     continue
-                _, _, allowed, explicit, canon = self.state._peer_verdict(ip)
+                _, _, allowed, explicit, canon = self.state.policy_verdict(alloc, ip)
                 if not allowed:
                     self._revoke_permission(alloc, ip, "peer_policy")
                     removed += 1
@@ -245,7 +245,7 @@ class PermissionHandlers:
         if peer[0] not in alloc.permissions:
             self.state.stats.dropped_no_permission += 1
             return
-        if self.state.peer_refused(peer) and not (
+        if self.state.peer_refused(alloc, peer) and not (
             alloc.username in self.state.probe_users and peer[0] in self.state.probe_peer_ips
         ):  # the self-probe's echo sockets are on this host, at no relay port
             self.state.stats.dropped_peer_denied += 1

@@ -9,12 +9,14 @@ what happened as events.
 from __future__ import annotations
 
 import heapq
+from typing import NoReturn
 
 from turnserver.core import events as ev
 from turnserver.core.admin import AdminActions
 from turnserver.core.allocate import AllocationHandlers
 from turnserver.core.allocation import PeerConnection, RelayOpener
-from turnserver.core.auth import NO_INTEGRITY, OFFERED_ALGORITHMS, Authenticator, Identity
+from turnserver.core.auth import NO_INTEGRITY, OFFERED_ALGORITHMS, Authenticator
+from turnserver.core.auth_hook import AuthHookPending, HookGrant
 from turnserver.core.config import CoreConfig
 from turnserver.core.errors import (
     BadRequest,
@@ -25,6 +27,7 @@ from turnserver.core.errors import (
     UnknownAttribute,
 )
 from turnserver.core.five_tuple import ClientTransport, FiveTuple
+from turnserver.core.identity import Identity
 from turnserver.core.permissions import PermissionHandlers
 from turnserver.core.policy import PeerPolicy
 from turnserver.core.state import (
@@ -40,6 +43,7 @@ from turnserver.core.state import (
     TimerKind,
 )
 from turnserver.core.tcp_connections import TcpConnectionHandlers
+from turnserver.core.tenants import DEFAULT_TENANT
 from turnserver.stun.attributes import Address
 from turnserver.stun.constants import (
     ERROR_REASONS,
@@ -159,6 +163,33 @@ class TurnServer(CoreState):
                 self.allocating.fleet_release(user)
             leases.refused.discard(key)
 
+    def _await_hook(self, pending: AuthHookPending, msg: StunMessage, ft: FiveTuple) -> NoReturn:
+        """Hold the request for the hook's answer (asked once per user); raises
+        DeferredResponse, or ServerError when too many users wait."""
+        book = self.auth.hook
+        assert book is not None
+        if book.wait(pending.key, ft, msg.raw):
+            self.events.append(ev.AuthHookNeeded(pending.key[0], pending.key[1], ft))
+        raise DeferredResponse
+
+    def auth_hook_result(
+        self, username: str, realm: str, grant: HookGrant | None, refused_until: float, now: float
+    ) -> list[tuple[FiveTuple, bytes]]:
+        """The hook answered for (username, realm): a grant, a refusal until
+        `refused_until` (Unix time), or neither (it failed). The requests that waited
+        run again; their responses are returned, for the I/O layer to send."""
+        book = self.auth.hook
+        if book is None:
+            return []
+        out: list[tuple[FiveTuple, bytes]] = []
+        for ft, message in book.answer(
+            (username, realm), grant, refused_until, now + self.wall_offset
+        ):
+            response = self.handle_message(message, ft, now)
+            if response is not None:
+                out.append((ft, response))
+        return out
+
     def close_five_tuple(self, five_tuple: FiveTuple, now: float) -> None:
         """The client's connection closed: its allocation goes with it (RFC 6062 §2)."""
         self.remote_binds.pop(five_tuple, None)
@@ -234,7 +265,10 @@ class TurnServer(CoreState):
             if handler is None:
                 raise BadRequest(f"unsupported method 0x{method:03x}")
             wall = now + self.wall_offset
-            identity = self.auth.authenticate(msg, ft.client[0], wall)
+            try:
+                identity = self.auth.authenticate(msg, ft.client[0], wall)
+            except AuthHookPending as pending:  # a user only the hook may know: wait
+                self._await_hook(pending, msg, ft)
             if self.revocations:
                 self.admin.check_revoked(identity.user, wall)
             unknown = msg.unknown_required_attributes()
@@ -287,10 +321,10 @@ class TurnServer(CoreState):
         """RFC 8489 §9.2.4: a 401/438 carries REALM, a fresh NONCE and PASSWORD-ALGORITHMS,
         never integrity. All but the nonce are encoded once per realm and code (the 401
         is the first answer of every allocation)."""
-        realm = self.auth.realm
+        realm = self.auth.realm_for(msg)
         fixed = self._challenge_attributes.get((realm, code, expired))
         if fixed is None:
-            if len(self._challenge_attributes) >= 8:  # realms change only on reload
+            if len(self._challenge_attributes) >= 1024:  # realms change only on reload
                 self._challenge_attributes.clear()
             # an expired credential says so (only its holder, whose MAC verified, gets it)
             words = ERROR_REASONS.get(code, "Error") + (" (expired credential)" if expired else "")
@@ -330,7 +364,10 @@ class TurnServer(CoreState):
         if isinstance(err, Unauthorized | StaleNonce) and err.reason != "unauthenticated":
             self.events.append(ev.AuthFailed(ft, username, err.reason, method_name))
         if msg.method == Method.ALLOCATE:
-            self.events.append(ev.AllocationRefused(ft, username, err.code, err.reason, err.detail))
+            tenant = identity.tenant if identity else DEFAULT_TENANT
+            self.events.append(
+                ev.AllocationRefused(ft, username, err.code, err.reason, err.detail, tenant)
+            )
 
     def _error_response(
         self,

@@ -20,7 +20,7 @@ from turnserver.core.allocation import (
     PeerConnection,
     RelayOpener,
 )
-from turnserver.core.auth import Authenticator, Identity
+from turnserver.core.auth import Authenticator
 from turnserver.core.config import CoreConfig, RelayAddress
 from turnserver.core.errors import (
     AllocationMismatch,
@@ -31,11 +31,13 @@ from turnserver.core.errors import (
 )
 from turnserver.core.five_tuple import FiveTuple
 from turnserver.core.fleet_leases import FleetLeases
+from turnserver.core.identity import Identity
 from turnserver.core.own_addresses import OwnAddresses
 from turnserver.core.policy import PeerPolicy, canonical_ip
 from turnserver.core.ports import RelayPortPool, random_bytes
-from turnserver.core.quota import LocalQuotaLedger, QuotaLedger
+from turnserver.core.quota import LocalQuotaLedger, QuotaLedger, tenant_key
 from turnserver.core.ratelimit import TokenBuckets
+from turnserver.core.tenants import TenantRules
 from turnserver.stun.attributes import Address
 from turnserver.stun.constants import (
     AddressFamily,
@@ -114,7 +116,7 @@ class Reservation:
     (RFC 8656 §7.2). It counts against its owner's quotas like an allocation, and lasts
     until it is used, its ~30 s run out, or the allocation that made it ends."""
 
-    __slots__ = ("client_ip", "expires", "family", "owner", "port", "token", "user")
+    __slots__ = ("client_ip", "expires", "family", "owner", "port", "tenant", "token", "user")
 
     def __init__(self, family: int, port: int, expires: float) -> None:
         self.family = family
@@ -124,6 +126,7 @@ class Reservation:
         self.owner: Allocation | None = None  # None: another worker's, met by its token
         self.user = ""
         self.client_ip = ""
+        self.tenant = ""  # quota.tenant_key
 
 
 class RelayStats:
@@ -190,6 +193,14 @@ class CoreState:
         self.peer_policy = peer_policy
         self._verdicts: dict[str, tuple[int, str, bool, bool, str]] = {}
         self._verdicts_for: PeerPolicy | None = None
+        # tenants with rules of their own (core/tenants.py), and the verdicts of their
+        # peer policies (emptied when the tenants change)
+        self.tenants: dict[str, TenantRules] = {}
+        self._tenant_verdicts: dict[str, dict[str, tuple[int, str, bool, bool, str]]] = {}
+        # tenants past their monthly bytes whose action is to refuse (ops/usage/ sets it)
+        self.month_exceeded: frozenset[str] = frozenset()
+        # the usage record spool is full and usage.spool_full says refuse (ops/usage/)
+        self.usage_full = False
         self.allocations: dict[FiveTuple, Allocation] = {}
         self.quotas: QuotaLedger = LocalQuotaLedger()
         self.fleet_leases: FleetLeases | None = None  # fleet.max_allocations_per_user
@@ -286,12 +297,67 @@ class CoreState:
         if not self.relay_opener.has_capacity(sockets):
             raise InsufficientCapacity("file descriptor limit reached", reason="fd_limit")
 
+    def set_tenants(self, tenants: dict[str, TenantRules]) -> None:
+        """The tenants' rules (start, SIGHUP); live allocations keep their tenant."""
+        self.tenants = tenants
+        self._tenant_verdicts = {}
+
+    def new_allocation(
+        self, ft: FiveTuple, ident: Identity, now: float, lifetime: float
+    ) -> Allocation:
+        """An allocation for the identity: its tenant and its bandwidth limit."""
+        alloc = Allocation(ft, ident.username, ident.user, ident.key, now, lifetime, ident.expires)
+        alloc.tenant = ident.tenant
+        alloc.user_rate = ident.bandwidth
+        alloc.rate = self.rate_for(alloc, self.config.bandwidth)
+        alloc.tokens, alloc.stamp = float(alloc.rate), now
+        return alloc
+
+    def rate_for(self, alloc: Allocation, server_rate: int) -> int:
+        """Bytes a second an allocation may relay: its user's (the hook's), its
+        tenant's, else the server's (0: unlimited)."""
+        if alloc.user_rate:
+            return alloc.user_rate
+        rules = self.tenants.get(alloc.tenant)
+        return rules.bandwidth if rules is not None and rules.bandwidth else server_rate
+
+    def reserve_quota(self, ident: Identity, client_ip: str) -> str | None:
+        """Count one more allocation of the identity (server, user, client address and
+        tenant quotas), or say which quota is full."""
+        cfg = self.config
+        if ident.internal:  # the self-probe: only the server's total applies to it
+            return self.quotas.reserve(ident.user, client_ip, cfg.max_allocations, 0, 0)
+        rules = self.tenants.get(ident.tenant)
+        return self.quotas.reserve(
+            ident.user,
+            client_ip,
+            cfg.max_allocations,
+            ident.max_allocations or cfg.max_allocations_per_user,
+            cfg.max_allocations_per_client_ip,
+            tenant_key(ident.tenant),
+            rules.max_allocations if rules is not None else 0,
+        )
+
+    def policy_verdict(self, alloc: Allocation, host: str) -> tuple[int, str, bool, bool, str]:
+        """_peer_verdict under the allocation's tenant's peer policy, if it has one."""
+        rules = self.tenants.get(alloc.tenant) if self.tenants else None
+        if rules is None or rules.peer_policy is None:
+            return self._peer_verdict(host)
+        cache = self._tenant_verdicts.setdefault(alloc.tenant, {})
+        verdict = cache.get(host)
+        if verdict is None:
+            verdict = self._judge(rules.peer_policy, host)
+            if len(cache) >= 10_000:
+                cache.clear()
+            cache[host] = verdict
+        return verdict
+
     def check_peer(
         self, alloc: Allocation, peer: Address, ft: FiveTuple, *, with_port: bool
     ) -> str:
         """Family, policy and own-address checks shared by CreatePermission (any port of
         the peer: with_port False), ChannelBind and Connect; the peer's canonical IP."""
-        version, ip, allowed, explicit, canon = self._peer_verdict(peer[0])
+        version, ip, allowed, explicit, canon = self.policy_verdict(alloc, peer[0])
         if version not in alloc.relays:
             raise PeerAddressFamilyMismatch(f"peer {peer[0]} has no relay of its family")
         if alloc.username in self.probe_users and peer[0] in self.probe_peer_ips:
@@ -307,10 +373,10 @@ class CoreState:
             raise Forbidden(f"peer {peer[0]} {why}", reason="peer_denied")
         return ip
 
-    def peer_refused(self, peer: Address) -> str:
+    def peer_refused(self, alloc: Allocation, peer: Address) -> str:
         """Why a peer transport address may not be relayed to ("" when it may): the
         Send indication's check, where a permission already exists."""
-        _, _, allowed, explicit, canon = self._peer_verdict(peer[0])
+        _, _, allowed, explicit, canon = self.policy_verdict(alloc, peer[0])
         if not allowed:
             return "policy"
         return self.own.refusal(canon, peer[1], explicit, allowed)
@@ -325,18 +391,22 @@ class CoreState:
             self._verdicts_for = policy
         verdict = self._verdicts.get(host)
         if verdict is None:
-            ip = ipaddress.ip_address(host)
-            verdict = (
-                ip.version,
-                str(ip),
-                policy.is_allowed(ip),
-                policy.explicitly_allowed(ip),
-                str(canonical_ip(ip)),
-            )
+            verdict = self._judge(policy, host)
             if len(self._verdicts) >= 10_000:  # bounded whatever peers clients name
                 self._verdicts.clear()
             self._verdicts[host] = verdict
         return verdict
+
+    @staticmethod
+    def _judge(policy: PeerPolicy, host: str) -> tuple[int, str, bool, bool, str]:
+        ip = ipaddress.ip_address(host)
+        return (
+            ip.version,
+            str(ip),
+            policy.is_allowed(ip),
+            policy.explicitly_allowed(ip),
+            str(canonical_ip(ip)),
+        )
 
     def set_host_addresses(self, addresses: frozenset[str]) -> None:
         """Every address of this host now (the I/O layer follows interface changes)."""
@@ -373,7 +443,7 @@ class CoreState:
         self.port_pools[res.family].give_back(res.port)
         if res.owner is not None:
             res.owner.reservation = b""
-            self.quotas.release(res.user, res.client_ip)
+            self.quotas.release(res.user, res.client_ip, res.tenant)
 
     def close_relays(self, alloc: Allocation) -> None:
         for version, relay in alloc.relays.items():

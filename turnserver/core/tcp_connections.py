@@ -11,7 +11,6 @@ from turnserver.core.allocation import (
     Allocation,
     PeerConnection,
 )
-from turnserver.core.auth import Identity
 from turnserver.core.errors import (
     BadRequest,
     ConnectionAlreadyExists,
@@ -21,6 +20,7 @@ from turnserver.core.errors import (
     WrongCredentials,
 )
 from turnserver.core.five_tuple import ClientTransport, FiveTuple
+from turnserver.core.identity import Identity
 from turnserver.core.state import (
     CONNECTION_ID_OWNER_SHIFT,
     CONNECTION_TIMEOUT,

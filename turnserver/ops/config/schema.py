@@ -5,12 +5,14 @@ file, line and key."""
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable
 from typing import Any
 
 import yaml
 
 from turnserver.core.auth import REST_USERNAME_FORMATS
+from turnserver.ops.config.tenants import check_tenants, parse_bytes
 from turnserver.ops.config.values import (
     Check,
     ConfigError,
@@ -34,6 +36,7 @@ from turnserver.ops.config.values import (
     check_users,
     float_between,
     int_between,
+    not_utf8,
     one_of,
 )
 
@@ -52,10 +55,6 @@ def load_yaml_file(path: str, schema: Schema) -> dict[str, Any]:
     return parse_yaml_text(text, os.path.basename(path), schema)
 
 
-def not_utf8(exc: UnicodeDecodeError) -> str:
-    return f"not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start})"
-
-
 def parse_yaml_text(text: str, name: str, schema: Schema) -> dict[str, Any]:
     """Parse YAML text into Settings field values."""
     loader = yaml.SafeLoader(text)
@@ -66,7 +65,8 @@ def parse_yaml_text(text: str, name: str, schema: Schema) -> dict[str, Any]:
             return values
         if not isinstance(root, yaml.MappingNode):
             raise ConfigError(f"{name}:{root.start_mark.line + 1}: the top level must be a mapping")
-        sections = {key.split(".")[0] for key in schema if "." in key}
+        parts = [key.split(".") for key in schema]
+        sections = {".".join(p[:i]) for p in parts for i in range(1, len(p))}
         _walk(loader, root, "", name, values, schema, sections)
         return values
     except yaml.MarkedYAMLError as exc:
@@ -98,6 +98,7 @@ def _walk(
             try:
                 values[attr] = check(raw, key)
             except ConfigError as exc:
+                line = _line_of(value_node, str(exc), key, line)
                 raise ConfigError(f"{name}:{line}: {exc}") from None
         elif key in sections:
             if isinstance(value_node, yaml.ScalarNode) and value_node.tag == NULL_TAG:
@@ -109,6 +110,31 @@ def _walk(
             known = sorted(k for k in schema if k.startswith(prefix))
             hint = f" (known keys: {', '.join(known)})" if prefix else ""
             raise ConfigError(f"{name}:{line}: unknown key {key!r}{hint}")
+
+
+def _line_of(node: yaml.Node, message: str, key: str, line: int) -> int:
+    """The line of the deepest part of a nested key the error names (its message
+    starts with the dotted key, e.g. tenants.acme.quotas.monthly_bytes or
+    auth.users[2].key), so an error inside a section points at its own line."""
+    path = message.split(":", 1)[0].strip()
+    if not path.startswith(key):
+        return line
+    for part in re.findall(r"[^.\[\]]+|\[\d+\]", path[len(key) :]):
+        if isinstance(node, yaml.MappingNode):
+            found = [v for k, v in node.value if str(k.value) == part]
+            if not found:
+                break
+            line = next(k for k, v in node.value if v is found[0]).start_mark.line + 1
+            node = found[0]
+        elif isinstance(node, yaml.SequenceNode) and part.startswith("["):
+            index = int(part[1:-1])
+            if index >= len(node.value):
+                break
+            node = node.value[index]
+            line = node.start_mark.line + 1
+        else:
+            break
+    return line
 
 
 LOG_LEVELS, LOG_FORMATS = ("debug", "info", "warning", "error"), ("text", "json")
@@ -212,6 +238,27 @@ SCHEMA: dict[str, tuple[str, Check]] = {
     "fleet.admin_url": ("fleet_admin_url", check_http_url),
     "fleet.region_header": ("fleet_region_header", check_optional_label),
     "fleet.regions": ("fleet_regions", check_regions),
+    "tenants": ("tenants", check_tenants),
+    "usage.state_dir": ("usage_state_dir", check_optional_str),
+    "usage.interim_interval": ("usage_interim", float_between(1, 86400)),
+    "usage.file": ("usage_file", check_optional_str),
+    "usage.webhook.url": ("usage_webhook_url", check_http_url),
+    "usage.webhook.token_file": ("usage_webhook_token_file", check_optional_str),
+    "usage.webhook.batch": ("usage_webhook_batch", int_between(1, 10_000)),
+    "usage.webhook.timeout": ("usage_webhook_timeout", float_between(0.1, 300)),
+    "usage.spool_max_bytes": ("usage_spool_max_bytes", parse_bytes),
+    "usage.spool_full": ("usage_spool_full", one_of(("drop", "refuse"))),
+    "auth_hook.url": ("auth_hook_url", check_http_url),
+    "auth_hook.token_file": ("auth_hook_token_file", check_optional_str),
+    "auth_hook.timeout": ("auth_hook_timeout", float_between(0.05, 60)),
+    "auth_hook.concurrency": ("auth_hook_concurrency", int_between(1, 1024)),
+    "auth_hook.rate_per_second": ("auth_hook_rate", float_between(0.01, 100_000)),
+    "auth_hook.rate_burst": ("auth_hook_burst", int_between(1, 100_000)),
+    "auth_hook.cache_ttl": ("auth_hook_cache_ttl", float_between(1, 86400)),
+    "auth_hook.negative_ttl": ("auth_hook_negative_ttl", float_between(0, 86400)),
+    "auth_hook.failures_to_open": ("auth_hook_failures", int_between(1, 1000)),
+    "auth_hook.open_seconds": ("auth_hook_open_time", float_between(0.1, 3600)),
+    "auth_hook.fail_open": ("auth_hook_fail_open", check_bool),
     "log.level": ("log_level", one_of(LOG_LEVELS)),
     "log.format": ("log_format", one_of(LOG_FORMATS)),
 }

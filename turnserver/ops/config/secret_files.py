@@ -6,8 +6,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from turnserver.ops.config.schema import not_utf8
-from turnserver.ops.config.values import ConfigError, parse_account
+from turnserver.ops.config.values import ConfigError, not_utf8, parse_account
 
 
 def read_secret_lines(path: str, key: str) -> list[str]:
@@ -59,7 +58,15 @@ def external_secrets(s: Any) -> dict[str, Any]:
             parse_account(x, "api.accounts_file")
             for x in read_secret_lines(s.accounts_file, "api.accounts_file")
         ]
+    webhook_token = s.usage_webhook_token
+    if s.usage_webhook_token_file:
+        webhook_token = _one_line(s.usage_webhook_token_file, "usage.webhook.token_file")
+    hook_token = s.auth_hook_token
+    if s.auth_hook_token_file:
+        hook_token = _one_line(s.auth_hook_token_file, "auth_hook.token_file")
     return dict(
+        usage_webhook_token=webhook_token,
+        auth_hook_token=hook_token,
         secrets=tuple(secrets),
         api_keys=tuple(keys),
         accounts=tuple(accounts),

@@ -17,6 +17,7 @@ from turnserver import SOFTWARE
 from turnserver.io.runtime import ListenAddress
 from turnserver.ops.config.schema import SCHEMA, load_yaml_file, parse_yaml_text
 from turnserver.ops.config.secret_files import external_secrets
+from turnserver.ops.config.tenants import TenantSettings, validate_tenants
 from turnserver.ops.config.values import (
     ConfigError,
     StaticUser,
@@ -134,6 +135,32 @@ class Settings:
     dev: bool = False  # developer mode: impairment of relayed media, /dev/v1/*
     impairments: tuple[str, ...] = ()  # "udp=block", "tls=loss:5,delay:80"
     impair_seed: int = 1
+    # Tenants (ops/config/tenants.py); none: one implicit tenant, "default"
+    tenants: tuple[TenantSettings, ...] = ()
+    # Usage records (ops/usage/): start, interim, stop of every allocation
+    usage_state_dir: str | None = None  # the spool, crash ledgers and monthly counts
+    usage_interim: float = 60.0
+    usage_file: str | None = None  # JSON lines, reopened on SIGHUP
+    usage_webhook_url: str = ""
+    usage_webhook_token_file: str | None = None
+    usage_webhook_token: str | None = field(default=None, repr=False)  # from the file
+    usage_webhook_batch: int = 200
+    usage_webhook_timeout: float = 5.0
+    usage_spool_max_bytes: int = 256 * 2**20
+    usage_spool_full: str = "drop"  # drop new records, or refuse new allocations
+    # The authorization hook (ops/auth/hook.py): asked about users we do not know
+    auth_hook_url: str = ""
+    auth_hook_token_file: str | None = None
+    auth_hook_token: str | None = field(default=None, repr=False)  # from the file
+    auth_hook_timeout: float = 2.0
+    auth_hook_concurrency: int = 16
+    auth_hook_rate: float = 20.0  # questions a second, for the whole server
+    auth_hook_burst: int = 40
+    auth_hook_cache_ttl: float = 300.0
+    auth_hook_negative_ttl: float = 30.0
+    auth_hook_failures: int = 5  # failures in a row that open the circuit
+    auth_hook_open_time: float = 10.0  # how long the circuit stays open
+    auth_hook_fail_open: bool = False  # stale answers while the hook fails
     source: str = field(default="defaults", compare=False)
 
 
@@ -178,11 +205,13 @@ def validate(s: Settings) -> None:
         raise ConfigError(f"relay.min_port: {s.min_port} is above relay.max_port {s.max_port}")
     if s.default_lifetime > s.max_lifetime:
         raise ConfigError("allocations.default_lifetime: above allocations.max_lifetime")
-    if not s.secrets and not s.users:
+    if not s.secrets and not s.users and not s.tenants and not s.auth_hook_url:
         raise ConfigError(
             "auth: no credentials configured; give --secret or --user "
             "(auth.secrets or auth.users in the file)"
         )
+    validate_tenants(s.tenants, s.realm, s.users, s.accounts, s.api_keys)
+    validate_usage(s)
     for fam in (4, 6):
         if len([ip for ip in s.relay_ips if ipaddress.ip_address(ip).version == fam]) > 1:
             raise ConfigError(f"relay.ip: at most one IPv{fam} relay address")
@@ -207,7 +236,7 @@ def validate(s: Settings) -> None:
         raise ConfigError("stun.other_address: RFC 5780 needs fixed ports (not 0)")
     if s.api_default_ttl > s.api_max_ttl:
         raise ConfigError("api.default_ttl: above api.max_ttl")
-    if s.api_listen and not (s.secrets or s.api_keys or s.accounts):
+    if s.api_listen and not (s.secrets or s.api_keys or s.accounts or s.tenants):
         raise ConfigError("api.listen: the API needs auth.secrets to mint with")
     if bool(s.cert_file) != bool(s.key_file):
         raise ConfigError("tls.key: give both a certificate and its key")
@@ -229,6 +258,29 @@ def validate(s: Settings) -> None:
             "relay.ip: no relay address; give --relay-ip (and --external-ip "
             "behind NAT) when listening on a wildcard address"
         )
+
+
+def validate_usage(s: Settings) -> None:
+    """Usage records and monthly quotas keep state on disk: they need usage.state_dir."""
+    needs = [
+        key
+        for key, on in (
+            ("usage.file", bool(s.usage_file)),
+            ("usage.webhook.url", bool(s.usage_webhook_url)),
+            (
+                "tenants.*.quotas.monthly_bytes",
+                any(t.monthly_bytes for t in s.tenants),
+            ),
+        )
+        if on
+    ]
+    if needs and not s.usage_state_dir:
+        raise ConfigError(
+            f"usage.state_dir: {needs[0]} keeps state on disk (the record spool, crash "
+            "ledgers, monthly counts); give a directory the server may write"
+        )
+    if s.usage_webhook_token_file and not s.usage_webhook_url:
+        raise ConfigError("usage.webhook.token_file: no usage.webhook.url to send it to")
 
 
 def _https_certificate(

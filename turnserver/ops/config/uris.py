@@ -53,10 +53,20 @@ def api_config(settings: Settings, listen: list[ListenAddress]) -> ApiConfig:
     accounts: dict[str, tuple[str, ...]] = {}
     for sid, token in settings.accounts:
         accounts[sid] = (*accounts.get(sid, ()), token)
+    account_secrets: dict[str, tuple[str, ...]] = {}
+    key_secrets: dict[str, tuple[str, ...]] = {}
+    for t in settings.tenants:  # a tenant's accounts and keys mint with its secrets
+        for sid, token in t.accounts:
+            accounts[sid] = (*accounts.get(sid, ()), token)
+            account_secrets[sid] = t.secrets
+        for key in t.api_keys:
+            key_secrets[key] = t.secrets
     return ApiConfig(
         secrets=settings.secrets,
         accounts=accounts,
-        api_keys=settings.api_keys,
+        api_keys=(*settings.api_keys, *key_secrets),
+        account_secrets=account_secrets,
+        key_secrets=key_secrets,
         uris=server_uris(settings, listen),
         default_ttl=settings.api_default_ttl,
         max_ttl=settings.api_max_ttl,

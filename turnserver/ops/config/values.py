@@ -21,6 +21,10 @@ class ConfigError(ValueError):
     """A configuration problem, naming the key and where it came from."""
 
 
+def not_utf8(exc: UnicodeDecodeError) -> str:
+    return f"not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start})"
+
+
 @dataclass(frozen=True, slots=True)
 class StaticUser:
     """A static long-term credential: a password or a precomputed MD5 key."""

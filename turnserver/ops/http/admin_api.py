@@ -170,7 +170,13 @@ class AdminApi(FleetAdmin):
         transport = q.get("transport", "")
         if transport not in ("", "udp", "tcp", "tls"):
             return _error(400, "transport must be udp, tcp or tls")
-        filters = Filters(q.get("user", ""), q.get("client", ""), q.get("peer", ""), transport)
+        filters = Filters(
+            q.get("user", ""),
+            q.get("client", ""),
+            q.get("peer", ""),
+            transport,
+            q.get("tenant", ""),
+        )
         if q.get("fleet") in ("1", "true"):
             if self.fleet is None:
                 return _error(400, "fleet=1: this server is not in a fleet (fleet.redis)")

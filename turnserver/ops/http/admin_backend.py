@@ -21,6 +21,7 @@ class Filters:
     client: str = ""
     peer: str = ""
     transport: str = ""
+    tenant: str = ""
 
     def match_allocation(self, alloc: Allocation) -> bool:
         """Does the allocation match? Tested on the object, before its JSON is built:
@@ -28,6 +29,8 @@ class Filters:
         if self.user and alloc.user != self.user:
             return False
         if self.transport and alloc.five_tuple.transport.value != self.transport:
+            return False
+        if self.tenant and alloc.tenant != self.tenant:
             return False
         client = alloc.five_tuple.client
         if self.client and self.client not in (client[0], format_address(client)):

@@ -54,6 +54,7 @@ class WorkersBackend:
                 ("client", filters.client),
                 ("peer", filters.peer),
                 ("transport", filters.transport),
+                ("tenant", filters.tenant),
                 ("limit", str(limit)),
                 ("cursor", cursor),
             )

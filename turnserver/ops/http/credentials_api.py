@@ -79,6 +79,9 @@ class ApiConfig:
     rate_per_second: float = 10.0
     rate_burst: int = 20
     preflight_page: bool = True
+    # a tenant's account SIDs and API keys mint with the tenant's secrets (tenants:)
+    account_secrets: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    key_secrets: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
 
 @dataclass
@@ -254,26 +257,33 @@ class CredentialsApi:
                     400, 20001, f"Ttl must be an integer between 1 and {self.config.max_ttl}"
                 )
             ttl = parsed
-        if not self.config.secrets:
+        secrets = self.config.account_secrets.get(sid, self.config.secrets)
+        if not secrets:
             return twilio_error(503, 20500, "No shared secret configured")
         now = self.clock()
-        cred = mint(self.config.secrets[0], sid, ttl, now)
+        cred = mint(secrets[0], sid, ttl, now)
         return web.json_response(twilio_token(cred, self.uris_for(request), sid, now), status=201)
 
     # ---- TURN REST API draft and RTCConfiguration ---------------------------------------
 
     def api_key_ok(self, request: web.Request) -> bool:
+        return self.api_key_of(request) is not None
+
+    def api_key_of(self, request: web.Request) -> str | None:
+        """The configured API key the request carries, or None."""
         given = request.headers.get("X-API-Key") or request.query.get("key", "")
         auth = request.headers.get("Authorization", "")
         if not given and auth.lower().startswith("bearer "):
             given = auth[7:].strip()
-        ok = False
+        found = None
         for key in self.config.api_keys:
-            ok |= _equal(given, key)
-        return ok and bool(given)
+            if _equal(given, key):  # (every key compared: no early exit)
+                found = key
+        return found if given else None
 
     def _mint_from_query(self, request: web.Request) -> tuple[web.Response | None, Any]:
-        if not self.api_key_ok(request):
+        api_key = self.api_key_of(request)
+        if api_key is None:
             return json_error(401, "missing or wrong API key (X-API-Key header or key=)"), None
         username = request.query.get("username", "")
         problem = username_problem(username)
@@ -287,9 +297,10 @@ class CredentialsApi:
                     400, f"ttl must be an integer between 1 and {self.config.max_ttl}"
                 ), None
             ttl = parsed
-        if not self.config.secrets:
+        secrets = self.config.key_secrets.get(api_key, self.config.secrets)
+        if not secrets:
             return json_error(503, "no shared secret configured"), None
-        return None, mint(self.config.secrets[0], username, ttl, self.clock())
+        return None, mint(secrets[0], username, ttl, self.clock())
 
     async def preflight_page(self, request: web.Request) -> web.Response:
         if not self.config.preflight_page:

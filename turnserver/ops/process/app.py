@@ -18,6 +18,7 @@ from turnserver.io.kernel.flows import OffloadFlows, start_offload
 from turnserver.io.kernel.program import FlowMaps
 from turnserver.io.loop import loop_factory, tune_gc
 from turnserver.io.tls import ReloadableTLS, build_context
+from turnserver.ops.auth.hook import AuthHookAgent, AuthHookCollector, HookOptions
 from turnserver.ops.config.nodes import cross_node_warnings
 from turnserver.ops.config.settings import (
     Settings,
@@ -44,6 +45,9 @@ from turnserver.ops.process.systemd import notify, start_watchdog
 from turnserver.ops.telemetry.eventlog import log, setup_logging
 from turnserver.ops.telemetry.metrics import Metrics
 from turnserver.ops.telemetry.probe import PROBE_USER, SelfProbe
+from turnserver.ops.telemetry.tenant_metrics import TenantMetrics
+from turnserver.ops.usage.metrics import UsageCollector
+from turnserver.ops.usage.recorder import UsageOptions, UsageRecorder
 
 ReloadSettings = Callable[[], Settings]
 
@@ -64,6 +68,10 @@ class Server:
         self.metrics.collector.runtime = self.runtime
         self.runtime.event_sinks.append(self.metrics.on_event)
         self.metrics.internal_users = frozenset({PROBE_USER})
+        if settings.tenants:  # (no tenants: no tenant series, nothing more per event)
+            tenants = TenantMetrics(self.runtime)
+            self.metrics.registry.register(tenants)
+            self.runtime.event_sinks.append(tenants.sink())
         self.dev = impairment_api.attach(settings, self.runtime, self.metrics.registry)
         self.shared_offload: FlowMaps | None = None  # set by a worker before start
         self.probe: SelfProbe | None = None
@@ -95,6 +103,9 @@ class Server:
                 lambda user: quota.release(user, OWN),
             )
         self.worker_index = 0
+        self.worker_count = 1  # set by a worker before start
+        self.usage: UsageRecorder | None = None  # usage records, monthly tenant quotas
+        self.hook: AuthHookAgent | None = None  # auth_hook.url
         # revocations made through the admin API that a worker inherits from its supervisor
         self.initial_revocations: Revocations = {}
         self._api_runner: web.AppRunner | None = None
@@ -113,6 +124,11 @@ class Server:
             settings.http_idle_timeout,
         )
         await self.runtime.start()
+        self._start_usage()
+        if settings.auth_hook_url:
+            self.hook = AuthHookAgent(self.runtime, HookOptions.of(settings, self.worker_count))
+            self.runtime.event_sinks.append(self.hook.sink())
+            self.metrics.registry.register(AuthHookCollector(self.hook))
         try:  # --offload ebpf that cannot work stops the start (auto falls back)
             if self.shared_offload is not None:  # a worker: the supervisor's program
                 self.runtime.offload = OffloadFlows(self.shared_offload, [])
@@ -163,6 +179,24 @@ class Server:
         bound = {spec.port for spec in self.runtime.bound_addresses()}
         bound |= {self.health.port, self.api_port, self.admin_port} - {0}
         self.runtime.core.add_own_ports(bound)  # ephemeral ports, known now
+
+    def _start_usage(self) -> None:
+        options = UsageOptions.of(self.settings)
+        if options is None:
+            return
+        node = self.settings.fleet_node or socket.gethostname()
+        try:
+            self.usage = UsageRecorder(
+                self.runtime, options, self.worker_index, self.worker_count, node
+            )
+        except OSError as exc:
+            self.runtime.stop()
+            raise OSError(
+                exc.errno, f"usage.state_dir: cannot use {options.state_dir}: {exc.strerror}"
+            ) from exc
+        self.runtime.event_sinks.append(self.usage.sink())
+        self.metrics.registry.register(UsageCollector(self.usage))
+        self.usage.start()
 
     async def _join_fleet(self) -> None:
         if not self.settings.fleet_redis or self.admin is None:
@@ -257,6 +291,15 @@ class Server:
     def reload(self, new: Settings) -> None:
         """Apply a new configuration (SIGHUP); listeners and allocations stay."""
         apply_reload(self.runtime, new)
+        if self.hook is not None and new.auth_hook_url:
+            self.hook.reconfigure(HookOptions.of(new, self.worker_count))
+        elif bool(self.hook) != bool(new.auth_hook_url):
+            log.warning("SIGHUP: turning the authorization hook on or off needs a restart")
+        options = UsageOptions.of(new)
+        if self.usage is not None and options is not None:
+            self.usage.reconfigure(options)
+        elif (self.usage is None) != (options is None):
+            log.warning("SIGHUP: turning usage records or monthly quotas on or off needs a restart")
         if self.admin is not None:
             if new.internal_admin_token is None and new.admin_tokens:
                 self.admin.api.tokens = [parse_admin_token(t) for t in new.admin_tokens]
@@ -317,6 +360,10 @@ class Server:
         if self.probe is not None:
             await self.probe.stop()
         self.runtime.stop()
+        if self.usage is not None:  # the runtime's stop made every stop record
+            await self.usage.stop()
+        if self.hook is not None:
+            await self.hook.close()
         await self.health.stop()
         if self._api_runner is not None:
             await self._api_runner.cleanup()

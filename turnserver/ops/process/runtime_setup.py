@@ -12,8 +12,10 @@ import ssl
 from dataclasses import replace
 
 from turnserver.core.auth import Authenticator, Credentials, NonceIssuer
+from turnserver.core.auth_hook import HookBook
 from turnserver.core.config import CoreConfig, RelayAddress
 from turnserver.core.policy import DefaultPeerPolicy, parse_networks
+from turnserver.core.tenants import TenantRules
 from turnserver.io.descriptors import DescriptorBudget
 from turnserver.io.runtime import ServerRuntime
 from turnserver.io.stream_admission import StreamOptions
@@ -86,6 +88,50 @@ def credentials(settings: Settings) -> Credentials:
     )
 
 
+def tenant_credentials(settings: Settings) -> tuple[Credentials, ...]:
+    """Each tenant's credentials under its own realm, then under the server's (the
+    realm every 401 names; core/auth.py Authenticator.configure). A precomputed MD5
+    key holds one realm: the tenant's."""
+    out: list[Credentials] = []
+    for realm_of in (lambda t: t.realm, lambda t: settings.realm):
+        for t in settings.tenants:
+            realm = realm_of(t)
+            out.append(
+                Credentials.build(
+                    realm,
+                    passwords={u.name: u.password for u in t.users if u.password is not None},
+                    keys={u.name: u.key for u in t.users if u.key is not None}
+                    if realm == t.realm
+                    else {},
+                    secrets=t.secrets,
+                    rest_order=settings.rest_username_format,
+                    tenant=t.name,
+                )
+            )
+    return tuple(out)
+
+
+def tenant_rules(settings: Settings) -> dict[str, TenantRules]:
+    """The core's view of each tenant's quotas and peer-policy additions."""
+    rules: dict[str, TenantRules] = {}
+    for t in settings.tenants:
+        policy = None
+        if t.allow_peers or t.deny_peers:
+            policy = DefaultPeerPolicy(
+                allow=(*settings.allow_peers, *t.allow_peers),
+                deny=(*settings.deny_peers, *t.deny_peers),
+                allow_loopback=settings.allow_loopback_peers,
+            )
+        rules[t.name] = TenantRules(
+            t.name,
+            max_allocations=t.max_allocations,
+            bandwidth=t.bandwidth_kbps * 1000 // 8,
+            peer_policy=policy,
+            monthly_refuse=t.monthly_action == "refuse",
+        )
+    return rules
+
+
 def nonce_key(settings: Settings) -> bytes:
     """A configured nonce secret lets several servers accept each other's nonces."""
     if settings.nonce_secret:
@@ -126,8 +172,12 @@ def build_runtime(
 ) -> ServerRuntime:
     """A ServerRuntime wired to logging; listeners not yet bound (raises on a bad cert)."""
     auth = Authenticator(
-        credentials(settings), NonceIssuer(nonce_key(settings), settings.nonce_lifetime)
+        credentials(settings),
+        NonceIssuer(nonce_key(settings), settings.nonce_lifetime),
+        tenant_credentials(settings),
     )
+    if settings.auth_hook_url:
+        auth.hook = HookBook()
     tls = None
     if settings.cert_file and settings.key_file:
         tls = ReloadableTLS(settings.cert_file, settings.key_file)
@@ -144,14 +194,20 @@ def build_runtime(
         inherited=inherited,
     )
 
+    runtime.core.set_tenants(tenant_rules(settings))
     runtime.event_sinks.append(log_event)
     return runtime
 
 
 def apply_reload(runtime: ServerRuntime, new: Settings) -> None:
     """SIGHUP: new credentials, peer policy, limits and certificate; allocations stay."""
-    runtime.core.auth.credentials = credentials(new)
+    runtime.core.auth.configure(credentials(new), tenant_credentials(new))
+    if new.auth_hook_url and runtime.core.auth.hook is None:
+        runtime.core.auth.hook = HookBook()
+    elif not new.auth_hook_url:
+        runtime.core.auth.hook = None
     runtime.core.peer_policy = peer_policy(new)
+    runtime.core.set_tenants(tenant_rules(new))
     runtime.stream_options = stream_options(new)
     fresh = core_config(new)
     old = runtime.core.config

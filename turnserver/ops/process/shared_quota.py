@@ -67,8 +67,8 @@ class SharedQuotaLedger:
         self.lock = lock
         self._secret = secret
 
-    def _digest(self, table: int, key: str) -> bytes:
-        person = b"user" if table == 0 else b"client-ip"
+    def _digest(self, table: int, key: str, person: bytes = b"") -> bytes:
+        person = person or (b"user" if table == 0 else b"client-ip")
         return hashlib.blake2b(
             key.encode("utf-8", "surrogatepass"),
             digest_size=DIGEST,
@@ -116,9 +116,19 @@ class SharedQuotaLedger:
         self.layout.totals.pack_into(self._buf, 0, *totals)
 
     def reserve(
-        self, user: str, client_ip: str, max_total: int, max_per_user: int, max_per_ip: int
+        self,
+        user: str,
+        client_ip: str,
+        max_total: int,
+        max_per_user: int,
+        max_per_ip: int,
+        tenant: str = "",
+        max_per_tenant: int = 0,
     ) -> str | None:
         d_user, d_ip = self._digest(0, user), self._digest(1, client_ip)
+        # a tenant counts in the users' table under its own BLAKE2b person: no user
+        # name can stand for it
+        d_tenant = self._digest(0, tenant, b"tenant") if tenant else b""
         with self.lock:
             if max_total and self._total() >= max_total:
                 return "quota_total"
@@ -130,15 +140,26 @@ class SharedQuotaLedger:
                 return "quota_user"
             if max_per_ip and found_ip and self._count(1, s_ip) >= max_per_ip:
                 return "quota_client_ip"
+            if d_tenant:
+                s_tenant, found_tenant = self._find(0, d_tenant)
+                if s_tenant < 0:
+                    return "quota_total"
+                if max_per_tenant and found_tenant and self._count(0, s_tenant) >= max_per_tenant:
+                    return "quota_tenant"
+                self._add(0, s_tenant, d_tenant, 1)
+                s_user, _ = self._find(0, d_user)  # the tenant's entry may have taken its slot
             self._add(0, s_user, d_user, 1)
             self._add(1, s_ip, d_ip, 1)
             self._add_total(1)
         return None
 
-    def release(self, user: str, client_ip: str) -> None:
+    def release(self, user: str, client_ip: str, tenant: str = "") -> None:
         d_user, d_ip = self._digest(0, user), self._digest(1, client_ip)
+        pairs = [(0, d_user), (1, d_ip)]
+        if tenant:
+            pairs.append((0, self._digest(0, tenant, b"tenant")))
         with self.lock:
-            for table, digest in ((0, d_user), (1, d_ip)):
+            for table, digest in pairs:
                 slot, found = self._find(table, digest)
                 if found:
                     self._add(table, slot, digest, -1)

@@ -98,6 +98,7 @@ def worker_main(
         quiet_loop_errors(loop)
         server = Server(mine, loop, inherited=dict(enumerate(listeners)))
         server.worker_index = index
+        server.worker_count = workers
         server.shared_offload = offload
         server.initial_revocations = revocations
         runtime = server.runtime

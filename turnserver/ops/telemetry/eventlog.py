@@ -204,18 +204,25 @@ _LINES: dict[type, tuple[int, str, dict[str, str]]] = {
     ev.AllocationCreated: (
         logging.INFO,
         "allocation created",
-        {"user": "username", "relayed": "relayed", "lifetime": "lifetime"},
+        {"user": "username", "tenant": "tenant", "relayed": "relayed", "lifetime": "lifetime"},
     ),
     ev.AllocationRefused: (
         logging.WARNING,
         "allocation refused",
-        {"user": "username", "code": "code", "reason": "reason", "detail": "detail"},
+        {
+            "user": "username",
+            "tenant": "tenant",
+            "code": "code",
+            "reason": "reason",
+            "detail": "detail",
+        },
     ),
     ev.AllocationEnded: (
         logging.INFO,
         "allocation ended",
         {
             "user": "username",
+            "tenant": "tenant",
             "relayed": "relayed",
             "cause": "cause",
             "lifetime_s": "duration",
