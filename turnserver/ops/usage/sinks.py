@@ -173,17 +173,19 @@ class Shipper:
                 await asyncio.sleep(self.backoff * random.uniform(0.5, 1.0))
                 continue
             self.wake.clear()
+            # asyncio.timeout, not wait_for: on 3.11 wait_for loses a cancellation that
+            # meets the event being set, and stop() would wait for this task forever
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.wake.wait(), 1.0)
+                async with asyncio.timeout(1.0):
+                    await self.wake.wait()
 
     async def flush(self, deadline: float) -> None:
         """Ship what waits until done or the (monotonic) deadline: shutdown."""
         await self.stop()
         while time.monotonic() < deadline:
             try:
-                shipped = await asyncio.wait_for(
-                    self.ship_once(), max(0.01, deadline - time.monotonic())
-                )
+                async with asyncio.timeout(max(0.01, deadline - time.monotonic())):
+                    shipped = await self.ship_once()
             except (TimeoutError, OSError):
                 return
             if shipped <= 0:
@@ -192,6 +194,7 @@ class Shipper:
     async def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            with contextlib.suppress(asyncio.CancelledError, TimeoutError):
+                async with asyncio.timeout(2.0):  # (never wait on it for ever)
+                    await self._task
             self._task = None

@@ -58,6 +58,8 @@ class Spool:
         self._fd = -1
         self._fd_size = 0
         self.cursors = {name: self._load_cursor(name, segments) for name in sinks}
+        # every sink had everything and the next segment was never made: write there
+        self.current = max(self.current, *(c.segment for c in self.cursors.values()))
 
     # ---- layout --------------------------------------------------------------------
 
