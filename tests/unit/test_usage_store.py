@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from turnserver.core.auth_hook import MAX_PENDING_USERS, MAX_WAITING, HookBook, HookGrant
-from turnserver.core.errors import ServerError, Unauthorized
+from turnserver.core.errors import Unauthorized
 from turnserver.core.five_tuple import ClientTransport, FiveTuple
 from turnserver.ops.usage import spool as spool_module
 from turnserver.ops.usage.ledger import CRASH_CAUSE, CrashLedger
@@ -123,7 +123,7 @@ def test_hook_book_holds_requests_and_remembers_answers() -> None:
     assert key in book.granted and key not in book.failed
     for i in range(MAX_PENDING_USERS):
         book.wait((f"u{i}", "r"), ft, b"x")
-    with pytest.raises(ServerError):
+    with pytest.raises(Unauthorized, match="too many users"):
         book.wait(("one-too-many", "r"), ft, b"x")
     book.answer(("no", "r"), None, 5000.0, 1000.0)
     with pytest.raises(Unauthorized):

@@ -5,15 +5,15 @@ A request from such a user waits (DeferredResponse): the core emits AuthHookNeed
 once per (username, realm) and keeps the request's bytes; when the answer comes,
 TurnServer.auth_hook_result caches it and runs the waiting requests again. Answers are
 cached, a grant until its expiry (at most the cache TTL), a refusal for the negative
-TTL, an unavailable hook for a second (retransmissions get their 500 without asking
-again). Every table is bounded, whatever usernames clients send.
+TTL, an unavailable hook for a second (retransmissions get their 401, "authorization
+hook unavailable", without asking again). Every table is bounded, whatever usernames clients send.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from turnserver.core.errors import ServerError, Unauthorized
+from turnserver.core.errors import Unauthorized
 from turnserver.core.five_tuple import FiveTuple
 from turnserver.core.identity import Identity
 from turnserver.core.tenants import DEFAULT_TENANT
@@ -66,8 +66,8 @@ class HookBook:
         sha256: bool,
         now: float,
     ) -> Identity:
-        """The Identity of a user the hook vouched for (raises Unauthorized, ServerError
-        or AuthHookPending)."""
+        """The Identity of a user the hook vouched for (raises Unauthorized or
+        AuthHookPending)."""
         key = (username, realm)
         grant = self.granted.get(key)
         if grant is not None and grant.until > now:
@@ -92,19 +92,21 @@ class HookBook:
         if self.refused.get(key, 0.0) > now:
             raise Unauthorized(f"unknown user {username!r}", reason="bad_credentials")
         if self.failed.get(key, 0.0) > now:
-            raise ServerError("the authorization hook did not answer", reason="auth_hook_failed")
+            # 401, not 500: a 500 cannot carry integrity for a user we do not know, and a
+            # client drops such an answer (RFC 8489 §9.2.5) and waits out its timers
+            raise Unauthorized("the authorization hook did not answer", reason="auth_hook_failed")
         raise AuthHookPending(key)
 
     def wait(self, key: HookKey, ft: FiveTuple, message: bytes) -> bool:
         """Hold a request until the answer; True when the hook must be asked (the
-        first for this user). Raises ServerError when too many users wait."""
+        first for this user). Raises Unauthorized when too many users wait."""
         waiting = self.pending.get(key)
         if waiting is not None:
             if len(waiting) < MAX_WAITING and (ft, message) not in waiting:
                 waiting.append((ft, message))
             return False
         if len(self.pending) >= MAX_PENDING_USERS:
-            raise ServerError(
+            raise Unauthorized(
                 "too many users wait for the authorization hook", reason="auth_hook_busy"
             )
         self.pending[key] = [(ft, message)]

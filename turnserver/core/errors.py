@@ -30,7 +30,7 @@ class TurnError(Exception):
         return f"{words} ({self.reason})" if self.code in EXPLAINED else words
 
 
-EXPLAINED = frozenset({403, 486, 500, 508})
+EXPLAINED = frozenset({403, 486, 508})
 
 
 class TryAlternate(TurnError):
@@ -114,13 +114,6 @@ class AllocationQuotaReached(TurnError):
     reason = "quota_user"
 
 
-class ServerError(TurnError):
-    """500: the server could not decide (the authorization hook did not answer)."""
-
-    code = ErrorCode.SERVER_ERROR
-    reason = "server_error"
-
-
 class InsufficientCapacity(TurnError):
     code = ErrorCode.INSUFFICIENT_CAPACITY
     reason = "no_relay_port"
@@ -134,3 +127,13 @@ class ConnectionAlreadyExists(TurnError):
 class ConnectionTimeoutOrFailure(TurnError):
     code = ErrorCode.CONNECTION_TIMEOUT_OR_FAILURE
     reason = "connection_failed"
+
+
+# 401s that say why (the reason phrase): the client's credential expired, or the
+# authorization hook could not vouch for the user (RFC 8489 §9.2.5: a client takes a
+# 401 without integrity; a 500 we cannot sign for an unknown user it would drop)
+CHALLENGE_NOTES = {
+    "expired_credentials": "expired credential",
+    "auth_hook_failed": "authorization hook unavailable",
+    "auth_hook_busy": "authorization hook busy",
+}

@@ -19,6 +19,7 @@ from turnserver.core.auth import NO_INTEGRITY, OFFERED_ALGORITHMS, Authenticator
 from turnserver.core.auth_hook import AuthHookPending, HookGrant
 from turnserver.core.config import CoreConfig
 from turnserver.core.errors import (
+    CHALLENGE_NOTES,
     BadRequest,
     StaleNonce,
     TryAlternate,
@@ -165,7 +166,7 @@ class TurnServer(CoreState):
 
     def _await_hook(self, pending: AuthHookPending, msg: StunMessage, ft: FiveTuple) -> NoReturn:
         """Hold the request for the hook's answer (asked once per user); raises
-        DeferredResponse, or ServerError when too many users wait."""
+        DeferredResponse, or Unauthorized when too many users wait."""
         book = self.auth.hook
         assert book is not None
         if book.wait(pending.key, ft, msg.raw):
@@ -316,19 +317,20 @@ class TurnServer(CoreState):
         return True
 
     def _challenge_answer(
-        self, msg: StunMessage, ft: FiveTuple, code: int, now: float, expired: bool = False
+        self, msg: StunMessage, ft: FiveTuple, code: int, now: float, note: str = ""
     ) -> bytes:
         """RFC 8489 §9.2.4: a 401/438 carries REALM, a fresh NONCE and PASSWORD-ALGORITHMS,
         never integrity. All but the nonce are encoded once per realm and code (the 401
         is the first answer of every allocation)."""
         realm = self.auth.realm_for(msg)
-        fixed = self._challenge_attributes.get((realm, code, expired))
+        fixed = self._challenge_attributes.get((realm, code, note))
         if fixed is None:
             if len(self._challenge_attributes) >= 1024:  # realms change only on reload
                 self._challenge_attributes.clear()
-            # an expired credential says so (only its holder, whose MAC verified, gets it)
-            words = ERROR_REASONS.get(code, "Error") + (" (expired credential)" if expired else "")
-            fixed = self._challenge_attributes[(realm, code, expired)] = encode_attributes(
+            # an expired credential says so (only its holder, whose MAC verified, gets
+            # it), as does an authorization hook that did not answer
+            words = ERROR_REASONS.get(code, "Error") + (f" ({note})" if note else "")
+            fixed = self._challenge_attributes[(realm, code, note)] = encode_attributes(
                 [
                     (Attr.ERROR_CODE, (code, words)),
                     (Attr.REALM, realm),
@@ -378,8 +380,9 @@ class TurnServer(CoreState):
         now: float,
     ) -> bytes:
         if isinstance(err, Unauthorized | StaleNonce):
-            expired = err.reason == "expired_credentials"
-            return self._challenge_answer(msg, ft, err.code, now, expired)
+            return self._challenge_answer(
+                msg, ft, err.code, now, CHALLENGE_NOTES.get(err.reason, "")
+            )
         attrs: Attributes = [(Attr.ERROR_CODE, (err.code, err.phrase))]
         if isinstance(err, UnknownAttribute):
             attrs.append((Attr.UNKNOWN_ATTRIBUTES, err.attributes))

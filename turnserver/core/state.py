@@ -245,7 +245,7 @@ class CoreState:
         # REST credential expiry, nonce cookies, revocations (Unix times)
         self.wall_offset = 0.0
         # 401/438 attributes but the nonce, by (realm, code) (server._challenge_answer)
-        self._challenge_attributes: dict[tuple[str, int, bool], bytes] = {}
+        self._challenge_attributes: dict[tuple[str, int, str], bytes] = {}
 
     def wall(self, now: float) -> float:
         """The wall-clock (Unix) time at monotonic time `now`."""

@@ -7,7 +7,9 @@ answer `{"allow": true, "password": "..."}` (or `"key"`: the MD5 long-term key i
 with optional `"ttl"` (seconds) or `"expires"` (Unix time), `"tenant"` and
 `"quotas": {"max_allocations", "bandwidth_kbps"}`; `{"allow": false}`, 401, 403 or 404
 refuse. Anything else, or no answer within the timeout, is a failure: the request gets
-500 (fail closed), or with auth_hook.fail_open the user's last good answer.
+401 "authorization hook unavailable" (fail closed: a 500 could not carry integrity for a
+user we cannot verify, and clients drop it), or with auth_hook.fail_open the user's last
+good answer.
 
 In front of it: a token bucket for the whole server (each worker has its share) and
 one per client address, so a flood of unknown usernames cannot become a flood against
@@ -188,7 +190,7 @@ class AuthHookAgent:
             if not self._open_until or self._open_until <= time.monotonic():
                 log.warning(
                     "authorization hook failed %d times in a row (last: %s): circuit open "
-                    "for %g s, users it would vouch for get 500%s",
+                    "for %g s, users it would vouch for get 401%s",
                     self._failures,
                     outcome,
                     self.options.open_time,
