@@ -39,8 +39,9 @@ ACME, BETA, TOP = "acme-secret-1", "beta-secret-1", "top-secret-1"
 ADMIN = "ops:admin-token-0123456789"
 
 
-def _config(tmp: Path, *, extra: str = "", monthly: str = "0", webhook: str = "") -> Path:
+def _config(tmp: Path, *, monthly: str = "0", webhook: str = "") -> Path:
     lo, hi = free_port_range(300)
+    hook = f"  webhook:\n    url: {webhook}\n    timeout: 2\n    retry_max: 2\n" if webhook else ""
     state = tmp / "state"
     text = f"""
 realm: example.org
@@ -73,8 +74,7 @@ usage:
   state_dir: {state}
   file: {tmp / "usage.jsonl"}
   interim_interval: 1
-{f"  webhook:{chr(10)}    url: {webhook}{chr(10)}    timeout: 2" if webhook else ""}
-{extra}
+{hook}
 """
     path = tmp / "turnserver.yaml"
     path.write_text(text)
@@ -393,3 +393,112 @@ async def test_kill_9_gives_stop_records_from_the_last_interim(
                 stops_per_allocation.get(r["allocation_id"], 0) + 1
             )
     assert set(stops_per_allocation.values()) == {1}  # one stop each, crash or not
+
+
+@pytest.mark.parametrize("workers", WORKER_COUNTS)
+async def test_sighup_adds_changes_and_removes_tenants(tmp_path: Path, workers: int | None) -> None:
+    """Other tenants' allocations stay and relay; a removed tenant's secret allocates
+    no more (its live allocation goes on until a Refresh needs its credentials); an
+    added tenant's works; a lowered quota counts the allocations that live."""
+    config = _config(tmp_path)
+    metrics = free_port()
+    loop = asyncio.get_running_loop()
+    echo, _ = await loop.create_datagram_endpoint(Echo, local_addr=("127.0.0.1", 0))
+    peer = echo.get_extra_info("sockname")
+    with _server(tmp_path, config, workers, metrics) as server:
+        live = {}
+        for name, secret in (("top", TOP), ("acme", ACME), ("beta", BETA)):
+            cred = mint(secret, f"{name}-live", 600, time.time())
+            live[name] = await _allocate(server.port, cred.username, cred.password)
+            await _relay(*live[name], peer, 5)
+        text = config.read_text()
+        beta_block = text[text.index("  beta:") : text.index("usage:")]
+        gamma = "  gamma:\n    realm: gamma.example\n    secrets: [gamma-secret-1]\n"
+        text = text.replace(beta_block, gamma).replace("max_allocations: 3", "max_allocations: 1")
+        config.write_text(text)
+        before = server.log().count("reloaded")
+        server.proc.send_signal(signal.SIGHUP)
+        await eventually(
+            lambda: server.log().count("reloaded") >= before + (workers or 2),
+            timeout=10,
+            what="every process reloaded",
+        )
+
+        async def outcome(secret: str, user: str) -> str:
+            cred = mint(secret, user, 600, time.time())
+            try:
+                transport, _ = await _allocate(server.port, cred.username, cred.password)
+            except Exception as exc:
+                return "486" if "486" in str(exc) else "401" if "401" in str(exc) else str(exc)
+            transport.close()
+            return "ok"
+
+        for attempt in range(4):  # on every worker (a new client socket each time)
+            assert await outcome("gamma-secret-1", f"g{attempt}") == "ok"
+            assert await outcome(BETA, f"b{attempt}") == "401"
+            assert await outcome(ACME, f"a{attempt}") == "486"  # 1 allowed, 1 lives
+        for transport, proto in live.values():  # nobody's allocation was dropped
+            await _relay(transport, proto, peer, 5)
+        for transport, _ in live.values():
+            transport.close()
+    echo.close()
+    stops = [r for r in _records(tmp_path) if r["kind"] == "stop" and r["user"].endswith("-live")]
+    assert sorted(r["tenant"] for r in stops) == ["acme", "beta", "default"]
+    assert all(
+        r["bytes_to_peer"] == 5000 and r["cause"] in ("deleted", "shutdown") for r in stops
+    ), [(r["bytes_to_peer"], r["cause"]) for r in stops]
+
+
+@pytest.mark.parametrize("workers", WORKER_COUNTS)
+@pytest.mark.parametrize("policy", ["refuse", "drop"])
+async def test_a_full_spool_refuses_allocations_or_drops_records(
+    tmp_path: Path, workers: int | None, policy: str
+) -> None:
+    """usage.spool_full (per process): refuse: new allocations get 508 while the spool
+    is full, and are taken again once the sink has caught up; drop: allocations go on,
+    the records that did not fit are counted and lost."""
+    receiver = RecordReceiver()
+    config = _config(tmp_path, webhook=receiver.url)
+    text = config.read_text()
+    config.write_text(
+        text.replace(
+            "  interim_interval: 1\n",  # (no interims: starts alone fill the spool)
+            f"  interim_interval: 600\n  spool_max_bytes: 3000\n  spool_full: {policy}\n",
+        )
+    )
+    metrics = free_port()
+    held = []
+    with _server(tmp_path, config, workers, metrics) as server:
+        outcomes = []
+        for i in range(30):  # start records (~500 bytes) fill each process's 3,000
+            cred = mint(TOP, f"s{i}", 600, time.time())
+            try:
+                held.append(await _allocate(server.port, cred.username, cred.password))
+                outcomes.append("ok")
+            except Exception as exc:
+                outcomes.append("508" if "508" in str(exc) else str(exc))
+        text = await _metrics(metrics)
+        if policy == "refuse":
+            assert "508" in outcomes and set(outcomes) <= {"ok", "508"}, outcomes
+            assert _value(text, 'turn_usage_records_dropped_total{reason="spool_full"}') == 0
+            await receiver.up()
+
+            async def accepted() -> bool:
+                cred = mint(TOP, "after", 600, time.time())
+                try:
+                    held.append(await _allocate(server.port, cred.username, cred.password))
+                except Exception:
+                    return False
+                return True
+
+            await eventually(accepted, timeout=20, interval=0.5, what="allocations again")
+        else:
+            assert outcomes == ["ok"] * 30
+            assert _value(text, 'turn_usage_records_dropped_total{reason="spool_full"}') > 0
+            assert _value(text, "turn_usage_spool_bytes") >= 3000
+        for transport, _ in held:
+            transport.close()
+    await receiver.down()
+    assert f"new allocations are refused (usage.spool_full: {policy})" in server.log() or (
+        policy == "drop" and "new records are dropped and counted" in server.log()
+    )

@@ -246,6 +246,7 @@ SCHEMA: dict[str, tuple[str, Check]] = {
     "usage.webhook.token_file": ("usage_webhook_token_file", check_optional_str),
     "usage.webhook.batch": ("usage_webhook_batch", int_between(1, 10_000)),
     "usage.webhook.timeout": ("usage_webhook_timeout", float_between(0.1, 300)),
+    "usage.webhook.retry_max": ("usage_webhook_retry_max", float_between(0.5, 3600)),
     "usage.spool_max_bytes": ("usage_spool_max_bytes", parse_bytes),
     "usage.spool_full": ("usage_spool_full", one_of(("drop", "refuse"))),
     "auth_hook.url": ("auth_hook_url", check_http_url),

@@ -146,6 +146,7 @@ class Settings:
     usage_webhook_token: str | None = field(default=None, repr=False)  # from the file
     usage_webhook_batch: int = 200
     usage_webhook_timeout: float = 5.0
+    usage_webhook_retry_max: float = 30.0  # the longest wait between retries (backoff)
     usage_spool_max_bytes: int = 256 * 2**20
     usage_spool_full: str = "drop"  # drop new records, or refuse new allocations
     # The authorization hook (ops/auth/hook.py): asked about users we do not know

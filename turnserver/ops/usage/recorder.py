@@ -55,6 +55,7 @@ class UsageOptions:
     webhook_token: str | None
     webhook_batch: int
     webhook_timeout: float
+    retry_max: float
     spool_max_bytes: int
     spool_full: str
     monthly: dict[str, tuple[int, bool]]  # tenant -> (bytes a month, refuse at it)
@@ -73,6 +74,7 @@ class UsageOptions:
             webhook_token=s.usage_webhook_token,
             webhook_batch=s.usage_webhook_batch,
             webhook_timeout=s.usage_webhook_timeout,
+            retry_max=s.usage_webhook_retry_max,
             spool_max_bytes=s.usage_spool_max_bytes,
             spool_full=s.usage_spool_full,
             monthly=monthly,
@@ -132,7 +134,8 @@ class UsageRecorder:
         if options.records:
             self.spool = Spool(os.path.join(self.directory, "spool"), self._sink_names(options))
             self.shippers = [
-                Shipper(self.spool, sink, options.webhook_batch) for sink in self._sinks(options)
+                Shipper(self.spool, sink, options.webhook_batch, options.retry_max)
+                for sink in self._sinks(options)
             ]
 
     @staticmethod
@@ -209,6 +212,8 @@ class UsageRecorder:
                 sink.timeout = options.webhook_timeout
         if self._sink_names(options) != self._sink_names(self.options):
             log.warning("usage: adding or removing a record sink takes effect at the next start")
+        for shipper in (*self.shippers, *self.adopted):
+            shipper.retry_max = options.retry_max
         self.options = options
         self._apply_month(self.month.totals)
 
@@ -456,6 +461,6 @@ class UsageRecorder:
                 if os.path.isdir(os.path.join(directory, "spool")):
                     spool = Spool(os.path.join(directory, "spool"), self.spool.sinks)
                     self.adopted += [
-                        Shipper(spool, sink, self.options.webhook_batch)
+                        Shipper(spool, sink, self.options.webhook_batch, self.options.retry_max)
                         for sink in self._sinks(self.options)
                     ]

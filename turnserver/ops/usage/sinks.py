@@ -116,8 +116,11 @@ class Shipper:
     """Feeds one sink from the spool: batches in order, retried with exponential
     backoff and jitter, the cursor moved only after the sink took a batch."""
 
-    def __init__(self, spool: Spool, sink: Sink, batch: int) -> None:
+    def __init__(
+        self, spool: Spool, sink: Sink, batch: int, retry_max: float = BACKOFF_MAX
+    ) -> None:
         self.spool = spool
+        self.retry_max = retry_max
         self.sink = sink
         self.batch = batch
         self.wake = asyncio.Event()  # set when records are appended
@@ -169,7 +172,7 @@ class Shipper:
                 self.backoff = 0.0
                 continue
             if shipped < 0:
-                self.backoff = min(BACKOFF_MAX, max(BACKOFF_FIRST, self.backoff * 2))
+                self.backoff = min(self.retry_max, max(BACKOFF_FIRST, self.backoff * 2))
                 await asyncio.sleep(self.backoff * random.uniform(0.5, 1.0))
                 continue
             self.wake.clear()
