@@ -63,8 +63,8 @@ mint: $(STAMP)
 		--user $(MINT_USER) --ttl $(TTL) --format $(FORMAT)
 
 lint: $(STAMP)
-	$(BIN)/ruff check turnserver tests benchmarks
-	$(BIN)/ruff format --check turnserver tests benchmarks
+	$(BIN)/ruff check turnserver tests benchmarks docs/examples
+	$(BIN)/ruff format --check turnserver tests benchmarks docs/examples
 
 typecheck: $(STAMP)
 	$(BIN)/mypy --strict turnserver
@@ -109,8 +109,8 @@ soak: $(STAMP)
 	$(BIN)/python benchmarks/soak.py --duration $(SOAK_SECONDS)
 
 fmt: $(STAMP)
-	$(BIN)/ruff check --fix turnserver tests benchmarks
-	$(BIN)/ruff format turnserver tests benchmarks
+	$(BIN)/ruff check --fix turnserver tests benchmarks docs/examples
+	$(BIN)/ruff format turnserver tests benchmarks docs/examples
 
 
 clean:

@@ -55,20 +55,25 @@ def _shown(value: Any) -> str:
 
 
 def _documented() -> dict[str, tuple[str, str | None]]:
-    """key -> (default, flag) as the reference config documents them."""
+    """key -> (default, flag) as the reference config documents them: a line that names
+    a key and no default opens a section (nested sections too, e.g. usage.webhook); its
+    keys are the lines whose name stands further right."""
     out: dict[str, tuple[str, str | None]] = {}
-    section = ""
+    sections: list[tuple[int, str]] = []  # (column of the name, name)
     for line in REFERENCE.read_text().splitlines():
-        head = re.match(r"^([a-z_]+):\s*(#.*)?$", line)
-        if head and "[default:" not in line:
-            section = head.group(1)
+        named = re.match(r"^(\s*(?:#\s*)?)([a-z_]+):", line)
+        if not named:
             continue
+        column = len(named.group(1))
+        while sections and sections[-1][0] >= column:
+            sections.pop()
         m = KEY.match(line)
-        if not m:
+        if m is None:
+            if re.match(r"^\s*(?:#\s*)?[a-z_]+:\s*(#.*)?$", line):
+                sections.append((column, named.group(2)))
             continue
-        indent, name, default, flag = m.groups()
-        key = f"{section}.{name}" if indent else name
-        out[key] = (default, flag)
+        _, name, default, flag = m.groups()
+        out[".".join([*(n for _, n in sections), name])] = (default, flag)
     return out
 
 
