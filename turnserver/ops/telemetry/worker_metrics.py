@@ -86,7 +86,6 @@ MERGE_RULES: dict[str, Merge] = {
     "turn_usage_sink_sent": Merge.SUM,
     "turn_usage_sink_failures": Merge.SUM,
     "turn_auth_hook_requests": Merge.SUM,
-    "turn_auth_hook_duration_seconds": Merge.SUM,
     # state
     "turn_allocations_active": Merge.SUM,
     "turn_permissions_active": Merge.SUM,
