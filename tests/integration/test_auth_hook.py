@@ -42,7 +42,7 @@ USERS = {
 
 @contextmanager
 def _server(
-    tmp: Path, hook: HookServer, workers: int | None
+    tmp: Path, hook: HookServer, workers: int | None, extra: str = ""
 ) -> Iterator[tuple[ServerProcess, int]]:
     lo, hi = free_port_range(200)
     (tmp / "hook-token").write_text(HOOK_TOKEN + "\n")
@@ -67,7 +67,7 @@ auth_hook:
   failures_to_open: 3
   open_seconds: 2
   negative_ttl: 30
-"""
+{extra}"""
     )
     metrics = free_port()
     with turnserver_process(
@@ -295,5 +295,44 @@ async def test_a_flood_of_unknown_users_reaches_the_hook_at_the_configured_rate(
             assert 10 <= len(asked) <= allowed + 2, (len(asked), allowed)
             limited = 'turn_auth_hook_requests_total{outcome="rate_limited"}'
             assert await _metric(metrics, limited) >= sent - allowed - 50
+    finally:
+        await hook.down()
+
+
+@pytest.mark.parametrize("workers", WORKER_COUNTS)
+async def test_fail_open_keeps_last_good_answers(tmp_path: Path, workers: int | None) -> None:
+    """auth_hook.fail_open: while the hook fails, a user it allowed before allocates on
+    its last good answer (from one client port: the same worker each time); a user it
+    never allowed still gets 401."""
+    from turnserver.client.turnclient import TurnClient, TurnClientError
+
+    hook = HookServer(USERS)
+    await hook.up()
+    extra = "  fail_open: true\n  cache_ttl: 1\n"
+    try:
+        with _server(tmp_path, hook, workers, extra) as (server, metrics):
+            local = ("127.0.0.1", free_port())
+
+            async def allocate(user: str, password: str) -> None:
+                client = await TurnClient.connect(
+                    "udp", ("127.0.0.1", server.port), user, password, local=local
+                )
+                try:
+                    await client.allocate()
+                    await client.refresh(0)
+                finally:
+                    client.close()
+
+            await allocate("hookuser", "hook-pw-7c1e")
+            await asyncio.sleep(1.5)  # the cached answer is gone; the last good one stays
+            hook.mode = "fail"
+            asked = len(hook.asked)
+            await allocate("hookuser", "hook-pw-7c1e")
+            assert len(hook.asked) == asked + 1  # it was asked, failed, and the user got in
+            assert await _metric(metrics, 'turn_auth_hook_requests_total{outcome="stale"}') == 1
+            with pytest.raises(TurnClientError) as refused:
+                await allocate("back1", "back-pw-1")
+            assert refused.value.code == 401
+            assert "authorization hook unavailable" in refused.value.reason
     finally:
         await hook.down()

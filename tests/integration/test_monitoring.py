@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import atexit
 import json
 import re
+import shutil
 import subprocess
 import tempfile
 import time
@@ -17,6 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.support.procs import free_port
 from tests.support.server import SECRET, RunningServer, free_port_range, require_tool
 from turnserver.client.turnclient import TurnClient, TurnClientError
+from turnserver.ops.config.tenants import TenantSettings
 from turnserver.ops.http.credentials import mint
 from turnserver.stun import Attr, Method
 
@@ -197,10 +200,19 @@ def test_promtool_checks_and_tests_the_rules() -> None:
         assert "SUCCESS" in done.stdout
 
 
+_USAGE_DIR = tempfile.mkdtemp(prefix="turnserver-usage-")  # removed at exit
+atexit.register(shutil.rmtree, _USAGE_DIR, True)
+
+
 @pytest.mark.server_settings(
     probe_interval=3600,
     admin_listen=("127.0.0.1", 0),
     admin_tokens=("ops:monitoring-admin-token",),
+    # the tenant, usage record and hook panels: their series exist when configured
+    tenants=(TenantSettings("acme", "acme.example", secrets=("a",), monthly_bytes=10**12),),
+    usage_state_dir=_USAGE_DIR,
+    usage_file=f"{_USAGE_DIR}/usage.jsonl",
+    auth_hook_url="http://127.0.0.1:9/",
 )
 async def test_dashboard_and_rules_use_only_exported_metrics(
     server: RunningServer, echo_peer: tuple[tuple[str, int], object]

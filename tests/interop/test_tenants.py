@@ -11,6 +11,7 @@ a webhook receiver the test starts, the default worker count and one worker:
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import os
 import signal
@@ -37,10 +38,13 @@ pytestmark = pytest.mark.one_loop  # the server is a subprocess: one client loop
 
 ACME, BETA, TOP = "acme-secret-1", "beta-secret-1", "top-secret-1"
 ADMIN = "ops:admin-token-0123456789"
+ACME_SID, ACME_TOKEN = "ACacme0000000000000000000000000001", "acme-auth-token-01234"
+ACME_KEY = "acme-api-key-0123456789"
 
 
-def _config(tmp: Path, *, monthly: str = "0", webhook: str = "") -> Path:
+def _config(tmp: Path, *, monthly: str = "0", webhook: str = "", api: int = 0) -> Path:
     lo, hi = free_port_range(300)
+    api_block = f"api:\n  listen: 127.0.0.1:{api}\n" if api else ""
     hook = f"  webhook:\n    url: {webhook}\n    timeout: 2\n    retry_max: 2\n" if webhook else ""
     state = tmp / "state"
     text = f"""
@@ -59,6 +63,8 @@ tenants:
   acme:
     realm: acme.example
     secrets: [{ACME}]
+    accounts: ["{ACME_SID}:{ACME_TOKEN}"]
+    api_keys: ["{ACME_KEY}"]
     quotas:
       max_allocations: 3
   beta:
@@ -75,10 +81,14 @@ usage:
   file: {tmp / "usage.jsonl"}
   interim_interval: 1
 {hook}
-"""
+{api_block}"""
     path = tmp / "turnserver.yaml"
     path.write_text(text)
     return path
+
+
+def _basic(user: str, password: str) -> str:
+    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
 
 
 def _records(tmp: Path) -> list[dict[str, Any]]:
@@ -416,6 +426,8 @@ async def test_sighup_adds_changes_and_removes_tenants(tmp_path: Path, workers: 
         gamma = "  gamma:\n    realm: gamma.example\n    secrets: [gamma-secret-1]\n"
         text = text.replace(beta_block, gamma).replace("max_allocations: 3", "max_allocations: 1")
         config.write_text(text)
+        rotated = tmp_path / "usage.jsonl.1"
+        (tmp_path / "usage.jsonl").rename(rotated)  # logrotate moves it, then SIGHUP
         before = server.log().count("reloaded")
         server.proc.send_signal(signal.SIGHUP)
         await eventually(
@@ -442,7 +454,14 @@ async def test_sighup_adds_changes_and_removes_tenants(tmp_path: Path, workers: 
         for transport, _ in live.values():
             transport.close()
     echo.close()
-    stops = [r for r in _records(tmp_path) if r["kind"] == "stop" and r["user"].endswith("-live")]
+    old = [json.loads(line) for line in rotated.read_text().splitlines()]
+    new = _records(tmp_path)  # the file the SIGHUP reopened
+    assert "start" in {r["kind"] for r in old} <= {"start", "interim"} and new
+    records = old + new
+    assert len({r["id"] for r in records}) == len(records)
+    starts = {r["allocation_id"] for r in records if r["kind"] == "start"}
+    assert starts == {r["allocation_id"] for r in records if r["kind"] == "stop"}
+    stops = [r for r in records if r["kind"] == "stop" and r["user"].endswith("-live")]
     assert sorted(r["tenant"] for r in stops) == ["acme", "beta", "default"]
     assert all(
         r["bytes_to_peer"] == 5000 and r["cause"] in ("deleted", "shutdown") for r in stops
@@ -502,3 +521,44 @@ async def test_a_full_spool_refuses_allocations_or_drops_records(
     assert f"new allocations are refused (usage.spool_full: {policy})" in server.log() or (
         policy == "drop" and "new records are dropped and counted" in server.log()
     )
+
+
+@pytest.mark.parametrize("workers", WORKER_COUNTS)
+async def test_a_tenants_accounts_and_keys_mint_its_credentials(
+    tmp_path: Path, workers: int | None
+) -> None:
+    """The Tokens API (Twilio's shape) for a tenant's account, and the REST API for a
+    tenant's key, mint with the tenant's secret: the allocations are the tenant's."""
+    api = free_port()
+    config = _config(tmp_path, api=api)
+    metrics = free_port()
+    with _server(tmp_path, config, workers, metrics) as server:
+        base = f"http://127.0.0.1:{api}"
+        async with aiohttp.ClientSession() as session:
+            async with session.post(
+                f"{base}/2010-04-01/Accounts/{ACME_SID}/Tokens.json",
+                headers={"Authorization": _basic(ACME_SID, ACME_TOKEN)},
+            ) as resp:
+                assert resp.status == 201
+                token = await resp.json()
+            async with session.get(
+                f"{base}/api/v1/turn-credentials",
+                params={"username": "keyed"},
+                headers={"X-API-Key": ACME_KEY},
+            ) as resp:
+                assert resp.status == 200
+                keyed = await resp.json()
+            async with session.post(
+                f"{base}/2010-04-01/Accounts/{ACME_SID}/Tokens.json",
+                headers={"Authorization": _basic(ACME_SID, "wrong")},
+            ) as resp:
+                assert resp.status == 401
+        for username, password in (
+            (token["username"], token["password"]),
+            (keyed["username"], keyed["password"]),
+        ):
+            transport, _ = await _allocate(server.port, username, password)
+            transport.close()
+        text = await _metrics(metrics)
+        assert _value(text, 'turn_tenant_allocations_total{tenant="acme"}') == 2
+        assert _value(text, 'turn_tenant_allocations_total{tenant="default"}') == 0

@@ -11,6 +11,14 @@ from prometheus_client.registry import Collector
 from turnserver.ops.usage.recorder import UsageRecorder
 
 
+# failure reasons exported at 0 before anything failed (rate() over them works from the
+# start); others (os_error_N) appear when they happen
+FIRST_REASONS = {
+    "webhook": ("connection", "timeout", "http_4xx", "http_5xx"),
+    "file": ("short_write",),
+}
+
+
 class UsageCollector(Collector):
     """Read on scrape from the recorder's plain counters."""
 
@@ -53,7 +61,8 @@ class UsageCollector(Collector):
             name = shipper.sink.name
             sent.add_metric([name], shipper.sent)
             queued.add_metric([name], shipper.pending())
-            for reason, n in sorted(shipper.failures.items()):
+            reasons = dict.fromkeys(FIRST_REASONS.get(name, ()), 0) | shipper.failures
+            for reason, n in sorted(reasons.items()):
                 failed.add_metric([name, reason], n)
         yield sent
         yield failed
@@ -77,8 +86,8 @@ class UsageCollector(Collector):
             labels=["tenant"],
         )
         totals = rec.month.totals
-        for tenant, n in sorted(totals.items()):
-            month.add_metric([tenant], n)
+        for tenant in sorted(set(totals) | set(rec.options.monthly)):
+            month.add_metric([tenant], totals.get(tenant, 0))
         for tenant, (limit, _) in sorted(rec.options.monthly.items()):
             quota.add_metric([tenant], limit)
             over.add_metric([tenant], 1 if totals.get(tenant, 0) >= limit else 0)
