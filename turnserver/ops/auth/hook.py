@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 from collections import OrderedDict
@@ -304,8 +305,6 @@ class AuthHookAgent:
 
 
 def _json_object(raw: bytes) -> dict[str, Any]:
-    import json
-
     try:
         value = json.loads(raw)
     except ValueError:

@@ -10,7 +10,6 @@ from prometheus_client.registry import Collector
 
 from turnserver.ops.usage.recorder import UsageRecorder
 
-
 # failure reasons exported at 0 before anything failed (rate() over them works from the
 # start); others (os_error_N) appear when they happen
 FIRST_REASONS = {
