@@ -293,6 +293,7 @@ async def _try_allocate(port: int, user: str) -> tuple[TurnClient | None, int | 
     return c, 0, relayed[1]
 
 
+@pytest.mark.one_loop  # the server is a subprocess: the test's loop is only its client's
 async def test_revocation_across_workers_persists_and_follows_the_file(tmp_path: Path) -> None:
     admin_port = free_port(__import__("socket").SOCK_STREAM)
     revocations = tmp_path / "revocations.json"

@@ -138,6 +138,7 @@ def _low_nofile() -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (200, 200))
 
 
+@pytest.mark.one_loop  # the server is a subprocess: the test's loop is only its client's
 async def test_low_ulimit_refuses_cleanly_at_the_derived_limit(
     tmp_path: Path, echo_peer: tuple[tuple[str, int], EchoProtocol]
 ) -> None:

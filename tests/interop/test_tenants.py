@@ -178,13 +178,17 @@ async def test_two_tenants_own_secrets_and_quotas(tmp_path: Path, workers: int |
     ):
         # uclient with beta's secret and with the server's own (uclient leaves one
         # allocation of each run behind: it lives until its lifetime or our stop)
-        beta = await asyncio.to_thread(
-            _uclient, server.port, peer_port, "-u", "beta-user", "-W", BETA, "-m", "5", "-n", "20"
-        )
+        beta, top = await asyncio.gather(  # (at once: the suite's time)
+            asyncio.to_thread(
+                _uclient, server.port, peer_port, "-u", "beta-user", "-W", BETA, "-m", "5",
+                "-n", "20",
+            ),
+            asyncio.to_thread(
+                _uclient, server.port, peer_port, "-u", "top-user", "-W", TOP, "-m", "2",
+                "-n", "20",
+            ),
+        )  # fmt: skip
         assert beta.lost_packets == 0 and beta.recv_bytes > 0, beta.output[-2000:]
-        top = await asyncio.to_thread(
-            _uclient, server.port, peer_port, "-u", "top-user", "-W", TOP, "-m", "2", "-n", "20"
-        )
         assert top.lost_packets == 0 and top.recv_bytes > 0, top.output[-2000:]
         # aioice: acme holds 3 allocations, a 4th is refused (486); beta's static user
         # (under the realm the 401 named) still allocates
@@ -297,7 +301,7 @@ async def test_webhook_down_30s_under_50_clients_then_a_restart(
             went_down = time.monotonic()
             result = await asyncio.to_thread(
                 _uclient, server.port, peer_port, "-u", "u", "-W", TOP,
-                "-m", "50", "-n", "100", "-l", "120",
+                "-m", "50" if workers is None else "20", "-n", "100", "-l", "120",
             )  # fmt: skip
             assert result.lost_packets == 0, result.output[-2000:]
             text = await _metrics(metrics)
@@ -311,7 +315,7 @@ async def test_webhook_down_30s_under_50_clients_then_a_restart(
             await asyncio.sleep(max(0.0, outage - (time.monotonic() - went_down)))
             await receiver.up()
             expected = {r["id"] for r in _records(tmp_path)}
-            assert len(expected) >= 150  # 50 starts, 50 stops, interims
+            assert len(expected) >= 60  # starts, stops, interims
 
             def delivered() -> bool:
                 return expected <= set(receiver.records)
@@ -323,7 +327,9 @@ async def test_webhook_down_30s_under_50_clients_then_a_restart(
     assert {r["id"] for r in records} == {r["id"] for r in _records(tmp_path)}
     starts = {r["allocation_id"] for r in records if r["kind"] == "start"}
     stops = {r["allocation_id"] for r in records if r["kind"] == "stop"}
-    assert len(starts) >= 50 and starts == stops  # (uclient -m 50 makes some more)
+    assert (
+        len(starts) >= (50 if workers is None else 20) and starts == stops
+    )  # (uclient makes more)
     duplicates = sum(n - 1 for n in receiver.ids.values())
     assert duplicates <= receiver.batches  # at most a batch again per interrupted delivery
 

@@ -174,6 +174,7 @@ class UsageRecorder:
                 self._adopt_orphans()
             self._rewrite_ledger()
             for shipper in (*self.shippers, *self.adopted):
+                shipper.on_advance = self._check_full  # refusing ends once they caught up
                 shipper.start()
         self._schedule()
 

@@ -10,6 +10,7 @@ import logging
 import os
 import random
 import time
+from collections.abc import Callable
 from typing import Protocol
 
 import aiohttp
@@ -124,6 +125,7 @@ class Shipper:
         self.sink = sink
         self.batch = batch
         self.wake = asyncio.Event()  # set when records are appended
+        self.on_advance: Callable[[], None] | None = None  # the spool may have shrunk
         self.sent = 0  # records delivered
         self.failures: dict[str, int] = {}  # why -> failed deliveries
         self.backoff = 0.0
@@ -158,6 +160,8 @@ class Shipper:
             return -1
         self.spool.advance(self.sink.name, batch.end)
         self.sent += len(batch.lines)
+        if self.on_advance is not None:
+            self.on_advance()
         return len(batch.lines)
 
     async def _run(self) -> None:
