@@ -16,6 +16,7 @@ from turnserver.core.five_tuple import ClientTransport, FiveTuple
 from turnserver.ops.usage import spool as spool_module
 from turnserver.ops.usage.ledger import CRASH_CAUSE, CrashLedger
 from turnserver.ops.usage.month import MonthlyUsage
+from turnserver.ops.usage.sinks import Shipper
 from turnserver.ops.usage.spool import Cursor, Spool
 
 JAN, FEB = 1_798_761_600.0, 1_801_440_000.0  # 2027-01-01, 2027-02-01 (UTC)
@@ -129,3 +130,34 @@ def test_hook_book_holds_requests_and_remembers_answers() -> None:
     with pytest.raises(Unauthorized):
         book.identity(None, "no", "r", 1, False, 1000.0)  # type: ignore[arg-type]
     assert Cursor(1, 5) < Cursor(2, 0)
+
+
+class _Taker:
+    name = "file"
+
+    def __init__(self) -> None:
+        self.got: list[bytes] = []
+
+    async def deliver(self, lines: list[bytes]) -> str:
+        self.got += lines
+        return ""
+
+    def reopen(self) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass
+
+
+async def test_a_line_that_is_not_a_record_is_skipped_not_a_poison_pill(tmp_path: Path) -> None:
+    """A write cut short (a full disk) leaves half a line that the next record continues:
+    that line is skipped and counted; what follows is delivered."""
+    spool = Spool(str(tmp_path), ("file",))
+    spool.append(_line(1) + b"\n" + b'{"id": "cut')  # the short write
+    spool.append(_line(2) + b"\n" + _line(3) + b"\n")
+    sink = _Taker()
+    shipper = Shipper(spool, sink, 100)
+    assert await shipper.ship_once() == 2
+    assert [json.loads(x)["n"] for x in sink.got] == [1, 3]
+    assert shipper.corrupt == 1 and shipper.sent == 2
+    assert await shipper.ship_once() == 0

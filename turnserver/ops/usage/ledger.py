@@ -12,15 +12,14 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import os
 import uuid
 from typing import Any
 
 from turnserver.ops.usage.sinks import SCHEMA_VERSION
+from turnserver.ops.usage.sparse_log import SPARSE
 from turnserver.ops.usage.spool import _write_atomic
 
-log = logging.getLogger("turnserver")
 CRASH_CAUSE = "worker_crash"
 COUNTS = ("packets_to_peer", "bytes_to_peer", "packets_to_client", "bytes_to_client", "peers")
 
@@ -38,7 +37,7 @@ class CrashLedger:
                 self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
             os.write(self._fd, data)
         except OSError as exc:
-            log.error("usage: writing the crash ledger failed: %s", exc)
+            SPARSE.error("ledger", "usage: writing the crash ledger failed: %s", exc)
             return False
         return True
 
@@ -46,7 +45,7 @@ class CrashLedger:
         try:
             _write_atomic(self.path, b"".join(line + b"\n" for line in lines))
         except OSError as exc:
-            log.error("usage: rewriting the crash ledger failed: %s", exc)
+            SPARSE.error("ledger", "usage: rewriting the crash ledger failed: %s", exc)
         self._close_fd()  # the next append goes to the new file
 
     def _close_fd(self) -> None:

@@ -37,11 +37,13 @@ class UsageCollector(Collector):
         dropped = CounterMetricFamily(
             "turn_usage_records_dropped",
             "Usage records not kept: spool_full (usage.spool_full: drop), spool_error, "
-            "ledger_error (disk)",
+            "ledger_error (disk), corrupt (spool lines that were not records, skipped)",
             labels=["reason"],
         )
+        corrupt = sum(s.corrupt for s in (*rec.shippers, *rec.adopted))
         for reason in ("spool_full", "spool_error", "ledger_error"):
             dropped.add_metric([reason], rec.dropped.get(reason, 0))
+        dropped.add_metric(["corrupt"], corrupt)
         yield dropped
         sent = CounterMetricFamily(
             "turn_usage_sink_sent", "Usage records a sink took", labels=["sink"]

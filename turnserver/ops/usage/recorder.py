@@ -32,6 +32,7 @@ from turnserver.core.five_tuple import FiveTuple, format_address
 from turnserver.ops.usage.ledger import CRASH_CAUSE, CrashLedger
 from turnserver.ops.usage.month import MonthlyUsage
 from turnserver.ops.usage.sinks import SCHEMA_VERSION, FileSink, Shipper, Sink, WebhookSink
+from turnserver.ops.usage.sparse_log import SPARSE
 from turnserver.ops.usage.spool import Spool
 
 if TYPE_CHECKING:
@@ -281,7 +282,7 @@ class UsageRecorder:
             self.spool.append(data)
         except OSError as exc:
             self.dropped["spool_error"] = self.dropped.get("spool_error", 0) + len(lines)
-            log.error("usage: writing the spool failed: %s", exc)
+            SPARSE.error("spool", "usage: writing the spool failed: %s", exc)
             return
         self._check_full()
         for shipper in self.shippers:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import random
@@ -15,6 +16,7 @@ from typing import Protocol
 
 import aiohttp
 
+from turnserver.ops.usage.sparse_log import SPARSE
 from turnserver.ops.usage.spool import Spool
 
 log = logging.getLogger("turnserver")
@@ -113,6 +115,15 @@ class WebhookSink:
             self._session = None
 
 
+def _whole_record(line: bytes) -> bool:
+    """A spool line that is one JSON object: anything else would make every batch it is
+    in fail at the receiver, for ever (a poison pill), so it is skipped and counted."""
+    try:
+        return isinstance(json.loads(line), dict)
+    except ValueError:
+        return False
+
+
 class Shipper:
     """Feeds one sink from the spool: batches in order, retried with exponential
     backoff and jitter, the cursor moved only after the sink took a batch."""
@@ -128,6 +139,7 @@ class Shipper:
         self.on_advance: Callable[[], None] | None = None  # the spool may have shrunk
         self.sent = 0  # records delivered
         self.failures: dict[str, int] = {}  # why -> failed deliveries
+        self.corrupt = 0  # spool lines that were not whole records (skipped, counted)
         self.backoff = 0.0
         self._logged = -LOG_INTERVAL
         self._task: asyncio.Task[None] | None = None
@@ -145,7 +157,18 @@ class Shipper:
             if batch.end != self.spool.cursors[self.sink.name]:
                 self.spool.advance(self.sink.name, batch.end)  # past empty segments
             return 0
-        why = await self.sink.deliver(batch.lines)
+        lines = [line for line in batch.lines if _whole_record(line)]
+        if len(lines) < len(batch.lines):  # (a write cut short by a full disk, say)
+            self.corrupt += len(batch.lines) - len(lines)
+            SPARSE.error(
+                "spool-corrupt",
+                "usage records: %d lines of the spool are not records; skipped",
+                len(batch.lines) - len(lines),
+            )
+        if not lines:
+            self.spool.advance(self.sink.name, batch.end)
+            return 0
+        why = await self.sink.deliver(lines)
         if why:
             self.failures[why] = self.failures.get(why, 0) + 1
             now = time.monotonic()
@@ -159,10 +182,10 @@ class Shipper:
                 )
             return -1
         self.spool.advance(self.sink.name, batch.end)
-        self.sent += len(batch.lines)
+        self.sent += len(lines)
         if self.on_advance is not None:
             self.on_advance()
-        return len(batch.lines)
+        return len(lines)
 
     async def _run(self) -> None:
         while True:
@@ -170,7 +193,7 @@ class Shipper:
                 shipped = await self.ship_once()
             except OSError as exc:  # the spool itself (disk): say so, keep trying
                 self.failures["spool"] = self.failures.get("spool", 0) + 1
-                log.error("usage records: reading the spool failed: %s", exc)
+                SPARSE.error("spool-read", "usage records: reading the spool failed: %s", exc)
                 shipped = -1
             if shipped > 0:
                 self.backoff = 0.0
