@@ -148,6 +148,7 @@ class Allocation:
         "id",
         "is_tcp",
         "key",
+        "kind",
         "live",
         "packets_to_client",
         "packets_to_peer",
@@ -197,6 +198,9 @@ class Allocation:
         self.peer_channels: dict[Address, int] = {}
         self.is_tcp = False  # RFC 6062 TCP allocation
         self.tenant = DEFAULT_TENANT  # core/tenants.py
+        # (transport, family) labels, set once its relays are: a scrape counts
+        # allocations by them without an Enum property and three tests per allocation
+        self.kind = ("", "")
         self.user_rate = 0  # the authorization hook's bandwidth for the user (0: none)
         self.rate = 0  # bandwidth limit in bytes per second (0: none); token bucket below
         self.tokens = 0.0

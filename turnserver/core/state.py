@@ -273,6 +273,9 @@ class CoreState:
     def register(self, alloc: Allocation) -> None:
         """A new allocation joins the tables (its quota is already counted)."""
         self.allocations[alloc.five_tuple] = alloc
+        relays = alloc.relays
+        family = "dual" if len(relays) > 1 else ("ipv6" if 6 in relays else "ipv4")
+        alloc.kind = (alloc.five_tuple.transport.value, family)
         while True:
             alloc.id = self.id_prefix + random_bytes(6).hex()
             if alloc.id not in self.allocations_by_id:

@@ -21,7 +21,6 @@ from prometheus_client import (
     GCCollector,
     Histogram,
     PlatformCollector,
-    ProcessCollector,
     disable_created_metrics,
 )
 from prometheus_client.core import (
@@ -37,6 +36,7 @@ from turnserver import __version__
 from turnserver.core import events as ev
 from turnserver.core.five_tuple import ClientTransport
 from turnserver.io.stream_admission import PROXY_REFUSALS, STREAM_CAPS
+from turnserver.ops.telemetry.process_figures import ProcessFigures
 from turnserver.ops.telemetry.service_metrics import ServiceCollector
 
 if TYPE_CHECKING:
@@ -107,11 +107,10 @@ class TurnCollector(ServiceCollector):
         pp, bp = s.ended_packets_to_peer, s.ended_bytes_to_peer
         pc, bc = s.ended_packets_to_client, s.ended_bytes_to_client
         permissions = channels = 0
-        for alloc in core.allocations.values():
-            relays = alloc.relays
-            family = "dual" if len(relays) > 1 else ("ipv6" if 6 in relays else "ipv4")
-            key = (alloc.five_tuple.transport.value, family)
-            counts[key] = counts.get(key, 0) + 1
+        get = counts.get
+        for alloc in core.allocations.values():  # (benchmarks/README.md "Scale")
+            key = alloc.kind
+            counts[key] = get(key, 0) + 1
             permissions += len(alloc.permissions)
             channels += len(alloc.bindings)
             pp += alloc.packets_to_peer
@@ -337,9 +336,15 @@ class EventCounts(Collector):
 class Metrics:
     """The registry and the event sink that keeps it current."""
 
+    def _descriptors_used(self) -> int:
+        """The runtime's client descriptors now (ops/telemetry/process_figures.py)."""
+        collector = getattr(self, "collector", None)  # (not yet while __init__ runs)
+        runtime = collector.runtime if collector is not None else None
+        return runtime.descriptors.used if runtime is not None else 0
+
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        ProcessCollector(registry=self.registry)
+        ProcessFigures(self._descriptors_used, registry=self.registry)
         PlatformCollector(registry=self.registry)
         GCCollector(registry=self.registry)  # python_gc_*: a busy collector costs setups
         r = self.registry
