@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from tests.support import eventually
 from turnserver.testing import TurnServerFixture
 
 aiortc = pytest.importorskip("aiortc", reason="pip install aiortc (the test extra has it)")
@@ -142,15 +143,20 @@ async def test_loss_and_delay_show_in_aiortc_stats() -> None:
     async with TurnServerFixture(seed=3) as turn:
         udp, tcp = relay_only(turn, "udp"), relay_only(turn, "tcp")
         async with call(udp, tcp, audio=True) as c:
-            await asyncio.sleep(3)
-            before = await _stats(c.caller, "remote-inbound-rtp")
-            assert before and before[0].roundTripTime < 0.1
+
+            async def first_rtt() -> tuple[float] | None:  # the first report with an RTT
+                stats = await _stats(c.caller, "remote-inbound-rtp")
+                rtt = stats[0].roundTripTime if stats else None
+                return (rtt,) if rtt is not None else None  # (an RTT of 0.0 counts)
+
+            (before,) = await eventually(first_rtt, timeout=15, interval=0.1, what="an RTT")
+            assert before < 0.1
             turn.impair(udp="delay:100")
             rtt = 0.0
             for _ in range(250):  # a report every 0.5-1.5 s; aiortc smooths the RTT
                 await asyncio.sleep(0.1)
                 stats = await _stats(c.caller, "remote-inbound-rtp")
-                rtt = stats[0].roundTripTime
+                rtt = stats[0].roundTripTime or 0.0
                 if rtt >= 0.15:
                     break
             # 100 ms on the way out and 100 ms back: the smoothed RTT climbs toward 0.2 s
