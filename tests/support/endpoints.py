@@ -4,6 +4,7 @@ steers (slow, failing, flapping)."""
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import json
 import random
@@ -32,13 +33,19 @@ def stable_port() -> int:
     raise RuntimeError("no free port outside the ephemeral range")
 
 
-class _Endpoint:
+class _Endpoint(abc.ABC):
     def __init__(self) -> None:
         self.port = stable_port()
         self._runner: web.AppRunner | None = None
 
     def app(self) -> web.Application:
-        raise NotImplementedError
+        """One route: POST / to the endpoint's handler."""
+        app = web.Application()
+        app.router.add_post("/", self._post)
+        return app
+
+    @abc.abstractmethod
+    async def _post(self, request: web.Request) -> web.Response: ...
 
     @property
     def url(self) -> str:
@@ -71,11 +78,6 @@ class RecordReceiver(_Endpoint):
         self.batches = 0
         self.unauthorized = 0
 
-    def app(self) -> web.Application:
-        app = web.Application()
-        app.router.add_post("/", self._post)
-        return app
-
     async def _post(self, request: web.Request) -> web.Response:
         if self.token and request.headers.get("Authorization") != f"Bearer {self.token}":
             self.unauthorized += 1
@@ -102,11 +104,6 @@ class HookServer(_Endpoint):
         self.delay = 2.0
         self.asked: list[tuple[float, str]] = []
         self.bodies: list[dict[str, Any]] = []
-
-    def app(self) -> web.Application:
-        app = web.Application()
-        app.router.add_post("/", self._post)
-        return app
 
     async def _post(self, request: web.Request) -> web.Response:
         body = await request.json()

@@ -56,9 +56,9 @@ class TenantMetrics(Collector):
             self.ended_bytes[key] = self.ended_bytes.get(key, 0) + n
 
     def collect(self) -> Iterator[Metric]:
+        # (the kernel's counts are folded in already: Metrics' collector, registered
+        # before this one, folds them at the start of every scrape)
         core = self.runtime.core
-        if self.runtime.offload is not None:
-            self.runtime.offload.fold(core.allocations)
         active: dict[str, int] = dict.fromkeys(core.tenants, 0)
         moved = dict(self.ended_bytes)
         probes = core.probe_users
